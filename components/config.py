@@ -1,0 +1,166 @@
+"""One validated config for the whole pipeline: YAML profile plus `key=value` overrides.
+
+Each stage receives only its own section (as JSON), so a change to one section
+invalidates the kfp cache of that stage and of the stages downstream of it, and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
+PACKAGED_MODEL = "packaged:smollm2-135m-instruct"
+DEMO_DATA = "demo"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+class ModelSection(Section):
+    base_model: str = PACKAGED_MODEL
+    revision: str | None = None
+    dtype: Literal["bfloat16", "float16"] = "bfloat16"
+
+
+class DataSection(Section):
+    path: str = DEMO_DATA
+    format: Literal["auto", "alpaca", "chat", "label"] = "auto"
+    text_field: str = "text"
+    label_field: str | None = None
+    labels: list[str] | None = None
+    labels_file: str | None = None
+    label_list_in_prompt: bool = True
+    system_prompt: str = "You are a helpful assistant."
+    max_tokens: int = Field(512, gt=8)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    max_eval_examples: int = Field(200, gt=0)
+    max_train_examples: int | None = Field(None, gt=0)
+    seed: int = 42
+
+
+class TrainSection(Section):
+    method: Literal["qlora", "lora"] = "qlora"
+    quantization: Literal["nf4", "none"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    max_steps: int = Field(60, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(3e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = Field(20, gt=0)
+    checkpoint_root: str | None = None
+    log_every: int = Field(5, gt=0)
+    seed: int = 42
+    use_gpu: bool = False
+
+    @model_validator(mode="after")
+    def _qlora_needs_4bit(self) -> "TrainSection":
+        if self.method == "qlora" and self.quantization != "nf4":
+            raise ValueError("train.method=qlora needs train.quantization=nf4 (a 4-bit base)")
+        if self.method == "lora" and self.quantization != "none":
+            raise ValueError("train.method=lora trains a 16-bit base: set train.quantization=none")
+        return self
+
+
+class EvalSection(Section):
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(24, gt=0)
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    sample_predictions: int = Field(20, ge=0)
+
+
+class MergeSection(Section):
+    # float16 keeps 4x finer steps than bfloat16: a LoRA delta much smaller than the weight it is
+    # added to survives the rounding that bfloat16 would apply to the merged sum.
+    base_precision: Literal["bfloat16", "float16", "nf4"] = "float16"
+    compare_dtype: Literal["float32", "bfloat16"] = "float32"
+    parity_prompts: int = Field(32, gt=0)
+    parity_threshold: float = Field(0.9, ge=0, le=1)
+    max_new_tokens: int = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _merge_needs_16bit(self) -> "MergeSection":
+        if self.base_precision == "nf4":
+            raise ValueError("merge.base_precision must be 16-bit: merging into a 4-bit base loses the adapter")
+        return self
+
+
+class QuantizeSection(Section):
+    variants: list[Literal["int8", "nf4"]] = ["int8", "nf4"]
+    eval_examples: int = Field(64, gt=0)
+    max_accuracy_drop: float = Field(0.02, ge=0)
+    max_perplexity_increase: float = Field(0.10, ge=0, description="relative, 0.10 = +10%")
+
+
+class RegisterSection(Section):
+    model_name: str = "llmops-demo"
+    experiment: str = "llmops"
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: str = "local"
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    merge: MergeSection = MergeSection()
+    quantize: QuantizeSection = QuantizeSection()
+    registry: RegisterSection = RegisterSection()
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _coerce(value: str) -> Any:
+    """Parse an override value the way YAML would (numbers, booleans, lists)."""
+    return yaml.safe_load(value) if value != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value (e.g. train.max_steps=10)")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = _coerce(value)
+    return raw
+
+
+def load_config(profile: str = "local", overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a profile by name (pipelines/configs/NAME.yaml) or by path, then apply overrides."""
+    path = Path(profile)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"config profile {profile!r} not found (known profiles: {', '.join(known)})")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw.setdefault("profile", path.stem)
+    return PipelineConfig.model_validate(apply_overrides(raw, overrides or []))

@@ -1,0 +1,64 @@
+"""Merge the adapter into the 16-bit base (never the 4-bit one) and check greedy parity.
+
+The output is what TGI serves: safetensors, config.json, and a tokenizer whose chat template
+lives in tokenizer_config.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.config import MergeSection
+from components.evaluate import generate, load_model, load_tokenizer
+from components.prepare_data import read_jsonl
+from components.util import record_config, console, dir_size, heading, quiet_libraries, write_json
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str):
+    """Merge in float32 (no rounding inside the sum), then store in the 16-bit dtype."""
+    import torch
+
+    model = load_model(base_dir, "float32", adapter_dir=adapter_dir)
+    merged = model.merge_and_unload().to(getattr(torch, dtype))
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tok = load_tokenizer(base_dir, padding_side="right")
+    tok.save_pretrained(out_dir, save_jinja_files=False)
+    return out_dir
+
+
+def parity(reference: list[str], candidate: list[str]) -> float:
+    return sum(a == b for a, b in zip(reference, candidate)) / max(len(reference), 1)
+
+
+def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    from components.tracking import stage_run
+
+    quiet_libraries()
+    heading("merge")
+    out_dir = Path(out_dir)
+    record_config(out_dir, "merge", cfg)
+    prompts = [e["prompt"] for e in read_jsonl(Path(data_dir) / "eval.jsonl")][: cfg.parity_prompts]
+    tok = load_tokenizer(base_dir)
+    with stage_run("merge", cfg.model_dump()) as tracker:
+        on_base = load_model(base_dir, cfg.compare_dtype, adapter_dir=adapter_dir)
+        reference = generate(on_base, tok, prompts, cfg.max_new_tokens, 16, label="adapter on base")
+        del on_base
+        merge_adapter(base_dir, adapter_dir, out_dir / "model", cfg.base_precision)
+        merged = load_model(out_dir / "model", cfg.compare_dtype)
+        candidate = generate(merged, tok, prompts, cfg.max_new_tokens, 16, label="merged")
+        agreement = parity(reference, candidate)
+        report = {"parity": agreement, "threshold": cfg.parity_threshold, "prompts": len(prompts),
+                  "size_bytes": dir_size(out_dir / "model"),
+                  "mismatches": [{"prompt": p[-200:], "adapter_on_base": r, "merged": c}
+                                 for p, r, c in zip(prompts, reference, candidate) if r != c][:10]}
+        write_json(out_dir / "merge_report.json", report)
+        tracker.log_metrics({"merge.parity": agreement, "merge.size_bytes": report["size_bytes"]})
+        console.print(f"greedy parity of merged vs adapter-on-base: {agreement:.3f} on {len(prompts)} prompts")
+        if agreement < cfg.parity_threshold:
+            raise ParityError(f"merged model agrees with adapter-on-base on {agreement:.1%} of greedy outputs, "
+                              f"below merge.parity_threshold={cfg.parity_threshold:.1%}; see {out_dir / 'merge_report.json'}")
+    return report

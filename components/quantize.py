@@ -1,0 +1,83 @@
+"""int8 (LLM.int8) and NF4 variants of the merged model: what quantization costs, and which
+TGI `--quantize` flag to recommend. TGI cannot load bitsandbytes checkpoints, so it is the merged
+16-bit model that gets served, quantized by TGI at load with the recommended flag.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+from components.config import EvalSection, QuantizeSection
+from components.evaluate import evaluate_model, load_model, load_tokenizer
+from components.prepare_data import read_jsonl
+from components.util import record_config, console, dir_size, heading, quiet_libraries, read_json, write_json
+
+TGI_FLAG = {"nf4": "bitsandbytes-nf4", "int8": "bitsandbytes"}
+SMALLEST_FIRST = ("nf4", "int8")
+
+
+def bnb_variant(variant: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if variant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def deltas(reference: dict, candidate: dict) -> dict:
+    return {"accuracy_drop": reference["exact_match"] - candidate["exact_match"],
+            "perplexity_increase": candidate["perplexity"] / reference["perplexity"] - 1.0}
+
+
+def recommend(results: dict, cfg: QuantizeSection) -> str:
+    """The smallest variant within both thresholds; "none" serves the 16-bit model as is."""
+    for variant in SMALLEST_FIRST:
+        d = results.get(variant, {}).get("delta")
+        if d and d["accuracy_drop"] <= cfg.max_accuracy_drop and d["perplexity_increase"] <= cfg.max_perplexity_increase:
+            return TGI_FLAG[variant]
+    return "none"
+
+
+def _measure(model, tok, examples, labels, name: str) -> dict:
+    metrics, _ = evaluate_model(model, tok, examples, EvalSection(), labels, name)
+    keep = {k: metrics[k] for k in ("exact_match", "perplexity", "loss")}
+    keep["memory_bytes"] = model.get_memory_footprint()
+    return keep
+
+
+def run(cfg: QuantizeSection, merged_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    from components.tracking import stage_run
+
+    quiet_libraries()
+    heading("quantize")
+    out_dir = Path(out_dir)
+    record_config(out_dir, "quantize", cfg)
+    examples = read_jsonl(Path(data_dir) / "eval.jsonl")[: cfg.eval_examples]
+    labels = read_json(Path(data_dir) / "labels.json") if (Path(data_dir) / "labels.json").exists() else None
+    tok = load_tokenizer(merged_dir)
+    with stage_run("quantize", cfg.model_dump()) as tracker:
+        results = {"merged": _measure(load_model(merged_dir), tok, examples, labels, "merged")}
+        results["merged"]["disk_bytes"] = dir_size(merged_dir)
+        for variant in cfg.variants:
+            model = load_model(merged_dir, quantization=bnb_variant(variant))
+            results[variant] = _measure(model, tok, examples, labels, variant)
+            model.save_pretrained(out_dir / variant, safe_serialization=True)
+            results[variant]["disk_bytes"] = dir_size(out_dir / variant)
+            results[variant]["delta"] = deltas(results["merged"], results[variant])
+            del model
+            gc.collect()
+        report = {"results": results, "recommended_quantize": recommend(results, cfg), "examples": len(examples),
+                  "thresholds": {"max_accuracy_drop": cfg.max_accuracy_drop,
+                                 "max_perplexity_increase": cfg.max_perplexity_increase}}
+        write_json(out_dir / "quantize_report.json", report)
+        tracker.log_metrics({f"quantize.{name}.{k}": v for name, r in results.items()
+                             for k, v in r.items() if not isinstance(v, dict)})
+        tracker.set_tags({"recommended_quantize": report["recommended_quantize"]})
+    for name, r in results.items():
+        console.print(f"{name:>6}: {r['disk_bytes'] / 1e6:7.1f} MB on disk, {r['memory_bytes'] / 1e6:7.1f} MB in memory, "
+                      f"exact match {r['exact_match']:.3f}, perplexity {r['perplexity']:.3f}")
+    console.print(f"recommended TGI --quantize: {report['recommended_quantize']}")
+    return report

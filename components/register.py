@@ -1,0 +1,111 @@
+"""Register the merged model in the MLflow model registry, with lineage tags.
+
+The version's source is the merged directory in the run's artifact store, so anything that can
+read the registry (TGI's init container, `llmops serve models:/name@alias`) gets the exact files.
+Re-running register for the same pipeline run returns the existing version instead of a second one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from components.config import RegisterSection
+from components.tracking import EXPERIMENT_ENV, flatten, numeric
+from components.util import console, heading, read_json, text_sha256
+
+PIPELINE_RUN_TAG = "llmops.pipeline_run"
+
+
+def git_commit() -> str:
+    if os.environ.get("LLMOPS_GIT_COMMIT"):
+        return os.environ["LLMOPS_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def chat_template_hash(model_dir: Path) -> str:
+    template = read_json(Path(model_dir) / "tokenizer_config.json").get("chat_template")
+    if not template:
+        raise ValueError(f"{model_dir}/tokenizer_config.json has no chat_template; TGI would serve without one")
+    return text_sha256(template if isinstance(template, str) else repr(template))
+
+
+def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
+    """(tags, metrics) describing where the version came from and how good it is."""
+    base = read_json(paths["base"] / "llmops_base.json")
+    data = read_json(paths["data"] / "stats.json")
+    train = read_json(paths["train"] / "train_metrics.json")
+    evald = read_json(paths["eval"] / "eval_report.json")
+    quant = read_json(paths["quantize"] / "quantize_report.json")
+    merge = read_json(paths["merged"] / "merge_report.json")
+    configs = [read_json(p / "stage_config.json") for p in paths.values() if (p / "stage_config.json").exists()]
+    tags = {
+        "base_model": base["source"], "base_model_sha256": base["weights_sha256"],
+        "dataset_sha256": data["source_sha256"], "prepared_dataset_sha256": data["prepared_sha256"],
+        "config_sha256": text_sha256(repr(sorted((c["stage"], c["config"]) for c in configs))),
+        "git_commit": git_commit(), PIPELINE_RUN_TAG: pipeline_run,
+        "recommended_quantize": quant["recommended_quantize"],
+        "chat_template_sha256": chat_template_hash(paths["merged"] / "model"),
+        "task_format": data["format"],
+    }
+    metrics = {
+        "eval.base.exact_match": evald["base"]["exact_match"], "eval.tuned.exact_match": evald["tuned"]["exact_match"],
+        "eval.base.perplexity": evald["base"]["perplexity"], "eval.tuned.perplexity": evald["tuned"]["perplexity"],
+        "merge.parity": merge["parity"], "train.steps": train["steps"], "train.last_loss": train["last_loss"],
+        "data.rejected": data["rejected"], "data.train": data["train"], "data.eval": data["eval"],
+    }
+    tags.update({k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in metrics.items()})
+    return tags, metrics
+
+
+def existing_version(client, name: str, pipeline_run: str):
+    for version in client.search_model_versions(f"name='{name}'"):
+        if version.tags.get(PIPELINE_RUN_TAG) == pipeline_run:
+            return version
+    return None
+
+
+def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict:
+    import mlflow
+    from mlflow import MlflowClient
+
+    heading("register")
+    paths = {k: Path(v) for k, v in paths.items()}
+    tags, metrics = lineage(paths, pipeline_run)
+    client = MlflowClient()
+    if found := existing_version(client, cfg.model_name, pipeline_run):
+        console.print(f"version {found.version} of {cfg.model_name} already holds pipeline run {pipeline_run}")
+        return {"name": cfg.model_name, "version": found.version, "run_id": found.run_id, "reused": True, **metrics}
+    mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, cfg.experiment))
+    with mlflow.start_run(run_name=f"finetune {pipeline_run}", tags={"llmops.stage": "register", **tags}) as run:
+        mlflow.log_metrics(metrics)
+        for path in paths.values():
+            if (path / "stage_config.json").exists():
+                record = read_json(path / "stage_config.json")
+                mlflow.log_params({f"{record['stage']}.{k}": str(v)[:500] for k, v in flatten(record["config"]).items()})
+        mlflow.log_metrics({f"data.{k}": v for k, v in numeric(read_json(paths["data"] / "stats.json")).items()})
+        mlflow.log_artifacts(str(paths["merged"] / "model"), "model")
+        mlflow.log_artifacts(str(paths["train"]), "adapter")
+        for report in (paths["eval"] / "eval_report.json", paths["quantize"] / "quantize_report.json",
+                       paths["merged"] / "merge_report.json", paths["data"] / "stats.json", paths["data"] / "rejects.jsonl",
+                       paths["train"] / "history.json", paths["eval"] / "confusion_tuned.png"):
+            if report.exists():
+                mlflow.log_artifact(str(report), "reports")
+        if (paths["data"] / "labels.json").exists():
+            mlflow.log_artifact(str(paths["data"] / "labels.json"), "model")
+        try:
+            client.get_registered_model(cfg.model_name)
+        except mlflow.exceptions.MlflowException:
+            client.create_registered_model(cfg.model_name, description="Fine-tuned by the llmops finetune pipeline.")
+        version = client.create_model_version(
+            cfg.model_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags,
+            description=f"base {tags['base_model']}; tuned exact match {metrics['eval.tuned.exact_match']:.3f} "
+                        f"(base {metrics['eval.base.exact_match']:.3f}); serve with --quantize {tags['recommended_quantize']}")
+    console.print(f"registered {cfg.model_name} version {version.version} (run {run.info.run_id})")
+    return {"name": cfg.model_name, "version": version.version, "run_id": run.info.run_id, "reused": False, **metrics}

@@ -1,0 +1,188 @@
+"""QLoRA training: 4-bit NF4 base, LoRA adapter, loss on the response tokens only.
+
+Checkpoints go to a directory keyed by the training inputs, so a killed step that is started
+again with the same inputs resumes from the last complete checkpoint instead of step 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from components.config import TrainSection
+from components.prepare_data import read_jsonl
+from components.util import record_config, console, heading, quiet_libraries, text_sha256, write_json
+
+IGNORE_INDEX = -100
+
+
+def bnb_config(cfg: TrainSection):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization != "nf4":
+        return None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=cfg.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype))
+
+
+def lora_config(cfg: TrainSection):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM", bias="none")
+
+
+def training_args(cfg: TrainSection, output_dir: Path):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=round(cfg.warmup_ratio * cfg.max_steps),
+        logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.checkpoint_every,
+        save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cfg.use_gpu,
+        bf16=cfg.compute_dtype == "bfloat16", activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        train_sampling_strategy="group_by_length", include_num_input_tokens_seen="non_padding",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, optim="adamw_torch",
+    )
+
+
+def tokenize(examples: list[dict], tok):
+    """Prompt tokens get IGNORE_INDEX labels; the answer and its EOS are learned."""
+    from datasets import Dataset
+
+    prompts = tok([e["prompt"] for e in examples], add_special_tokens=False)["input_ids"]
+    answers = tok([e["completion"] for e in examples], add_special_tokens=False)["input_ids"]
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for p, a in zip(prompts, answers):
+        rows["input_ids"].append(p + a)
+        rows["attention_mask"].append([1] * (len(p) + len(a)))
+        rows["labels"].append([IGNORE_INDEX] * len(p) + a)
+    return Dataset.from_dict(rows)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Trainer writes trainer_state.json last, so its presence (and validity) marks a whole checkpoint."""
+    state = checkpoint / "trainer_state.json"
+    if not (state.exists() and (checkpoint / "adapter_model.safetensors").exists()):
+        return False
+    try:
+        json.loads(state.read_text())
+    except ValueError:
+        return False
+    return True
+
+
+def last_complete_checkpoint(root: Path) -> Path | None:
+    found = [p for p in Path(root).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and is_complete(p)]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def checkpoint_dir(cfg: TrainSection, base_dir: Path, data_dir: Path) -> Path:
+    root = cfg.checkpoint_root or os.environ.get("LLMOPS_CHECKPOINT_ROOT") or Path.home() / ".cache/llmops/checkpoints"
+    base = json.loads((Path(base_dir) / "llmops_base.json").read_text())["weights_sha256"]
+    data = json.loads((Path(data_dir) / "stats.json").read_text())["prepared_sha256"]
+    code = os.environ.get("LLMOPS_CODE_DIGEST", "")  # edited training code must not resume old checkpoints
+    return Path(root) / text_sha256(f"{cfg.to_json()}|{base}|{data}|{code}")[:20]
+
+
+def load_model(cfg: TrainSection, base_dir: Path):
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    quant = bnb_config(cfg)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant,
+                                                 dtype=getattr(torch, cfg.compute_dtype))
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(cfg))
+
+
+def make_callback(tracker, total_steps: int):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from transformers import TrainerCallback
+
+    class Progressive(TrainerCallback):
+        """Rich progress bar, plus loss, learning rate and non-padding tokens/s to MLflow."""
+
+        def __init__(self):
+            self.bar = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+            self.task = None
+            self.mark = (time.perf_counter(), 0)
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total_steps, completed=state.global_step, info="")
+            self.mark = (time.perf_counter(), state.num_input_tokens_seen)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.bar.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            now, seen = time.perf_counter(), state.num_input_tokens_seen
+            tps = (seen - self.mark[1]) / max(now - self.mark[0], 1e-9)
+            self.mark = (now, seen)
+            metrics = {k: v for k, v in (logs or {}).items() if k in ("loss", "learning_rate", "grad_norm")}
+            if "loss" in metrics:
+                metrics["tokens_per_s"] = tps
+                self.bar.update(self.task, info=f"loss {metrics['loss']:.3f} · {tps:.0f} tok/s")
+            tracker.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=state.global_step)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.bar.stop()
+
+    return Progressive()
+
+
+def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer
+
+    from components.tracking import stage_run
+
+    quiet_libraries()
+    heading("train")
+    out_dir = Path(out_dir)
+    record_config(out_dir, "train", cfg)
+    ckpt_root = checkpoint_dir(cfg, base_dir, data_dir)
+    resume = last_complete_checkpoint(ckpt_root)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    dataset = tokenize(read_jsonl(Path(data_dir) / "train.jsonl"), tok)
+    with stage_run("train", cfg.model_dump(), {"llmops.checkpoint_dir": str(ckpt_root)}) as tracker:
+        model = load_model(cfg, base_dir)
+        trainable, total = model.get_nb_trainable_parameters()
+        console.print(f"{trainable:,} trainable of {total:,} parameters; checkpoints in {ckpt_root}"
+                      + (f"; resuming from {resume.name}" if resume else ""))
+        collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=IGNORE_INDEX)
+        trainer = Trainer(model=model, args=training_args(cfg, ckpt_root), train_dataset=dataset,
+                          data_collator=collator, callbacks=[make_callback(tracker, cfg.max_steps)])
+        trainer.remove_callback(PrinterCallback)  # our callback reports; the printer would repeat it raw
+        started = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        elapsed = time.perf_counter() - started
+        model.save_pretrained(out_dir)  # the output artifact is the adapter directory itself
+        tok.save_pretrained(out_dir, save_jinja_files=False)
+        history = trainer.state.log_history
+        losses = [h["loss"] for h in history if "loss" in h]
+        metrics = {
+            "steps": trainer.state.global_step, "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
+            "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "seconds": elapsed,
+            "non_padding_tokens": trainer.state.num_input_tokens_seen,
+            "tokens_per_s": trainer.state.num_input_tokens_seen / max(elapsed, 1e-9),
+            "trainable_parameters": trainable, "examples": len(dataset),
+        }
+        write_json(out_dir / "history.json", history)
+        write_json(out_dir / "train_metrics.json", metrics)
+        tracker.log_stats(metrics, prefix="train_summary")
+    console.print(f"trained {metrics['steps']} steps in {elapsed:.0f}s, loss {metrics['first_loss']} → {metrics['last_loss']}")
+    return metrics

@@ -1,0 +1,70 @@
+"""The `finetune` kfp v2 pipeline: base model → data → train → evaluate → merge → quantize → register.
+
+Parameters are the config sections as JSON, with the chosen profile's values as defaults, so the
+Kubeflow UI shows (and lets a user edit) exactly what `llmops run` would use.
+"""
+
+
+from kfp import dsl
+
+from components.config import PipelineConfig
+from pipelines import steps
+from pipelines.images import code_digest
+
+PIPELINE_NAME = "finetune"
+
+
+def build_pipeline(cfg: PipelineConfig):
+    """A `finetune` pipeline whose parameter defaults come from cfg."""
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="QLoRA fine-tuning of a Llama-family model, from data to a registered MLflow model version.")
+    def finetune(
+        model_cfg: str = cfg.model.to_json(),
+        data_cfg: str = cfg.data.to_json(),
+        train_cfg: str = cfg.train.to_json(),
+        eval_cfg: str = cfg.eval.to_json(),
+        merge_cfg: str = cfg.merge.to_json(),
+        quantize_cfg: str = cfg.quantize.to_json(),
+        register_cfg: str = cfg.registry.to_json(),
+    ) -> dsl.Artifact:
+        """QLoRA fine-tuning of a Llama-family model, from data to a registered MLflow model version.
+
+        Args:
+            model_cfg: JSON of the model section: base_model (a Hugging Face id, a directory, an s3:// URI, or packaged:smollm2-135m-instruct), revision, dtype.
+            data_cfg: JSON of the data section: path (JSONL, CSV, Parquet, a saved HF dataset, s3://, or demo), format (auto, alpaca, chat, label), label and text fields, max_tokens, eval split and seed.
+            train_cfg: JSON of the train section: QLoRA settings (NF4 with double quantization), LoRA rank/alpha/dropout/targets, steps, batch size, learning rate, checkpoint interval.
+            eval_cfg: JSON of the eval section: batch size, max_new_tokens, compute dtype, number of sample predictions to log.
+            merge_cfg: JSON of the merge section: 16-bit precision of the merged model and the greedy-parity threshold.
+            quantize_cfg: JSON of the quantize section: variants (int8, nf4) and the accuracy/perplexity thresholds that pick TGI's --quantize flag.
+            register_cfg: JSON of the register section: registered model name and MLflow experiment.
+        """
+        base = steps.base_model(model_cfg=model_cfg).set_display_name("base model")
+        data = steps.prepare_data(data_cfg=data_cfg, base_model=base.outputs["model"]).set_display_name("prepare data")
+        trained = steps.train(train_cfg=train_cfg, base_model=base.outputs["model"],
+                              dataset=data.outputs["dataset"]).set_display_name("train (QLoRA)")
+        evaluated = steps.evaluate(eval_cfg=eval_cfg, base_model=base.outputs["model"], adapter=trained.outputs["adapter"],
+                                   dataset=data.outputs["dataset"]).set_display_name("evaluate")
+        merged = steps.merge(merge_cfg=merge_cfg, base_model=base.outputs["model"], adapter=trained.outputs["adapter"],
+                             dataset=data.outputs["dataset"]).set_display_name("merge")
+        merged.after(evaluated)  # no data dependency, but a model that failed evaluation is not worth merging
+        quantized = steps.quantize(quantize_cfg=quantize_cfg, merged=merged.outputs["merged"],
+                                   dataset=data.outputs["dataset"]).set_display_name("quantize")
+        registered = steps.register(
+            register_cfg=register_cfg, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, base_model=base.outputs["model"],
+            dataset=data.outputs["dataset"], adapter=trained.outputs["adapter"], report=evaluated.outputs["report"],
+            merged=merged.outputs["merged"], quantized=quantized.outputs["quantized"],
+        ).set_display_name("register")
+        registered.set_caching_options(False)  # a new pipeline run always gets its own version
+        code = code_digest()
+        for task in (base, data, trained, evaluated, merged, quantized, registered):
+            task.set_env_variable("LLMOPS_CODE_DIGEST", code)
+        return registered.outputs["registration"]
+
+    return finetune
+
+
+def compile_pipeline(cfg: PipelineConfig, out_path: str) -> str:
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_pipeline(cfg), package_path=out_path)
+    return out_path

@@ -1,0 +1,46 @@
+"""What the thin kfp components share: publishing metrics so kfp.local can cache them, and timing."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from components.tracking import numeric
+
+TIMING_FILE = "timing.json"
+
+
+def publish(metrics, values: dict, out_dir: str, stage: str, started: float) -> None:
+    """Log numeric values on a kfp Metrics artifact and write them to its file too.
+
+    kfp.local only caches a task whose outputs exist as files, and log_metric writes none.
+    """
+    seconds = time.time() - started
+    for key, value in numeric(values).items():
+        metrics.log_metric(key, value)
+    metrics.log_metric("wall_seconds", seconds)
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / TIMING_FILE).write_text(json.dumps({"stage": stage, "seconds": seconds, "finished": time.time()}))
+
+
+def publish_confusion(artifact, report: dict) -> None:
+    confusion = report["tuned"].get("confusion")
+    if confusion:
+        artifact.log_confusion_matrix(confusion["categories"], confusion["matrix"])
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(json.dumps(artifact.metadata))
+
+
+def stage_timings(paths: dict[str, str], run_root: Path) -> dict:
+    """Seconds per stage, and whether its output came from the kfp cache (it lives in another run)."""
+    out = {}
+    for name, path in paths.items():
+        timing = Path(path) / TIMING_FILE
+        if timing.exists():
+            record = json.loads(timing.read_text())
+            out[record["stage"]] = {"seconds": round(record["seconds"], 1),
+                                    "cached": run_root not in Path(path).resolve().parents}
+    return out

@@ -1,0 +1,120 @@
+"""Thin kfp components: artifact paths in, one call into components/, metrics out.
+
+The bodies import the project's own package, which the component images carry (and which is
+installed in the local venv for kfp.local), so nothing is pip-installed at run time.
+"""
+
+
+from kfp import dsl
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+from pipelines.images import CPU_IMAGE, GPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def base_model(model_cfg: str, model: Output[Model], metrics: Output[Metrics]):
+    """Resolve the base model into a 16-bit safetensors directory (cached by content hash)."""
+    import time
+
+    from components import base_model as stage
+    from components.config import ModelSection
+    from pipelines.kfp_io import publish
+
+    started = time.time()
+    meta = stage.resolve(ModelSection.model_validate_json(model_cfg), model.path)
+    publish(metrics, {"parameters": meta["parameters"]}, model.path, "base_model", started)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def prepare_data(data_cfg: str, base_model: Input[Model], dataset: Output[Dataset], metrics: Output[Metrics]):
+    """Validate, de-duplicate, split and render the data set; rejects are written out and counted."""
+    import time
+
+    from components import prepare_data as stage
+    from components.config import DataSection
+    from pipelines.kfp_io import publish
+
+    started = time.time()
+    stats = stage.run(DataSection.model_validate_json(data_cfg), base_model.path, dataset.path)
+    publish(metrics, stats, dataset.path, "prepare_data", started)
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def train(train_cfg: str, base_model: Input[Model], dataset: Input[Dataset], adapter: Output[Model],
+          metrics: Output[Metrics]):
+    """QLoRA training; resumes from the last complete checkpoint of the same inputs."""
+    import time
+
+    from components import train as stage
+    from components.config import TrainSection
+    from pipelines.kfp_io import publish
+
+    started = time.time()
+    result = stage.run(TrainSection.model_validate_json(train_cfg), base_model.path, dataset.path, adapter.path)
+    publish(metrics, result, adapter.path, "train", started)
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def evaluate(eval_cfg: str, base_model: Input[Model], adapter: Input[Model], dataset: Input[Dataset],
+             report: Output[Artifact], metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
+    """Batched greedy evaluation of the base and the tuned model on the eval split."""
+    import time
+
+    from components import evaluate as stage
+    from components.config import EvalSection
+    from pipelines.kfp_io import publish, publish_confusion
+
+    started = time.time()
+    result = stage.run(EvalSection.model_validate_json(eval_cfg), base_model.path, adapter.path, dataset.path, report.path)
+    publish(metrics, {"base": result["base"], "tuned": result["tuned"]}, report.path, "evaluate", started)
+    publish_confusion(confusion, result)
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def merge(merge_cfg: str, base_model: Input[Model], adapter: Input[Model], dataset: Input[Dataset],
+          merged: Output[Model], metrics: Output[Metrics]):
+    """Merge the adapter into the 16-bit base and check greedy parity."""
+    import time
+
+    from components import merge as stage
+    from components.config import MergeSection
+    from pipelines.kfp_io import publish
+
+    started = time.time()
+    result = stage.run(MergeSection.model_validate_json(merge_cfg), base_model.path, adapter.path, dataset.path, merged.path)
+    publish(metrics, result, merged.path, "merge", started)
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def quantize(quantize_cfg: str, merged: Input[Model], dataset: Input[Dataset], quantized: Output[Model],
+             metrics: Output[Metrics]):
+    """int8 and NF4 variants: size, memory, accuracy and perplexity deltas, recommended TGI flag."""
+    import time
+
+    from components import quantize as stage
+    from components.config import QuantizeSection
+    from pipelines.kfp_io import publish
+
+    started = time.time()
+    result = stage.run(QuantizeSection.model_validate_json(quantize_cfg), f"{merged.path}/model", dataset.path, quantized.path)
+    publish(metrics, result["results"], quantized.path, "quantize", started)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def register(register_cfg: str, pipeline_run: str, base_model: Input[Model], dataset: Input[Dataset],
+             adapter: Input[Model], report: Input[Artifact], merged: Input[Model], quantized: Input[Model],
+             registration: Output[Artifact]):
+    """Create the MLflow model version with lineage tags (idempotent per pipeline run)."""
+    import json
+    from pathlib import Path
+
+    from components import register as stage
+    from components.config import RegisterSection
+    from pipelines.kfp_io import stage_timings
+
+    paths = {"base": base_model.path, "data": dataset.path, "train": adapter.path, "eval": report.path,
+             "merged": merged.path, "quantize": quantized.path}
+    result = stage.run(RegisterSection.model_validate_json(register_cfg), paths, pipeline_run)
+    result["stages"] = stage_timings(paths, Path(registration.path).resolve().parent.parent)
+    registration.metadata.update({"name": result["name"], "version": result["version"]})
+    Path(registration.path).write_text(json.dumps(result, indent=2))

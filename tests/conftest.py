@@ -1,0 +1,124 @@
+"""Shared fixtures: a tiny Llama with a small local tokenizer, demo data, and an MLflow server."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_tiny_llama(out: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama and a byte-level BPE tokenizer trained on the demo data, saved as an HF directory.
+
+    Its pad token equals EOS, as SmolLM2's does, so the base-model stage has to fix it.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from components.demo_data import INTENTS, generate_rows
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    corpus = [r["text"] for r in generate_rows(360, 1)] + list(INTENTS) + ["system user assistant Classify the message"]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  bos_token=None, unk_token=None)
+    tok.chat_template = CHATML
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=None)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out, save_jinja_files=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-src"))
+
+
+@pytest.fixture(scope="session")
+def llmops_cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["LLMOPS_CACHE"] = str(path)
+    os.environ["LLMOPS_CHECKPOINT_ROOT"] = str(path / "checkpoints")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_source, llmops_cache, tmp_path_factory) -> Path:
+    """The tiny model after the base-model stage: 16-bit safetensors with a distinct pad token."""
+    from components import base_model
+    from components.config import ModelSection
+
+    out = tmp_path_factory.mktemp("tiny-base") / "model"
+    base_model.resolve(ModelSection(base_model=str(tiny_source)), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_prepared(tiny_base, tmp_path_factory) -> Path:
+    from components import prepare_data
+    from components.config import DataSection
+
+    out = tmp_path_factory.mktemp("demo-data")
+    prepare_data.run(DataSection(), tiny_base, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_base, demo_prepared, tmp_path_factory) -> Path:
+    """An adapter trained for a few steps with a high learning rate, so its effect is visible."""
+    from components import train
+    from components.config import TrainSection
+
+    out = tmp_path_factory.mktemp("tiny-adapter")
+    train.run(TrainSection(max_steps=12, batch_size=8, learning_rate=5e-3, checkpoint_every=6, log_every=2,
+                           lora_r=8, lora_alpha=16, warmup_ratio=0.0), tiny_base, demo_prepared, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real mlflow server on loopback with a SQLite store; stopped at the end of the session."""
+    from pipelines import mlflow_local
+
+    server = mlflow_local.start(tmp_path_factory.mktemp("mlflow"), port=free_port(), detach=False)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = server.url
+    yield server
+    server.stop()
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is missing: the shared data sets sit beside the checkout only in CI and dev machines")
+    return path
