@@ -57,7 +57,7 @@ def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
     metrics = {
         "eval.base.exact_match": evald["base"]["exact_match"], "eval.tuned.exact_match": evald["tuned"]["exact_match"],
         "eval.base.perplexity": evald["base"]["perplexity"], "eval.tuned.perplexity": evald["tuned"]["perplexity"],
-        "merge.parity": merge["parity"], "train.steps": train["steps"], "train.last_loss": train["last_loss"],
+        "merge.parity": merge["parity"], "train.steps": train["steps"], "train.loss": train["train_loss"],
         "data.rejected": data["rejected"], "data.train": data["train"], "data.eval": data["eval"],
     }
     tags.update({k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in metrics.items()})

@@ -41,6 +41,7 @@ def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT) -> dict:
     os.environ.setdefault("LLMOPS_CACHE", str(root / "cache"))
     # The images are ours, not python:*, which kfp.local cannot know; the code comes from this venv.
     warnings.filterwarnings("ignore", message="You may be attemping")
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"),
                enable_caching=True, cache_root=str(root / "kfp-cache"))
     started = time.time()

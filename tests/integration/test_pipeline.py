@@ -1,0 +1,87 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from components.config import load_config
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_config(tiny_source, **extra):
+    overrides = [f"model.base_model={tiny_source}", "train.max_steps=4", "train.checkpoint_every=2",
+                 "train.learning_rate=0.005", "quantize.eval_examples=4", "merge.parity_prompts=4",
+                 "eval.batch_size=8", "registry.model_name=tiny-pipeline"]
+    return load_config("local", overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+def test_whole_pipeline_runs_then_a_rerun_hits_the_cache(mlflow_server, tiny_source, llmops_cache, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipelines.run import run_local
+
+    first = run_local(tiny_config(tiny_source), tmp_path)
+    assert set(first["stages"]) == {"base_model", "prepare_data", "train", "evaluate", "merge", "quantize"}
+    assert not any(s["cached"] for s in first["stages"].values())
+    version = MlflowClient().get_model_version("tiny-pipeline", first["version"])
+    assert version.tags["recommended_quantize"] in ("bitsandbytes-nf4", "bitsandbytes", "none")
+
+    second = run_local(tiny_config(tiny_source), tmp_path)
+    assert all(s["cached"] for s in second["stages"].values()), second["stages"]
+    assert second["version"] != first["version"]  # register is never cached: each pipeline run gets its version
+    assert second["wall_seconds"] < first["wall_seconds"]
+
+    third = run_local(tiny_config(tiny_source, **{"eval.batch_size": 4}), tmp_path)
+    cached = {name for name, s in third["stages"].items() if s["cached"]}
+    assert cached == {"base_model", "prepare_data", "train", "merge", "quantize"}  # only evaluate saw a change
+
+
+def test_compiled_pipeline_is_documented_and_wired(tmp_path):
+    from pipelines.finetune import compile_pipeline
+
+    path = compile_pipeline(load_config("cluster"), str(tmp_path / "finetune.yaml"))
+    spec = next(yaml.safe_load_all(open(path)))
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == {"model_cfg", "data_cfg", "train_cfg", "eval_cfg", "merge_cfg", "quantize_cfg", "register_cfg"}
+    assert all(p.get("description") for p in params.values())
+    assert json.loads(params["train_cfg"]["defaultValue"])["use_gpu"] is True
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"base-model", "prepare-data", "train", "evaluate", "merge", "quantize", "register"}
+    assert tasks["register"]["cachingOptions"] == {}  # caching off is an empty cachingOptions
+    assert tasks["train"]["cachingOptions"] == {"enableCache": True}
+    images = {name: ex["container"]["image"] for name, ex in spec["deploymentSpec"]["executors"].items()}
+    assert "llmops-gpu" in images["exec-train"] and "llmops-cpu" in images["exec-prepare-data"]
+    for executor in spec["deploymentSpec"]["executors"].values():
+        assert "pip install" not in " ".join(executor["container"].get("command", []))
+
+
+def test_killed_training_resumes_from_the_last_complete_checkpoint(tiny_base, demo_prepared, tmp_path):
+    from components.train import last_complete_checkpoint
+
+    env = dict(os.environ, LLMOPS_CHECKPOINT_ROOT=str(tmp_path / "ckpt"))
+    script = ("import sys; from components.train import run; from components.config import TrainSection; "
+              f"run(TrainSection(max_steps=60, checkpoint_every=3, log_every=3), {str(tiny_base)!r}, "
+              f"{str(demo_prepared)!r}, sys.argv[1])")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out1")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        roots = list((tmp_path / "ckpt").glob("*"))
+        if roots and (ck := last_complete_checkpoint(roots[0])) and int(ck.name.split("-")[1]) >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = int(last_complete_checkpoint(roots[0]).name.split("-")[1])
+    assert 6 <= killed_at < 60
+
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out2")], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    metrics = json.loads((tmp_path / "out2" / "train_metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= killed_at and metrics["steps"] == 60

@@ -1,0 +1,69 @@
+import pytest
+from pydantic import ValidationError
+
+from components.config import MergeSection, PipelineConfig, TrainSection, apply_overrides, load_config
+
+pytestmark = pytest.mark.unit
+
+
+def test_profiles_load_and_differ():
+    local, cluster = load_config("local"), load_config("cluster")
+    assert local.profile == "local" and cluster.profile == "cluster"
+    assert not local.train.use_gpu and cluster.train.use_gpu
+    assert cluster.train.max_steps > local.train.max_steps
+
+
+def test_overrides_are_typed_like_yaml():
+    cfg = load_config("local", ["train.max_steps=7", "train.learning_rate=1e-3", "data.labels=[a, b]",
+                                "train.gradient_checkpointing=false"])
+    assert cfg.train.max_steps == 7 and cfg.train.learning_rate == pytest.approx(1e-3)
+    assert cfg.data.labels == ["a", "b"] and cfg.train.gradient_checkpointing is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_step=3", "max_step"),            # typo in a key
+    ("trian.max_steps=3", "trian"),              # typo in a section
+    ("train.max_steps=0", "greater than 0"),
+    ("train.max_steps", "key=value"),
+])
+def test_bad_overrides_are_named(override, message):
+    with pytest.raises((ValidationError, ValueError), match=message):
+        load_config("local", [override])
+
+
+def test_qlora_needs_4bit_and_lora_needs_16bit():
+    with pytest.raises(ValidationError, match="qlora needs"):
+        TrainSection(method="qlora", quantization="none")
+    with pytest.raises(ValidationError, match="16-bit base"):
+        TrainSection(method="lora", quantization="nf4")
+    assert TrainSection(method="lora", quantization="none").quantization == "none"
+
+
+def test_merge_needs_16bit_base():
+    with pytest.raises(ValidationError, match="must be 16-bit"):
+        MergeSection(base_precision="nf4")
+
+
+def test_each_section_round_trips_through_json():
+    cfg = load_config("local")
+    for name in ("model", "data", "train", "eval", "merge", "quantize", "registry"):
+        section = getattr(cfg, name)
+        assert type(section).model_validate_json(section.to_json()) == section
+
+
+def test_a_section_change_leaves_other_sections_digests_alone():
+    a = load_config("local")
+    b = load_config("local", ["eval.batch_size=3"])
+    assert a.eval.digest() != b.eval.digest()
+    assert a.train.digest() == b.train.digest() and a.data.digest() == b.data.digest()
+
+
+def test_unknown_profile_lists_known_ones():
+    with pytest.raises(FileNotFoundError, match="local"):
+        load_config("nope")
+
+
+def test_override_into_non_section_is_rejected():
+    with pytest.raises(ValueError, match="not a section"):
+        apply_overrides({"profile": "x"}, ["profile.sub=1"])
+    assert PipelineConfig().registry.model_name

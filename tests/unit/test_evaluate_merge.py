@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from components import evaluate, merge, quantize
+from components.config import EvalSection, MergeSection, QuantizeSection
+from components.prepare_data import read_jsonl
+
+pytestmark = pytest.mark.unit
+
+
+def test_score_counts_exact_matches_and_invalid_labels():
+    labels = ["a", "b"]
+    result = evaluate.score(["a", " B.", "zzz", "a"], ["a", "b", "b", "b"], labels)
+    assert result["exact_match"] == pytest.approx(0.5)
+    assert result["invalid_rate"] == pytest.approx(0.25)
+    assert result["confusion"]["categories"] == ["a", "b", "<invalid>"]
+    assert result["confusion"]["matrix"] == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]
+    assert result["per_class"]["a"]["precision"] == pytest.approx(0.5)
+    assert result["per_class"]["b"]["recall"] == pytest.approx(1 / 3)
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(tiny_base, tiny_adapter, demo_prepared):
+    tok = evaluate.load_tokenizer(tiny_base)
+    model = evaluate.load_model(tiny_base, "float32", adapter_dir=tiny_adapter)
+    prompts = [e["prompt"] for e in read_jsonl(demo_prepared / "eval.jsonl")][:8]
+    prompts[0] = prompts[0].replace("Message:", "Message: a much longer message than the others, so padding matters:")
+    batched = evaluate.generate(model, tok, prompts, 6, batch_size=8)
+    single = [evaluate.generate(model, tok, [p], 6, batch_size=1)[0] for p in prompts]
+    assert batched == single
+
+
+def test_response_nll_matches_per_example_loss(tiny_base, demo_prepared):
+    tok = evaluate.load_tokenizer(tiny_base)
+    model = evaluate.load_model(tiny_base, "float32")
+    examples = read_jsonl(demo_prepared / "eval.jsonl")[:5]
+    total, count = evaluate.response_nll(model, tok, examples, batch_size=5)
+    manual_total, manual_count = 0.0, 0
+    for ex in examples:
+        single, n = evaluate.response_nll(model, tok, [ex], batch_size=1)
+        manual_total, manual_count = manual_total + single, manual_count + n
+    assert count == manual_count == sum(e["completion_tokens"] for e in examples)
+    assert total == pytest.approx(manual_total, rel=1e-4)
+
+
+def test_evaluate_stage_reports_base_and_tuned(tiny_base, tiny_adapter, demo_prepared, tmp_path):
+    report = evaluate.run(EvalSection(batch_size=8), tiny_base, tiny_adapter, demo_prepared, tmp_path)
+    assert report["tuned"]["loss"] < report["base"]["loss"]  # the adapter learned the answers
+    assert report["tuned"]["n"] == report["base"]["n"] == len(read_jsonl(demo_prepared / "eval.jsonl"))
+    assert (tmp_path / "confusion_tuned.png").stat().st_size > 1000
+    assert len(json.loads((tmp_path / "predictions.json").read_text())) == report["tuned"]["n"]
+
+
+def test_merge_matches_adapter_on_base_and_is_servable(tiny_base, tiny_adapter, demo_prepared, tmp_path):
+    report = merge.run(MergeSection(parity_prompts=16), tiny_base, tiny_adapter, demo_prepared, tmp_path)
+    assert report["parity"] >= 0.9
+    served = tmp_path / "model"
+    assert (served / "model.safetensors").exists() and (served / "config.json").exists()
+    assert json.loads((served / "tokenizer_config.json").read_text())["chat_template"]
+    assert json.loads((served / "config.json").read_text())["dtype"] == "float16"
+    assert not (served / "adapter_config.json").exists()  # merged weights, not an adapter
+
+
+def test_merge_fails_below_the_parity_threshold(tiny_base, tiny_adapter, demo_prepared, tmp_path, monkeypatch):
+    # Simulate a lossy merge (the classic bug: merging into a 4-bit base) by corrupting the saved weights.
+    real = merge.merge_adapter
+
+    def lossy(base_dir, adapter_dir, out_dir, dtype):
+        real(base_dir, adapter_dir, out_dir, dtype)
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(out_dir / "model.safetensors")
+        save_file({k: torch.randn_like(v.float()).to(v.dtype) for k, v in weights.items()}, out_dir / "model.safetensors",
+                  metadata={"format": "pt"})
+
+    monkeypatch.setattr(merge, "merge_adapter", lossy)
+    with pytest.raises(merge.ParityError, match="below merge.parity_threshold"):
+        merge.run(MergeSection(parity_prompts=8, parity_threshold=0.9), tiny_base, tiny_adapter, demo_prepared, tmp_path)
+
+
+@pytest.mark.parametrize("nf4, int8, expected", [
+    ((0.0, 0.05), (0.0, 0.01), "bitsandbytes-nf4"),
+    ((0.10, 0.05), (0.0, 0.01), "bitsandbytes"),
+    ((0.0, 0.50), (0.01, 0.20), "none"),
+])
+def test_recommended_quantize_flag_follows_the_thresholds(nf4, int8, expected):
+    results = {name: {"delta": {"accuracy_drop": d[0], "perplexity_increase": d[1]}} for name, d in (("nf4", nf4), ("int8", int8))}
+    assert quantize.recommend(results, QuantizeSection(max_accuracy_drop=0.02, max_perplexity_increase=0.10)) == expected
+
+
+def test_quantize_stage_measures_variants(tiny_base, demo_prepared, tmp_path):
+    report = quantize.run(QuantizeSection(eval_examples=8), tiny_base, demo_prepared, tmp_path)
+    merged, nf4, int8 = (report["results"][k] for k in ("merged", "nf4", "int8"))
+    assert nf4["memory_bytes"] < merged["memory_bytes"] and int8["memory_bytes"] < merged["memory_bytes"]
+    assert (tmp_path / "nf4" / "model.safetensors").exists() and (tmp_path / "int8" / "model.safetensors").exists()
+    assert report["recommended_quantize"] in ("bitsandbytes-nf4", "bitsandbytes", "none")
+    assert nf4["delta"]["perplexity_increase"] == pytest.approx(nf4["perplexity"] / merged["perplexity"] - 1)

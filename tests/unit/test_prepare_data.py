@@ -1,0 +1,172 @@
+import csv
+import json
+
+import pytest
+
+from components import prepare_data
+from components.config import DataSection
+from components.datafiles import DataError
+from components.demo_data import generate_rows, write_demo
+from components.prepare_data import read_jsonl
+
+pytestmark = pytest.mark.unit
+LABELS = ["card_lost", "refund_request"]
+
+
+def write_csv(path, rows, header=("text", "label")):
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def prep(tmp_path, tiny_base, source, **cfg):
+    out = tmp_path / "out"
+    stats = prepare_data.run(DataSection(path=str(source), **cfg), tiny_base, out)
+    return stats, read_jsonl(out / "rejects.jsonl"), out
+
+
+def test_demo_data_is_deterministic_and_mostly_clean(tmp_path):
+    a = write_demo(tmp_path / "a").read_bytes()
+    b = write_demo(tmp_path / "b").read_bytes()
+    assert a == b
+    assert write_demo(tmp_path / "c", seed=8).read_bytes() != a
+    rows = generate_rows()
+    assert len(rows) == 363 and len({r["text"] for r in rows}) == 362  # 360 distinct + 2 flawed, + 1 duplicate
+
+
+@pytest.mark.parametrize("row, field, kind", [
+    (["", "card_lost"], "text", "empty"),
+    (["my card is gone", ""], "label", "empty"),
+    (["my card is gone", "gift_cards"], "label", "unknown-label"),
+    (["card " * 400, "card_lost"], "<rendered>", "over-length"),
+])
+def test_each_rejection_reason_names_row_and_field(tmp_path, tiny_base, row, field, kind):
+    good = [["I lost my card", "card_lost"], ["refund my order", "refund_request"], ["where is my refund", "refund_request"]]
+    source = write_csv(tmp_path / "d.csv", good + [row])
+    stats, rejects, _ = prep(tmp_path, tiny_base, source, labels=LABELS, max_tokens=256)
+    assert [(r["row"], r["field"], r["kind"]) for r in rejects] == [(4, field, kind)]
+    assert rejects[0]["file"] == str(source)
+    assert stats["examples"] + stats["rejected"] == stats["rows_read"] == 4
+
+
+def test_undecodable_bytes_reject_only_their_row(tmp_path, tiny_base):
+    source = tmp_path / "bytes.csv"
+    source.write_bytes(b"text,label\nI lost my card,card_lost\nbad \xff\xfe bytes,card_lost\nrefund me,refund_request\n")
+    stats, rejects, _ = prep(tmp_path, tiny_base, source, labels=LABELS)
+    assert [(r["row"], r["field"], r["kind"]) for r in rejects] == [(2, "text", "undecodable")]
+    assert stats["examples"] == 2
+
+
+def test_quoted_newlines_stay_one_row(tmp_path, tiny_base):
+    source = write_csv(tmp_path / "q.csv", [["line one\nline two", "card_lost"], ["refund me", "refund_request"],
+                                           ["card gone", "card_lost"]])
+    stats, rejects, out = prep(tmp_path, tiny_base, source, labels=LABELS)
+    assert stats["rows_read"] == 3 and not rejects
+    assert any("line one\nline two" in ex["prompt"] for ex in read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl"))
+
+
+def test_duplicates_are_dropped_counted_and_written(tmp_path, tiny_base):
+    source = write_csv(tmp_path / "dup.csv", [["I lost my card", "card_lost"], ["refund me", "refund_request"],
+                                             ["I lost my card", "card_lost"], ["card gone", "card_lost"]])
+    stats, rejects, _ = prep(tmp_path, tiny_base, source, labels=LABELS)
+    assert rejects == [{"file": str(source), "row": 3, "field": "<row>", "kind": "duplicate", "reason": "duplicate of row 1"}]
+    assert stats["reject_reasons"] == {"duplicate": 1}
+
+
+def test_all_bad_file_fails_with_a_summary(tmp_path, tiny_base):
+    source = write_csv(tmp_path / "bad.csv", [["", "card_lost"], ["x", "nope"], ["", ""]])
+    with pytest.raises(DataError, match=r"nothing usable: 3 rows read, 0 kept, 3 rejected"):
+        prep(tmp_path, tiny_base, source, labels=LABELS)
+    assert len(read_jsonl(tmp_path / "out" / "rejects.jsonl")) == 3  # written even though the stage fails
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing.csv", "no such file"),
+    (lambda p: write_csv(p / "cols.csv", [["a", "b"]], header=("body", "intent_x")), "cannot tell the format"),
+    (lambda p: (p / "x.txt").write_text("hi") and p / "x.txt", "unsupported file type"),
+    (lambda p: (p / "dir").mkdir() or p / "dir", "not a saved Hugging Face dataset"),
+])
+def test_file_level_problems_name_the_file(tmp_path, tiny_base, make, message):
+    source = make(tmp_path)
+    with pytest.raises(DataError, match=message) as err:
+        prep(tmp_path, tiny_base, source)
+    assert str(source) in str(err.value)
+
+
+def test_missing_required_field_names_file_row_and_field(tmp_path, tiny_base):
+    source = tmp_path / "a.jsonl"
+    source.write_text(json.dumps({"instruction": "Say hi", "input": ""}) + "\n")
+    with pytest.raises(DataError, match=r"a.jsonl: row 1: missing field\(s\) \['output'\]"):
+        prep(tmp_path, tiny_base, source)
+
+
+def test_binary_file_is_rejected_row_by_row_not_silently(tmp_path, tiny_base):
+    source = tmp_path / "blob.csv"
+    source.write_bytes(b"text,label\n" + bytes(range(256)) * 4 + b"\nok card,card_lost\nrefund,refund_request\nlost,card_lost\n")
+    stats, rejects, _ = prep(tmp_path, tiny_base, source, labels=LABELS)
+    assert stats["examples"] + stats["rejected"] == stats["rows_read"]
+    assert stats["rejected"] >= 1 and stats["examples"] == 3
+
+
+def test_jsonl_bad_lines_and_chat_format(tmp_path, tiny_base):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    lines = [json.dumps(good), "{not json", json.dumps({"messages": [{"role": "user", "content": "only a question"}, {"role": "user", "content": "x"}]}),
+             json.dumps({"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}), "[1, 2]"]
+    source = tmp_path / "chat.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    stats, rejects, _ = prep(tmp_path, tiny_base, source)
+    assert stats["format"] == "chat" and stats["examples"] == 2
+    assert [(r["row"], r["field"]) for r in rejects] == [(2, "<row>"), (3, "messages[1].role"), (5, "<row>")]
+
+
+def test_alpaca_seed_tasks_expand_instances(tmp_path, tiny_base):
+    record = {"instruction": "Add the numbers", "instances": [{"input": "1 2", "output": "3"}, {"input": "2 2", "output": "4"}]}
+    plain = {"instruction": "Say yes", "input": "", "output": "yes"}
+    source = tmp_path / "seed.jsonl"
+    source.write_text(json.dumps(record) + "\n" + json.dumps(plain) + "\n")
+    stats, _, out = prep(tmp_path, tiny_base, source)
+    examples = read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl")
+    assert stats["format"] == "alpaca" and stats["rows_read"] == 2 and len(examples) == 3
+    assert {e["id"] for e in examples} == {"seed.jsonl:1.1", "seed.jsonl:1.2", "seed.jsonl:2"}
+
+
+def test_parquet_and_saved_hf_dataset(tmp_path, tiny_base):
+    import pandas as pd
+    from datasets import Dataset
+
+    rows = {"text": ["lost card", "refund please", "card stolen"], "label": ["card_lost", "refund_request", "card_lost"]}
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    Dataset.from_dict(rows).save_to_disk(str(tmp_path / "hf"))
+    for source in (tmp_path / "d.parquet", tmp_path / "hf"):
+        stats, rejects, _ = prep(tmp_path, tiny_base, source, labels=LABELS)
+        assert stats["examples"] == 3 and not rejects
+
+
+def test_rendering_uses_the_chat_template_and_ends_with_eos(demo_prepared, tiny_base):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    labels = json.loads((demo_prepared / "labels.json").read_text())
+    for ex in read_jsonl(demo_prepared / "train.jsonl")[:20]:
+        assert ex["prompt"].startswith("<|im_start|>system\n") and ex["prompt"].endswith("<|im_start|>assistant\n")
+        assert ex["completion"] == ex["answer"] + tok.eos_token
+        assert all(label in ex["prompt"] for label in labels)  # the prompt lists the allowed labels
+
+
+def test_split_is_deterministic_by_seed_and_disjoint(tmp_path, tiny_base):
+    source = write_demo(tmp_path / "demo")
+    first = prep(tmp_path / "1", tiny_base, source)[2]
+    second = prep(tmp_path / "2", tiny_base, source)[2]
+    other = prep(tmp_path / "3", tiny_base, source, seed=1)[2]
+    ids = lambda out, name: [e["id"] for e in read_jsonl(out / name)]  # noqa: E731
+    assert ids(first, "eval.jsonl") == ids(second, "eval.jsonl") != ids(other, "eval.jsonl")
+    assert not set(ids(first, "eval.jsonl")) & set(ids(first, "train.jsonl"))
+
+
+def test_stats_carry_hashes_and_token_lengths(demo_prepared):
+    stats = json.loads((demo_prepared / "stats.json").read_text())
+    assert len(stats["source_sha256"]) == 64 and len(stats["prepared_sha256"]) == 64
+    assert stats["total_tokens"]["max"] >= stats["total_tokens"]["p95"] >= stats["total_tokens"]["min"] > 0
+    assert stats["reject_reasons"] == {"duplicate": 1, "empty": 1, "unknown-label": 1}

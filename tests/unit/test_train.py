@@ -1,0 +1,76 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from components import train
+from components.config import TrainSection
+from components.prepare_data import read_jsonl
+
+pytestmark = pytest.mark.unit
+
+
+def test_labels_cover_the_answer_and_eos_only(tiny_base, demo_prepared):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    examples = read_jsonl(demo_prepared / "train.jsonl")[:4]
+    ds = train.tokenize(examples, tok)
+    for ex, row in zip(examples, ds):
+        learned = [t for t in row["labels"] if t != train.IGNORE_INDEX]
+        assert tok.decode(learned) == ex["answer"] + tok.eos_token
+        assert learned[-1] == tok.eos_token_id != tok.pad_token_id
+        assert row["labels"][: ex["prompt_tokens"]] == [train.IGNORE_INDEX] * ex["prompt_tokens"]
+
+
+def test_config_becomes_library_objects():
+    cfg = TrainSection(lora_r=4, lora_alpha=8, target_modules=["q_proj"])
+    bnb = train.bnb_config(cfg)
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
+    lora = train.lora_config(cfg)
+    assert lora.r == 4 and lora.lora_alpha == 8 and set(lora.target_modules) == {"q_proj"}
+    assert train.bnb_config(TrainSection(method="lora", quantization="none")) is None
+    args = train.training_args(TrainSection(max_steps=9, checkpoint_every=3), "/tmp/x")
+    assert args.max_steps == 9 and args.save_steps == 3 and args.train_sampling_strategy == "group_by_length"
+
+
+def test_training_moves_the_adapter_and_not_the_base(tiny_base, tiny_adapter):
+    adapter = load_file(tiny_adapter / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(float(v.abs().sum()) > 0 for v in lora_b)  # B starts at zero: non-zero means it learned
+    metrics = json.loads((tiny_adapter / "train_metrics.json").read_text())
+    assert metrics["steps"] == 12 and metrics["last_loss"] < metrics["first_loss"]
+    assert metrics["tokens_per_s"] > 0 and metrics["non_padding_tokens"] > 0
+
+
+def test_base_weights_unchanged_by_training(tiny_base, tiny_adapter):
+    from components.util import tree_sha256
+
+    recorded = json.loads((tiny_base / "llmops_base.json").read_text())["weights_sha256"]
+    assert tree_sha256(tiny_base, suffix=".safetensors") == recorded
+    base = load_file(tiny_base / "model.safetensors")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16), tiny_adapter)
+    merged = model.merge_and_unload()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[name], base[name])  # the adapter does change q_proj...
+    assert torch.equal(load_file(tiny_base / "model.safetensors")[name], base[name])  # ...but never the file
+
+
+def test_half_written_checkpoint_is_skipped(tmp_path):
+    good = tmp_path / "checkpoint-4"
+    good.mkdir()
+    (good / "adapter_model.safetensors").write_bytes(b"x")
+    (good / "trainer_state.json").write_text("{}")
+    torn = tmp_path / "checkpoint-6"  # killed before trainer_state.json was written
+    shutil.copytree(good, torn)
+    (torn / "trainer_state.json").unlink()
+    broken = tmp_path / "checkpoint-8"  # killed while writing trainer_state.json
+    shutil.copytree(good, broken)
+    (broken / "trainer_state.json").write_text('{"global_st')
+    assert train.last_complete_checkpoint(tmp_path) == good
+    assert train.last_complete_checkpoint(tmp_path / "empty") is None
