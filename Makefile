@@ -38,7 +38,7 @@ test-e2e: install
 	$(BIN)/pytest -m e2e $(PYTEST_ARGS)
 
 bench: install
-	$(BIN)/python -m benchmarks.run $(ARGS)
+	$(BIN)/python -m tests.benchmarks.run $(ARGS)
 
 compile: install
 	$(BIN)/llmops compile --out finetune.yaml $(ARGS)

@@ -168,6 +168,7 @@ def run(cfg: EvalSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out
             tracker.log_artifact(out_dir / "confusion_tuned.png")
         for name, metrics in (("base", base), ("tuned", tuned)):
             tracker.log_metrics({f"eval.{name}.{k}": v for k, v in metrics.items() if not isinstance(v, dict)})
+            tracker.log_metrics({f"eval.{name}.f1.{label}": c["f1"] for label, c in metrics.get("per_class", {}).items()})
         tracker.log_table(samples[: cfg.sample_predictions], "sample_predictions.json")
         tracker.log_artifact(out_dir / "eval_report.json")
     console.print(f"exact match: base {base['exact_match']:.3f} → tuned {tuned['exact_match']:.3f}; "

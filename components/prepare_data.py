@@ -253,6 +253,8 @@ def run(cfg: DataSection, base_dir: Path, out_dir: Path) -> dict:
         stats["prepared_sha256"] = text_sha256(file_sha256(out_dir / "train.jsonl") + file_sha256(out_dir / "eval.jsonl"))
         write_json(out_dir / "stats.json", stats)
         tracker.log_stats(stats, prefix="data")
+        tracker.set_tags({"data.source_sha256": stats["source_sha256"], "data.prepared_sha256": stats["prepared_sha256"],
+                          "data.format": stats["format"]})
         tracker.log_artifact(out_dir / "rejects.jsonl")
     console.print(f"{stats['rows_read']} rows → {len(train)} train, {len(eval_set)} eval, {len(rejects)} rejected "
                   f"{dict(reasons) or ''}")
