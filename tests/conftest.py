@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -20,6 +23,42 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class Live:
+    """A uvicorn server for `app` in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        port = free_port()
+        self.app, self.url = app, f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Live:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def engine(self):
+        return self.app.state.runtime.engine
+
+    def post(self, path: str, body: dict, **kw) -> requests.Response:
+        return requests.post(self.url + path, json=body, timeout=60, **kw)
+
+    def text(self, prompt: str, **params) -> str:
+        response = self.post("/generate", {"inputs": prompt, "parameters": {"max_new_tokens": 12, **params}})
+        assert response.status_code == 200, response.text
+        return response.json()["generated_text"]
 
 
 def build_tiny_llama(out: Path, seed: int = 0) -> Path:

@@ -1,0 +1,60 @@
+"""Init container entry point: put a registered model version where TGI will load it.
+
+    python -m serving.fetch_model models:/<name>/<version> /data/model
+
+Credentials come from the environment (MLFLOW_TRACKING_URI, MLFLOW_TRACKING_*, AWS_*), which the
+Deployment fills from Kubernetes Secrets. A non-zero exit keeps the pod out of service, so the
+previous version goes on serving instead of TGI crash-looping on a half-empty directory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+USAGE = "usage: python -m serving.fetch_model MODEL_URI DEST   (e.g. models:/llmops-demo/3 /data/model)"
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def check_model_dir(path: Path) -> None:
+    """TGI needs a Hugging Face directory with safetensors weights; say which part is missing."""
+    if not (path / "config.json").is_file():
+        raise FetchError(f"{path} has no config.json: the version's artifacts are not a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        raise FetchError(f"{path} has no *.safetensors file: TGI would fail to load the weights")
+
+
+def fetch(model_uri: str, dest: Path) -> Path:
+    import mlflow
+
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
+    except Exception as exc:  # noqa: BLE001 - any failure (registry, S3, network) means the same to the pod
+        tracking = os.environ.get("MLFLOW_TRACKING_URI", "<unset>")
+        raise FetchError(f"could not download {model_uri} (MLFLOW_TRACKING_URI={tracking}): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    check_model_dir(local)
+    return local
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        local = fetch(args[0], Path(args[1]))
+    except FetchError as exc:
+        print(f"fetch_model: {exc}", file=sys.stderr)
+        return 1
+    print(f"fetch_model: {args[0]} -> {local} ({sum(1 for _ in local.iterdir())} files)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

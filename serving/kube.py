@@ -1,0 +1,230 @@
+"""Apply, watch and roll back the TGI objects with the official `kubernetes` client (no kubectl).
+
+Idempotence and rollback both rest on two annotations that `apply` writes on every object:
+
+- `llmops.io/applied-config`: the rendered object (canonical JSON) as last applied. If the new render is
+  identical, nothing is written, so a re-apply never bumps the Deployment's generation (the same idea as
+  kubectl's last-applied-configuration, but compared on our own render, not on the defaulted live object).
+- `llmops.io/previous-config` (Deployments): the last applied config whose rollout had *completed* when it
+  was replaced. A config that never became ready is never recorded, so after v1 (good) -> v2 (stuck)
+  -> v3, the rollback target is still v1.
+
+Rollback re-applies `previous-config` with a plain update. The Deployment controller recognises the
+template of the old ReplicaSet and scales that back, and since the strategy has maxUnavailable 0,
+the old pods were never removed while the new one was failing: nothing stops serving at any point.
+Keeping the target in an annotation (not reading old ReplicaSets) needs no ReplicaSet RBAC and
+survives a restart of the deployer.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from serving import manifests
+from serving.manifests import ANN_NAME, ANN_PREFIX, ANN_RUN, ANN_VERSION
+
+if TYPE_CHECKING:
+    from components.config import DeploySection
+
+ANN_APPLIED = ANN_PREFIX + "applied-config"
+ANN_PREVIOUS = ANN_PREFIX + "previous-config"
+WRITE_ATTEMPTS = 3  # the controller's status writes bump resourceVersion, so an update can race with them
+
+RolloutState = Literal["done", "failed", "progressing"]
+
+
+@dataclass(frozen=True)
+class Applied:
+    kind: str
+    name: str
+    action: Literal["created", "updated", "unchanged"]
+    generation: int | None
+    version: dict | None = None  # model name/version/run id, for Deployments
+
+
+@functools.cache
+def default_client() -> k8s.ApiClient:
+    """In a pod, its ServiceAccount; elsewhere, the current kubeconfig context."""
+    try:
+        k8s_config.load_incluster_config()
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()
+    return k8s.ApiClient()
+
+
+def _ops(kind: str, api_client: k8s.ApiClient):
+    if kind == "Deployment":
+        api = k8s.AppsV1Api(api_client)
+        return api.read_namespaced_deployment, api.create_namespaced_deployment, api.replace_namespaced_deployment
+    if kind == "Service":
+        api = k8s.CoreV1Api(api_client)
+        return api.read_namespaced_service, api.create_namespaced_service, api.replace_namespaced_service
+    raise ValueError(f"apply does not handle kind {kind!r}")
+
+
+def _call(fn, *args) -> dict:
+    # Raw JSON instead of the generated models: what we store and compare must be exactly what the server holds.
+    return json.loads(fn(*args, _preload_content=False).data)
+
+
+def _read(kind: str, name: str, namespace: str, api_client: k8s.ApiClient) -> dict | None:
+    try:
+        return _call(_ops(kind, api_client)[0], name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def canonical(obj: dict) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _annotations(obj: dict | None) -> dict:
+    return ((obj or {}).get("metadata") or {}).get("annotations") or {}
+
+
+def version_of(obj: dict | None) -> dict | None:
+    ann = _annotations(obj)
+    if ANN_VERSION not in ann:
+        return None
+    return {"name": ann.get(ANN_NAME), "version": ann.get(ANN_VERSION), "run_id": ann.get(ANN_RUN)}
+
+
+def rollout_state(deployment: dict, generation: int | None = None) -> RolloutState:
+    """The same test `kubectl rollout status` applies, for the given (or the object's own) generation."""
+    meta, spec, status = deployment.get("metadata") or {}, deployment.get("spec") or {}, deployment.get("status") or {}
+    generation = meta.get("generation", 0) if generation is None else generation
+    if status.get("observedGeneration", 0) < generation:
+        return "progressing"  # conditions and counts still describe an older spec
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            return "failed"
+    wanted, updated = spec.get("replicas", 1), status.get("updatedReplicas", 0)
+    if updated == wanted and status.get("replicas", 0) == updated and status.get("availableReplicas", 0) == updated:
+        return "done"
+    return "progressing"
+
+
+def _rollback_target(live: dict | None) -> str | None:
+    if live is None or live.get("kind") != "Deployment":
+        return None
+    ann = _annotations(live)
+    if ann.get(ANN_APPLIED) and rollout_state(live) == "done":
+        return ann[ANN_APPLIED]
+    return ann.get(ANN_PREVIOUS)
+
+
+def _to_write(desired: dict, live: dict | None) -> dict:
+    obj = copy.deepcopy(desired)
+    meta = obj["metadata"]
+    # Keep annotations other tools own (e.g. deployment.kubernetes.io/revision); ours are re-rendered.
+    foreign = {k: v for k, v in _annotations(live).items() if not k.startswith(ANN_PREFIX)}
+    meta["annotations"] = {**foreign, **meta.get("annotations", {}), ANN_APPLIED: canonical(desired)}
+    if previous := _rollback_target(live):
+        meta["annotations"][ANN_PREVIOUS] = previous
+    if live is not None:
+        meta["resourceVersion"] = live["metadata"]["resourceVersion"]
+        if obj["kind"] == "Service":  # immutable once allocated: an update must repeat them
+            for key in ("clusterIP", "clusterIPs"):
+                if key in live.get("spec", {}):
+                    obj["spec"][key] = live["spec"][key]
+    return obj
+
+
+def _result(kind: str, name: str, action, obj: dict) -> Applied:
+    return Applied(kind, name, action, (obj.get("metadata") or {}).get("generation"), version_of(obj))
+
+
+def _apply_one(obj: dict, namespace: str, api_client: k8s.ApiClient) -> Applied:
+    desired = copy.deepcopy(obj)
+    desired["metadata"]["namespace"] = namespace
+    kind, name = desired["kind"], desired["metadata"]["name"]
+    _, create, replace = _ops(kind, api_client)
+    for attempt in range(WRITE_ATTEMPTS):
+        live = _read(kind, name, namespace, api_client)
+        if live is not None and _annotations(live).get(ANN_APPLIED) == canonical(desired):
+            return _result(kind, name, "unchanged", live)
+        try:
+            if live is None:
+                return _result(kind, name, "created", _call(create, namespace, _to_write(desired, None)))
+            return _result(kind, name, "updated", _call(replace, name, namespace, _to_write(desired, live)))
+        except ApiException as exc:
+            # 409: someone wrote in between (status update, concurrent create); re-read and decide again.
+            if exc.status != 409 or attempt == WRITE_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def apply(objects: list[dict], namespace: str, *, api_client: k8s.ApiClient | None = None) -> list[Applied]:
+    """Create or update each object (Deployment, Service) in `namespace`; unchanged objects are not written."""
+    api_client = api_client or default_client()
+    return [_apply_one(obj, namespace, api_client) for obj in objects]
+
+
+def wait_for_rollout(name: str, namespace: str, generation: int, timeout_s: float, *,
+                     api_client: k8s.ApiClient | None = None, poll_s: float = 2.0) -> bool:
+    """True once `generation` is fully rolled out; False on ProgressDeadlineExceeded, deletion or timeout.
+
+    Polling rather than a watch: one GET every few seconds is cheap, and it cannot miss an event
+    or stall on a dropped watch connection.
+    """
+    api_client = api_client or default_client()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            live = _read("Deployment", name, namespace, api_client)
+        except ApiException as exc:
+            if exc.status < 500:
+                raise
+            live = {}  # a flaky API server is not a failed rollout: keep waiting until the deadline
+        if live is None:
+            return False
+        state = rollout_state(live, generation) if live else "progressing"
+        if state != "progressing":
+            return state == "done"
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(poll_s, remaining))
+
+
+def current_version(name: str, namespace: str, *, api_client: k8s.ApiClient | None = None) -> dict | None:
+    """{name, version, run_id} of the model the Deployment is set to serve, or None if there is none."""
+    return version_of(_read("Deployment", name, namespace, api_client or default_client()))
+
+
+def rollback(name: str, namespace: str, *, api_client: k8s.ApiClient | None = None) -> Applied | None:
+    """Re-apply the last config that completed its rollout; None when there is nothing to go back to.
+
+    Calling it twice is harmless: the second call finds that config already applied and writes nothing.
+    """
+    api_client = api_client or default_client()
+    previous = _annotations(_read("Deployment", name, namespace, api_client)).get(ANN_PREVIOUS)
+    if not previous:
+        return None
+    return _apply_one(json.loads(previous), namespace, api_client)
+
+
+def deploy_version(cfg: DeploySection, *, name: str, version: str, run_id: str, tags: dict,
+                   api_client: k8s.ApiClient | None = None, timeout_s: float | None = None,
+                   poll_s: float = 2.0) -> bool:
+    """Apply one version, wait for it, and roll back if it never becomes ready. True when it serves."""
+    api_client = api_client or default_client()
+    objects = manifests.render(cfg, name=name, version=version, run_id=run_id, tags=tags)
+    results = apply(objects, cfg.namespace, api_client=api_client)
+    dep = next(r for r in results if r.kind == "Deployment")
+    timeout_s = cfg.rollout_timeout_s if timeout_s is None else timeout_s
+    if wait_for_rollout(dep.name, cfg.namespace, dep.generation, timeout_s, api_client=api_client, poll_s=poll_s):
+        return True
+    rollback(dep.name, cfg.namespace, api_client=api_client)
+    return False

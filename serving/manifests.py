@@ -1,0 +1,186 @@
+"""Kubernetes objects (plain dicts) that serve one registered model version with Hugging Face TGI.
+
+Pure functions: no cluster access, so they are validated offline against the Kubernetes schemas.
+The Deployment's name and selector depend only on the registered model name, so a new version is a
+rolling update of the same Deployment; the version lives in labels/annotations of the pod template,
+which is what makes a version change roll the pods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+from components.config import DeploySection
+
+ANN_PREFIX = "llmops.io/"
+ANN_NAME = ANN_PREFIX + "model-name"
+ANN_VERSION = ANN_PREFIX + "model-version"
+ANN_RUN = ANN_PREFIX + "run-id"
+ANN_QUANTIZE = ANN_PREFIX + "quantize"
+
+CONTAINER_PORT = 8080  # unprivileged, so the port does not depend on TGI running as root
+DATA_DIR = "/data"
+MODEL_DIR = DATA_DIR + "/model"
+QUANTIZE_VALUES = ("bitsandbytes-nf4", "bitsandbytes", "none")  # what components/register.py writes
+GRACE_PERIOD_S = 120  # in-flight generations finish after SIGTERM; long completions take a while
+PRESTOP_SLEEP_S = 10  # lets endpoints drop the pod before TGI stops accepting connections
+STARTUP_PERIOD_S = 10
+
+
+def object_name(model_name: str) -> str:
+    """`tgi-<model name>` as a DNS-1035 label (valid for both Deployment and Service).
+
+    A lossy rewrite gets a short hash of the original, so two names that differ only in
+    characters Kubernetes rejects ("My Model" vs "my-model") cannot share a Deployment.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-")
+    name = f"tgi-{slug}".rstrip("-")
+    if slug != model_name or len(name) > 63:
+        digest = hashlib.sha256(model_name.encode()).hexdigest()[:8]
+        name = f"{name[:63 - 9].rstrip('-')}-{digest}"
+    return name
+
+
+def label_value(value: str) -> str:
+    """A value Kubernetes accepts as a label (<=63 chars of [A-Za-z0-9._-], alphanumeric at both ends).
+
+    Labels are for selecting; the exact values are kept in annotations.
+    """
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", str(value))[:63]
+    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", cleaned)
+
+
+def selector_labels(model_name: str) -> dict[str, str]:
+    # Immutable on a Deployment: nothing version-specific may go in here.
+    return {"app.kubernetes.io/name": "tgi", "app.kubernetes.io/instance": object_name(model_name)}
+
+
+def common_labels(model_name: str) -> dict[str, str]:
+    return {**selector_labels(model_name), "app.kubernetes.io/component": "inference",
+            "app.kubernetes.io/managed-by": "llmops", ANN_NAME: label_value(model_name)}
+
+
+def quantize_arg(tags: dict) -> list[str]:
+    value = tags.get("recommended_quantize", "none")
+    if value not in QUANTIZE_VALUES:
+        # Fail at render time: TGI would only crash-loop on an unknown --quantize value.
+        raise ValueError(f"recommended_quantize={value!r} is not one of {QUANTIZE_VALUES}")
+    return [] if value == "none" else ["--quantize", value]
+
+
+def tgi_args(cfg: DeploySection, tags: dict) -> list[str]:
+    if cfg.max_batch_prefill_tokens < cfg.max_input_tokens:
+        raise ValueError("deploy.max_batch_prefill_tokens must be >= deploy.max_input_tokens (TGI refuses to start)")
+    # --hostname: TGI's launcher reads $HOSTNAME, which Kubernetes sets to the pod name.
+    return ["--model-id", MODEL_DIR, *quantize_arg(tags),
+            "--max-input-tokens", str(cfg.max_input_tokens), "--max-total-tokens", str(cfg.max_total_tokens),
+            "--max-batch-prefill-tokens", str(cfg.max_batch_prefill_tokens),
+            "--hostname", "0.0.0.0", "--port", str(CONTAINER_PORT)]
+
+
+def _probe(period_s: int, timeout_s: int, failures: int) -> dict:
+    return {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": period_s,
+            "timeoutSeconds": timeout_s, "failureThreshold": failures}
+
+
+def tgi_container(cfg: DeploySection, tags: dict) -> dict:
+    gpus = {cfg.gpu_resource: str(cfg.gpu_count)}
+    container = {
+        "name": "tgi", "image": cfg.tgi_image, "imagePullPolicy": "IfNotPresent", "args": tgi_args(cfg, tags),
+        "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "USAGE_STATS", "value": "off"}],
+        "ports": [{"name": "http", "containerPort": CONTAINER_PORT, "protocol": "TCP"}],
+        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "data", "mountPath": DATA_DIR}],
+        # The model is already on disk (init container) when probes start; loading it onto the GPU is the
+        # slow part, so the startup probe allows as long as the rollout itself may take.
+        "startupProbe": _probe(STARTUP_PERIOD_S, 5, max(6, math.ceil(cfg.rollout_timeout_s / STARTUP_PERIOD_S))),
+        "readinessProbe": _probe(10, 5, 3),
+        "livenessProbe": _probe(30, 10, 3),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
+        # TGI's image runs as root and writes to /data and /tmp; forcing a uid could break it.
+        "securityContext": {"allowPrivilegeEscalation": False, "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    if cfg.gpu_count > 0:
+        container["resources"] = {"requests": dict(gpus), "limits": dict(gpus)}
+    return container
+
+
+def fetch_container(cfg: DeploySection, name: str, version: str) -> dict:
+    return {
+        "name": "fetch-model", "image": cfg.fetch_image, "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-m", "serving.fetch_model", f"models:/{name}/{version}", MODEL_DIR],
+        # HOME=/tmp: the fixed non-root uid below may have no home directory in the image.
+        "env": [{"name": "MLFLOW_TRACKING_URI", "value": cfg.mlflow_tracking_uri}, {"name": "HOME", "value": "/tmp"}],
+        # Only Secret names appear here; the values stay in the cluster.
+        "envFrom": [{"secretRef": {"name": cfg.s3_secret}},
+                    {"secretRef": {"name": cfg.mlflow_secret, "optional": True}}],
+        "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}],
+        # Our own image: safe to force a uid. emptyDir is world-writable, so TGI (root) can read the files.
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+                            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+
+
+def version_annotations(name: str, version: str, run_id: str, tags: dict) -> dict[str, str]:
+    return {ANN_NAME: name, ANN_VERSION: str(version), ANN_RUN: run_id,
+            ANN_QUANTIZE: tags.get("recommended_quantize", "none")}
+
+
+def version_labels(version: str, run_id: str) -> dict[str, str]:
+    return {ANN_VERSION: label_value(version), ANN_RUN: label_value(run_id)}
+
+
+def pod_spec(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
+    spec = {
+        "terminationGracePeriodSeconds": GRACE_PERIOD_S,
+        # TGI never talks to the API server; service links would add env vars TGI's launcher might read.
+        "automountServiceAccountToken": False, "enableServiceLinks": False,
+        "initContainers": [fetch_container(cfg, name, version)],
+        "containers": [tgi_container(cfg, tags)],
+        "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}},
+                    {"name": "data", "emptyDir": {}}],
+    }
+    if cfg.node_selector:
+        spec["nodeSelector"] = dict(cfg.node_selector)
+    if cfg.tolerations:
+        spec["tolerations"] = [dict(t) for t in cfg.tolerations]
+    return spec
+
+
+def render_deployment(cfg: DeploySection, *, name: str, version: str, run_id: str, tags: dict) -> dict:
+    version = str(version)
+    annotations = version_annotations(name, version, run_id, tags)
+    labels = {**common_labels(name), **version_labels(version, run_id)}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": object_name(name), "namespace": cfg.namespace, "labels": labels,
+                     "annotations": dict(annotations)},
+        "spec": {
+            "replicas": 1, "revisionHistoryLimit": 3,
+            # The controller marks the rollout failed (ProgressDeadlineExceeded) on the same clock we wait on.
+            "progressDeadlineSeconds": cfg.rollout_timeout_s,
+            "selector": {"matchLabels": selector_labels(name)},
+            # maxUnavailable 0: the old pod keeps serving until the new one is ready, or forever if it never is.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {"metadata": {"labels": {**selector_labels(name), **version_labels(version, run_id)},
+                                      "annotations": dict(annotations)},
+                         "spec": pod_spec(cfg, name, version, tags)},
+        },
+    }
+
+
+def render_service(cfg: DeploySection, *, name: str) -> dict:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": object_name(name), "namespace": cfg.namespace, "labels": common_labels(name)},
+        "spec": {"type": "ClusterIP", "selector": selector_labels(name),
+                 "ports": [{"name": "http", "port": cfg.port, "targetPort": "http", "protocol": "TCP"}]},
+    }
+
+
+def render(cfg: DeploySection, *, name: str, version: str, run_id: str, tags: dict) -> list[dict]:
+    """Everything one version needs, in apply order."""
+    return [render_service(cfg, name=name),
+            render_deployment(cfg, name=name, version=version, run_id=run_id, tags=tags)]

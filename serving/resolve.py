@@ -1,0 +1,68 @@
+"""Turn what a user passes to `llmops serve` into local directories: a model directory or a registry
+reference (`models:/name/version` or `models:/name@alias`), and adapter references likewise.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    path: Path
+    model_id: str
+    model_sha: str | None  # the version's run id: one pipeline run registers exactly one version
+    name: str | None = None
+    version: str | None = None
+
+
+def _version(name: str, version: str | None, alias: str | None):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+
+
+def cache_dir() -> Path:
+    from serving.client import records_dir
+
+    return records_dir() / "models"
+
+
+def resolve_model(ref: str, artifact: str | None = None) -> Resolved:
+    """A local directory as is; a registry reference downloaded once per version into the serving cache.
+
+    artifact=None fetches the version's own files (the merged model); artifact="adapter" fetches the
+    adapter logged beside it in the same run.
+    """
+    match = REF.match(ref)
+    if not match:
+        path = Path(ref).expanduser()
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{ref}: neither a model directory nor a models:/name/version or models:/name@alias reference")
+        return Resolved(path.resolve(), str(path), None)
+    import mlflow
+
+    mv = _version(match["name"], match["version"], match["alias"])
+    target = cache_dir() / mv.name / mv.version / (artifact or "model")
+    marker = target / ".complete"
+    if not marker.exists():
+        uri = f"runs:/{mv.run_id}/{artifact}" if artifact else f"models:/{mv.name}/{mv.version}"
+        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target))
+        marker.touch()
+    return Resolved(target, f"models:/{mv.name}/{mv.version}", mv.run_id, mv.name, mv.version)
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """`id=REF` pairs; each REF is a PEFT adapter directory or a registry reference whose run logged one."""
+    adapters = {}
+    for spec in specs:
+        adapter_id, sep, ref = spec.partition("=")
+        if not sep or not adapter_id or not ref:
+            raise ValueError(f"--adapter {spec!r} must be ID=PATH or ID=models:/name@alias")
+        adapters[adapter_id] = str(resolve_model(ref, artifact="adapter" if ref.startswith("models:/") else None).path)
+    return adapters

@@ -1,0 +1,215 @@
+"""A tiny stand-in for the Kubernetes API server: apps/v1 Deployments and v1 Services in namespaces.
+
+Just enough of the real server's behaviour for serving/kube.py to be tested through the official client:
+- GET / POST / PUT / PATCH on deployments and services, PATCH on deployments/status;
+- metadata.generation starts at 1 and grows only when the spec changes; resourceVersion grows on
+  every real change and a PUT with a stale one gets 409 Conflict; a no-op write changes neither;
+- PUT ignores status (as the real main resource does); the Deployment selector and a Service's
+  clusterIP are immutable (422); Services get a clusterIP on create;
+- PATCH applies an RFC 7386 JSON merge patch for both merge-patch and strategic-merge-patch content
+  types (strategic merge keys for lists are NOT emulated); JSON Patch gets 415.
+There is no controller: tests set Deployment status themselves (`set_status`, `complete_rollout`,
+`fail_rollout`, or PATCH .../status through the client). Every request is logged in `requests`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from tests.conftest import free_port
+
+KINDS = {"deployments": ("apps/v1", "Deployment"), "services": ("v1", "Service")}
+IMMUTABLE = {"deployments": ["selector"], "services": ["clusterIP", "clusterIPs"]}
+
+
+def status_error(code: int, reason: str, message: str) -> JSONResponse:
+    return JSONResponse({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                         "message": message, "reason": reason, "code": code}, status_code=code)
+
+
+def merge_patch(target, patch):
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+class FakeKube:
+    """Run with `with FakeKube() as kube:`; `kube.api_client()` is a real kubernetes ApiClient for it."""
+
+    def __init__(self):
+        self.objects: dict[tuple[str, str, str], dict] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.conflicts = 0  # answer the next N PUTs with 409, as a racing status write would cause
+        self._rv = itertools.count(1)
+        self._ips = itertools.count(10)
+        self._lock = threading.Lock()
+        self.app = self._build_app()
+
+    # --- what tests use -------------------------------------------------------------------------
+    def get(self, plural: str, namespace: str, name: str) -> dict | None:
+        return copy.deepcopy(self.objects.get((plural, namespace, name)))
+
+    def set_status(self, namespace: str, name: str, status: dict) -> None:
+        with self._lock:
+            obj = self.objects[("deployments", namespace, name)]
+            obj["status"] = copy.deepcopy(status)
+            obj["metadata"]["resourceVersion"] = str(next(self._rv))
+
+    def complete_rollout(self, namespace: str, name: str) -> None:
+        obj = self.objects[("deployments", namespace, name)]
+        n = obj["spec"].get("replicas", 1)
+        self.set_status(namespace, name, {
+            "observedGeneration": obj["metadata"]["generation"], "replicas": n, "updatedReplicas": n,
+            "readyReplicas": n, "availableReplicas": n,
+            "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
+                           {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]})
+
+    def fail_rollout(self, namespace: str, name: str) -> None:
+        """The new pod never became ready: the old one still serves (maxUnavailable 0), deadline passed."""
+        obj = self.objects[("deployments", namespace, name)]
+        n = obj["spec"].get("replicas", 1)
+        self.set_status(namespace, name, {
+            "observedGeneration": obj["metadata"]["generation"], "replicas": n + 1, "updatedReplicas": 1,
+            "readyReplicas": n, "availableReplicas": n, "unavailableReplicas": 1,
+            "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
+                           {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]})
+
+    def writes(self) -> list[tuple[str, str]]:
+        return [r for r in self.requests if r[0] != "GET"]
+
+    # --- server lifecycle -----------------------------------------------------------------------
+    def __enter__(self) -> FakeKube:
+        import uvicorn
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            assert self._thread.is_alive() and time.monotonic() < deadline, "the fake API server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def api_client(self):
+        from kubernetes import client
+
+        config = client.Configuration()
+        config.host = self.url
+        return client.ApiClient(config)
+
+    # --- the API --------------------------------------------------------------------------------
+    def _build_app(self) -> FastAPI:
+        app = FastAPI()
+        prefixes = {"deployments": "/apis/apps/v1", "services": "/api/v1"}
+        for plural, prefix in prefixes.items():
+            base = prefix + "/namespaces/{namespace}/" + plural
+            app.add_api_route(base, self._route(self._create, plural), methods=["POST"])
+            app.add_api_route(base + "/{name}", self._route(self._read, plural), methods=["GET"])
+            app.add_api_route(base + "/{name}", self._route(self._replace, plural), methods=["PUT"])
+            app.add_api_route(base + "/{name}", self._route(self._patch, plural), methods=["PATCH"])
+        app.add_api_route("/apis/apps/v1/namespaces/{namespace}/deployments/{name}/status",
+                          self._route(self._patch_status, "deployments"), methods=["PATCH"])
+        return app
+
+    def _route(self, handler, plural: str):
+        async def endpoint(request: Request, namespace: str, name: str | None = None):
+            self.requests.append((request.method, request.url.path))
+            body = await request.json() if request.method in ("POST", "PUT", "PATCH") else None
+            with self._lock:
+                return handler(plural, namespace, name, body, request.headers.get("content-type", ""))
+        return endpoint
+
+    def _read(self, plural, namespace, name, body, ctype):
+        obj = self.objects.get((plural, namespace, name))
+        if obj is None:
+            return status_error(404, "NotFound", f'{plural} "{name}" not found')
+        return JSONResponse(obj)
+
+    def _create(self, plural, namespace, name, body, ctype):
+        meta = body.get("metadata") or {}
+        name = meta.get("name")
+        if meta.get("namespace", namespace) != namespace:
+            return status_error(400, "BadRequest", "the namespace of the object does not match the URL")
+        if (plural, namespace, name) in self.objects:
+            return status_error(409, "AlreadyExists", f'{plural} "{name}" already exists')
+        obj = copy.deepcopy(body)
+        obj["apiVersion"], obj["kind"] = KINDS[plural]
+        obj["metadata"].update(namespace=namespace, uid=str(uuid.uuid4()), resourceVersion=str(next(self._rv)),
+                               creationTimestamp="2026-11-23T00:00:00Z")
+        if plural == "deployments":
+            obj["metadata"]["generation"], obj["status"] = 1, {}
+        else:
+            ip = f"10.96.0.{next(self._ips)}"
+            obj["spec"].setdefault("clusterIP", ip)
+            obj["spec"].setdefault("clusterIPs", [obj["spec"]["clusterIP"]])
+        self.objects[(plural, namespace, name)] = obj
+        return JSONResponse(obj, status_code=201)
+
+    def _replace(self, plural, namespace, name, body, ctype):
+        if self.conflicts > 0:
+            self.conflicts -= 1
+            return status_error(409, "Conflict", "the object has been modified; please apply your changes "
+                                                 "to the latest version and try again")
+        return self._update(plural, namespace, name, lambda live: body, check_rv=True)
+
+    def _patch(self, plural, namespace, name, body, ctype):
+        if "json-patch" in ctype:
+            return status_error(415, "UnsupportedMediaType", "the fake supports merge patches only")
+        return self._update(plural, namespace, name, lambda live: merge_patch(live, body), check_rv=True)
+
+    def _patch_status(self, plural, namespace, name, body, ctype):
+        def patched(live):
+            return {**live, "status": merge_patch(live.get("status") or {}, body.get("status") or {})}
+        return self._update(plural, namespace, name, patched, check_rv=False, status=True)
+
+    def _update(self, plural, namespace, name, make, *, check_rv: bool, status: bool = False):
+        live = self.objects.get((plural, namespace, name))
+        if live is None:
+            return status_error(404, "NotFound", f'{plural} "{name}" not found')
+        new = copy.deepcopy(make(copy.deepcopy(live)))
+        rv = (new.get("metadata") or {}).get("resourceVersion")
+        if check_rv and rv and rv != live["metadata"]["resourceVersion"]:
+            return status_error(409, "Conflict", "the object has been modified (stale resourceVersion)")
+        if status:
+            new = {**live, "status": new["status"]}
+        else:
+            for key in IMMUTABLE[plural]:
+                if key in live["spec"] and new.get("spec", {}).get(key, live["spec"][key]) != live["spec"][key]:
+                    return status_error(422, "Invalid", f"spec.{key}: field is immutable")
+            # Identity, server-owned fields and status cannot be written through the main resource.
+            keep = {k: live["metadata"][k] for k in ("uid", "creationTimestamp", "namespace", "name", "generation")
+                    if k in live["metadata"]}
+            new["metadata"] = {**new.get("metadata", {}), **keep}
+            new["apiVersion"], new["kind"] = KINDS[plural]
+            if "status" in live:
+                new["status"] = live["status"]
+            if plural == "services":
+                new["spec"].setdefault("clusterIP", live["spec"]["clusterIP"])
+                new["spec"].setdefault("clusterIPs", live["spec"]["clusterIPs"])
+        new["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+        if new == live:
+            return JSONResponse(live)  # a no-op write: no new resourceVersion, no new generation
+        if plural == "deployments" and new.get("spec") != live.get("spec"):
+            new["metadata"]["generation"] = live["metadata"]["generation"] + 1
+        new["metadata"]["resourceVersion"] = str(next(self._rv))
+        self.objects[(plural, namespace, name)] = new
+        return JSONResponse(new)

@@ -1,0 +1,220 @@
+"""serving/kube.py through the official kubernetes client against a loopback stand-in for the API server."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from components.config import DeploySection
+from serving import kube, manifests
+from tests.integration.kube_fake import FakeKube
+
+pytestmark = pytest.mark.integration
+
+NS = "llmops"
+MODEL = "llmops-demo"
+NAME = manifests.object_name(MODEL)
+CFG = DeploySection(namespace=NS)
+RUNS = {"1": "a" * 32, "2": "b" * 32, "3": "c" * 32}
+
+
+@pytest.fixture
+def kube_api():
+    with FakeKube() as fake:
+        api_client = fake.api_client()
+        yield fake, api_client
+        api_client.close()
+
+
+def objects(version: str, quantize: str = "bitsandbytes-nf4", cfg: DeploySection = CFG) -> list[dict]:
+    return manifests.render(cfg, name=MODEL, version=version, run_id=RUNS[version],
+                            tags={"recommended_quantize": quantize})
+
+
+def apply(api_client, version: str, **kw) -> dict[str, kube.Applied]:
+    return {r.kind: r for r in kube.apply(objects(version, **kw), NS, api_client=api_client)}
+
+
+def test_apply_creates_then_is_idempotent(kube_api):
+    fake, api_client = kube_api
+    first = apply(api_client, "1")
+    assert {k: r.action for k, r in first.items()} == {"Service": "created", "Deployment": "created"}
+    assert first["Deployment"].generation == 1 and first["Deployment"].version["version"] == "1"
+    dep, svc = fake.get("deployments", NS, NAME), fake.get("services", NS, NAME)
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == CFG.tgi_image
+    assert svc["spec"]["clusterIP"]
+    writes, rvs = len(fake.writes()), (dep["metadata"]["resourceVersion"], svc["metadata"]["resourceVersion"])
+
+    again = apply(api_client, "1")
+    assert {r.action for r in again.values()} == {"unchanged"}
+    assert again["Deployment"].generation == 1
+    assert len(fake.writes()) == writes  # not even a no-op PUT
+    after = (fake.get("deployments", NS, NAME)["metadata"]["resourceVersion"],
+             fake.get("services", NS, NAME)["metadata"]["resourceVersion"])
+    assert after == rvs
+
+
+def test_new_version_updates_the_same_deployment(kube_api):
+    fake, api_client = kube_api
+    apply(api_client, "1")
+    svc_ip = fake.get("services", NS, NAME)["spec"]["clusterIP"]
+    second = apply(api_client, "2", quantize="none")
+    assert second["Deployment"].action == "updated" and second["Deployment"].generation == 2
+    assert second["Service"].action == "unchanged"
+    dep = fake.get("deployments", NS, NAME)
+    assert dep["metadata"]["annotations"][manifests.ANN_VERSION] == "2"
+    assert dep["spec"]["template"]["metadata"]["annotations"][manifests.ANN_RUN] == RUNS["2"]
+    assert "--quantize" not in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert fake.get("services", NS, NAME)["spec"]["clusterIP"] == svc_ip
+    assert kube.current_version(NAME, NS, api_client=api_client) == {"name": MODEL, "version": "2", "run_id": RUNS["2"]}
+
+
+def test_update_keeps_annotations_other_tools_own(kube_api):
+    from kubernetes import client
+
+    fake, api_client = kube_api
+    apply(api_client, "1")
+    # What the Deployment controller does; goes through the fake's PATCH (merge patch) endpoint.
+    client.AppsV1Api(api_client).patch_namespaced_deployment(
+        NAME, NS, {"metadata": {"annotations": {"deployment.kubernetes.io/revision": "1"}}})
+    assert fake.get("deployments", NS, NAME)["metadata"]["generation"] == 1  # metadata only: same generation
+    apply(api_client, "2")
+    annotations = fake.get("deployments", NS, NAME)["metadata"]["annotations"]
+    assert annotations["deployment.kubernetes.io/revision"] == "1"
+    assert annotations[manifests.ANN_VERSION] == "2"
+
+
+def test_service_port_change_keeps_cluster_ip(kube_api):
+    fake, api_client = kube_api
+    apply(api_client, "1")
+    ip = fake.get("services", NS, NAME)["spec"]["clusterIP"]
+    result = apply(api_client, "1", cfg=DeploySection(namespace=NS, port=8000))
+    assert result["Service"].action == "updated" and result["Deployment"].action == "unchanged"
+    svc = fake.get("services", NS, NAME)
+    assert svc["spec"]["clusterIP"] == ip and svc["spec"]["ports"][0]["port"] == 8000
+
+
+def test_rollout_success_when_status_catches_up(kube_api):
+    fake, api_client = kube_api
+    gen = apply(api_client, "1")["Deployment"].generation
+    assert kube.wait_for_rollout(NAME, NS, gen, 0.3, api_client=api_client, poll_s=0.05) is False
+    timer = threading.Timer(0.3, fake.complete_rollout, (NS, NAME))
+    timer.start()
+    assert kube.wait_for_rollout(NAME, NS, gen, 5, api_client=api_client, poll_s=0.05) is True
+    timer.join()
+
+
+def test_status_of_an_older_generation_does_not_count(kube_api):
+    fake, api_client = kube_api
+    apply(api_client, "1")
+    fake.complete_rollout(NS, NAME)
+    gen = apply(api_client, "2")["Deployment"].generation
+    assert gen == 2
+    assert kube.wait_for_rollout(NAME, NS, gen, 0.3, api_client=api_client, poll_s=0.05) is False
+
+
+def test_status_patched_through_the_client_completes_the_rollout(kube_api):
+    from kubernetes import client
+
+    fake, api_client = kube_api
+    gen = apply(api_client, "1")["Deployment"].generation
+    client.AppsV1Api(api_client).patch_namespaced_deployment_status(NAME, NS, {"status": {
+        "observedGeneration": gen, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}})
+    assert kube.wait_for_rollout(NAME, NS, gen, 2, api_client=api_client, poll_s=0.05) is True
+
+
+@pytest.mark.parametrize("failure", ["deadline", "timeout"])
+def test_failed_rollout_rolls_back_to_the_serving_version(kube_api, failure):
+    fake, api_client = kube_api
+    apply(api_client, "1")
+    fake.complete_rollout(NS, NAME)
+    v1_template = fake.get("deployments", NS, NAME)["spec"]["template"]
+    gen = apply(api_client, "2")["Deployment"].generation
+    if failure == "deadline":
+        fake.fail_rollout(NS, NAME)
+    assert kube.wait_for_rollout(NAME, NS, gen, 0.5, api_client=api_client, poll_s=0.05) is False
+
+    restored = kube.rollback(NAME, NS, api_client=api_client)
+    assert restored.action == "updated" and restored.version["version"] == "1"
+    dep = fake.get("deployments", NS, NAME)
+    assert dep["spec"]["template"] == v1_template  # the old ReplicaSet's template: the controller reuses it
+    assert kube.current_version(NAME, NS, api_client=api_client) == {"name": MODEL, "version": "1", "run_id": RUNS["1"]}
+    assert kube.rollback(NAME, NS, api_client=api_client).action == "unchanged"  # a second call is a no-op
+
+
+def test_stuck_version_is_never_a_rollback_target(kube_api):
+    fake, api_client = kube_api
+    apply(api_client, "1")
+    fake.complete_rollout(NS, NAME)
+    apply(api_client, "2")
+    fake.fail_rollout(NS, NAME)
+    apply(api_client, "3")  # replaces a version that never became ready
+    assert kube.rollback(NAME, NS, api_client=api_client).version["version"] == "1"
+
+
+def test_rollback_without_previous_version_does_nothing(kube_api):
+    fake, api_client = kube_api
+    assert kube.rollback(NAME, NS, api_client=api_client) is None
+    apply(api_client, "1")
+    writes = len(fake.writes())
+    assert kube.rollback(NAME, NS, api_client=api_client) is None
+    assert len(fake.writes()) == writes
+
+
+def test_update_retries_on_conflict(kube_api):
+    fake, api_client = kube_api
+    apply(api_client, "1")
+    fake.conflicts = 1
+    assert apply(api_client, "2")["Deployment"].action == "updated"
+    assert kube.current_version(NAME, NS, api_client=api_client)["version"] == "2"
+
+
+def test_current_version_and_missing_deployment(kube_api):
+    fake, api_client = kube_api
+    assert kube.current_version(NAME, NS, api_client=api_client) is None
+    assert kube.wait_for_rollout(NAME, NS, 1, 1, api_client=api_client, poll_s=0.05) is False
+    apply(api_client, "1")
+    assert kube.current_version(NAME, NS, api_client=api_client) == {"name": MODEL, "version": "1", "run_id": RUNS["1"]}
+
+
+def test_deploy_version_end_to_end(kube_api):
+    fake, api_client = kube_api
+    args = dict(name=MODEL, run_id=RUNS["1"], tags={"recommended_quantize": "none"}, api_client=api_client,
+                timeout_s=5, poll_s=0.05)
+    timer = threading.Timer(0.3, fake.complete_rollout, (NS, NAME))
+    timer.start()
+    assert kube.deploy_version(CFG, version="1", **args) is True
+    timer.join()
+    args.update(run_id=RUNS["2"], timeout_s=0.3)
+    assert kube.deploy_version(CFG, version="2", **args) is False  # never ready: rolled back
+    assert kube.current_version(NAME, NS, api_client=api_client)["version"] == "1"
+
+
+def test_fetch_model_from_a_real_registry(tmp_path, monkeypatch):
+    """The init container's step against a real MLflow registry (SQLite store, no server).
+
+    Uses a client bound to its own URI and restores the global tracking URI, so other tests are unaffected.
+    """
+    from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from serving import fetch_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    src = tmp_path / "merged"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"\0" * 16)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("fetch", artifact_location=(tmp_path / "art").as_uri()))
+    client.log_artifacts(run.info.run_id, str(src), "model")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("fetch-demo")
+    version = client.create_model_version("fetch-demo", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    dest = tmp_path / "data" / "model"
+    with _use_tracking_uri(uri):
+        assert fetch_model.main([f"models:/fetch-demo/{version.version}", str(dest)]) == 0
+        assert fetch_model.main(["models:/fetch-demo/99", str(tmp_path / "none")]) == 1
+    assert (dest / "config.json").is_file() and (dest / "model.safetensors").is_file()

@@ -1,0 +1,216 @@
+"""TGI serving manifests: schema-valid for Kubernetes 1.30 (strict), and saying what the deploy settings say."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import DeploySection
+from serving import fetch_model, manifests
+
+pytestmark = pytest.mark.unit
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+ROOT = Path(__file__).resolve().parents[2]
+RBAC = ROOT / "infra" / "k8s" / "base" / "deployer-rbac.yaml"
+RUN_ID = "0123456789abcdef0123456789abcdef"
+SECRET_VALUE = "s3cr3t-value-never-rendered"
+
+
+def tags(quantize: str = "bitsandbytes-nf4") -> dict:
+    # A secret-looking tag must never leak into the manifest: only the tags we use may.
+    return {"recommended_quantize": quantize, "base_model": "x", "aws_secret_access_key": SECRET_VALUE}
+
+
+def deployment(cfg: DeploySection | None = None, quantize: str = "bitsandbytes-nf4", version: str = "3") -> dict:
+    return manifests.render_deployment(cfg or DeploySection(), name="llmops-demo", version=version, run_id=RUN_ID,
+                                       tags=tags(quantize))
+
+
+def tgi(dep: dict) -> dict:
+    return dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def validate(obj: dict) -> None:
+    try:
+        kubernetes_validate.validate(obj, "1.30", strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        pytest.fail(f"{obj['kind']} is invalid: {exc.message} at {list(exc.absolute_path)}")
+
+
+def arg(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+@pytest.mark.parametrize("cfg", [DeploySection(), DeploySection(gpu_count=0, node_selector={}, tolerations=[])])
+@pytest.mark.parametrize("quantize", ["bitsandbytes-nf4", "bitsandbytes", "none"])
+def test_every_object_is_schema_valid(cfg, quantize):
+    for obj in manifests.render(cfg, name="llmops-demo", version="3", run_id=RUN_ID, tags=tags(quantize)):
+        validate(obj)
+
+
+def test_rbac_documents_are_valid_namespaced_and_narrow():
+    docs = [d for d in yaml.safe_load_all(RBAC.read_text()) if d]
+    assert sorted(d["kind"] for d in docs) == ["Role", "RoleBinding", "ServiceAccount"]
+    for doc in docs:
+        validate(doc)
+        assert doc["metadata"]["namespace"] == "llmops"
+    role = next(d for d in docs if d["kind"] == "Role")
+    verbs = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+    assert verbs[("apps", "deployments")] == {"get", "list", "watch", "create", "update", "patch"}
+    assert verbs[("", "services")] == {"get", "list", "watch", "create", "update", "patch"}
+    assert verbs[("", "pods")] == {"get", "list", "watch"}
+    assert verbs[("", "events")] == {"get", "list", "watch", "create", "patch"}
+    assert not any("delete" in v or "deletecollection" in v for v in verbs.values())
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "llmops-deployer"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "llmops-deployer", "namespace": "llmops"}]
+
+
+def test_tgi_args_follow_config_and_quantize_tag():
+    cfg = DeploySection(max_input_tokens=1000, max_total_tokens=3000, max_batch_prefill_tokens=5000)
+    args = tgi(deployment(cfg))["args"]
+    assert arg(args, "--model-id") == "/data/model"
+    assert arg(args, "--quantize") == "bitsandbytes-nf4"
+    assert (arg(args, "--max-input-tokens"), arg(args, "--max-total-tokens")) == ("1000", "3000")
+    assert arg(args, "--max-batch-prefill-tokens") == "5000"
+    assert arg(args, "--port") == str(tgi(deployment())["ports"][0]["containerPort"])
+    assert arg(args, "--hostname") == "0.0.0.0"
+    assert arg(tgi(deployment(quantize="bitsandbytes"))["args"], "--quantize") == "bitsandbytes"
+    assert "--quantize" not in tgi(deployment(quantize="none"))["args"]
+    assert tgi(deployment())["image"] == DeploySection().tgi_image and "@sha256:" in tgi(deployment())["image"]
+
+
+def test_unknown_quantize_tag_or_prefill_below_input_fails_at_render():
+    with pytest.raises(ValueError, match="recommended_quantize"):
+        deployment(quantize="gptq")
+    with pytest.raises(ValueError, match="max_batch_prefill_tokens"):
+        deployment(DeploySection(max_input_tokens=1024, max_batch_prefill_tokens=512))
+
+
+def test_env_probes_grace_and_strategy():
+    dep = deployment()
+    container, pod = tgi(dep), dep["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["HF_HUB_OFFLINE"] == "1" and env["USAGE_STATS"] == "off"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= DeploySection().rollout_timeout_s
+    assert pod["terminationGracePeriodSeconds"] >= 90
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    assert dep["spec"]["progressDeadlineSeconds"] == DeploySection().rollout_timeout_s
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["initContainers"][0]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_gpu_node_selector_tolerations_and_volumes():
+    cfg = DeploySection(gpu_resource="nvidia.com/gpu", gpu_count=2, shm_size="2Gi",
+                        node_selector={"pool": "a100"}, tolerations=[{"key": "gpu", "operator": "Exists"}])
+    dep = deployment(cfg)
+    pod, container = dep["spec"]["template"]["spec"], tgi(dep)
+    assert container["resources"] == {"requests": {"nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "2"}}
+    assert pod["nodeSelector"] == {"pool": "a100"}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+    assert volumes["data"]["emptyDir"] == {}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts == {"/dev/shm": "shm", "/data": "data"}
+    cpu = deployment(DeploySection(gpu_count=0, node_selector={}, tolerations=[]))["spec"]["template"]["spec"]
+    assert "resources" not in cpu["containers"][0] and "nodeSelector" not in cpu and "tolerations" not in cpu
+
+
+def test_init_container_fetches_the_version_with_secret_refs_only():
+    cfg = DeploySection(mlflow_tracking_uri="http://mlflow:5000", s3_secret="s3-creds", mlflow_secret="ml-creds")
+    init = deployment(cfg, version="7")["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["image"] == cfg.fetch_image
+    assert init["command"] == ["python", "-m", "serving.fetch_model", "models:/llmops-demo/7", "/data/model"]
+    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in init["env"]
+    assert init["envFrom"] == [{"secretRef": {"name": "s3-creds"}},
+                               {"secretRef": {"name": "ml-creds", "optional": True}}]
+    assert {"name": "data", "mountPath": "/data"} in init["volumeMounts"]
+
+
+def test_no_secret_material_in_any_manifest():
+    objs = manifests.render(DeploySection(), name="llmops-demo", version="3", run_id=RUN_ID, tags=tags())
+    text = json.dumps(objs)
+    assert SECRET_VALUE not in text and "secretKeyRef" not in text
+    for obj in objs:
+        for c in obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []) + \
+                obj.get("spec", {}).get("template", {}).get("spec", {}).get("initContainers", []):
+            for e in c.get("env", []):
+                assert not any(word in e["name"].upper() for word in ("SECRET", "PASSWORD", "TOKEN", "KEY"))
+
+
+def test_labels_annotations_and_stable_identity():
+    v3, v4 = deployment(version="3"), manifests.render_deployment(
+        DeploySection(), name="llmops-demo", version="4", run_id="f" * 32, tags=tags("none"))
+    for meta in (v3["metadata"], v3["spec"]["template"]["metadata"]):
+        assert meta["annotations"][manifests.ANN_NAME] == "llmops-demo"
+        assert meta["annotations"][manifests.ANN_VERSION] == "3"
+        assert meta["annotations"][manifests.ANN_RUN] == RUN_ID
+        assert meta["labels"][manifests.ANN_VERSION] == "3" and meta["labels"][manifests.ANN_RUN] == RUN_ID
+    assert v3["metadata"]["name"] == v4["metadata"]["name"] == "tgi-llmops-demo"
+    assert v3["spec"]["selector"] == v4["spec"]["selector"]
+    assert v3["spec"]["template"]["metadata"] != v4["spec"]["template"]["metadata"]  # so the pods roll
+    selector = v3["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= v3["spec"]["template"]["metadata"]["labels"].items()
+    assert manifests.ANN_VERSION not in selector
+
+
+def test_service_targets_the_pods():
+    cfg = DeploySection(port=8000)
+    svc, dep = manifests.render_service(cfg, name="llmops-demo"), deployment(cfg)
+    assert svc["metadata"]["name"] == dep["metadata"]["name"]
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+    assert tgi(dep)["ports"][0]["name"] == "http"
+
+
+@pytest.mark.parametrize("model_name", ["llmops-demo", "My Model/v2", "x" * 80, "Llama_3.1 8B"])
+def test_object_name_is_a_dns_label(model_name):
+    name = manifests.object_name(model_name)
+    assert len(name) <= 63 and name.startswith("tgi-") and name[-1].isalnum()
+    assert all(c.islower() or c.isdigit() or c == "-" for c in name)
+    label = manifests.label_value(model_name)
+    assert len(label) <= 63 and (not label or (label[0].isalnum() and label[-1].isalnum()))
+    validate(manifests.render_service(DeploySection(), name=model_name))
+
+
+def test_lossy_names_do_not_collide():
+    assert manifests.object_name("My Model") != manifests.object_name("my-model")
+
+
+def test_fetch_model_checks_the_downloaded_directory(tmp_path, monkeypatch, capsys):
+    import mlflow.artifacts
+
+    def fake_download(artifact_uri, dst_path):
+        (Path(dst_path) / "config.json").write_text("{}")
+        return dst_path
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", fake_download)
+    assert fetch_model.main(["models:/m/1", str(tmp_path / "model")]) == 1
+    assert "no *.safetensors" in capsys.readouterr().err
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"x")
+    assert fetch_model.main(["models:/m/1", str(tmp_path / "model")]) == 0
+    assert fetch_model.main(["models:/m/1"]) == 2
+
+
+def test_fetch_model_reports_download_failures(tmp_path, monkeypatch, capsys):
+    import mlflow.artifacts
+
+    def broken(artifact_uri, dst_path):
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", broken)
+    assert fetch_model.main(["models:/m/1", str(tmp_path / "model")]) == 1
+    err = capsys.readouterr().err
+    assert "could not download models:/m/1" in err and "connection refused" in err
