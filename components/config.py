@@ -116,6 +116,16 @@ class RegisterSection(Section):
     experiment: str = "llmops"
 
 
+class GateSection(Section):
+    """Promotion gate: the candidate must beat the base model and the current champion by these margins."""
+
+    metric: Literal["exact_match", "perplexity"] = "exact_match"
+    min_gain_over_base: float = 0.01
+    min_gain_over_champion: float = 0.0
+    champion_alias: str = "champion"
+    alias_on_pass: str = "challenger"
+
+
 class DeploySection(Section):
     """How a promoted version is served: TGI on Kubernetes, or the local TGI-protocol server."""
 
@@ -157,6 +167,7 @@ class PipelineConfig(BaseModel):
     merge: MergeSection = MergeSection()
     quantize: QuantizeSection = QuantizeSection()
     registry: RegisterSection = RegisterSection()
+    gate: GateSection = GateSection()
     deploy: DeploySection = DeploySection()
 
     def digest(self) -> str:

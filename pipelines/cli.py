@@ -105,6 +105,48 @@ def chat(question: str, model: Annotated[str, typer.Option(help="name@alias of a
     typer.echo()
 
 
+@app.command()
+def promote(name: str, version: str, alias: Annotated[str, typer.Option(help="the alias that deploys")] = "champion"):
+    """Point ALIAS (default champion) at VERSION of NAME; the deployer deploys it. Rolling back is promoting the old version."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.get_model_version(name, version)  # a clear error for a version that does not exist
+    client.set_registered_model_alias(name, alias, version)
+    typer.echo(f"{name}@{alias} -> version {version}")
+
+
+@app.command()
+def deployer(mode: Annotated[str, typer.Option(help="kubernetes, local, or auto (kubernetes inside a cluster)")] = "auto",
+             host: str = "127.0.0.1", port: int = 8700,
+             public_url: Annotated[Optional[str], typer.Option(help="URL MLflow posts webhooks to")] = None,
+             interval: Annotated[float, typer.Option(help="seconds between reconcile passes")] = 30.0,
+             overrides: Overrides = None, profile: Profile = "local"):
+    """Run the deployer: MLflow webhook receiver plus reconcile loop (alias -> TGI Deployment or local server)."""
+    import logging
+    import os
+
+    import uvicorn
+
+    from serving.deployer import Deployer, KubeBackend, LocalBackend
+    from serving.deployer_app import create_app, register_webhook
+    from serving.webhooks import Verifier, load_secret
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = _config(profile, overrides).deploy
+    if mode == "auto":
+        mode = "kubernetes" if os.environ.get("KUBERNETES_SERVICE_HOST") else "local"
+    backend = KubeBackend(cfg) if mode == "kubernetes" else LocalBackend()
+    secret = load_secret()
+    register_webhook(public_url or f"http://{host}:{port}", secret)
+    app = create_app(Deployer(backend, alias=cfg.alias, interval_s=interval), Verifier(secret))
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        if isinstance(backend, LocalBackend):
+            backend.stop_all()
+
+
 def main():
     app()
 

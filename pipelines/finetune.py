@@ -26,6 +26,8 @@ def build_pipeline(cfg: PipelineConfig):
         merge_cfg: str = cfg.merge.to_json(),
         quantize_cfg: str = cfg.quantize.to_json(),
         register_cfg: str = cfg.registry.to_json(),
+        gate_cfg: str = cfg.gate.to_json(),
+        challenger_alias: str = cfg.gate.alias_on_pass,
     ) -> dsl.Artifact:
         """QLoRA fine-tuning of a Llama-family model, from data to a registered MLflow model version.
 
@@ -37,6 +39,8 @@ def build_pipeline(cfg: PipelineConfig):
             merge_cfg: JSON of the merge section: 16-bit precision of the merged model and the greedy-parity threshold.
             quantize_cfg: JSON of the quantize section: variants (int8, nf4) and the accuracy/perplexity thresholds that pick TGI's --quantize flag.
             register_cfg: JSON of the register section: registered model name and MLflow experiment.
+            gate_cfg: JSON of the gate section: the metric, and the margins by which the candidate must beat the base model and the current champion.
+            challenger_alias: the registry alias set on a version that passes the gate (promote it to champion to deploy).
         """
         base = steps.base_model(model_cfg=model_cfg).set_display_name("base model")
         data = steps.prepare_data(data_cfg=data_cfg, base_model=base.outputs["model"]).set_display_name("prepare data")
@@ -55,8 +59,14 @@ def build_pipeline(cfg: PipelineConfig):
             merged=merged.outputs["merged"], quantized=quantized.outputs["quantized"],
         ).set_display_name("register")
         registered.set_caching_options(False)  # a new pipeline run always gets its own version
+        gated = steps.gate(gate_cfg=gate_cfg, registration=registered.outputs["registration"],
+                           report=evaluated.outputs["report"], dataset=data.outputs["dataset"]).set_display_name("gate")
+        gated.set_caching_options(False)  # the champion it compares against lives in the registry, not the inputs
+        with dsl.If(gated.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (kfp needs ==)
+            aliased = steps.set_alias(alias=challenger_alias, registration=registered.outputs["registration"])
+            aliased.set_display_name("set challenger alias").set_caching_options(False)
         code = code_digest()
-        for task in (base, data, trained, evaluated, merged, quantized, registered):
+        for task in (base, data, trained, evaluated, merged, quantized, registered, gated, aliased):
             task.set_env_variable("LLMOPS_CODE_DIGEST", code)
         return registered.outputs["registration"]
 

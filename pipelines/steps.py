@@ -118,3 +118,34 @@ def register(register_cfg: str, pipeline_run: str, base_model: Input[Model], dat
     result["stages"] = stage_timings(paths, Path(registration.path).resolve().parent.parent)
     registration.metadata.update({"name": result["name"], "version": result["version"]})
     Path(registration.path).write_text(json.dumps(result, indent=2))
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def gate(gate_cfg: str, registration: Input[Artifact], report: Input[Artifact], dataset: Input[Dataset],
+         verdict: Output[Metrics]) -> bool:
+    """Compare the candidate with the base and the current champion; tag the version with the verdict."""
+    import json
+    from pathlib import Path
+
+    from components import gate as stage
+    from components.config import GateSection
+
+    result = stage.run(GateSection.model_validate_json(gate_cfg), json.loads(Path(registration.path).read_text()),
+                       json.loads(Path(report.path, "eval_report.json").read_text()), dataset.path)
+    for key in ("gain_over_base", "gain_over_champion"):
+        if result[key] is not None:
+            verdict.log_metric(key, result[key])
+    Path(verdict.path).write_text(json.dumps(verdict.metadata))
+    return bool(result["passed"])
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def set_alias(alias: str, registration: Input[Artifact]):
+    """Point the alias at the registered version (the gate passed)."""
+    import json
+    from pathlib import Path
+
+    from components.gate import set_alias as stage
+
+    info = json.loads(Path(registration.path).read_text())
+    stage(info["name"], info["version"], alias)

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 TARGET_SECONDS = 600
-TARGET_BYTES = 6 * 1024**3
+TARGET_BYTES = 6e9
 
 
 def _tree_rss(proc: psutil.Process) -> int:

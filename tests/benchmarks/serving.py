@@ -76,7 +76,9 @@ def measure() -> dict:
     model = base_dir()
     baseline = sequential(model, PROMPTS[:8])
     out = {"sequential_tokens_per_s": baseline, "levels": {}}
-    with Live(create_app(str(model), max_total_tokens=2048, max_concurrent_requests=64, max_batch_size=16)) as live:
+    # Both sides get the same two cores: the baseline uses torch's default threads, the server is told.
+    with Live(create_app(str(model), max_total_tokens=2048, max_concurrent_requests=64, max_batch_size=16,
+                         threads=2, batch_wait_ms=30)) as live:
         _one(live.url, PROMPTS[0])  # warm-up
         for workers in (1, 4, 8, 16):
             out["levels"][workers] = concurrent(live.url, PROMPTS[: max(8, workers * 2)], workers)

@@ -25,16 +25,25 @@ def test_whole_pipeline_runs_then_a_rerun_hits_the_cache(mlflow_server, tiny_sou
 
     from pipelines.run import run_local
 
-    first = run_local(tiny_config(tiny_source), tmp_path)
+    client = MlflowClient()
+    first = run_local(tiny_config(tiny_source, **{"gate.min_gain_over_base": -1.0}), tmp_path)
     assert set(first["stages"]) == {"base_model", "prepare_data", "train", "evaluate", "merge", "quantize"}
     assert not any(s["cached"] for s in first["stages"].values())
-    version = MlflowClient().get_model_version("tiny-pipeline", first["version"])
+    version = client.get_model_version("tiny-pipeline", first["version"])
     assert version.tags["recommended_quantize"] in ("bitsandbytes-nf4", "bitsandbytes", "none")
+    assert version.tags["gate.verdict"] == "passed" and version.tags["gate.champion_version"] == "none"
+    assert client.get_model_version_by_alias("tiny-pipeline", "challenger").version == first["version"]
 
-    second = run_local(tiny_config(tiny_source), tmp_path)
+    client.set_registered_model_alias("tiny-pipeline", "champion", first["version"])
+    second = run_local(tiny_config(tiny_source, **{"gate.min_gain_over_base": 1.0}), tmp_path)
     assert all(s["cached"] for s in second["stages"].values()), second["stages"]
     assert second["version"] != first["version"]  # register is never cached: each pipeline run gets its version
     assert second["wall_seconds"] < first["wall_seconds"]
+    failed = client.get_model_version("tiny-pipeline", second["version"])
+    assert failed.tags["gate.verdict"] == "failed" and "gain over base" in failed.tags["gate.reason"]
+    assert failed.tags["gate.champion_version"] == first["version"]  # compared with the champion too
+    assert failed.aliases == []  # stays registered, with no alias
+    assert client.get_model_version_by_alias("tiny-pipeline", "challenger").version == first["version"]
 
     third = run_local(tiny_config(tiny_source, **{"eval.batch_size": 4}), tmp_path)
     cached = {name for name, s in third["stages"].items() if s["cached"]}
@@ -47,12 +56,15 @@ def test_compiled_pipeline_is_documented_and_wired(tmp_path):
     path = compile_pipeline(load_config("cluster"), str(tmp_path / "finetune.yaml"))
     spec = next(yaml.safe_load_all(open(path)))
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(params) == {"model_cfg", "data_cfg", "train_cfg", "eval_cfg", "merge_cfg", "quantize_cfg", "register_cfg"}
+    assert set(params) == {"model_cfg", "data_cfg", "train_cfg", "eval_cfg", "merge_cfg", "quantize_cfg", "register_cfg",
+                           "gate_cfg", "challenger_alias"}
     assert all(p.get("description") for p in params.values())
     assert json.loads(params["train_cfg"]["defaultValue"])["use_gpu"] is True
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"base-model", "prepare-data", "train", "evaluate", "merge", "quantize", "register"}
-    assert tasks["register"]["cachingOptions"] == {}  # caching off is an empty cachingOptions
+    assert set(tasks) == {"base-model", "prepare-data", "train", "evaluate", "merge", "quantize", "register", "gate",
+                          "condition-1"}
+    assert tasks["condition-1"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
+    assert tasks["register"]["cachingOptions"] == {} == tasks["gate"]["cachingOptions"]  # caching off is empty
     assert tasks["train"]["cachingOptions"] == {"enableCache": True}
     images = {name: ex["container"]["image"] for name, ex in spec["deploymentSpec"]["executors"].items()}
     assert "llmops-gpu" in images["exec-train"] and "llmops-cpu" in images["exec-prepare-data"]
