@@ -104,7 +104,8 @@ def chat_model(ref: str, *, max_new_tokens: int = 256, temperature: float | None
     from langchain_huggingface import ChatHuggingFace, HuggingFaceEndpoint
 
     install_retries(attempts=retries, timeout=timeout)
-    sampling = {"temperature": temperature, "do_sample": True} if temperature else {"do_sample": False}
+    # TGI's chat route samples unless temperature is 0, and both wrappers default to 0.8: greedy must be explicit.
+    temperature = temperature or 0.0
     llm = HuggingFaceEndpoint(endpoint_url=resolve_endpoint(ref), max_new_tokens=max_new_tokens, timeout=timeout,
-                              streaming=streaming, **sampling)
-    return ChatHuggingFace(llm=llm)
+                              streaming=streaming, temperature=temperature, do_sample=temperature > 0)
+    return ChatHuggingFace(llm=llm, temperature=temperature, max_tokens=max_new_tokens)

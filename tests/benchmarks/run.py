@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tests.benchmarks import pipeline, serving
+from tests.benchmarks import deploy, pipeline, serving
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"
 
@@ -19,6 +19,7 @@ SECTIONS = [
     ("make run on the demo data, cold pipeline cache", "target / value", pipeline),
     ("serving: TGI-protocol server against a sequential generate loop (SmolLM2, float32, 32 new tokens)",
      "against sequential", serving),
+    ("promotion: alias to endpoint (local mode)", "target / value", deploy),
 ]
 
 

@@ -1,0 +1,84 @@
+"""Benchmark: promotion to an answering endpoint in local mode with SmolLM2, and how long the
+reconcile loop takes to notice an alias change whose webhook was lost."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+SECRET = "bench-secret"
+INTERVAL_S = 10.0
+
+
+def _register(model_dir: Path, name: str) -> list[str]:
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.create_registered_model(name)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(model_dir), "model")
+    return [client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id,
+                                        tags={"recommended_quantize": "none"}).version for _ in range(2)]
+
+
+def _until(predicate, timeout: float = 300.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise TimeoutError("benchmark condition not reached")
+
+
+def measure() -> dict:
+    from mlflow import MlflowClient
+
+    from pipelines import mlflow_local
+    from serving.client import chat_model
+    from serving.deployer import Deployer, LocalBackend
+    from serving.deployer_app import WEBHOOK_NAME, create_app, register_webhook
+    from serving.webhooks import Verifier
+    from tests.benchmarks.serving import base_dir
+    from tests.conftest import Live, free_port
+
+    root = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
+    server = mlflow_local.start(root / "mlflow", port=free_port(), detach=False)
+    os.environ.update(MLFLOW_TRACKING_URI=server.url, LLMOPS_SERVING_DIR=str(root / "serving"))
+    backend = LocalBackend(base_port=free_port(), log_dir=root / "logs")
+    try:
+        name = f"bench-{uuid.uuid4().hex[:6]}"
+        first, second = _register(base_dir(), name)
+        client, deployer = MlflowClient(), Deployer(backend, interval_s=INTERVAL_S)
+        with Live(create_app(deployer, Verifier(SECRET))) as live:
+            register_webhook(live.url, SECRET)
+            _until(lambda: deployer.passes >= 1)
+            started = time.monotonic()
+            client.set_registered_model_alias(name, "champion", first)
+            _until(lambda: client.get_model_version(name, first).tags.get("deploy.status") == "deployed")
+            answer = chat_model(f"{name}@champion", max_new_tokens=16).invoke("Say hello")
+            promote_to_answer = time.monotonic() - started
+            for hook in client.list_webhooks():  # lose every event from here on
+                if hook.name == WEBHOOK_NAME:
+                    client.delete_webhook(hook.webhook_id)
+            passes = deployer.passes
+            started = time.monotonic()
+            client.set_registered_model_alias(name, "champion", second)
+            noticed = _until(lambda: deployer.passes > passes and deployer.state.get(name, {}).get("desired") == second)
+            deployed = _until(lambda: client.get_model_version(name, second).tags.get("deploy.status") == "deployed") + noticed
+        return {"promote_to_answer_s": promote_to_answer, "answer": answer.content[:60], "missed_event_noticed_s": noticed,
+                "missed_event_deployed_s": deployed, "interval_s": INTERVAL_S}
+    finally:
+        backend.stop_all()
+        server.stop()
+
+
+def rows(result: dict) -> list[tuple[str, str, str, str]]:
+    return [("alias set → LangChain answer, local mode, SmolLM2 (s)", f"{result['promote_to_answer_s']:.1f}", "30",
+             f"{30 / result['promote_to_answer_s']:.2f}x"),
+            (f"missed webhook noticed by the reconcile loop (s, interval {result['interval_s']:.0f})",
+             f"{result['missed_event_noticed_s']:.1f}", f"≤ {result['interval_s']:.0f}", ""),
+            ("missed webhook → new version serving (s)", f"{result['missed_event_deployed_s']:.1f}", "", "")]

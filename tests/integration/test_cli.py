@@ -1,0 +1,58 @@
+"""The `llmops` commands a user types, through typer's runner (in process, against loopback servers)."""
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+
+
+def test_chat_streams_the_answer_from_the_endpoint(tiny_base, monkeypatch):
+    from serving.server import create_app
+    from tests.conftest import Live
+
+    with Live(create_app(str(tiny_base), max_total_tokens=256)) as live:
+        monkeypatch.setenv("LLMOPS_ENDPOINT_URL", live.url)
+        expected = live.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "I lost my card"}],
+                                                     "max_tokens": 6, "temperature": 0}).json()
+        result = runner.invoke(app, ["chat", "I lost my card", "--model", "any@champion", "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    assert expected["usage"]["completion_tokens"] == 6
+    assert result.output == expected["choices"][0]["message"]["content"] + "\n"  # greedy, streamed token by token
+
+
+def test_promote_moves_the_alias_and_refuses_unknown_versions(mlflow_server, tiny_base):
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.create_registered_model("cli-promote")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(tiny_base / "config.json"), "model")
+    for _ in range(2):
+        client.create_model_version("cli-promote", f"{run.info.artifact_uri}/model", run.info.run_id)
+    assert runner.invoke(app, ["promote", "cli-promote", "2"]).exit_code == 0
+    assert client.get_model_version_by_alias("cli-promote", "champion").version == "2"
+    assert runner.invoke(app, ["promote", "cli-promote", "1"]).exit_code == 0  # rolling back is moving the alias back
+    assert client.get_model_version_by_alias("cli-promote", "champion").version == "1"
+    result = runner.invoke(app, ["promote", "cli-promote", "9"])
+    assert result.exit_code != 0 and client.get_model_version_by_alias("cli-promote", "champion").version == "1"
+
+
+def test_config_and_bad_overrides(tmp_path):
+    ok = runner.invoke(app, ["config", "train.max_steps=3"])
+    assert ok.exit_code == 0 and "max_steps: 3" in ok.output
+    bad = runner.invoke(app, ["config", "train.max_stepz=3"])
+    assert bad.exit_code != 0 and "max_stepz" in bad.output
+
+
+def test_serve_adapter_specs_are_checked(tiny_base, tmp_path):
+    from serving.resolve import parse_adapters, resolve_model
+
+    with pytest.raises(ValueError, match="ID=PATH"):
+        parse_adapters(["no-equals-sign"])
+    with pytest.raises(FileNotFoundError, match="neither a model directory"):
+        resolve_model(str(tmp_path))
+    assert resolve_model(str(tiny_base)).path == tiny_base.resolve()
