@@ -88,15 +88,21 @@ class LocalBackend:
             return None
         return {"name": name, "version": info["model_id"].rsplit("/", 1)[1], "run_id": info.get("model_sha")}
 
-    def _free_port(self, name: str) -> int:
-        used = {port for _, port in self.servers.values()}
-        port = self.base_port
-        while port in used:
-            port += 1
-        return port
+    def _free_port(self) -> int:
+        """base_port when free, else any port the OS offers: the old server holds its port until the new one is up."""
+        import socket
+
+        for port in (self.base_port, 0):
+            with socket.socket() as sock:
+                try:
+                    sock.bind((self.host, port))
+                except OSError:
+                    continue
+                return sock.getsockname()[1]
+        raise OSError("no free port")
 
     def deploy(self, target: Target) -> tuple[bool, str]:
-        port = self._free_port(target.name)
+        port = self._free_port()
         url = f"http://{self.host}:{port}"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         logfile = open(self.log_dir / f"{target.name}-{target.version}.log", "ab")

@@ -144,6 +144,14 @@ class Message(Strict):
     tool_calls: list[dict] | None = None
     name: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tool_call_form(cls, data):
+        """In the spec's tool-call form of a message `content` is unconstrained; the tool calls are what count."""
+        if isinstance(data, dict) and data.get("tool_calls") is not None:
+            return {**data, "content": None}
+        return data
+
     @model_validator(mode="after")
     def _has_body(self) -> Message:
         if self.content is None and self.tool_calls is None:

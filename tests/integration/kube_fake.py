@@ -17,13 +17,12 @@ from __future__ import annotations
 import copy
 import itertools
 import threading
-import time
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from tests.conftest import free_port
+from tests.conftest import Live
 
 KINDS = {"deployments": ("apps/v1", "Deployment"), "services": ("v1", "Service")}
 IMMUTABLE = {"deployments": ["selector"], "services": ["clusterIP", "clusterIPs"]}
@@ -92,22 +91,12 @@ class FakeKube:
 
     # --- server lifecycle -----------------------------------------------------------------------
     def __enter__(self) -> FakeKube:
-        import uvicorn
-
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            assert self._thread.is_alive() and time.monotonic() < deadline, "the fake API server did not start"
-            time.sleep(0.02)
+        self._live = Live(self.app).__enter__()
+        self.url = self._live.url
         return self
 
     def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
+        self._live.__exit__(*exc)
 
     def api_client(self):
         from kubernetes import client
