@@ -8,7 +8,7 @@ Kubeflow UI shows (and lets a user edit) exactly what `llmops run` would use.
 from kfp import dsl
 
 from components.config import PipelineConfig
-from pipelines import steps
+from pipelines import platform, steps
 from pipelines.images import code_digest
 
 PIPELINE_NAME = "finetune"
@@ -28,6 +28,10 @@ def build_pipeline(cfg: PipelineConfig):
         register_cfg: str = cfg.registry.to_json(),
         gate_cfg: str = cfg.gate.to_json(),
         challenger_alias: str = cfg.gate.alias_on_pass,
+        accelerator_type: str = cfg.deploy.gpu_resource,
+        accelerator_count: str = str(cfg.deploy.gpu_count),
+        node_selector_json: dict = dict(cfg.deploy.node_selector),
+        tolerations_json: list = list(cfg.deploy.tolerations),
     ) -> dsl.Artifact:
         """QLoRA fine-tuning of a Llama-family model, from data to a registered MLflow model version.
 
@@ -41,6 +45,10 @@ def build_pipeline(cfg: PipelineConfig):
             register_cfg: JSON of the register section: registered model name and MLflow experiment.
             gate_cfg: JSON of the gate section: the metric, and the margins by which the candidate must beat the base model and the current champion.
             challenger_alias: the registry alias set on a version that passes the gate (promote it to champion to deploy).
+            accelerator_type: the GPU resource of the train, evaluate, merge and quantize pods (e.g. nvidia.com/gpu).
+            accelerator_count: how many GPUs each of those pods requests.
+            node_selector_json: node labels the GPU pods must match, as a JSON object.
+            tolerations_json: tolerations of the GPU pods, as a JSON list of Kubernetes toleration objects.
         """
         base = steps.base_model(model_cfg=model_cfg).set_display_name("base model")
         data = steps.prepare_data(data_cfg=data_cfg, base_model=base.outputs["model"]).set_display_name("prepare data")
@@ -65,6 +73,11 @@ def build_pipeline(cfg: PipelineConfig):
         with dsl.If(gated.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (kfp needs ==)
             aliased = steps.set_alias(alias=challenger_alias, registration=registered.outputs["registration"])
             aliased.set_display_name("set challenger alias").set_caching_options(False)
+        for task in (trained, evaluated, merged, quantized):
+            platform.on_gpu(task, accelerator_type, accelerator_count, node_selector_json, tolerations_json)
+        for task in (base, data, registered, gated, aliased):
+            platform.with_secrets(task)
+        platform.retry_training(trained)
         code = code_digest()
         for task in (base, data, trained, evaluated, merged, quantized, registered, gated, aliased):
             task.set_env_variable("LLMOPS_CODE_DIGEST", code)

@@ -68,6 +68,9 @@ def server_env(root: Path) -> dict:
     env = dict(os.environ)
     env.setdefault("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "https,http")
     env.setdefault("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
+    # The server caches each event's webhook list (60 s by default): a deployer that registers itself
+    # just before a promotion would otherwise miss it and wait for its reconcile pass.
+    env.setdefault("MLFLOW_WEBHOOK_CACHE_TTL", "2")
     key_file = root / "webhook-encryption.key"
     if not key_file.exists():  # stable across restarts, or stored webhook secrets become unreadable
         from cryptography.fernet import Fernet

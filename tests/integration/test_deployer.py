@@ -75,7 +75,7 @@ def deployed_version(kube, name):
     return obj and obj["metadata"]["annotations"].get(ANN_VERSION), obj
 
 
-def wait_for(predicate, timeout=30.0):
+def wait_for(predicate, timeout=120.0):  # generous: CI machines are shared
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -1,0 +1,39 @@
+"""Cluster placement for the compiled pipeline (kfp-kubernetes): GPUs, /dev/shm, secrets, retries.
+
+Every GPU stage gets the same treatment from the same pipeline parameters, so a user changes the
+accelerator, node selector or tolerations in the Kubeflow UI without recompiling. kfp.local ignores
+all of this, which is why it is verified on the compiled YAML instead.
+"""
+
+from kfp import kubernetes
+
+# Secret name -> {key in the Secret: environment variable}. Only names travel in the YAML, never values.
+SECRETS = {
+    "llmops-hf": {"HF_TOKEN": "HF_TOKEN"},
+    "llmops-s3": {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+                  "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"},
+    "llmops-mlflow": {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                      "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
+}
+SHM_SIZE = "8Gi"
+TRAIN_RETRIES = 3
+
+
+def with_secrets(task):
+    for name, keys in SECRETS.items():
+        kubernetes.use_secret_as_env(task, secret_name=name, secret_key_to_env=keys, optional=name != "llmops-s3")
+    return task
+
+
+def on_gpu(task, accelerator_type, accelerator_count, node_selector_json, tolerations_json):
+    """Accelerator, placement and a memory-backed /dev/shm (NCCL and DataLoader workers need more than 64 MiB)."""
+    task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
+    kubernetes.add_node_selector_json(task, node_selector_json=node_selector_json)
+    kubernetes.add_toleration_json(task, toleration_json=tolerations_json)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE)
+    return with_secrets(task)
+
+
+def retry_training(task):
+    """Retries cover crashes and evictions the pod sees; a preempted node needs the checkpoint resume in train."""
+    return task.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
