@@ -20,9 +20,10 @@ TRAIN_RETRIES = 3
 
 
 def with_secrets(task):
+    """Credentials as environment from named Secrets, and the label the NetworkPolicies admit to MLflow and MinIO."""
     for name, keys in SECRETS.items():
         kubernetes.use_secret_as_env(task, secret_name=name, secret_key_to_env=keys, optional=name != "llmops-s3")
-    return task
+    return kubernetes.add_pod_label(task, label_key="llmops.io/role", label_value="pipeline")
 
 
 def on_gpu(task, accelerator_type, accelerator_count, node_selector_json, tolerations_json):

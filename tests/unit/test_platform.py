@@ -31,6 +31,7 @@ def test_each_gpu_stage_is_placed_the_same_way(compiled, stage):
     assert placed["tolerations"] == [{"tolerationJson": {"componentInputParameter": "tolerations_json"}}]
     assert placed["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "8Gi", "volumeName": "dshm"}]
     assert {s["secretName"] for s in placed["secretAsEnv"]} == set(SECRETS)
+    assert placed["podMetadata"]["labels"] == {"llmops.io/role": "pipeline"}  # what the NetworkPolicies admit
 
 
 def test_cpu_stages_get_secrets_but_no_gpu(compiled):
