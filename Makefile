@@ -8,7 +8,7 @@ DATA ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-unit test-integration test-e2e bench compile mlflow-stop clean
+.PHONY: install run test test-unit test-integration test-e2e bench compile images mlflow-stop clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: install
 
 compile: install
 	$(BIN)/llmops compile --out finetune.yaml $(ARGS)
+
+# Component images (tag = package version); needs a Docker engine, says so clearly where there is none.
+images:
+	bash infra/images/build.sh $(ARGS)
 
 mlflow-stop: install
 	$(BIN)/llmops mlflow-stop

@@ -6,14 +6,13 @@ again with the same inputs resumes from the last complete checkpoint instead of 
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 from components.config import TrainSection
 from components.prepare_data import read_jsonl
-from components.util import record_config, console, heading, quiet_libraries, text_sha256, write_json
+from components.checkpoints import Durable, PreemptionCallback
+from components.util import console, heading, quiet_libraries, record_config, write_json
 
 IGNORE_INDEX = -100
 
@@ -64,31 +63,6 @@ def tokenize(examples: list[dict], tok):
         rows["attention_mask"].append([1] * (len(p) + len(a)))
         rows["labels"].append([IGNORE_INDEX] * len(p) + a)
     return Dataset.from_dict(rows)
-
-
-def is_complete(checkpoint: Path) -> bool:
-    """Trainer writes trainer_state.json last, so its presence (and validity) marks a whole checkpoint."""
-    state = checkpoint / "trainer_state.json"
-    if not (state.exists() and (checkpoint / "adapter_model.safetensors").exists()):
-        return False
-    try:
-        json.loads(state.read_text())
-    except ValueError:
-        return False
-    return True
-
-
-def last_complete_checkpoint(root: Path) -> Path | None:
-    found = [p for p in Path(root).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and is_complete(p)]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def checkpoint_dir(cfg: TrainSection, base_dir: Path, data_dir: Path) -> Path:
-    root = cfg.checkpoint_root or os.environ.get("LLMOPS_CHECKPOINT_ROOT") or Path.home() / ".cache/llmops/checkpoints"
-    base = json.loads((Path(base_dir) / "llmops_base.json").read_text())["weights_sha256"]
-    data = json.loads((Path(data_dir) / "stats.json").read_text())["prepared_sha256"]
-    code = os.environ.get("LLMOPS_CODE_DIGEST", "")  # edited training code must not resume old checkpoints
-    return Path(root) / text_sha256(f"{cfg.to_json()}|{base}|{data}|{code}")[:20]
 
 
 def load_model(cfg: TrainSection, base_dir: Path):
@@ -145,7 +119,7 @@ def make_callback(tracker, total_steps: int):
 
 
 def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
 
     from components.tracking import stage_run
 
@@ -153,22 +127,27 @@ def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dic
     heading("train")
     out_dir = Path(out_dir)
     record_config(out_dir, "train", cfg)
-    ckpt_root = checkpoint_dir(cfg, base_dir, data_dir)
-    resume = last_complete_checkpoint(ckpt_root)
+    durable = Durable.for_run(cfg, base_dir, data_dir)
+    ckpt_root = durable.local
+    resume = durable.restore()
     tok = AutoTokenizer.from_pretrained(base_dir)
     dataset = tokenize(read_jsonl(Path(data_dir) / "train.jsonl"), tok)
-    with stage_run("train", cfg.model_dump(), {"llmops.checkpoint_dir": str(ckpt_root)}) as tracker:
+    with stage_run("train", cfg.model_dump(), {"llmops.checkpoint_dir": durable.where}) as tracker:
+        set_seed(cfg.seed)  # before the adapter exists: its initial weights come from the global RNG
         model = load_model(cfg, base_dir)
         trainable, total = model.get_nb_trainable_parameters()
         console.print(f"{trainable:,} trainable of {total:,} parameters; checkpoints in {ckpt_root}"
                       + (f"; resuming from {resume.name}" if resume else ""))
         collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=IGNORE_INDEX)
+        preempted = PreemptionCallback.install()
         trainer = Trainer(model=model, args=training_args(cfg, ckpt_root), train_dataset=dataset,
-                          data_collator=collator, callbacks=[make_callback(tracker, cfg.max_steps)])
+                          data_collator=collator,
+                          callbacks=[make_callback(tracker, cfg.max_steps), durable.callback(), preempted])
         trainer.remove_callback(PrinterCallback)  # our callback reports; the printer would repeat it raw
         started = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         elapsed = time.perf_counter() - started
+        preempted.exit_if_signalled()  # the checkpoint is saved: leave, so the retried pod resumes from it
         model.save_pretrained(out_dir)  # the output artifact is the adapter directory itself
         tok.save_pretrained(out_dir, save_jinja_files=False)
         history = trainer.state.log_history

@@ -161,3 +161,35 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is missing: the shared data sets sit beside the checkout only in CI and dev machines")
     return path
+
+
+ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN",
+       "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+       "MLFLOW_S3_ENDPOINT_URL")
+
+
+@pytest.fixture(scope="module")
+def moto_url(tmp_path_factory):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # port 0: the OS picks a free one
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    saved = {name: os.environ.get(name) for name in ENV}
+    # Point config/credential files at nothing so a developer's ~/.aws cannot leak into the tests.
+    nowhere = str(tmp_path_factory.mktemp("aws") / "missing")
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=url, AWS_CONFIG_FILE=nowhere, AWS_SHARED_CREDENTIALS_FILE=nowhere)
+    for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "MLFLOW_S3_ENDPOINT_URL"):
+        os.environ.pop(name, None)
+    try:
+        yield url
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        requests.post(f"{url}/moto-api/reset", timeout=10)  # the backends live in this process: free the objects
+        server.stop()

@@ -73,7 +73,7 @@ def test_compiled_pipeline_is_documented_and_wired(tmp_path):
 
 
 def test_killed_training_resumes_from_the_last_complete_checkpoint(tiny_base, demo_prepared, tmp_path):
-    from components.train import last_complete_checkpoint
+    from components.checkpoints import last_complete_checkpoint
 
     env = dict(os.environ, LLMOPS_CHECKPOINT_ROOT=str(tmp_path / "ckpt"))
     script = ("import sys; from components.train import run; from components.config import TrainSection; "

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components import train
+from components import checkpoints, train
 from components.config import TrainSection
 from components.prepare_data import read_jsonl
 
@@ -72,5 +72,5 @@ def test_half_written_checkpoint_is_skipped(tmp_path):
     broken = tmp_path / "checkpoint-8"  # killed while writing trainer_state.json
     shutil.copytree(good, broken)
     (broken / "trainer_state.json").write_text('{"global_st')
-    assert train.last_complete_checkpoint(tmp_path) == good
-    assert train.last_complete_checkpoint(tmp_path / "empty") is None
+    assert checkpoints.last_complete_checkpoint(tmp_path) == good
+    assert checkpoints.last_complete_checkpoint(tmp_path / "empty") is None

@@ -1,0 +1,138 @@
+"""Training checkpoints that survive the pod: where they live, which one is complete, and preemption.
+
+A checkpoint directory is keyed by the training inputs (train section, base weights, data, code), so
+a restarted step, in the same pipeline run or a later one with the same inputs, resumes instead of
+starting over. With `train.checkpoint_root` (or LLMOPS_CHECKPOINT_ROOT) on a PVC it is durable as is;
+with an s3:// root each saved checkpoint is uploaded, manifest last, and the newest one whose manifest
+exists is restored before training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.config import TrainSection
+from components.util import console, text_sha256
+
+PREFIX = "checkpoint-"
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Trainer writes trainer_state.json last, so its presence (and validity) marks a whole checkpoint."""
+    state = checkpoint / "trainer_state.json"
+    if not (state.exists() and (checkpoint / "adapter_model.safetensors").exists()):
+        return False
+    try:
+        json.loads(state.read_text())
+    except ValueError:
+        return False
+    return True
+
+
+def _step(path: Path | str) -> int:
+    return int(str(path).rstrip("/").rsplit("-", 1)[-1])
+
+
+def last_complete_checkpoint(root: Path) -> Path | None:
+    found = [p for p in Path(root).glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit() and is_complete(p)]
+    return max(found, key=_step, default=None)
+
+
+def run_key(cfg: TrainSection, base_dir: Path, data_dir: Path) -> str:
+    base = json.loads((Path(base_dir) / "llmops_base.json").read_text())["weights_sha256"]
+    data = json.loads((Path(data_dir) / "stats.json").read_text())["prepared_sha256"]
+    code = os.environ.get("LLMOPS_CODE_DIGEST", "")  # edited training code must not resume old checkpoints
+    return text_sha256(f"{cfg.to_json()}|{base}|{data}|{code}")[:20]
+
+
+@dataclass
+class Durable:
+    """The local checkpoint directory, mirrored to S3 when the root is an s3:// URI."""
+
+    local: Path
+    remote: str | None = None
+
+    @classmethod
+    def for_run(cls, cfg: TrainSection, base_dir: Path, data_dir: Path) -> "Durable":
+        root = cfg.checkpoint_root or os.environ.get("LLMOPS_CHECKPOINT_ROOT") or str(Path.home() / ".cache/llmops/checkpoints")
+        key = run_key(cfg, base_dir, data_dir)
+        if root.startswith("s3://"):
+            return cls(Path(tempfile.gettempdir()) / "llmops-checkpoints" / key, f"{root.rstrip('/')}/{key}")
+        return cls(Path(root) / key)
+
+    @property
+    def where(self) -> str:
+        return self.remote or str(self.local)
+
+    def restore(self) -> Path | None:
+        """The newest complete checkpoint, fetched from S3 first when that is where they live."""
+        if self.remote:
+            self._fetch_newest()
+        return last_complete_checkpoint(self.local)
+
+    def _fetch_newest(self) -> None:
+        from components.storage import MANIFEST, client, download_dir, parse_uri
+
+        bucket, prefix = parse_uri(self.remote)
+        pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{PREFIX}")
+        finished = {key.rsplit("/", 2)[-2] for page in pages for key in (o["Key"] for o in page.get("Contents", []))
+                    if key.endswith(f"/{MANIFEST}")}  # the manifest is uploaded last: its presence means complete
+        if finished:
+            newest = max(finished, key=_step)
+            console.print(f"restoring {newest} from {self.remote}")
+            download_dir(f"{self.remote}/{newest}", self.local / newest)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        durable = self
+
+        class Upload(TrainerCallback):
+            def on_save(self, args, state, control, **kw):
+                if durable.remote:
+                    from components.storage import upload_dir
+
+                    name = f"{PREFIX}{state.global_step}"
+                    upload_dir(durable.local / name, f"{durable.remote}/{name}")
+
+        return Upload()
+
+
+class PreemptionCallback:
+    """On SIGTERM (a preempted or drained node) save a checkpoint at the next step and stop.
+
+    Kubernetes then has the grace period to wait for us; the retried step resumes from this checkpoint.
+    """
+
+    def __init__(self):
+        self.signalled = False
+
+    @classmethod
+    def install(cls):
+        from transformers import TrainerCallback
+
+        handler = cls()
+
+        class OnSigterm(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if handler.signalled:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        callback = OnSigterm()
+        callback.exit_if_signalled = handler.exit_if_signalled
+        signal.signal(signal.SIGTERM, handler._on_signal)
+        return callback
+
+    def _on_signal(self, signum, frame) -> None:
+        console.print("SIGTERM: saving a checkpoint after this step, then stopping")
+        self.signalled = True
+
+    def exit_if_signalled(self) -> None:
+        if self.signalled:
+            raise SystemExit(128 + signal.SIGTERM)
