@@ -57,7 +57,8 @@ def test_compiled_pipeline_is_documented_and_wired(tmp_path):
     spec = next(yaml.safe_load_all(open(path)))
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {"model_cfg", "data_cfg", "train_cfg", "eval_cfg", "merge_cfg", "quantize_cfg", "register_cfg",
-                           "gate_cfg", "challenger_alias"}
+                           "gate_cfg", "challenger_alias", "accelerator_type", "accelerator_count",
+                           "node_selector_json", "tolerations_json"}
     assert all(p.get("description") for p in params.values())
     assert json.loads(params["train_cfg"]["defaultValue"])["use_gpu"] is True
     tasks = spec["root"]["dag"]["tasks"]
