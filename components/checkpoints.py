@@ -94,7 +94,7 @@ class Durable:
 
         class Upload(TrainerCallback):
             def on_save(self, args, state, control, **kw):
-                if durable.remote:
+                if durable.remote and state.is_world_process_zero:  # one uploader under data parallelism
                     from components.storage import upload_dir
 
                     name = f"{PREFIX}{state.global_step}"
