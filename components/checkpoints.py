@@ -120,7 +120,7 @@ class PreemptionCallback:
 
         class OnSigterm(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
-                if handler.signalled:
+                if handler.signalled_anywhere():
                     control.should_save = True
                     control.should_training_stop = True
 
@@ -132,6 +132,18 @@ class PreemptionCallback:
     def _on_signal(self, signum, frame) -> None:
         console.print("SIGTERM: saving a checkpoint after this step, then stopping")
         self.signalled = True
+
+    def signalled_anywhere(self) -> bool:
+        """Data-parallel ranks must stop at the same step, or the one still training waits forever."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.signalled
+        flag = torch.tensor([int(self.signalled)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signalled = bool(flag.item())
+        return self.signalled
 
     def exit_if_signalled(self) -> None:
         if self.signalled:

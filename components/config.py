@@ -71,6 +71,9 @@ class TrainSection(Section):
     log_every: int = Field(5, gt=0)
     seed: int = 42
     use_gpu: bool = False
+    # Data-parallel processes in one pod: one per GPU (NCCL), or CPU processes on gloo. The global
+    # batch is batch_size * grad_accum * num_processes.
+    num_processes: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _qlora_needs_4bit(self) -> "TrainSection":

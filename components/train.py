@@ -6,13 +6,17 @@ again with the same inputs resumes from the last complete checkpoint instead of 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from components.config import TrainSection
 from components.prepare_data import read_jsonl
-from components.checkpoints import Durable, PreemptionCallback
-from components.util import console, heading, quiet_libraries, record_config, write_json
+from components.checkpoints import Durable, PreemptionCallback, last_complete_checkpoint
+from components.util import console, heading, quiet_libraries, read_json, record_config, write_json
 
 IGNORE_INDEX = -100
 
@@ -48,6 +52,8 @@ def training_args(cfg: TrainSection, output_dir: Path):
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         train_sampling_strategy="group_by_length", include_num_input_tokens_seen="non_padding",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, optim="adamw_torch",
+        ddp_backend=("nccl" if cfg.use_gpu else "gloo") if cfg.num_processes > 1 else None,
+        ddp_find_unused_parameters=False if cfg.num_processes > 1 else None,
     )
 
 
@@ -118,7 +124,40 @@ def make_callback(tracker, total_steps: int):
     return Progressive()
 
 
+def launch_data_parallel(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    """Run this stage under torchrun with cfg.num_processes workers in this pod; rank 0 writes the outputs."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.num_processes}",
+           "-m", "components.train", cfg.to_json(), str(base_dir), str(data_dir), str(out_dir)]
+    Durable.for_run(cfg, base_dir, data_dir).restore()  # fetched once here, not raced by every worker
+    console.print(f"data-parallel training: {cfg.num_processes} processes on {'nccl' if cfg.use_gpu else 'gloo'}")
+    proc, signalled = subprocess.Popen(cmd), []
+
+    def forward(signum, frame):  # torchrun sends SIGTERM on to every worker and waits for them to exit
+        signalled.append(signum)
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if signalled:  # the workers saved a checkpoint together; exit as a single-process run would, for the retry
+        raise SystemExit(128 + signal.SIGTERM)
+    metrics = Path(out_dir) / "train_metrics.json"
+    if code != 0 or not metrics.exists():
+        raise RuntimeError(f"data-parallel training failed: torchrun exited with {code} (see the workers' output above)")
+    return read_json(metrics)
+
+
 def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    if cfg.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_data_parallel(cfg, base_dir, data_dir, out_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # rank 0 alone logs the stage's run
+    return train(cfg, base_dir, data_dir, out_dir)
+
+
+def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
 
     from components.tracking import stage_run
@@ -129,7 +168,7 @@ def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dic
     record_config(out_dir, "train", cfg)
     durable = Durable.for_run(cfg, base_dir, data_dir)
     ckpt_root = durable.local
-    resume = durable.restore()
+    resume = last_complete_checkpoint(ckpt_root) if "LOCAL_RANK" in os.environ else durable.restore()
     tok = AutoTokenizer.from_pretrained(base_dir)
     dataset = tokenize(read_jsonl(Path(data_dir) / "train.jsonl"), tok)
     with stage_run("train", cfg.model_dump(), {"llmops.checkpoint_dir": durable.where}) as tracker:
@@ -148,6 +187,8 @@ def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dic
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         elapsed = time.perf_counter() - started
         preempted.exit_if_signalled()  # the checkpoint is saved: leave, so the retried pod resumes from it
+        if not trainer.is_world_process_zero():
+            return {}
         model.save_pretrained(out_dir)  # the output artifact is the adapter directory itself
         tok.save_pretrained(out_dir, save_jinja_files=False)
         history = trainer.state.log_history
@@ -165,3 +206,7 @@ def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dic
         tracker.log_stats(metrics, prefix="train_summary")
     console.print(f"trained {metrics['steps']} steps in {elapsed:.0f}s, loss {metrics['first_loss']} → {metrics['last_loss']}")
     return metrics
+
+
+if __name__ == "__main__":  # a torchrun worker: python -m components.train CFG_JSON BASE DATA OUT
+    run(TrainSection.model_validate_json(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
