@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BAD_BYTES = re.compile("[\udc80-\udcff]")
+# Lone surrogates: the bytes escaped by surrogateescape, and "\\ud800"-style JSON escapes. Either would
+# crash the UTF-8 writers downstream (train.jsonl, rejects.jsonl), so such a row is rejected here.
+NOT_UNICODE = re.compile("[\ud800-\udfff]")
+NOT_TEXT = "is this a UTF-8 text CSV file?"
 csv.field_size_limit(sys.maxsize)
 
 
@@ -31,33 +35,67 @@ class RowProblem:
     kind: str = "malformed"  # the counter name in stats and MLflow: empty, unknown-label, undecodable, ...
 
 
+def _bad_text(value, where: str) -> str | None:
+    """The path of the first string (key or value, at any depth) that is not valid Unicode."""
+    if isinstance(value, str):
+        return where if NOT_UNICODE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        name = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and NOT_UNICODE.search(key):
+            return where or "<row>"  # the key itself cannot be printed: name its parent
+        if found := _bad_text(item, name):
+            return found
+    return None
+
+
 def _decoded(record: dict) -> dict | RowProblem:
     """Files are read with surrogateescape so one bad byte rejects one row, not the file."""
-    for key, value in record.items():
-        if isinstance(value, str) and BAD_BYTES.search(value):
-            return RowProblem(str(key), "undecodable bytes (not UTF-8)", "undecodable")
+    if field := _bad_text(record, ""):
+        return RowProblem(field, "undecodable bytes or lone surrogates (not UTF-8 text)", "undecodable")
     return record
+
+
+def _csv_header(reader, path: Path) -> list[str] | None:
+    try:
+        header = next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as err:
+        raise DataError(f"{path}: row 0 (header): cannot read the CSV header: {err}; {NOT_TEXT}") from err
+    header = [h.strip().lstrip("\ufeff") for h in header]
+    for column, name in enumerate(header, start=1):
+        if NOT_UNICODE.search(name):  # a binary or non-UTF-8 file: no row of it can be read by name
+            raise DataError(f"{path}: row 0 (header), column {column}: undecodable bytes (not UTF-8); {NOT_TEXT}")
+    return header
+
+
+def _csv_error(err: csv.Error, first_line: int, reader) -> RowProblem:
+    if "unexpected end of data" in str(err):  # strict mode: a quote opened and never closed
+        lines = reader.line_num - first_line + 1
+        return RowProblem("<row>", f"malformed CSV: unterminated quoted field from line {first_line} "
+                                   f"to the end of the file ({lines} lines)")
+    return RowProblem("<row>", f"malformed CSV: {err} (line {reader.line_num})")
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        reader = csv.reader(fh)
-        try:
-            header = next(reader)
-        except StopIteration:
+        # strict: a stray quote is an error on its row; the lenient default would instead let an
+        # unclosed quote swallow every following line into one field and keep the row.
+        reader = csv.reader(fh, strict=True)
+        header = _csv_header(reader, path)
+        if header is None:
             return
-        except csv.Error as err:
-            raise DataError(f"{path}: cannot read the CSV header: {err}") from err
-        header = [h.strip().lstrip("\ufeff") for h in header]
         row = 0
         while True:
             row += 1
+            first_line = reader.line_num + 1
             try:
                 values = next(reader)
             except StopIteration:
                 return
             except csv.Error as err:
-                yield row, RowProblem("<row>", f"malformed CSV: {err}")
+                yield row, _csv_error(err, first_line, reader)
                 continue
             if not any(v.strip() for v in values):
                 yield row, RowProblem("<row>", "blank row", "blank")
@@ -84,7 +122,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
             if not isinstance(record, dict):
                 yield row, RowProblem("<row>", f"expected a JSON object, got {type(record).__name__}")
             else:
-                yield row, record
+                yield row, _decoded(record)  # JSON may escape lone surrogates ("\\ud800")
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from components.config import EvalSection, GateSection
 from components.prepare_data import read_jsonl
+from components.tracking import configure_retries
 from components.util import console, heading, read_json
 
 LOWER_IS_BETTER = {"perplexity"}
@@ -69,6 +70,7 @@ def run(cfg: GateSection, registration: dict, eval_report: dict, data_dir: Path)
     from mlflow import MlflowClient
 
     heading("gate")
+    configure_retries()  # every call below is idempotent (reads, tag and alias sets), so retrying is safe
     client = MlflowClient()
     name, version = registration["name"], str(registration["version"])
     champ = champion_score(client, name, cfg, version, data_dir)
@@ -87,5 +89,6 @@ def run(cfg: GateSection, registration: dict, eval_report: dict, data_dir: Path)
 def set_alias(name: str, version: str, alias: str) -> None:
     from mlflow import MlflowClient
 
+    configure_retries()
     MlflowClient().set_registered_model_alias(name, alias, str(version))
     console.print(f"{name}@{alias} -> version {version}")

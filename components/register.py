@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from components.config import RegisterSection
-from components.tracking import EXPERIMENT_ENV, flatten, numeric
+from components.tracking import EXPERIMENT_ENV, configure_retries, flatten, numeric
 from components.util import console, heading, read_json, text_sha256
 
 PIPELINE_RUN_TAG = "llmops.pipeline_run"
@@ -64,11 +64,71 @@ def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
     return tags, metrics
 
 
-def existing_version(client, name: str, pipeline_run: str):
-    for version in client.search_model_versions(f"name='{name}'"):
-        if version.tags.get(PIPELINE_RUN_TAG) == pipeline_run:
-            return version
-    return None
+# A version without these is useless downstream (gate, deployer, lineage), so it never counts as registered.
+REQUIRED_TAGS = ("base_model", "base_model_sha256", "dataset_sha256", "prepared_dataset_sha256", "config_sha256",
+                 "git_commit", PIPELINE_RUN_TAG, "recommended_quantize", "chat_template_sha256")
+
+
+def is_complete(client, version) -> bool:
+    """All lineage tags, and the merged model's files in the run it points at."""
+    if any(not version.tags.get(tag) for tag in REQUIRED_TAGS):
+        return False
+    return any(a.path == "model/config.json" for a in client.list_artifacts(version.run_id, "model"))
+
+
+def versions_of_run(client, name: str, pipeline_run: str) -> list:
+    found = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get(PIPELINE_RUN_TAG) == pipeline_run]
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def settle(client, name: str, pipeline_run: str):
+    """The one complete version of this pipeline run, or None; every other version of the run is deleted.
+
+    Others come from a create request that the server committed but whose response was lost (the client
+    retries the POST), or from a version left without its tags or files: neither may be served or gated.
+    """
+    keep = None
+    for version in versions_of_run(client, name, pipeline_run):
+        if keep is None and is_complete(client, version):
+            keep = version
+        else:
+            console.print(f"deleting version {version.version} of {name}: "
+                          + ("a duplicate" if keep else "incomplete") + f" for pipeline run {pipeline_run}")
+            client.delete_model_version(name, version.version)
+    return keep
+
+
+def ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description="Fine-tuned by the llmops finetune pipeline.")
+        except MlflowException as err:  # a retried create whose first attempt went through
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+
+def log_run_contents(paths: dict[str, Path], metrics: dict) -> None:
+    import mlflow
+
+    mlflow.log_metrics(metrics)
+    for path in paths.values():
+        if (path / "stage_config.json").exists():
+            record = read_json(path / "stage_config.json")
+            mlflow.log_params({f"{record['stage']}.{k}": str(v)[:500] for k, v in flatten(record["config"]).items()})
+    mlflow.log_metrics({f"data.{k}": v for k, v in numeric(read_json(paths["data"] / "stats.json")).items()})
+    mlflow.log_artifacts(str(paths["merged"] / "model"), "model")
+    mlflow.log_artifacts(str(paths["train"]), "adapter")
+    for report in (paths["eval"] / "eval_report.json", paths["quantize"] / "quantize_report.json",
+                   paths["merged"] / "merge_report.json", paths["data"] / "stats.json", paths["data"] / "rejects.jsonl",
+                   paths["train"] / "history.json", paths["eval"] / "confusion_tuned.png"):
+        if report.exists():
+            mlflow.log_artifact(str(report), "reports")
+    if (paths["data"] / "labels.json").exists():
+        mlflow.log_artifact(str(paths["data"] / "labels.json"), "model")
 
 
 def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict:
@@ -76,36 +136,61 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
     from mlflow import MlflowClient
 
     heading("register")
+    configure_retries()
     paths = {k: Path(v) for k, v in paths.items()}
     tags, metrics = lineage(paths, pipeline_run)
     client = MlflowClient()
-    if found := existing_version(client, cfg.model_name, pipeline_run):
+    if found := settle(client, cfg.model_name, pipeline_run):
         console.print(f"version {found.version} of {cfg.model_name} already holds pipeline run {pipeline_run}")
         return {"name": cfg.model_name, "version": found.version, "run_id": found.run_id, "reused": True, **metrics}
     mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, cfg.experiment))
     with mlflow.start_run(run_name=f"finetune {pipeline_run}", tags={"llmops.stage": "register", **tags}) as run:
-        mlflow.log_metrics(metrics)
-        for path in paths.values():
-            if (path / "stage_config.json").exists():
-                record = read_json(path / "stage_config.json")
-                mlflow.log_params({f"{record['stage']}.{k}": str(v)[:500] for k, v in flatten(record["config"]).items()})
-        mlflow.log_metrics({f"data.{k}": v for k, v in numeric(read_json(paths["data"] / "stats.json")).items()})
-        mlflow.log_artifacts(str(paths["merged"] / "model"), "model")
-        mlflow.log_artifacts(str(paths["train"]), "adapter")
-        for report in (paths["eval"] / "eval_report.json", paths["quantize"] / "quantize_report.json",
-                       paths["merged"] / "merge_report.json", paths["data"] / "stats.json", paths["data"] / "rejects.jsonl",
-                       paths["train"] / "history.json", paths["eval"] / "confusion_tuned.png"):
-            if report.exists():
-                mlflow.log_artifact(str(report), "reports")
-        if (paths["data"] / "labels.json").exists():
-            mlflow.log_artifact(str(paths["data"] / "labels.json"), "model")
-        try:
-            client.get_registered_model(cfg.model_name)
-        except mlflow.exceptions.MlflowException:
-            client.create_registered_model(cfg.model_name, description="Fine-tuned by the llmops finetune pipeline.")
-        version = client.create_model_version(
+        log_run_contents(paths, metrics)
+        ensure_registered_model(client, cfg.model_name)
+        # Created last, tags in the same request: a version never exists without its files or lineage.
+        client.create_model_version(
             cfg.model_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags,
             description=f"base {tags['base_model']}; tuned exact match {metrics['eval.tuned.exact_match']:.3f} "
                         f"(base {metrics['eval.base.exact_match']:.3f}); serve with --quantize {tags['recommended_quantize']}")
+        version = settle(client, cfg.model_name, pipeline_run)
+        if version is None:
+            raise RuntimeError(f"the new version of {cfg.model_name} for {pipeline_run} is incomplete; deleted it")
     console.print(f"registered {cfg.model_name} version {version.version} (run {run.info.run_id})")
     return {"name": cfg.model_name, "version": version.version, "run_id": run.info.run_id, "reused": False, **metrics}
+
+
+SUMMARY_FILE = "registration.json"
+
+
+def record_summary(summary: dict) -> None:
+    """Kept with the register run, so the pipeline's exit task can hand it back as the pipeline output."""
+    from mlflow import MlflowClient
+
+    MlflowClient().log_dict(summary["run_id"], summary, SUMMARY_FILE)
+
+
+def finalize(cfg: RegisterSection, pipeline_run: str, state: str) -> dict:
+    """The pipeline's exit task: whatever happened, leave MLflow consistent for this pipeline run.
+
+    A stage process killed outright (OOM, lost node) never ends its MLflow run, and a retried create may
+    leave an orphan run behind: runs of this pipeline run still RUNNING are marked FAILED. Versions of it
+    that are incomplete or duplicated are deleted (settle). Returns the registration summary, if any.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    configure_retries()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, cfg.experiment))
+    open_runs = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run}' and attributes.status = 'RUNNING'")
+    for stale in open_runs:
+        client.set_terminated(stale.info.run_id, "FAILED")
+    version = settle(client, cfg.model_name, pipeline_run)
+    summary = {"state": state, "failed_runs": [r.info.run_id for r in open_runs]}
+    if version is not None:
+        summary.update(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/{SUMMARY_FILE}") if state == "SUCCEEDED"
+                       else {"name": cfg.model_name, "version": version.version, "run_id": version.run_id})
+    console.print(f"pipeline run {pipeline_run} {state}: {len(open_runs)} open MLflow run(s) marked FAILED"
+                  + (f"; version {version.version} of {cfg.model_name}" if version else "; no version registered"))
+    return summary

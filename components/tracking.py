@@ -12,6 +12,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 EXPERIMENT_ENV = "LLMOPS_EXPERIMENT"
+# MLflow's client already retries every REST call (urllib3 Retry on connection errors, 429 and 5xx, for
+# any method) with exponential backoff; we pin its settings rather than loop ourselves. urllib3 retries
+# the first failure at once, then waits 4, 8, 16, 32, 64 s (+ up to 1 s jitter): about 2 minutes, enough
+# for the server's pod to be rescheduled or restarted. Bounded, so a server that stays down fails the
+# stage with a clear connection error that kfp's retry policy and the operator can see, instead of a
+# step that hangs on a dead endpoint. An explicit setting in the environment wins.
+RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+             "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1.0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def configure_retries() -> None:
+    """Read by mlflow on every request, so setting them before the first call is enough."""
+    for name, value in RETRY_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def flatten(data: dict, prefix: str = "") -> dict:
@@ -71,6 +85,7 @@ def stage_run(stage: str, params: dict, tags: dict | None = None):
         return
     import mlflow
 
+    configure_retries()
     mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, "llmops"))
     with mlflow.start_run(run_name=stage, tags={"llmops.stage": stage, **(tags or {})}) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})

@@ -50,40 +50,60 @@ def build_pipeline(cfg: PipelineConfig):
             node_selector_json: node labels the GPU pods must match, as a JSON object.
             tolerations_json: tolerations of the GPU pods, as a JSON list of Kubernetes toleration objects.
         """
-        base = steps.base_model(model_cfg=model_cfg).set_display_name("base model")
-        data = steps.prepare_data(data_cfg=data_cfg, base_model=base.outputs["model"]).set_display_name("prepare data")
-        trained = steps.train(train_cfg=train_cfg, base_model=base.outputs["model"],
-                              dataset=data.outputs["dataset"]).set_display_name("train (QLoRA)")
-        evaluated = steps.evaluate(eval_cfg=eval_cfg, base_model=base.outputs["model"], adapter=trained.outputs["adapter"],
-                                   dataset=data.outputs["dataset"]).set_display_name("evaluate")
-        merged = steps.merge(merge_cfg=merge_cfg, base_model=base.outputs["model"], adapter=trained.outputs["adapter"],
-                             dataset=data.outputs["dataset"]).set_display_name("merge")
-        merged.after(evaluated)  # no data dependency, but a model that failed evaluation is not worth merging
-        quantized = steps.quantize(quantize_cfg=quantize_cfg, merged=merged.outputs["merged"],
-                                   dataset=data.outputs["dataset"]).set_display_name("quantize")
-        registered = steps.register(
-            register_cfg=register_cfg, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, base_model=base.outputs["model"],
-            dataset=data.outputs["dataset"], adapter=trained.outputs["adapter"], report=evaluated.outputs["report"],
-            merged=merged.outputs["merged"], quantized=quantized.outputs["quantized"],
-        ).set_display_name("register")
-        registered.set_caching_options(False)  # a new pipeline run always gets its own version
-        gated = steps.gate(gate_cfg=gate_cfg, registration=registered.outputs["registration"],
-                           report=evaluated.outputs["report"], dataset=data.outputs["dataset"]).set_display_name("gate")
-        gated.set_caching_options(False)  # the champion it compares against lives in the registry, not the inputs
-        with dsl.If(gated.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (kfp needs ==)
-            aliased = steps.set_alias(alias=challenger_alias, registration=registered.outputs["registration"])
-            aliased.set_display_name("set challenger alias").set_caching_options(False)
+        base, data, trained, evaluated, merged, quantized = _model_stages(model_cfg, data_cfg, train_cfg, eval_cfg,
+                                                                          merge_cfg, quantize_cfg)
         for task in (trained, evaluated, merged, quantized):
             platform.on_gpu(task, accelerator_type, accelerator_count, node_selector_json, tolerations_json)
-        for task in (base, data, registered, gated, aliased):
-            platform.with_secrets(task)
         platform.retry_training(trained)
+        # The exit task runs however the registry stages end (it closes what a killed register left open and
+        # deletes a half-made version). The model stages stay outside: kfp 2.17 does not wire the placement
+        # parameters (set_accelerator_type) into an ExitHandler's sub-DAG, and they touch no registry.
+        # kfp forbids pipeline outputs from inside the handler, so the exit task publishes the summary.
+        final = steps.finalize(register_cfg=register_cfg, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+        final.set_display_name("finalize").set_caching_options(False)
+        with dsl.ExitHandler(final, name="registry"):
+            registry = _registry_stages(register_cfg, gate_cfg, challenger_alias, base, data, trained, evaluated, merged,
+                                        quantized)
+        tasks = [base, data, trained, evaluated, merged, quantized, *registry, final]
+        for task in [base, data, *registry, final]:
+            platform.with_secrets(task)
         code = code_digest()
-        for task in (base, data, trained, evaluated, merged, quantized, registered, gated, aliased):
+        for task in tasks:
             task.set_env_variable("LLMOPS_CODE_DIGEST", code)
-        return registered.outputs["registration"]
+        return final.outputs["summary"]
 
     return finetune
+
+
+def _model_stages(model_cfg, data_cfg, train_cfg, eval_cfg, merge_cfg, quantize_cfg):
+    base = steps.base_model(model_cfg=model_cfg).set_display_name("base model")
+    data = steps.prepare_data(data_cfg=data_cfg, base_model=base.outputs["model"]).set_display_name("prepare data")
+    trained = steps.train(train_cfg=train_cfg, base_model=base.outputs["model"],
+                          dataset=data.outputs["dataset"]).set_display_name("train (QLoRA)")
+    evaluated = steps.evaluate(eval_cfg=eval_cfg, base_model=base.outputs["model"], adapter=trained.outputs["adapter"],
+                               dataset=data.outputs["dataset"]).set_display_name("evaluate")
+    merged = steps.merge(merge_cfg=merge_cfg, base_model=base.outputs["model"], adapter=trained.outputs["adapter"],
+                         dataset=data.outputs["dataset"]).set_display_name("merge")
+    merged.after(evaluated)  # no data dependency, but a model that failed evaluation is not worth merging
+    quantized = steps.quantize(quantize_cfg=quantize_cfg, merged=merged.outputs["merged"],
+                               dataset=data.outputs["dataset"]).set_display_name("quantize")
+    return base, data, trained, evaluated, merged, quantized
+
+
+def _registry_stages(register_cfg, gate_cfg, challenger_alias, base, data, trained, evaluated, merged, quantized):
+    registered = steps.register(
+        register_cfg=register_cfg, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, base_model=base.outputs["model"],
+        dataset=data.outputs["dataset"], adapter=trained.outputs["adapter"], report=evaluated.outputs["report"],
+        merged=merged.outputs["merged"], quantized=quantized.outputs["quantized"],
+    ).set_display_name("register")
+    registered.set_caching_options(False)  # a new pipeline run always gets its own version
+    gated = steps.gate(gate_cfg=gate_cfg, registration=registered.outputs["registration"],
+                       report=evaluated.outputs["report"], dataset=data.outputs["dataset"]).set_display_name("gate")
+    gated.set_caching_options(False)  # the champion it compares against lives in the registry, not the inputs
+    with dsl.If(gated.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (kfp needs ==)
+        aliased = steps.set_alias(alias=challenger_alias, registration=registered.outputs["registration"])
+        aliased.set_display_name("set challenger alias").set_caching_options(False)
+    return [registered, gated, aliased]
 
 
 def compile_pipeline(cfg: PipelineConfig, out_path: str) -> str:

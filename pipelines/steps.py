@@ -118,6 +118,7 @@ def register(register_cfg: str, pipeline_run: str, base_model: Input[Model], dat
     result["stages"] = stage_timings(paths, Path(registration.path).resolve().parent.parent)
     registration.metadata.update({"name": result["name"], "version": result["version"]})
     Path(registration.path).write_text(json.dumps(result, indent=2))
+    stage.record_summary(result)  # for the exit task, which cannot take this step's outputs as inputs
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -149,3 +150,16 @@ def set_alias(alias: str, registration: Input[Artifact]):
 
     info = json.loads(Path(registration.path).read_text())
     stage(info["name"], info["version"], alias)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def finalize(register_cfg: str, pipeline_run: str, status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact]):
+    """Exit task: mark this run's unfinished MLflow runs FAILED, drop incomplete versions, publish the summary."""
+    import json
+    from pathlib import Path
+
+    from components import register as stage
+    from components.config import RegisterSection
+
+    result = stage.finalize(RegisterSection.model_validate_json(register_cfg), pipeline_run, status.state)
+    Path(summary.path).write_text(json.dumps(result, indent=2))

@@ -57,9 +57,16 @@ def test_compiled_pipeline_is_documented_and_wired(tmp_path):
     assert all(p.get("description") for p in params.values())
     assert json.loads(params["train_cfg"]["defaultValue"])["use_gpu"] is True
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"base-model", "prepare-data", "train", "evaluate", "merge", "quantize", "register", "gate",
-                          "condition-1"}
-    assert tasks["condition-1"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
+    assert set(tasks) == {"base-model", "prepare-data", "train", "evaluate", "merge", "quantize", "exit-handler-1",
+                          "finalize"}
+    assert tasks["finalize"]["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}  # runs however it ends
+    assert tasks["finalize"]["dependentTasks"] == ["exit-handler-1"]
+    assert "status" in spec["components"]["comp-finalize"]["inputDefinitions"]["parameters"]  # PipelineTaskFinalStatus
+    assert spec["root"]["outputDefinitions"]["artifacts"].keys() == {"Output"}  # the summary, from the exit task
+    registry = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert set(registry) == {"register", "gate", "condition-2"}
+    assert registry["condition-2"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
+    tasks = {**tasks, **registry}
     assert tasks["register"]["cachingOptions"] == {} == tasks["gate"]["cachingOptions"]  # caching off is empty
     assert tasks["train"]["cachingOptions"] == {"enableCache": True}
     images = {name: ex["container"]["image"] for name, ex in spec["deploymentSpec"]["executors"].items()}

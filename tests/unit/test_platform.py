@@ -48,7 +48,7 @@ def test_placement_is_a_pipeline_parameter_and_train_retries(compiled):
     assert params["node_selector_json"]["parameterType"] == "STRUCT"
     assert params["tolerations_json"]["defaultValue"][0]["key"] == "nvidia.com/gpu"
     assert spec["root"]["dag"]["tasks"]["train"]["retryPolicy"]["maxRetryCount"] == 3
-    assert spec["root"]["dag"]["tasks"]["register"]["cachingOptions"] == {}
+    assert spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]["register"]["cachingOptions"] == {}  # inside the exit handler
 
 
 def test_no_secret_value_in_the_yaml(compiled):
