@@ -108,12 +108,35 @@ def score(predictions: list[str], answers: list[str], labels: list[str] | None) 
     return result
 
 
+def constrained_metrics(model, tok, examples: list[dict], free: list[str], labels: list[str], batch_size: int) -> dict:
+    """Accuracy when decoding may only produce a label, next to free generation's exact match."""
+    from components import labels as label_scoring
+
+    answers = [e["answer"] for e in examples]
+    constrained = label_scoring.predict(model, tok, [e["prompt"] for e in examples], labels, batch_size)
+    by_norm = {normalize(lab): lab for lab in labels}
+    valid = [(by_norm[normalize(f)], c) for f, c in zip(free, constrained) if normalize(f) in by_norm]
+    return {"label_accuracy": label_scoring.accuracy(constrained, answers),
+            "agreement_where_valid": sum(f == c for f, c in valid) / len(valid) if valid else None,
+            "constrained_predictions": constrained}
+
+
 def evaluate_model(model, tok, examples: list[dict], cfg: EvalSection, labels: list[str] | None, name: str) -> tuple[dict, list[str]]:
+    """(metrics, free predictions); label tasks also get label_accuracy from constrained decoding."""
+    metrics, preds = evaluate_in_detail(model, tok, examples, cfg, labels, name)
+    metrics.pop("constrained_predictions", None)
+    return metrics, preds
+
+
+def evaluate_in_detail(model, tok, examples: list[dict], cfg: EvalSection, labels: list[str] | None, name: str) -> tuple[dict, list[str]]:
     max_new = cfg.max_new_tokens
     if labels:  # a label is all we want back: stop paying for tokens past the longest one
         max_new = min(max_new, max(len(tok(lab, add_special_tokens=False)["input_ids"]) for lab in labels) + 2)
     preds = generate(model, tok, [e["prompt"] for e in examples], max_new, cfg.batch_size, label=f"eval {name}")
-    metrics = score(preds, [e["answer"] for e in examples], labels)
+    answers = [e["answer"] for e in examples]
+    metrics = score(preds, answers, labels)
+    if labels:
+        metrics.update(constrained_metrics(model, tok, examples, preds, labels, cfg.batch_size))
     nll, count = response_nll(model, tok, examples, cfg.batch_size)
     metrics["loss"] = nll / max(count, 1)
     metrics["perplexity"] = math.exp(min(metrics["loss"], 50))
@@ -154,14 +177,17 @@ def run(cfg: EvalSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out
     tok = load_tokenizer(base_dir)
     with stage_run("evaluate", cfg.model_dump()) as tracker:
         model = load_model(base_dir, cfg.dtype, adapter_dir=adapter_dir)
-        tuned, tuned_preds = evaluate_model(model, tok, examples, cfg, labels, "tuned")
+        tuned, tuned_preds = evaluate_in_detail(model, tok, examples, cfg, labels, "tuned")
         with model.disable_adapter():  # the same weights without the adapter are the base model
-            base, base_preds = evaluate_model(model, tok, examples, cfg, labels, "base")
-        report = {"base": base, "tuned": tuned, "labels": labels,
-                  "delta": {k: tuned[k] - base[k] for k in ("exact_match", "loss", "perplexity")}}
+            base, base_preds = evaluate_in_detail(model, tok, examples, cfg, labels, "base")
+        constrained = {name: m.pop("constrained_predictions", None) for name, m in (("base", base), ("tuned", tuned))}
+        keys = ("exact_match", "loss", "perplexity") + (("label_accuracy",) if labels else ())
+        report = {"base": base, "tuned": tuned, "labels": labels, "delta": {k: tuned[k] - base[k] for k in keys}}
         write_json(out_dir / "eval_report.json", report)
-        samples = [{"id": e["id"], "answer": e["answer"], "base": b, "tuned": t}
-                   for e, b, t in zip(examples, base_preds, tuned_preds)]
+        samples = [{"id": e["id"], "answer": e["answer"], "base": b, "tuned": t} for e, b, t in zip(examples, base_preds, tuned_preds)]
+        for name, preds in constrained.items():
+            for sample, pred in zip(samples, preds or []):
+                sample[f"{name}_constrained"] = pred
         write_json(out_dir / "predictions.json", samples)
         if labels:
             plot_confusion(tuned["confusion"], out_dir / "confusion_tuned.png", "tuned model")
@@ -171,6 +197,9 @@ def run(cfg: EvalSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out
             tracker.log_metrics({f"eval.{name}.f1.{label}": c["f1"] for label, c in metrics.get("per_class", {}).items()})
         tracker.log_table(samples[: cfg.sample_predictions], "sample_predictions.json")
         tracker.log_artifact(out_dir / "eval_report.json")
+    if labels:
+        console.print(f"label accuracy (constrained): base {base['label_accuracy']:.3f} → tuned {tuned['label_accuracy']:.3f}; "
+                      f"invalid free answers {tuned['invalid_rate']:.1%}")
     console.print(f"exact match: base {base['exact_match']:.3f} → tuned {tuned['exact_match']:.3f}; "
                   f"perplexity {base['perplexity']:.2f} → {tuned['perplexity']:.2f}")
     return report

@@ -87,6 +87,12 @@ def label_prompt(text: str, labels: list[str], with_list: bool) -> str:
     return f"{ask}\nReply with the label only.\n\nMessage: {text}"
 
 
+def lists_labels(cfg: DataSection, labels: list[str] | None) -> bool:
+    if not labels:
+        return False
+    return len(labels) <= cfg.label_list_max if cfg.label_list_in_prompt == "auto" else cfg.label_list_in_prompt
+
+
 def to_examples(record: dict, fmt: str, cfg: DataSection, labels, label_field) -> list[tuple[list, str]] | RowProblem:
     """One record becomes (prompt messages, answer) pairs; Alpaca seed tasks carry several instances."""
     system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
@@ -97,7 +103,7 @@ def to_examples(record: dict, fmt: str, cfg: DataSection, labels, label_field) -
                 return value
         if labels is not None and label not in labels:
             return RowProblem(label_field, f"unknown label {label!r}", "unknown-label")
-        user = label_prompt(text, labels or [], cfg.label_list_in_prompt and bool(labels))
+        user = label_prompt(text, labels or [], lists_labels(cfg, labels))
         return [(system + [{"role": "user", "content": user}], label)]
     if fmt == "alpaca":
         instruction = _text(record, "instruction")
@@ -194,15 +200,18 @@ def tokenize_and_filter(kept: list[dict], rejects: list[dict], cfg: DataSection,
     return out
 
 
-def split(examples: list[dict], cfg: DataSection) -> tuple[list[dict], list[dict]]:
+def split(examples: list[dict], cfg: DataSection) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, eval, validation): eval is for the evaluate stage only; validation steers training."""
     order = list(range(len(examples)))
     random.Random(cfg.seed).shuffle(order)
     n_eval = min(cfg.max_eval_examples, max(1, round(cfg.eval_fraction * len(examples))))
+    n_val = min(cfg.val_examples, max(0, len(examples) - n_eval - 1))
     eval_set = [examples[i] for i in sorted(order[:n_eval])]
-    train = [examples[i] for i in sorted(order[n_eval:])]
+    val = [examples[i] for i in sorted(order[n_eval:n_eval + n_val])]
+    train = [examples[i] for i in sorted(order[n_eval + n_val:])]
     if cfg.max_train_examples:
         train = train[: cfg.max_train_examples]
-    return train, eval_set
+    return train, eval_set, val
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -236,21 +245,25 @@ def run(cfg: DataSection, base_dir: Path, out_dir: Path) -> dict:
         if len(examples) < 2:
             raise DataError(f"{source}: nothing usable: {info['rows_read']} rows read, {len(examples)} kept, "
                             f"{len(rejects)} rejected ({dict(reasons)}); see {out_dir / 'rejects.jsonl'}")
-        train, eval_set = split(examples, cfg)
+        train, eval_set, val = split(examples, cfg)
         write_jsonl(out_dir / "train.jsonl", train)
         write_jsonl(out_dir / "eval.jsonl", eval_set)
+        if val:
+            write_jsonl(out_dir / "val.jsonl", val)
         if info["labels"]:
             write_json(out_dir / "labels.json", info["labels"])
         stats = {
             "source": str(source), "source_sha256": file_sha256(source) if source.is_file() else tree_sha256(source),
             "format": info["format"], "rows_read": info["rows_read"], "examples": len(examples),
             "rejected": len(rejects), "reject_reasons": dict(reasons), "train": len(train), "eval": len(eval_set),
+            "validation": len(val), "label_list_in_prompt": lists_labels(cfg, info["labels"]),
             "num_labels": len(info["labels"] or []),
             "prompt_tokens": _stats([e["prompt_tokens"] for e in examples]),
             "completion_tokens": _stats([e["completion_tokens"] for e in examples]),
             "total_tokens": _stats([e["prompt_tokens"] + e["completion_tokens"] for e in examples]),
         }
-        stats["prepared_sha256"] = text_sha256(file_sha256(out_dir / "train.jsonl") + file_sha256(out_dir / "eval.jsonl"))
+        stats["prepared_sha256"] = text_sha256("".join(file_sha256(out_dir / f"{name}.jsonl")
+                                                       for name in ("train", "eval", "val") if (out_dir / f"{name}.jsonl").exists()))
         write_json(out_dir / "stats.json", stats)
         tracker.log_stats(stats, prefix="data")
         tracker.set_tags({"data.source_sha256": stats["source_sha256"], "data.prepared_sha256": stats["prepared_sha256"],

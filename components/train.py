@@ -7,8 +7,7 @@ again with the same inputs resumes from the last complete checkpoint instead of 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -124,44 +123,48 @@ def make_callback(tracker, total_steps: int):
     return Progressive()
 
 
-def launch_data_parallel(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
-    """Run this stage under torchrun with cfg.num_processes workers in this pod; rank 0 writes the outputs."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.num_processes}",
-           "-m", "components.train", cfg.to_json(), str(base_dir), str(data_dir), str(out_dir)]
-    Durable.for_run(cfg, base_dir, data_dir).restore()  # fetched once here, not raced by every worker
-    console.print(f"data-parallel training: {cfg.num_processes} processes on {'nccl' if cfg.use_gpu else 'gloo'}")
-    proc, signalled = subprocess.Popen(cmd), []
-
-    def forward(signum, frame):  # torchrun sends SIGTERM on to every worker and waits for them to exit
-        signalled.append(signum)
-        proc.send_signal(signum)
-
-    previous = signal.signal(signal.SIGTERM, forward)
-    try:
-        code = proc.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if signalled:  # the workers saved a checkpoint together; exit as a single-process run would, for the retry
-        raise SystemExit(128 + signal.SIGTERM)
-    metrics = Path(out_dir) / "train_metrics.json"
-    if code != 0 or not metrics.exists():
-        raise RuntimeError(f"data-parallel training failed: torchrun exited with {code} (see the workers' output above)")
-    return read_json(metrics)
-
-
 def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     if cfg.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        return launch_data_parallel(cfg, base_dir, data_dir, out_dir)
+        from components.parallel import launch
+
+        return launch(cfg, base_dir, data_dir, out_dir)
     if int(os.environ.get("RANK", "0")) != 0:
         os.environ.pop("MLFLOW_TRACKING_URI", None)  # rank 0 alone logs the stage's run
     return train(cfg, base_dir, data_dir, out_dir)
 
 
+def validation_for(cfg: TrainSection, base_dir: Path, data_dir: Path, root: Path, tracker, started: float):
+    """The validation callback when train.eval_every asks for it; labels come from the prepared data."""
+    if not cfg.eval_every:
+        return None
+    from components.validation import make_callback
+
+    val_file, label_file = Path(data_dir) / "val.jsonl", Path(data_dir) / "labels.json"
+    if not (val_file.exists() and label_file.exists()):
+        raise FileNotFoundError(f"train.eval_every={cfg.eval_every} needs {val_file} and {label_file}: a label "
+                                "task prepared with data.val_examples > 0")
+    return make_callback(cfg, base_dir, read_jsonl(val_file), read_json(label_file), root, tracker, started)
+
+
+def summarize(trainer, result, resume, elapsed: float, trainable: int, examples: int) -> dict:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "steps": trainer.state.global_step, "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
+        "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None, "seconds": elapsed,
+        "non_padding_tokens": trainer.state.num_input_tokens_seen,
+        "tokens_per_s": trainer.state.num_input_tokens_seen / max(elapsed, 1e-9),
+        "trainable_parameters": trainable, "examples": examples,
+    }
+
+
 def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
 
+    from components.compute import resolve
     from components.tracking import stage_run
 
+    started = time.perf_counter()
     quiet_libraries()
     heading("train")
     out_dir = Path(out_dir)
@@ -172,36 +175,37 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
     tok = AutoTokenizer.from_pretrained(base_dir)
     dataset = tokenize(read_jsonl(Path(data_dir) / "train.jsonl"), tok)
     with stage_run("train", cfg.model_dump(), {"llmops.checkpoint_dir": durable.where}) as tracker:
+        run_cfg = resolve(cfg, base_dir, longest=max(len(ids) for ids in dataset["input_ids"]))
+        tracker.set_tags({"train.compute_dtype": run_cfg.compute_dtype,
+                          "train.gradient_checkpointing": run_cfg.gradient_checkpointing})
         set_seed(cfg.seed)  # before the adapter exists: its initial weights come from the global RNG
-        model = load_model(cfg, base_dir)
+        model = load_model(run_cfg, base_dir)
         trainable, total = model.get_nb_trainable_parameters()
         console.print(f"{trainable:,} trainable of {total:,} parameters; checkpoints in {ckpt_root}"
                       + (f"; resuming from {resume.name}" if resume else ""))
         collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=IGNORE_INDEX)
         preempted = PreemptionCallback.install()
-        trainer = Trainer(model=model, args=training_args(cfg, ckpt_root), train_dataset=dataset,
-                          data_collator=collator,
-                          callbacks=[make_callback(tracker, cfg.max_steps), durable.callback(), preempted])
+        validation = validation_for(cfg, base_dir, data_dir, ckpt_root, tracker, started)
+        callbacks = [make_callback(tracker, cfg.max_steps), durable.callback(), preempted, validation]
+        trainer = Trainer(model=model, args=training_args(run_cfg, ckpt_root), train_dataset=dataset,
+                          data_collator=collator, callbacks=[c for c in callbacks if c is not None])
         trainer.remove_callback(PrinterCallback)  # our callback reports; the printer would repeat it raw
-        started = time.perf_counter()
+        train_started = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - train_started
         preempted.exit_if_signalled()  # the checkpoint is saved: leave, so the retried pod resumes from it
         if not trainer.is_world_process_zero():
             return {}
         model.save_pretrained(out_dir)  # the output artifact is the adapter directory itself
+        if validation and validation.best:  # the best adapter seen on validation, not merely the last one
+            shutil.copytree(ckpt_root / "best", out_dir, dirs_exist_ok=True)
         tok.save_pretrained(out_dir, save_jinja_files=False)
-        history = trainer.state.log_history
-        losses = [h["loss"] for h in history if "loss" in h]
-        metrics = {
-            "steps": trainer.state.global_step, "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
-            "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None, "seconds": elapsed,
-            "non_padding_tokens": trainer.state.num_input_tokens_seen,
-            "tokens_per_s": trainer.state.num_input_tokens_seen / max(elapsed, 1e-9),
-            "trainable_parameters": trainable, "examples": len(dataset),
-        }
-        write_json(out_dir / "history.json", history)
+        metrics = summarize(trainer, result, resume, elapsed, trainable, len(dataset))
+        metrics.update({"compute_dtype": run_cfg.compute_dtype, "gradient_checkpointing": run_cfg.gradient_checkpointing,
+                        "stage_seconds": time.perf_counter() - started})
+        if validation:
+            metrics.update(validation.summary(out_dir))
+        write_json(out_dir / "history.json", trainer.state.log_history)
         write_json(out_dir / "train_metrics.json", metrics)
         tracker.log_stats(metrics, prefix="train_summary")
     console.print(f"trained {metrics['steps']} steps in {elapsed:.0f}s, loss {metrics['first_loss']} → {metrics['last_loss']}")

@@ -61,7 +61,7 @@ class Live:
         return response.json()["generated_text"]
 
 
-def build_tiny_llama(out: Path, seed: int = 0) -> Path:
+def build_tiny_llama(out: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
     """A 2-layer Llama and a byte-level BPE tokenizer trained on the demo data, saved as an HF directory.
 
     Its pad token equals EOS, as SmolLM2's does, so the base-model stage has to fix it.
@@ -86,7 +86,7 @@ def build_tiny_llama(out: Path, seed: int = 0) -> Path:
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=None)
+                         bos_token_id=None, initializer_range=initializer_range)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -20,7 +20,8 @@ from types import ModuleType
 from rich.console import Console
 from rich.table import Table
 
-from tests.benchmarks import deploy, pipeline, resume, serving, storage
+from tests.benchmarks import (deploy, evaluation, limits, pipeline, quantization, resume, serving, storage,
+                              time_to_quality, training)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"
 # A hidden marker under each heading names its section, so renaming a title does not orphan its text.
@@ -57,6 +58,22 @@ SECTIONS = [
             "checkpoint resumed from, bounded by the checkpoint interval. Restart time runs from starting the "
             "process until it has finished the first step past that checkpoint; with tiny-model steps it is "
             "almost all process start-up (imports, model and checkpoint load), as for a fresh start."),
+    Section("evaluation", "evaluation: batched generate against the recipe's one-at-a-time loop (SmolLM2, BANKING77)",
+            "against the recipe", evaluation,
+            "Both sides in one process with the same weights, dtype and max_new_tokens, alternating over the "
+            "repeats. The predictions are compared: batching must not change the answers."),
+    Section("quantization", "quantization: 16-bit against int8 and NF4 (size, memory, exact match, perplexity)",
+            "against 16-bit", quantization, quantization.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip()),
+    Section("limits", "limits: measured matmul peak and training's model FLOPs utilization",
+            "against fp32 peak", limits,
+            "MFU = 6·N·tokens/s ÷ measured bf16 matmul peak (dense forward+backward, N = total parameters, "
+            "non-padding tokens). It leaves out attention FLOPs and NF4 dequantization, so it compares runs "
+            "rather than bounds them."),
+    Section("training", "training: our train stage against the notebook recipe (QLoRA, SmolLM2, BANKING77)",
+            "against the recipe", training, training.NOTE),
+    Section("quality", "time to quality: BANKING77 to 80% held-out accuracy on this machine (profile banking77)",
+            "against the target", time_to_quality,
+            time_to_quality.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip()),
 ]
 BY_NAME = {s.name: s for s in SECTIONS}
 
@@ -127,6 +144,52 @@ def compose(fresh: dict[str, list[str]], old_text: str, everything: bool) -> str
     return "\n".join(head + body).rstrip("\n") + "\n"
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w\-./]+", "_", text, flags=re.ASCII).strip("_")[:200]
+
+
+def _number(text: str) -> float | None:
+    """The value of a cell that holds one number ("2.07x", "1,234", "45.1%"), else None."""
+    m = re.fullmatch(r"\s*([+-]?\d[\d,]*(?:\.\d+)?)\s*(x|%)?\s*", text)
+    if not m:
+        return None
+    value = float(m[1].replace(",", ""))
+    return value / 100 if m[2] == "%" else value
+
+
+def log_to_mlflow(fresh: dict[str, list[tuple]], stamp: str) -> str | None:
+    """With MLFLOW_TRACKING_URI set, one run named "bench": numeric cells as metrics, the others as params,
+    and each section's table as a JSON artifact. A no-op without a tracking URI."""
+    if not os.environ.get("MLFLOW_TRACKING_URI") or not fresh:
+        return None
+    import mlflow
+
+    mlflow.set_experiment(os.environ.get("LLMOPS_BENCH_EXPERIMENT", "llmops-bench"))
+    with mlflow.start_run(run_name="bench", tags={"llmops.bench.sections": ",".join(fresh),
+                                                  "llmops.bench.measured": stamp}) as run:
+        for name, table in fresh.items():
+            metrics, params, seen = {}, {}, set()
+            for i, (measure, value, target, ratio) in enumerate(table):
+                key = f"{name}.{_slug(measure)}"
+                key = key if key not in seen else f"{key}.{i}"
+                seen.add(key)
+                if (v := _number(value)) is not None:
+                    metrics[key] = v
+                elif value:
+                    params[key] = value[:500]
+                if (r := _number(ratio)) is not None:
+                    metrics[f"{key}.ratio"] = r
+                if target:
+                    params[f"{key}.target"] = target[:500]
+            mlflow.log_metrics(metrics)
+            if params:
+                mlflow.log_params(params)
+            mlflow.log_dict({"section": name, "columns": ["measure", "value", "target", "ratio"],
+                             "rows": [list(row) for row in table]},
+                            f"bench/{name}.json")
+        return f"{mlflow.get_tracking_uri()} run {run.info.run_id}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("sections", nargs="*", metavar="SECTION",
@@ -139,11 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     stamp = f"{datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPU cores, no GPU)"
     fresh: dict[str, list[str]] = {}
+    measured: dict[str, list[tuple]] = {}
     failed: list[str] = []
     for section in chosen:
         console.rule(f"benchmark: {section.title}")
         try:
-            table, lines = table_for(section, section.module.rows(section.module.measure()), stamp)
+            measured[section.name] = section.module.rows(section.module.measure())
+            table, lines = table_for(section, measured[section.name], stamp)
         except Exception:  # the other sections' figures are still worth writing
             console.print(traceback.format_exc(), markup=False, highlight=False)
             failed.append(section.name)
@@ -153,8 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     old_text = DOC.read_text() if DOC.exists() else ""
     DOC.write_text(compose(fresh, old_text, everything=not args.sections))
     console.print(f"wrote {DOC} ({', '.join(fresh) or 'no new figures'})")
+    try:
+        if where := log_to_mlflow({name: measured[name] for name in fresh}, stamp):
+            console.print(f"logged to MLflow: {where}")
+    except Exception:  # the figures are in the file already; say the logging failed and fail the command
+        console.print(traceback.format_exc(), markup=False, highlight=False)
+        failed.append("logging to MLflow")
     if failed:
-        console.print(f"[red]failed: {', '.join(failed)}; their previous text is kept")
+        console.print(f"[red]failed: {', '.join(failed)} (a failed section keeps its previous text)")
         return 1
     return 0
 

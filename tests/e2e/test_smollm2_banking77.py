@@ -60,5 +60,9 @@ def test_tuned_smollm2_beats_base_and_registers_a_loadable_version(mlflow_server
     tok = load_tokenizer(local)
     metrics, _ = evaluate_model(load_model(local), tok, examples, EvalSection(), INTENTS, "registered")
     assert metrics["exact_match"] == pytest.approx(quant["results"]["merged"]["exact_match"])
+    # Decoding constrained to the label set agrees with every free answer that is a label, and can only
+    # recover answers that free generation formatted wrongly.
+    assert metrics["agreement_where_valid"] == 1.0 and metrics["label_accuracy"] >= metrics["exact_match"]
+    assert json.loads((Path(local) / "labels.json").read_text()) == INTENTS  # serving knows the label set
     assert tok.pad_token_id != tok.eos_token_id
     assert AutoModelForCausalLM.from_pretrained(local).config.model_type == "llama"

@@ -67,3 +67,12 @@ def test_override_into_non_section_is_rejected():
     with pytest.raises(ValueError, match="not a section"):
         apply_overrides({"profile": "x"}, ["profile.sub=1"])
     assert PipelineConfig().registry.model_name
+
+
+def test_validation_during_training_needs_a_validation_slice():
+    with pytest.raises(ValueError, match="data.val_examples"):
+        load_config("local", ["train.eval_every=10"])
+    with pytest.raises(ValueError, match="train.eval_every"):
+        load_config("local", ["train.target_accuracy=0.8", "data.val_examples=50"])
+    cfg = load_config("banking77", ["data.path=elsewhere.csv"])
+    assert cfg.train.eval_every and cfg.data.val_examples and cfg.data.label_list_in_prompt == "auto"

@@ -170,3 +170,27 @@ def test_stats_carry_hashes_and_token_lengths(demo_prepared):
     assert len(stats["source_sha256"]) == 64 and len(stats["prepared_sha256"]) == 64
     assert stats["total_tokens"]["max"] >= stats["total_tokens"]["p95"] >= stats["total_tokens"]["min"] > 0
     assert stats["reject_reasons"] == {"duplicate": 1, "empty": 1, "unknown-label": 1}
+
+
+@pytest.mark.parametrize("setting, listed", [("auto", True), (True, True), (False, False)])
+def test_the_label_list_in_the_prompt_follows_the_config(tmp_path, tiny_base, setting, listed):
+    rows = [[f"message number {i}", LABELS[i % 2]] for i in range(12)]
+    source = write_csv(tmp_path / "small.csv", rows)
+    stats, _, out = prep(tmp_path, tiny_base, source, labels=LABELS, label_list_in_prompt=setting)
+    prompts = [e["prompt"] for e in read_jsonl(out / "train.jsonl")]
+    assert all(("refund_request" in p and "card_lost" in p) == listed for p in prompts)
+    assert stats["label_list_in_prompt"] is listed
+
+
+def test_a_large_label_set_is_left_out_of_the_prompt_by_default(tmp_path, tiny_base):
+    labels = [f"intent_{i:02d}" for i in range(30)]  # above data.label_list_max
+    source = write_csv(tmp_path / "many.csv", [[f"text {i}", labels[i % 30]] for i in range(60)])
+    stats, _, out = prep(tmp_path, tiny_base, source, labels=labels, val_examples=10)
+    assert not stats["label_list_in_prompt"]
+    assert not any("intent_" in e["prompt"] for e in read_jsonl(out / "train.jsonl"))
+    assert all(e["completion"].startswith("intent_") for e in read_jsonl(out / "train.jsonl"))  # label, then EOS
+    assert json.loads((out / "labels.json").read_text()) == labels  # the label set travels with the data
+    # validation rows are held out of train, and every kept row is in exactly one split
+    val, train, held = (read_jsonl(out / f"{n}.jsonl") for n in ("val", "train", "eval"))
+    assert len(val) == stats["validation"] == 10 and len(val) + len(train) + len(held) == stats["examples"]
+    assert not {e["id"] for e in val} & {e["id"] for e in train}

@@ -26,14 +26,32 @@ def test_labels_cover_the_answer_and_eos_only(tiny_base, demo_prepared):
 
 
 def test_config_becomes_library_objects():
-    cfg = TrainSection(lora_r=4, lora_alpha=8, target_modules=["q_proj"])
+    cfg = TrainSection(lora_r=4, lora_alpha=8, target_modules=["q_proj"], compute_dtype="bfloat16")
     bnb = train.bnb_config(cfg)
     assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
     lora = train.lora_config(cfg)
     assert lora.r == 4 and lora.lora_alpha == 8 and set(lora.target_modules) == {"q_proj"}
     assert train.bnb_config(TrainSection(method="lora", quantization="none")) is None
-    args = train.training_args(TrainSection(max_steps=9, checkpoint_every=3), "/tmp/x")
+    args = train.training_args(TrainSection(max_steps=9, checkpoint_every=3, compute_dtype="bfloat16",
+                                            gradient_checkpointing=False), "/tmp/x")
     assert args.max_steps == 9 and args.save_steps == 3 and args.train_sampling_strategy == "group_by_length"
+    assert args.bf16 and not args.activation_checkpointing
+
+
+def test_auto_choices_follow_the_measurements(tiny_base, monkeypatch):
+    from components import compute
+
+    rates = {"torch.float32": 100.0, "torch.bfloat16": 300.0}
+    monkeypatch.setattr(compute, "matmul_rate", lambda dtype: rates[str(dtype)])
+    monkeypatch.setattr(compute, "free_memory", lambda use_gpu: 20e9)
+    cfg = compute.resolve(TrainSection(), tiny_base, longest=64)
+    assert cfg.compute_dtype == "bfloat16" and cfg.gradient_checkpointing is False  # a tiny batch fits easily
+    rates["torch.bfloat16"] = 110.0  # bf16 barely faster: not worth its coarser rounding
+    monkeypatch.setattr(compute, "free_memory", lambda use_gpu: 1e6)  # almost no memory left
+    cfg = compute.resolve(TrainSection(), tiny_base, longest=64)
+    assert cfg.compute_dtype == "float32" and cfg.gradient_checkpointing is True
+    explicit = compute.resolve(TrainSection(compute_dtype="bfloat16", gradient_checkpointing=False), tiny_base, 64)
+    assert (explicit.compute_dtype, explicit.gradient_checkpointing) == ("bfloat16", False)
 
 
 def test_training_moves_the_adapter_and_not_the_base(tiny_base, tiny_adapter):

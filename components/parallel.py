@@ -1,0 +1,40 @@
+"""Data-parallel training in one pod: torchrun starts cfg.num_processes workers of the train stage.
+
+One worker per GPU on NCCL; on CPU the same code path runs on gloo, which is how it is tested here.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from components.checkpoints import Durable
+from components.config import TrainSection
+from components.util import console, read_json
+
+
+def launch(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    """Run this stage under torchrun with cfg.num_processes workers in this pod; rank 0 writes the outputs."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.num_processes}",
+           "-m", "components.train", cfg.to_json(), str(base_dir), str(data_dir), str(out_dir)]
+    Durable.for_run(cfg, base_dir, data_dir).restore()  # fetched once here, not raced by every worker
+    console.print(f"data-parallel training: {cfg.num_processes} processes on {'nccl' if cfg.use_gpu else 'gloo'}")
+    proc, signalled = subprocess.Popen(cmd), []
+
+    def forward(signum, frame):  # torchrun sends SIGTERM on to every worker and waits for them to exit
+        signalled.append(signum)
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if signalled:  # the workers saved a checkpoint together; exit as a single-process run would, for the retry
+        raise SystemExit(128 + signal.SIGTERM)
+    metrics = Path(out_dir) / "train_metrics.json"
+    if code != 0 or not metrics.exists():
+        raise RuntimeError(f"data-parallel training failed: torchrun exited with {code} (see the workers' output above)")
+    return read_json(metrics)

@@ -1,0 +1,127 @@
+"""Label tasks: constrained decoding answers only with labels, agrees with valid free answers, and
+validation during training stops at the target accuracy and keeps the best adapter."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from components import evaluate, labels, train
+from components.config import DataSection, EvalSection, TrainSection
+from components.prepare_data import read_jsonl
+from components.util import read_json
+
+pytestmark = pytest.mark.unit
+TARGET = 0.9
+
+
+def learner(checkpoint_root, **kw) -> TrainSection:
+    """16-bit LoRA: NF4 rounding of a 64-wide random model leaves it too little signal to learn the mapping."""
+    settings = dict(batch_size=8, learning_rate=3e-3, lora_r=32, lora_alpha=64, lora_dropout=0.0, method="lora",
+                    quantization="none", compute_dtype="float32", checkpoint_every=1000,
+                    checkpoint_root=str(checkpoint_root))
+    return TrainSection(**{**settings, **kw})
+
+
+@pytest.fixture(scope="module")
+def mapping_base(llmops_cache, tmp_path_factory):
+    """A tiny Llama initialised with larger weights: with the default 0.02 its tied output embedding
+    cannot make any logit stand out, so no adapter could make it answer confidently."""
+    from components import base_model
+    from components.config import ModelSection
+    from tests.conftest import build_tiny_llama
+
+    source = build_tiny_llama(tmp_path_factory.mktemp("mapping-src"), initializer_range=0.2)
+    out = tmp_path_factory.mktemp("mapping-base") / "model"
+    base_model.resolve(ModelSection(base_model=str(source)), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def with_validation(mapping_base, tmp_path_factory):
+    """The demo intents (a known text → label mapping) with 40 rows held out of train for validation."""
+    from components import prepare_data
+
+    out = tmp_path_factory.mktemp("demo-val")
+    prepare_data.run(DataSection(val_examples=40), mapping_base, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def early_stopped(mapping_base, with_validation, tmp_path_factory):
+    out = tmp_path_factory.mktemp("early")
+    cfg = learner(out / "ck", max_steps=600, eval_every=25, target_accuracy=TARGET)
+    return cfg, train.run(cfg, mapping_base, with_validation, out / "adapter"), out
+
+
+def test_the_trie_admits_exactly_the_labels_followed_by_eos(tiny_base):
+    tok = evaluate.load_tokenizer(tiny_base)
+    names = ["card_lost", "card_arrival", "refund_request"]
+    trie = labels.LabelTrie(tok, names)
+    for name in names:
+        ids = tok(name + tok.eos_token, add_special_tokens=False)["input_ids"]
+        for i, token in enumerate(ids):
+            assert token in trie.allowed(ids[:i])
+        assert trie.label_of(ids + [tok.pad_token_id] * 2) == name
+    assert trie.label_of(tok("card", add_special_tokens=False)["input_ids"]) is None  # a prefix is no label
+    first = {tok(n, add_special_tokens=False)["input_ids"][0] for n in names}
+    assert set(trie.allowed([])) == first
+
+
+def test_an_untrained_model_constrained_to_labels_answers_only_labels(tiny_base, demo_prepared):
+    tok = evaluate.load_tokenizer(tiny_base)
+    model = evaluate.load_model(tiny_base, "float32")
+    names = read_json(demo_prepared / "labels.json")
+    prompts = [e["prompt"] for e in read_jsonl(demo_prepared / "eval.jsonl")][:12]
+    free = evaluate.generate(model, tok, prompts, 8, batch_size=12)
+    constrained = labels.predict(model, tok, prompts, names, batch_size=5)
+    assert all(c in names for c in constrained)
+    assert not all(f in names for f in free)  # free generation of random weights is mostly not a label
+
+
+def test_constrained_scoring_of_a_trained_model(mapping_base, with_validation, early_stopped):
+    _, _, out = early_stopped
+    tok = evaluate.load_tokenizer(mapping_base)
+    model = evaluate.load_model(mapping_base, "float32", adapter_dir=out / "adapter")
+    examples, names = read_jsonl(with_validation / "eval.jsonl"), read_json(with_validation / "labels.json")
+    result, free = evaluate.evaluate_in_detail(model, tok, examples, EvalSection(batch_size=8), names, "tuned")
+    constrained = result["constrained_predictions"]
+    assert result["label_accuracy"] >= 0.8  # it picks the right label of the known mapping
+    # This small model has learned the labels but not yet to stop after them: free answers run on past
+    # the label, so exact match calls nearly all of them wrong. Constrained decoding is not fooled.
+    assert result["exact_match"] < 0.5 < result["invalid_rate"]
+    # Greedy decoding that follows the free path while it spells a label must choose that same label.
+    started = [(max((n for n in names if f.startswith(n)), key=len, default=None), c) for f, c in zip(free, constrained)]
+    spelled = [(n, c) for n, c in started if n is not None]
+    assert len(spelled) >= 0.8 * len(free) and all(n == c for n, c in spelled)
+    if result["agreement_where_valid"] is not None:  # free answers that are exactly a label
+        assert result["agreement_where_valid"] == 1.0
+
+
+def test_validation_stops_at_the_target_and_keeps_the_best_adapter(early_stopped):
+    cfg, metrics, out = early_stopped
+    curve = json.loads((out / "adapter" / "validation_curve.json").read_text())
+    assert curve[0]["step"] == 0 and curve[0]["accuracy"] < TARGET  # the base model starts the curve
+    assert curve[-1]["accuracy"] >= TARGET > max(p["accuracy"] for p in curve[:-1])  # stopped at the first hit
+    assert metrics["steps"] == curve[-1]["step"] < cfg.max_steps and metrics["steps"] % cfg.eval_every == 0
+    assert metrics["val_best_accuracy"] == curve[-1]["accuracy"] and metrics["val_seconds_to_target"] > 0
+    best = load_file(out / "ck" / next((out / "ck").iterdir()).name / "best" / "adapter_model.safetensors")
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(best[k], final[k]) for k in best)
+    assert (out / "adapter" / "accuracy_over_time.png").stat().st_size > 1000
+
+
+def test_the_output_is_the_best_adapter_not_the_last(mapping_base, with_validation, tmp_path):
+    """Without a target the run goes to max_steps; the adapter it hands on scores the best validation accuracy."""
+    # a learning rate this high overshoots, so the last evaluation is unlikely to be the best one
+    cfg = learner(tmp_path / "ck", max_steps=120, eval_every=20, learning_rate=3e-2)
+    metrics = train.run(cfg, mapping_base, with_validation, tmp_path / "adapter")
+    curve = json.loads((tmp_path / "adapter" / "validation_curve.json").read_text())
+    best = max(curve, key=lambda p: p["accuracy"])
+    assert metrics["steps"] == 120 and metrics["val_best_step"] == best["step"]
+    tok = evaluate.load_tokenizer(mapping_base)
+    model = evaluate.load_model(mapping_base, "float32", adapter_dir=tmp_path / "adapter")
+    val = read_jsonl(with_validation / "val.jsonl")
+    preds = labels.predict(model, tok, [e["prompt"] for e in val], read_json(with_validation / "labels.json"), 16)
+    assert labels.accuracy(preds, [e["answer"] for e in val]) == pytest.approx(best["accuracy"])
