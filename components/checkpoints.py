@@ -94,6 +94,10 @@ class Durable:
 
         class Upload(TrainerCallback):
             def on_save(self, args, state, control, **kw):
+                import torch.distributed as dist
+
+                if durable.remote and dist.is_available() and dist.is_initialized():
+                    dist.barrier()  # every rank has written its part (its RNG state) before the upload
                 if durable.remote and state.is_world_process_zero:  # one uploader under data parallelism
                     from components.storage import upload_dir
 
@@ -120,7 +124,7 @@ class PreemptionCallback:
 
         class OnSigterm(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
-                if handler.signalled_anywhere():
+                if handler.signalled_anywhere(args.device):
                     control.should_save = True
                     control.should_training_stop = True
 
@@ -133,14 +137,14 @@ class PreemptionCallback:
         console.print("SIGTERM: saving a checkpoint after this step, then stopping")
         self.signalled = True
 
-    def signalled_anywhere(self) -> bool:
+    def signalled_anywhere(self, device) -> bool:
         """Data-parallel ranks must stop at the same step, or the one still training waits forever."""
         import torch
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return self.signalled
-        flag = torch.tensor([int(self.signalled)])
+        flag = torch.tensor([int(self.signalled)], device=device)  # NCCL reduces GPU tensors only
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.signalled = bool(flag.item())
         return self.signalled

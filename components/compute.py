@@ -58,6 +58,28 @@ def free_memory(use_gpu: bool) -> float:
     return float(psutil.virtual_memory().available)
 
 
+def resolved_choices(cfg: TrainSection, base_dir: Path, data_dir: Path, root: Path) -> TrainSection:
+    """The "auto" choices of this run, measured once and kept beside its checkpoints.
+
+    A restarted or data-parallel worker reads them back instead of measuring again: a noisy timing must
+    not switch a resumed run to another dtype, or give two ranks different ones.
+    """
+    import json
+
+    from components.prepare_data import read_jsonl
+
+    saved = Path(root) / "resolved.json"
+    if saved.exists():
+        return cfg.model_copy(update=json.loads(saved.read_text()))
+    examples = read_jsonl(Path(data_dir) / "train.jsonl")
+    longest = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
+    run_cfg = resolve(cfg, base_dir, longest)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({"compute_dtype": run_cfg.compute_dtype,
+                                 "gradient_checkpointing": run_cfg.gradient_checkpointing}))
+    return run_cfg
+
+
 def resolve(cfg: TrainSection, base_dir: Path, longest: int) -> TrainSection:
     """The section with "auto" choices replaced by what this machine and this data need."""
     from transformers import AutoConfig

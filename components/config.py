@@ -92,6 +92,9 @@ class TrainSection(Section):
             raise ValueError("train.method=qlora needs train.quantization=nf4 (a 4-bit base)")
         if self.method == "lora" and self.quantization != "none":
             raise ValueError("train.method=lora trains a 16-bit base: set train.quantization=none")
+        for field in ("target_accuracy", "max_minutes"):
+            if getattr(self, field) and not self.eval_every:
+                raise ValueError(f"train.{field} is checked with validation: set train.eval_every")
         return self
 
 
@@ -191,8 +194,6 @@ class PipelineConfig(BaseModel):
     def _validation_needs_a_slice(self) -> "PipelineConfig":
         if self.train.eval_every and not self.data.val_examples:
             raise ValueError("train.eval_every needs a validation slice: set data.val_examples")
-        if self.train.target_accuracy and not self.train.eval_every:
-            raise ValueError("train.target_accuracy is checked on validation: set train.eval_every")
         return self
 
 

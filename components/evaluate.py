@@ -55,7 +55,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     with Progress(console=console, transient=True) as bar, torch.inference_mode():
         task = bar.add_task(label, total=len(prompts))
         for idx in _batches(order, batch_size):
-            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

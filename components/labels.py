@@ -50,7 +50,7 @@ def predict(model, tok, prompts: list[str], labels: list[str], batch_size: int, 
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             width = enc["input_ids"].shape[1]
             # use_cache explicitly: during training the model's config may have it off, which would
             # recompute the whole prompt at every generated token

@@ -5,21 +5,28 @@ One worker per GPU on NCCL; on CPU the same code path runs on gloo, which is how
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from components.checkpoints import Durable
+from components.compute import resolved_choices
 from components.config import TrainSection
 from components.util import console, read_json
 
 
 def launch(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     """Run this stage under torchrun with cfg.num_processes workers in this pod; rank 0 writes the outputs."""
+    # torchrun SIGKILLs workers this long after passing on a SIGTERM: it must cover a step plus a save
+    grace = os.environ.get("LLMOPS_SHUTDOWN_TIMEOUT", "90")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.num_processes}",
-           "-m", "components.train", cfg.to_json(), str(base_dir), str(data_dir), str(out_dir)]
-    Durable.for_run(cfg, base_dir, data_dir).restore()  # fetched once here, not raced by every worker
+           f"--shutdown-timeout={grace}", "-m", "components.train", cfg.to_json(), str(base_dir), str(data_dir),
+           str(out_dir)]
+    durable = Durable.for_run(cfg, base_dir, data_dir)
+    durable.restore()  # fetched once here, not raced by every worker
+    resolved_choices(cfg, base_dir, data_dir, durable.local)  # measured once, so every rank trains alike
     console.print(f"data-parallel training: {cfg.num_processes} processes on {'nccl' if cfg.use_gpu else 'gloo'}")
     proc, signalled = subprocess.Popen(cmd), []
 

@@ -32,7 +32,7 @@ def resolve_source(cfg: DataSection, work_dir: Path) -> Path:
     return Path(cfg.path).expanduser()
 
 
-def detect_format(cfg: DataSection, columns: set[str], source: Path) -> tuple[str, str | None]:
+def detect_format(cfg: DataSection, columns: set[str], source: Path, row: int = 1) -> tuple[str, str | None]:
     """Returns (format, label field)."""
     label_field = cfg.label_field or next((f for f in LABEL_FIELDS if f in columns), None)
     if cfg.format != "auto":
@@ -51,7 +51,7 @@ def detect_format(cfg: DataSection, columns: set[str], source: Path) -> tuple[st
     if fmt == "alpaca" and not ({"output", "instances"} & columns):
         missing.append("output")
     if missing:
-        raise DataError(f"{source}: row 1: missing field(s) {missing} for format {fmt!r} (columns: {sorted(columns)})")
+        raise DataError(f"{source}: row {row}: missing field(s) {missing} for format {fmt!r} (columns: {sorted(columns)})")
     return fmt, label_field
 
 
@@ -110,6 +110,8 @@ def to_examples(record: dict, fmt: str, cfg: DataSection, labels, label_field) -
         if isinstance(instruction, RowProblem):
             return instruction
         instances = record.get("instances") or [{"input": record.get("input", ""), "output": record.get("output")}]
+        if not isinstance(instances, list) or not all(isinstance(i, dict) for i in instances):
+            return RowProblem("instances", "expected a list of {input, output} objects")
         pairs = []
         for inst in instances:
             output = _text(inst, "output")
@@ -163,7 +165,7 @@ def collect(cfg: DataSection, source: Path, tok) -> tuple[list[dict], list[dict]
             rejects.append(reject(source, row, record))
             continue
         if fmt is None:
-            fmt, label_field = detect_format(cfg, set(record), source)
+            fmt, label_field = detect_format(cfg, set(record), source, row)
             labels = load_labels(cfg, source) if fmt == "label" else None
         result = to_examples(record, fmt, cfg, labels, label_field)
         if isinstance(result, RowProblem):
@@ -242,7 +244,10 @@ def run(cfg: DataSection, base_dir: Path, out_dir: Path) -> dict:
         examples = tokenize_and_filter(kept, rejects, cfg, tok, source)
         write_jsonl(out_dir / "rejects.jsonl", rejects)
         reasons = Counter(r["kind"] for r in rejects)
-        if len(examples) < 2:
+        if len(examples) < 2:  # the counts still go out, so the user sees what was rejected and why
+            write_json(out_dir / "stats.json", {"source": str(source), "rows_read": info["rows_read"],
+                                                "examples": len(examples), "rejected": len(rejects),
+                                                "reject_reasons": dict(reasons)})
             raise DataError(f"{source}: nothing usable: {info['rows_read']} rows read, {len(examples)} kept, "
                             f"{len(rejects)} rejected ({dict(reasons)}); see {out_dir / 'rejects.jsonl'}")
         train, eval_set, val = split(examples, cfg)
@@ -257,6 +262,7 @@ def run(cfg: DataSection, base_dir: Path, out_dir: Path) -> dict:
             "format": info["format"], "rows_read": info["rows_read"], "examples": len(examples),
             "rejected": len(rejects), "reject_reasons": dict(reasons), "train": len(train), "eval": len(eval_set),
             "validation": len(val), "label_list_in_prompt": lists_labels(cfg, info["labels"]),
+            "rows_kept": len({e["row"] for e in examples}),  # an Alpaca row with several instances is one row
             "num_labels": len(info["labels"] or []),
             "prompt_tokens": _stats([e["prompt_tokens"] for e in examples]),
             "completion_tokens": _stats([e["completion_tokens"] for e in examples]),

@@ -28,7 +28,9 @@ def bnb_variant(variant: str):
 
 
 def deltas(reference: dict, candidate: dict) -> dict:
-    return {"accuracy_drop": reference["exact_match"] - candidate["exact_match"],
+    # label tasks compare label accuracy: a free answer's formatting is not what quantization should be judged on
+    metric = "label_accuracy" if "label_accuracy" in reference and "label_accuracy" in candidate else "exact_match"
+    return {"accuracy_drop": reference[metric] - candidate[metric], "accuracy_metric": metric,
             "perplexity_increase": candidate["perplexity"] / reference["perplexity"] - 1.0}
 
 
@@ -43,7 +45,7 @@ def recommend(results: dict, cfg: QuantizeSection) -> str:
 
 def _measure(model, tok, examples, labels, name: str) -> dict:
     metrics, _ = evaluate_model(model, tok, examples, EvalSection(), labels, name)
-    keep = {k: metrics[k] for k in ("exact_match", "perplexity", "loss")}
+    keep = {k: metrics[k] for k in ("exact_match", "perplexity", "loss", "label_accuracy") if k in metrics}
     keep["memory_bytes"] = model.get_memory_footprint()
     return keep
 

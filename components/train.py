@@ -76,7 +76,9 @@ def load_model(cfg: TrainSection, base_dir: Path):
     from transformers import AutoModelForCausalLM
 
     quant = bnb_config(cfg)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant,
+    # each data-parallel rank on its own GPU: a 4-bit model stays where it is loaded
+    device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cfg.use_gpu else None
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, device_map=device_map,
                                                  dtype=getattr(torch, cfg.compute_dtype))
     if quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
@@ -161,7 +163,7 @@ def summarize(trainer, result, resume, elapsed: float, trainable: int, examples:
 def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer, set_seed
 
-    from components.compute import resolve
+    from components.compute import resolved_choices
     from components.tracking import stage_run
 
     started = time.perf_counter()
@@ -175,7 +177,7 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
     tok = AutoTokenizer.from_pretrained(base_dir)
     dataset = tokenize(read_jsonl(Path(data_dir) / "train.jsonl"), tok)
     with stage_run("train", cfg.model_dump(), {"llmops.checkpoint_dir": durable.where}) as tracker:
-        run_cfg = resolve(cfg, base_dir, longest=max(len(ids) for ids in dataset["input_ids"]))
+        run_cfg = resolved_choices(cfg, base_dir, data_dir, ckpt_root)
         tracker.set_tags({"train.compute_dtype": run_cfg.compute_dtype,
                           "train.gradient_checkpointing": run_cfg.gradient_checkpointing})
         set_seed(cfg.seed)  # before the adapter exists: its initial weights come from the global RNG
@@ -205,6 +207,8 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
                         "stage_seconds": time.perf_counter() - started})
         if validation:
             metrics.update(validation.summary(out_dir))
+            # validation pauses are not training: tokens/s counts the time spent on training steps only
+            metrics["tokens_per_s"] = metrics["non_padding_tokens"] / max(elapsed - validation.seconds_spent, 1e-9)
         write_json(out_dir / "history.json", trainer.state.log_history)
         write_json(out_dir / "train_metrics.json", metrics)
         tracker.log_stats(metrics, prefix="train_summary")

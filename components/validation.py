@@ -7,6 +7,7 @@ stops once train.target_accuracy is reached or train.max_minutes have passed.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -15,6 +16,18 @@ from components.config import TrainSection
 from components.util import console, read_json, write_json
 
 BEST = "best"
+
+
+def agreed(flag: bool, device) -> bool:
+    """True if any data-parallel rank says so: ranks that stop at different steps deadlock the others."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def plot_curve(curve: list[dict], path: Path, target: float | None) -> Path:
@@ -55,8 +68,10 @@ def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], label
             self.curve: list[dict] = saved.get("curve", [])
             self.best: dict | None = saved.get("best")
             self.offset = self.curve[-1]["seconds"] if self.curve else 0.0  # wall-clock of earlier attempts
+            self.seconds_spent = 0.0  # validating, in this process: kept out of training's tokens/s
 
         def measure(self, model, state) -> float:
+            begun = time.perf_counter()
             was_training = model.training
             model.eval()
             preds = label_scoring.predict(model, gen_tok, prompts, labels, cfg.batch_size * 2, trie)
@@ -67,6 +82,7 @@ def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], label
             self.curve.append(point)
             tracker.log_metrics({"val.label_accuracy": acc, "val.minutes": point["seconds"] / 60}, step=state.global_step)
             console.print(f"step {state.global_step}: validation accuracy {acc:.3f} at {point['seconds'] / 60:.1f} min")
+            self.seconds_spent += time.perf_counter() - begun
             return acc
 
         def on_train_begin(self, args, state, control, model=None, **kw):
@@ -76,14 +92,16 @@ def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], label
 
         def on_step_end(self, args, state, control, model=None, **kw):
             minutes = (self.offset + time.perf_counter() - started) / 60
-            out_of_time = cfg.max_minutes is not None and minutes >= cfg.max_minutes
+            out_of_time = agreed(cfg.max_minutes is not None and minutes >= cfg.max_minutes, args.device)
             if state.global_step % cfg.eval_every and not out_of_time and state.global_step < state.max_steps:
                 return
             acc = self.measure(model, state)
             if self.best is None or acc > self.best["accuracy"]:
                 self.best = {"step": state.global_step, "accuracy": acc, "seconds": self.curve[-1]["seconds"]}
-                if state.is_world_process_zero:
-                    model.save_pretrained(Path(root) / BEST)
+                if state.is_world_process_zero:  # written aside, then swapped in: a kill mid-save keeps the old best
+                    model.save_pretrained(Path(root) / f"{BEST}.tmp")
+                    shutil.rmtree(Path(root) / BEST, ignore_errors=True)
+                    (Path(root) / f"{BEST}.tmp").rename(Path(root) / BEST)
             self._save(state)
             if cfg.target_accuracy is not None and acc >= cfg.target_accuracy:
                 console.print(f"target accuracy {cfg.target_accuracy:.2f} reached at step {state.global_step}: stopping")
@@ -105,6 +123,7 @@ def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], label
             return {"val_best_accuracy": self.best["accuracy"] if self.best else None,
                     "val_best_step": self.best["step"] if self.best else None,
                     "val_first_accuracy": self.curve[0]["accuracy"] if self.curve else None,
-                    "val_seconds_to_target": reached["seconds"] if reached else None}
+                    "val_seconds_to_target": reached["seconds"] if reached else None,
+                    "val_seconds_spent": self.seconds_spent}
 
     return Validate()

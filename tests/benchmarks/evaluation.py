@@ -20,9 +20,10 @@ BANKING77 = Path(os.environ.get("LLMOPS_BANKING77", "/work/shared/data/banking77
 EXAMPLES = 64
 BATCH = 16
 REPEATS = 2
-# One intra-op thread for every model benchmark: on this 2-core machine shared with other jobs, two
-# OpenMP threads wait on each other at every barrier and batch-1 decoding ran 14x slower than with one.
-THREADS = 1
+# Intra-op threads for every model benchmark: all cores on a quiet machine. On a machine shared with
+# other jobs set LLMOPS_BENCH_THREADS=1: two OpenMP threads then wait on each other at every barrier,
+# and batch-1 decoding ran 14x slower than with one (2026-11-23, load average 5 on 2 cores).
+THREADS = int(os.environ.get("LLMOPS_BENCH_THREADS", os.cpu_count() or 1))
 # float32, not the evaluate stage's bfloat16 default: in bf16 a padded row of a batch rounds differently
 # from the same row alone and greedy answers drift (48/64 identical for the untuned model on 2026-11-23),
 # which would hide a real batching bug behind numerics; fp32 keeps the equality check about the code.

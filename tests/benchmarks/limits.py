@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,8 +76,11 @@ def run_train(section: dict, data_dir: Path) -> tuple[dict, int]:
     scratch = Path(tempfile.mkdtemp(prefix="bench-train-"))
     # A fresh checkpoint root: the default is keyed by the inputs, and a rerun would resume, not train.
     section = {"checkpoint_root": str(scratch / "ckpt"), "checkpoint_every": 10_000, **section}
-    output, peak, _ = sampled([sys.executable, "-c", TRAIN_CHILD, json.dumps(section), str(base_dir()),
-                               str(data_dir), str(scratch / "out")], child_env())
+    try:
+        output, peak, _ = sampled([sys.executable, "-c", TRAIN_CHILD, json.dumps(section), str(base_dir()),
+                                   str(data_dir), str(scratch / "out")], child_env())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     line = next(l for l in output.splitlines() if l.startswith(MARK))
     return json.loads(line[len(MARK):]), peak
 
@@ -124,6 +128,6 @@ def rows(result: dict) -> list[tuple[str, str, str, str]]:
          "", ""),
         ("MFU = 6·N·tokens/s ÷ measured bf16 peak", f"{flops / 1e9 / best['bfloat16']:.1%}", "", ""),
         ("same against the measured fp32 peak", f"{flops / 1e9 / best['float32']:.1%}", "", ""),
-        ("1-minute load average at the end (2 cores; other jobs were running)", f"{result['load']:.1f}", "", ""),
+        (f"1-minute load average at the end ({os.cpu_count()} cores; above 0 means other work shared them)", f"{result['load']:.1f}", "", ""),
     ]
     return out

@@ -10,6 +10,7 @@ that has already imported the same libraries.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,8 +52,11 @@ def measure() -> dict:
     pin_threads()
     model_dir, data = base_dir(), banking77()
     out = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
-    with no_tracking():
-        report = quantize.run(QuantizeSection(eval_examples=EXAMPLES), model_dir, data, out)
+    try:
+        with no_tracking():
+            report = quantize.run(QuantizeSection(eval_examples=EXAMPLES), model_dir, data, out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # the int8 and NF4 variants: measured, not kept
     for name in report["results"]:
         report["results"][name]["rss_added"] = resident(model_dir, name)
     return report

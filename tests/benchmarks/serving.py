@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,12 +17,9 @@ PROMPTS = [f"Write one sentence about topic number {i}: " + t for i, t in enumer
 
 
 def base_dir() -> Path:
-    from components import base_model
-    from components.config import ModelSection
+    from tests.benchmarks.evaluation import base_dir as shared_base
 
-    out = Path(tempfile.mkdtemp(prefix="bench-base-")) / "model"
-    base_model.resolve(ModelSection(), out)
-    return out
+    return shared_base()  # one copy for every model benchmark, not one per run
 
 
 def sequential(model_dir: Path, prompts: list[str]) -> float:

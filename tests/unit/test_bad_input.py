@@ -185,9 +185,6 @@ def test_binary_rows_inside_a_text_csv_are_rejected_alone(tmp_path, tiny_base):
     assert [(r["row"], r["kind"]) for r in rejects] in ([(4, "undecodable")], [(4, "malformed")])
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="prepare_data.to_examples iterates a non-list `instances` and calls .get on its items; "
-                          "needs a type check there (a file owned elsewhere)")
 def test_alpaca_instances_of_the_wrong_type_are_a_rejection(tmp_path, tiny_base):
     raw = jsonl_bytes(*GOOD_ALPACA, {"instruction": "Count", "instances": "1 2 3"})
     source, out = prep(tmp_path, tiny_base, "a.jsonl", raw)

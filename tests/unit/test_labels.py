@@ -88,15 +88,13 @@ def test_constrained_scoring_of_a_trained_model(mapping_base, with_validation, e
     result, free = evaluate.evaluate_in_detail(model, tok, examples, EvalSection(batch_size=8), names, "tuned")
     constrained = result["constrained_predictions"]
     assert result["label_accuracy"] >= 0.8  # it picks the right label of the known mapping
-    # This small model has learned the labels but not yet to stop after them: free answers run on past
-    # the label, so exact match calls nearly all of them wrong. Constrained decoding is not fooled.
-    assert result["exact_match"] < 0.5 < result["invalid_rate"]
+    assert result["label_accuracy"] >= result["exact_match"]  # a badly formatted free answer cannot count
     # Greedy decoding that follows the free path while it spells a label must choose that same label.
+    # (This small model often runs on past the label instead of stopping, so the free answers are
+    # compared by the label they start with; the end-to-end test on SmolLM2 checks whole answers.)
     started = [(max((n for n in names if f.startswith(n)), key=len, default=None), c) for f, c in zip(free, constrained)]
     spelled = [(n, c) for n, c in started if n is not None]
     assert len(spelled) >= 0.8 * len(free) and all(n == c for n, c in spelled)
-    if result["agreement_where_valid"] is not None:  # free answers that are exactly a label
-        assert result["agreement_where_valid"] == 1.0
 
 
 def test_validation_stops_at_the_target_and_keeps_the_best_adapter(early_stopped):
@@ -112,9 +110,9 @@ def test_validation_stops_at_the_target_and_keeps_the_best_adapter(early_stopped
     assert (out / "adapter" / "accuracy_over_time.png").stat().st_size > 1000
 
 
-def test_the_output_is_the_best_adapter_not_the_last(mapping_base, with_validation, tmp_path):
+def test_the_output_is_the_adapter_of_the_best_validation(mapping_base, with_validation, tmp_path):
     """Without a target the run goes to max_steps; the adapter it hands on scores the best validation accuracy."""
-    # a learning rate this high overshoots, so the last evaluation is unlikely to be the best one
+    # a learning rate this high makes the accuracy swing between evaluations, so the best is rarely the last
     cfg = learner(tmp_path / "ck", max_steps=120, eval_every=20, learning_rate=3e-2)
     metrics = train.run(cfg, mapping_base, with_validation, tmp_path / "adapter")
     curve = json.loads((tmp_path / "adapter" / "validation_curve.json").read_text())
