@@ -172,9 +172,10 @@ def record_summary(summary: dict) -> None:
 def finalize(cfg: RegisterSection, pipeline_run: str, state: str) -> dict:
     """The pipeline's exit task: whatever happened, leave MLflow consistent for this pipeline run.
 
-    A stage process killed outright (OOM, lost node) never ends its MLflow run, and a retried create may
-    leave an orphan run behind: runs of this pipeline run still RUNNING are marked FAILED. Versions of it
-    that are incomplete or duplicated are deleted (settle). Returns the registration summary, if any.
+    Runs tagged with this pipeline run (the registration runs) still RUNNING are marked FAILED: a register
+    step killed outright never ends its run, and a retried create may leave an orphan behind. Versions of
+    it that are incomplete or duplicated are deleted (settle). Returns the registration summary, if any.
+    The model stages' own runs are not tagged with the pipeline run and are left as they are.
     """
     import mlflow
     from mlflow import MlflowClient
