@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -168,8 +169,9 @@ ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_
        "MLFLOW_S3_ENDPOINT_URL")
 
 
-@pytest.fixture(scope="module")
-def moto_url(tmp_path_factory):
+@contextmanager
+def moto_s3(scratch: Path):
+    """A moto S3 server on loopback with throwaway credentials in the environment; all undone on exit."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # port 0: the OS picks a free one
@@ -177,8 +179,8 @@ def moto_url(tmp_path_factory):
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
     saved = {name: os.environ.get(name) for name in ENV}
-    # Point config/credential files at nothing so a developer's ~/.aws cannot leak into the tests.
-    nowhere = str(tmp_path_factory.mktemp("aws") / "missing")
+    # Point config/credential files at nothing so a developer's ~/.aws cannot leak in.
+    nowhere = str(Path(scratch) / "aws-missing")
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                       AWS_ENDPOINT_URL=url, AWS_CONFIG_FILE=nowhere, AWS_SHARED_CREDENTIALS_FILE=nowhere)
     for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "MLFLOW_S3_ENDPOINT_URL"):
@@ -191,5 +193,13 @@ def moto_url(tmp_path_factory):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        requests.post(f"{url}/moto-api/reset", timeout=10)  # the backends live in this process: free the objects
-        server.stop()
+        try:
+            requests.post(f"{url}/moto-api/reset", timeout=30)  # the backends live in this process: free the objects
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def moto_url(tmp_path_factory):
+    with moto_s3(tmp_path_factory.mktemp("aws")) as url:
+        yield url

@@ -15,7 +15,6 @@ import statistics
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 MB = 1e6  # throughput in decimal megabytes per second, as network and disk vendors quote it
@@ -72,38 +71,6 @@ def same_tree(a: Path, b: Path, ignore: set[str]) -> bool:
     return True
 
 
-@contextmanager
-def moto_s3(scratch: Path):
-    """A loopback moto S3 server with throwaway credentials, set up as tests/conftest.py's moto_url fixture does."""
-    import requests
-    from moto.server import ThreadedMotoServer
-
-    from tests.conftest import ENV
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    saved = {name: os.environ.get(name) for name in ENV}
-    nowhere = str(scratch / "aws-missing")  # a developer's ~/.aws must not change what is measured
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=url, AWS_CONFIG_FILE=nowhere, AWS_SHARED_CREDENTIALS_FILE=nowhere)
-    for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "MLFLOW_S3_ENDPOINT_URL"):
-        os.environ.pop(name, None)
-    try:
-        yield url
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        try:
-            requests.post(f"{url}/moto-api/reset", timeout=30)  # moto keeps objects in this process: free them
-        finally:
-            server.stop()
-
-
 def _timed(fn, *args, **kw) -> float:
     started = time.perf_counter()
     fn(*args, **kw)
@@ -113,6 +80,7 @@ def _timed(fn, *args, **kw) -> float:
 def measure(repeats: int = REPEATS) -> dict:
     from components import storage
     from components.util import file_sha256
+    from tests.conftest import moto_s3
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-storage-"))
     # werkzeug (inside moto) logs every request line to stderr; hundreds of them would bury the tables.
