@@ -42,8 +42,12 @@ print("{MARK}", json.dumps(m, default=str), flush=True)
 """
 
 
-def sampled(cmd: list[str], env: dict) -> tuple[str, int, float]:
-    """Run cmd; return its output, its process tree's peak RSS (sampled every 0.1 s) and its wall time."""
+def tree_rss(proc: psutil.Process) -> int:
+    return sum(p.memory_info().rss for p in [proc] + proc.children(recursive=True))
+
+
+def sampled(cmd: list[str], env: dict, rss=tree_rss) -> tuple[str, int, float]:
+    """Run cmd; return its output, the peak of rss(its process) (sampled every 0.1 s) and its wall time."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     watched, peak = psutil.Process(proc.pid), [0]
@@ -51,7 +55,7 @@ def sampled(cmd: list[str], env: dict) -> tuple[str, int, float]:
     def sample():
         while proc.poll() is None:
             try:
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in [watched] + watched.children(recursive=True)))
+                peak[0] = max(peak[0], rss(watched))
             except psutil.Error:
                 pass
             time.sleep(0.1)

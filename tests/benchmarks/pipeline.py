@@ -7,14 +7,15 @@ included, the MLflow server excluded), and each stage's wall time.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import psutil
+
+from tests.benchmarks.limits import sampled
 
 TARGET_SECONDS = 600
 TARGET_BYTES = 6e9
@@ -37,32 +38,13 @@ def measure(extra: list[str] | None = None, warm_base_cache: Path | None = None)
     if warm_base_cache:
         env["LLMOPS_CACHE"] = str(warm_base_cache)
     cmd = [sys.executable, "-m", "pipelines.cli", "run", "--root", str(root), *(extra or [])]
-    import os
-
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = [0]
-    watcher = psutil.Process(proc.pid)
-
-    def sample():
-        while proc.poll() is None:
-            try:
-                peak[0] = max(peak[0], _tree_rss(watcher))
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    output, _ = proc.communicate()
-    thread.join()
-    wall = time.perf_counter() - started
-    subprocess.run([sys.executable, "-m", "pipelines.cli", "mlflow-stop", "--root", str(root)], capture_output=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"llmops run failed:\n{output[-3000:]}")
+    try:
+        _, peak, wall = sampled(cmd, {**os.environ, **env}, rss=_tree_rss)
+    finally:
+        subprocess.run([sys.executable, "-m", "pipelines.cli", "mlflow-stop", "--root", str(root)], capture_output=True)
     registration = sorted(root.glob("kfp/finetune-*/register/registration"))[-1]
     summary = json.loads(registration.read_text())
-    return {"wall_seconds": wall, "peak_rss_bytes": peak[0], "stages": summary["stages"],
+    return {"wall_seconds": wall, "peak_rss_bytes": peak, "stages": summary["stages"],
             "base_exact_match": summary["eval.base.exact_match"], "tuned_exact_match": summary["eval.tuned.exact_match"]}
 
 

@@ -62,7 +62,6 @@ def held_out_accuracy(work: Path, cfg) -> dict:
 
 def recipe() -> dict:
     data = evaluation.banking77(label_list=True, max_tokens=1024)
-    training.child_env = lambda: {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}  # the machine as ours has it
     result, peak = training.run_recipe({"max_steps": RECIPE_STEPS, "batch_size": RECIPE_BATCH}, data)
     stats = json.loads((data / "stats.json").read_text())
     return {**result, "peak": peak, "tokens_per_example": stats["total_tokens"]["mean"],
