@@ -20,6 +20,9 @@ from components.config import TrainSection
 from components.util import console, text_sha256
 
 PREFIX = "checkpoint-"
+# Validation's record and its best adapter live beside the checkpoints: a resumed run must not forget
+# the best adapter it has seen, or it could hand on a worse one.
+BEST, VALIDATION = "best", "validation.json"
 
 
 def is_complete(checkpoint: Path) -> bool:
@@ -76,7 +79,7 @@ class Durable:
         return last_complete_checkpoint(self.local)
 
     def _fetch_newest(self) -> None:
-        from components.storage import MANIFEST, client, download_dir, parse_uri
+        from components.storage import MANIFEST, client, download_dir, download_file, exists, parse_uri
 
         bucket, prefix = parse_uri(self.remote)
         pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{PREFIX}")
@@ -86,6 +89,19 @@ class Durable:
             newest = max(finished, key=_step)
             console.print(f"restoring {newest} from {self.remote}")
             download_dir(f"{self.remote}/{newest}", self.local / newest)
+        if exists(f"{self.remote}/{BEST}/{MANIFEST}"):
+            download_dir(f"{self.remote}/{BEST}", self.local / BEST)
+        if exists(f"{self.remote}/{VALIDATION}"):
+            download_file(f"{self.remote}/{VALIDATION}", self.local / VALIDATION)
+
+    def push(self, name: str) -> None:
+        """Uploads a file or directory of the local root (validation's state) when the root is on S3."""
+        if not self.remote:
+            return
+        from components.storage import upload_dir, upload_file
+
+        path = self.local / name
+        (upload_dir if path.is_dir() else upload_file)(path, f"{self.remote}/{name}")
 
     def callback(self):
         from transformers import TrainerCallback

@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 from components import labels as label_scoring
+from components.checkpoints import BEST, VALIDATION, Durable
 from components.config import TrainSection
 from components.util import console, read_json, write_json
-
-BEST = "best"
 
 
 def agreed(flag: bool, device) -> bool:
@@ -51,8 +50,8 @@ def plot_curve(curve: list[dict], path: Path, target: float | None) -> Path:
     return path
 
 
-def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], labels: list[str], root: Path, tracker,
-                  started: float):
+def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], labels: list[str], durable: Durable,
+                  tracker, started: float):
     """A TrainerCallback; its state (curve, best) lives in the checkpoint root, so a resumed run keeps it."""
     from transformers import AutoTokenizer, TrainerCallback
 
@@ -60,7 +59,8 @@ def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], label
     gen_tok.padding_side = "left"  # batched generation: new tokens follow the real text
     trie = label_scoring.LabelTrie(gen_tok, labels)
     prompts, answers = [e["prompt"] for e in examples], [e["answer"] for e in examples]
-    state_file = Path(root) / "validation.json"
+    root = durable.local
+    state_file = root / VALIDATION
 
     class Validate(TrainerCallback):
         def __init__(self):
@@ -99,9 +99,10 @@ def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], label
             if self.best is None or acc > self.best["accuracy"]:
                 self.best = {"step": state.global_step, "accuracy": acc, "seconds": self.curve[-1]["seconds"]}
                 if state.is_world_process_zero:  # written aside, then swapped in: a kill mid-save keeps the old best
-                    model.save_pretrained(Path(root) / f"{BEST}.tmp")
-                    shutil.rmtree(Path(root) / BEST, ignore_errors=True)
-                    (Path(root) / f"{BEST}.tmp").rename(Path(root) / BEST)
+                    model.save_pretrained(root / f"{BEST}.tmp")
+                    shutil.rmtree(root / BEST, ignore_errors=True)
+                    (root / f"{BEST}.tmp").rename(root / BEST)
+                    durable.push(BEST)
             self._save(state)
             if cfg.target_accuracy is not None and acc >= cfg.target_accuracy:
                 console.print(f"target accuracy {cfg.target_accuracy:.2f} reached at step {state.global_step}: stopping")
@@ -113,6 +114,7 @@ def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], label
         def _save(self, state):
             if state.is_world_process_zero:
                 write_json(state_file, {"curve": self.curve, "best": self.best})
+                durable.push(VALIDATION)  # after the best adapter it names
 
         def summary(self, out_dir: Path) -> dict:
             write_json(out_dir / "validation_curve.json", self.curve)

@@ -102,3 +102,27 @@ def test_checkpoints_on_s3_restore_on_a_fresh_machine(tiny_base, demo_prepared, 
     assert json.loads((tmp_path / "o2" / "train_metrics.json").read_text())["resumed_from_step"] == STEPS
     a, b = adapter(tmp_path / "o1"), adapter(tmp_path / "o2")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_state_and_best_adapter_follow_the_checkpoints_to_s3(moto_url, tmp_path):
+    """A retried pod on a fresh node must know the best adapter seen so far, or it could hand on a worse one."""
+    from components import storage
+    from components.checkpoints import BEST, VALIDATION, Durable
+
+    bucket = f"ckpt-{uuid.uuid4().hex[:8]}"
+    storage.client().create_bucket(Bucket=bucket)
+    remote = f"s3://{bucket}/checkpoints/run"
+    first = Durable(tmp_path / "machine1", remote)
+    (first.local / BEST).mkdir(parents=True)
+    (first.local / BEST / "adapter_model.safetensors").write_bytes(os.urandom(4096))
+    (first.local / VALIDATION).write_text(json.dumps({"best": {"step": 50, "accuracy": 0.7}, "curve": []}))
+    assert Durable(tmp_path / "empty", remote).restore() is None  # nothing pushed yet: nothing comes back
+    assert not (tmp_path / "empty" / VALIDATION).exists()
+    first.push(BEST)
+    first.push(VALIDATION)
+    second = Durable(tmp_path / "machine2", remote)
+    second.restore()
+    assert (second.local / VALIDATION).read_text() == (first.local / VALIDATION).read_text()
+    assert (second.local / BEST / "adapter_model.safetensors").read_bytes() == \
+        (first.local / BEST / "adapter_model.safetensors").read_bytes()
+    Durable(tmp_path / "local-only").push(VALIDATION)  # a PVC root is durable as is: nothing to upload, no error
