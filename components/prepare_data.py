@@ -82,9 +82,10 @@ def _text(record: dict, field: str) -> str | RowProblem:
     return str(value).strip()
 
 
-def label_prompt(text: str, labels: list[str], with_list: bool) -> str:
-    ask = "Classify the message into one of these labels: " + ", ".join(labels) if with_list else "Classify the message by its label."
-    return f"{ask}\nReply with the label only.\n\nMessage: {text}"
+def label_prompt(text: str, labels: list[str], with_list: bool, instruction: str) -> str:
+    if with_list:
+        instruction = f"Classify the message into one of these labels: {', '.join(labels)}\nReply with the label only."
+    return f"{instruction}\n\nMessage: {text}" if instruction else text
 
 
 def lists_labels(cfg: DataSection, labels: list[str] | None) -> bool:
@@ -103,7 +104,7 @@ def to_examples(record: dict, fmt: str, cfg: DataSection, labels, label_field) -
                 return value
         if labels is not None and label not in labels:
             return RowProblem(label_field, f"unknown label {label!r}", "unknown-label")
-        user = label_prompt(text, labels or [], lists_labels(cfg, labels))
+        user = label_prompt(text, labels or [], lists_labels(cfg, labels), cfg.label_instruction)
         return [(system + [{"role": "user", "content": user}], label)]
     if fmt == "alpaca":
         instruction = _text(record, "instruction")

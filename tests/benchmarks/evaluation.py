@@ -1,4 +1,4 @@
-"""Benchmark: our batched evaluation (`components.evaluate.generate`, batch 16, left padding) against the
+"""Benchmark: our batched evaluation (`components.evaluate.generate`, batch 32, left padding) against the
 recipe's one-at-a-time `model.generate` loop, on the same BANKING77 eval examples with SmolLM2.
 
 Both sides run in this process with the same weights, dtype and max_new_tokens; the sides alternate
@@ -16,9 +16,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from components.config import EvalSection
+
 BANKING77 = Path(os.environ.get("LLMOPS_BANKING77", "/work/shared/data/banking77/train.csv"))
-EXAMPLES = 64
-BATCH = 16
+EXAMPLES = 128
+BATCH = EvalSection().batch_size  # the evaluate stage's default
 REPEATS = 2
 # Intra-op threads for every model benchmark: all cores on a quiet machine. On a machine shared with
 # other jobs set LLMOPS_BENCH_THREADS=1: two OpenMP threads then wait on each other at every barrier,

@@ -107,7 +107,8 @@ def rows(result: dict) -> list[tuple[str, str, str, str]]:
           f"ours did, estimated") + f" ({examples_needed} examples at its measured {rec['examples_per_s']:.3f} "
          "examples/s)", f"~{recipe_minutes:.0f}", "",
          f"~{recipe_minutes / minutes:.0f}x slower" if minutes else "-"),
-        (f"best validation accuracy within {TARGET_MINUTES} minutes",
+        (f"best validation accuracy within {TARGET_MINUTES} minutes"
+         + (f" (the run stops once it reaches {target:.0%})" if hit else ""),
          f"{max(p['accuracy'] for p in within):.3f}" if within else "-", "", ""),
         ("validation accuracy of the base model (step 0)", f"{curve[0]['accuracy']:.3f}", "", ""),
         (f"held-out eval split ({result['held_out']['n']} rows): label accuracy, constrained decoding",

@@ -194,3 +194,16 @@ def test_a_large_label_set_is_left_out_of_the_prompt_by_default(tmp_path, tiny_b
     val, train, held = (read_jsonl(out / f"{n}.jsonl") for n in ("val", "train", "eval"))
     assert len(val) == stats["validation"] == 10 and len(val) + len(train) + len(held) == stats["examples"]
     assert not {e["id"] for e in val} & {e["id"] for e in train}
+
+
+def test_an_empty_label_instruction_leaves_the_message_alone_in_the_user_turn(tmp_path, tiny_base):
+    labels = [f"intent_{i:02d}" for i in range(30)]
+    source = write_csv(tmp_path / "many.csv", [[f"text {i}", labels[i % 30]] for i in range(60)])
+    with_ask, _, out_a = prep(tmp_path / "a", tiny_base, source, labels=labels)
+    bare, _, out_b = prep(tmp_path / "b", tiny_base, source, labels=labels, label_instruction="",
+                          system_prompt="Label the intent.")
+    ids = {e["id"]: e for e in read_jsonl(out_a / "train.jsonl")}
+    for e in read_jsonl(out_b / "train.jsonl"):
+        assert "Message:" not in e["prompt"] and "Message: " + e["prompt"].split("user\n")[1].split("\n")[0] in ids[e["id"]]["prompt"]
+        assert "Label the intent." in e["prompt"] and e["completion"] == ids[e["id"]]["completion"]
+    assert bare["prompt_tokens"]["mean"] < with_ask["prompt_tokens"]["mean"] - 5

@@ -92,3 +92,37 @@ def test_half_written_checkpoint_is_skipped(tmp_path):
     (broken / "trainer_state.json").write_text('{"global_st')
     assert checkpoints.last_complete_checkpoint(tmp_path) == good
     assert checkpoints.last_complete_checkpoint(tmp_path / "empty") is None
+
+
+def test_answer_window_gives_the_full_sequence_loss_and_gradients(tiny_base, demo_prepared):
+    """Left padding plus logits over the answers only must train exactly like the plain right-padded batch."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    rows = list(train.tokenize(read_jsonl(demo_prepared / "train.jsonl")[:6], tok))
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # the batch needs padding for the test to mean anything
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+                           train.lora_config(TrainSection(lora_r=4, lora_alpha=8)))
+    model.eval()  # no dropout: both passes must see the same network; gradients flow all the same
+    for name, p in model.named_parameters():  # B starts at zero; non-zero B makes A's gradients non-trivial too
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+
+    def loss_and_grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=train.IGNORE_INDEX)([dict(r) for r in rows])
+    full, full_grads = loss_and_grads(model(**plain).loss)
+    batch = train.AnswerBatches(AutoTokenizer.from_pretrained(tiny_base))([dict(r) for r in rows])
+    labels = batch.pop("labels")
+    assert batch["logits_to_keep"] < labels.shape[1] / 2  # the window is the answers, not the whole rows
+    outputs = model(**batch)
+    assert outputs.logits.shape[1] == batch["logits_to_keep"]
+    windowed, grads = loss_and_grads(train.answer_loss(outputs, labels))
+    assert windowed == pytest.approx(full, rel=1e-5)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
