@@ -21,7 +21,8 @@ from components.util import console, text_sha256
 
 PREFIX = "checkpoint-"
 # Validation's record and its best adapter live beside the checkpoints: a resumed run must not forget
-# the best adapter it has seen, or it could hand on a worse one.
+# the best adapter it has seen, or it could hand on a worse one. Each best goes to a new best-<step>
+# directory; the record names it only once it is complete, so the record is the commit point.
 BEST, VALIDATION = "best", "validation.json"
 
 
@@ -79,7 +80,7 @@ class Durable:
         return last_complete_checkpoint(self.local)
 
     def _fetch_newest(self) -> None:
-        from components.storage import MANIFEST, client, download_dir, download_file, exists, parse_uri
+        from components.storage import MANIFEST, client, download_dir, download_file, parse_uri
 
         bucket, prefix = parse_uri(self.remote)
         pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{PREFIX}")
@@ -89,13 +90,17 @@ class Durable:
             newest = max(finished, key=_step)
             console.print(f"restoring {newest} from {self.remote}")
             download_dir(f"{self.remote}/{newest}", self.local / newest)
-        if exists(f"{self.remote}/{BEST}/{MANIFEST}"):
-            download_dir(f"{self.remote}/{BEST}", self.local / BEST)
-        if exists(f"{self.remote}/{VALIDATION}"):
+        try:
             download_file(f"{self.remote}/{VALIDATION}", self.local / VALIDATION)
+        except FileNotFoundError:
+            return  # no validation in this run, or none recorded yet
+        best = json.loads((self.local / VALIDATION).read_text()).get("best")
+        if best:
+            download_dir(f"{self.remote}/{best['dir']}", self.local / best["dir"])
 
     def push(self, name: str) -> None:
-        """Uploads a file or directory of the local root (validation's state) when the root is on S3."""
+        """Uploads a file or directory of the local root (validation's state) when the root is on S3.
+        Best adapters left behind on S3 by later ones are small (LoRA) and not deleted."""
         if not self.remote:
             return
         from components.storage import upload_dir, upload_file

@@ -40,11 +40,12 @@ def measured_dtype(use_gpu: bool) -> str:
     return choice
 
 
-def activation_bytes(cfg: TrainSection, model_config, longest: int, dtype: str) -> float:
+def activation_bytes(cfg: TrainSection, model_config, longest: int, dtype: str, window: int) -> float:
+    """window: the positions that get logits (train computes them for the answers only)."""
     width = 2 if dtype == "bfloat16" else 4
     per_layer = ACTIVATION_BYTES_PER_HIDDEN * model_config.hidden_size * width / 2
     tokens = cfg.batch_size * longest
-    logits = tokens * model_config.vocab_size * 4 * 3  # float32 logits, their softmax and gradient
+    logits = cfg.batch_size * window * model_config.vocab_size * 4 * 3  # float32 logits, softmax, gradient
     return model_config.num_hidden_layers * tokens * per_layer + logits
 
 
@@ -73,21 +74,21 @@ def resolved_choices(cfg: TrainSection, base_dir: Path, data_dir: Path, root: Pa
         return cfg.model_copy(update=json.loads(saved.read_text()))
     examples = read_jsonl(Path(data_dir) / "train.jsonl")
     longest = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
-    run_cfg = resolve(cfg, base_dir, longest)
+    run_cfg = resolve(cfg, base_dir, longest, window=max(e["completion_tokens"] for e in examples) + 1)
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps({"compute_dtype": run_cfg.compute_dtype,
                                  "gradient_checkpointing": run_cfg.gradient_checkpointing}))
     return run_cfg
 
 
-def resolve(cfg: TrainSection, base_dir: Path, longest: int) -> TrainSection:
+def resolve(cfg: TrainSection, base_dir: Path, longest: int, window: int | None = None) -> TrainSection:
     """The section with "auto" choices replaced by what this machine and this data need."""
     from transformers import AutoConfig
 
     dtype = measured_dtype(cfg.use_gpu) if cfg.compute_dtype == "auto" else cfg.compute_dtype
     checkpointing = cfg.gradient_checkpointing
     if checkpointing == "auto":
-        need = activation_bytes(cfg, AutoConfig.from_pretrained(base_dir), longest, dtype)
+        need = activation_bytes(cfg, AutoConfig.from_pretrained(base_dir), longest, dtype, window or longest)
         budget = free_memory(cfg.use_gpu) / 2 / (1 if cfg.use_gpu else cfg.num_processes)
         checkpointing = need > budget
         console.print(f"gradient checkpointing {'on' if checkpointing else 'off'}: activations of the longest "

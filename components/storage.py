@@ -200,16 +200,6 @@ def download_file(uri: str, local_path: str | Path) -> Path:
     return path
 
 
-def exists(uri: str) -> bool:
-    bucket, key = _object(uri)
-    try:
-        with _errors(uri):
-            client().head_object(Bucket=bucket, Key=key)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def upload_file(local_path: str | Path, uri: str) -> str:
     bucket, key = _object(uri)
     if not Path(local_path).is_file():

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from components.config import TrainSection
 from components.prepare_data import read_jsonl
-from components.checkpoints import BEST, Durable, PreemptionCallback, last_complete_checkpoint
+from components.storage import MANIFEST
+from components.checkpoints import Durable, PreemptionCallback, last_complete_checkpoint
 from components.util import console, heading, quiet_libraries, read_json, record_config, write_json
 
 IGNORE_INDEX = -100
@@ -234,7 +235,8 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
             return {}
         model.save_pretrained(out_dir)  # the output artifact is the adapter directory itself
         if validation and validation.best:  # the best adapter seen on validation, not merely the last one
-            shutil.copytree(ckpt_root / BEST, out_dir, dirs_exist_ok=True)
+            shutil.copytree(ckpt_root / validation.best["dir"], out_dir, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(MANIFEST))  # an S3 restore brings its manifest
         tok.save_pretrained(out_dir, save_jinja_files=False)
         metrics = summarize(trainer, result, resume, elapsed, trainable, len(dataset))
         metrics.update({"compute_dtype": run_cfg.compute_dtype, "gradient_checkpointing": run_cfg.gradient_checkpointing,

@@ -86,6 +86,8 @@ def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], label
             return acc
 
         def on_train_begin(self, args, state, control, model=None, **kw):
+            # resumed from a checkpoint older than the last validation: those steps are trained again
+            self.curve = [p for p in self.curve if p["step"] <= state.global_step]
             if state.global_step == 0 and not self.curve:  # the base model's accuracy starts the curve
                 self.measure(model, state)
                 self._save(state)
@@ -96,14 +98,18 @@ def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], label
             if state.global_step % cfg.eval_every and not out_of_time and state.global_step < state.max_steps:
                 return
             acc = self.measure(model, state)
-            if self.best is None or acc > self.best["accuracy"]:
-                self.best = {"step": state.global_step, "accuracy": acc, "seconds": self.curve[-1]["seconds"]}
-                if state.is_world_process_zero:  # written aside, then swapped in: a kill mid-save keeps the old best
-                    model.save_pretrained(root / f"{BEST}.tmp")
-                    shutil.rmtree(root / BEST, ignore_errors=True)
-                    (root / f"{BEST}.tmp").rename(root / BEST)
-                    durable.push(BEST)
+            improved = self.best is None or acc > self.best["accuracy"]
+            if improved:
+                self.best = {"step": state.global_step, "accuracy": acc, "seconds": self.curve[-1]["seconds"],
+                             "dir": f"{BEST}-{state.global_step}"}
+                if state.is_world_process_zero:  # whole, here and on S3, before the record names it
+                    model.save_pretrained(root / self.best["dir"])
+                    durable.push(self.best["dir"])
             self._save(state)
+            if improved and state.is_world_process_zero:
+                for old in root.glob(f"{BEST}-*"):
+                    if old.name != self.best["dir"]:
+                        shutil.rmtree(old, ignore_errors=True)
             if cfg.target_accuracy is not None and acc >= cfg.target_accuracy:
                 console.print(f"target accuracy {cfg.target_accuracy:.2f} reached at step {state.global_step}: stopping")
                 control.should_training_stop = True
@@ -114,7 +120,7 @@ def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], label
         def _save(self, state):
             if state.is_world_process_zero:
                 write_json(state_file, {"curve": self.curve, "best": self.best})
-                durable.push(VALIDATION)  # after the best adapter it names
+                durable.push(VALIDATION)
 
         def summary(self, out_dir: Path) -> dict:
             write_json(out_dir / "validation_curve.json", self.curve)

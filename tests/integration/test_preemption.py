@@ -105,24 +105,41 @@ def test_checkpoints_on_s3_restore_on_a_fresh_machine(tiny_base, demo_prepared, 
 
 
 def test_validation_state_and_best_adapter_follow_the_checkpoints_to_s3(moto_url, tmp_path):
-    """A retried pod on a fresh node must know the best adapter seen so far, or it could hand on a worse one."""
+    """A retried pod on a fresh node must know the best adapter seen so far, or it could hand on a worse one;
+    a kill between a new best's upload and its record leaves the previous best whole and named."""
     from components import storage
-    from components.checkpoints import BEST, VALIDATION, Durable
+    from components.checkpoints import VALIDATION, Durable
 
     bucket = f"ckpt-{uuid.uuid4().hex[:8]}"
     storage.client().create_bucket(Bucket=bucket)
     remote = f"s3://{bucket}/checkpoints/run"
     first = Durable(tmp_path / "machine1", remote)
-    (first.local / BEST).mkdir(parents=True)
-    (first.local / BEST / "adapter_model.safetensors").write_bytes(os.urandom(4096))
-    (first.local / VALIDATION).write_text(json.dumps({"best": {"step": 50, "accuracy": 0.7}, "curve": []}))
+
+    def best(step, accuracy, record=True):
+        name = f"best-{step}"
+        (first.local / name).mkdir(parents=True)
+        (first.local / name / "adapter_model.safetensors").write_bytes(os.urandom(4096))
+        first.push(name)
+        if record:
+            (first.local / VALIDATION).write_text(json.dumps({"best": {"step": step, "accuracy": accuracy,
+                                                                       "dir": name}, "curve": []}))
+            first.push(VALIDATION)
+        return (first.local / name / "adapter_model.safetensors").read_bytes()
+
+    def restored(machine):
+        fresh = Durable(tmp_path / machine, remote)
+        fresh.restore()
+        record = json.loads((fresh.local / VALIDATION).read_text())["best"]
+        return record["dir"], (fresh.local / record["dir"] / "adapter_model.safetensors").read_bytes()
+
     assert Durable(tmp_path / "empty", remote).restore() is None  # nothing pushed yet: nothing comes back
     assert not (tmp_path / "empty" / VALIDATION).exists()
-    first.push(BEST)
+    weights_50 = best(50, 0.7)
+    assert restored("machine2") == ("best-50", weights_50)
+    weights_100 = best(100, 0.8, record=False)  # killed before the record went up
+    assert restored("machine3") == ("best-50", weights_50)
+    (first.local / VALIDATION).write_text(json.dumps({"best": {"step": 100, "accuracy": 0.8, "dir": "best-100"},
+                                                      "curve": []}))
     first.push(VALIDATION)
-    second = Durable(tmp_path / "machine2", remote)
-    second.restore()
-    assert (second.local / VALIDATION).read_text() == (first.local / VALIDATION).read_text()
-    assert (second.local / BEST / "adapter_model.safetensors").read_bytes() == \
-        (first.local / BEST / "adapter_model.safetensors").read_bytes()
+    assert restored("machine4") == ("best-100", weights_100)
     Durable(tmp_path / "local-only").push(VALIDATION)  # a PVC root is durable as is: nothing to upload, no error

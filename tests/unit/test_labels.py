@@ -104,7 +104,10 @@ def test_validation_stops_at_the_target_and_keeps_the_best_adapter(early_stopped
     assert curve[-1]["accuracy"] >= TARGET > max(p["accuracy"] for p in curve[:-1])  # stopped at the first hit
     assert metrics["steps"] == curve[-1]["step"] < cfg.max_steps and metrics["steps"] % cfg.eval_every == 0
     assert metrics["val_best_accuracy"] == curve[-1]["accuracy"] and metrics["val_seconds_to_target"] > 0
-    best = load_file(out / "ck" / next((out / "ck").iterdir()).name / "best" / "adapter_model.safetensors")
+    root = next((out / "ck").iterdir())
+    record = json.loads((root / "validation.json").read_text())["best"]
+    assert [p.name for p in root.glob("best-*")] == [record["dir"]] == [f"best-{metrics['steps']}"]  # older ones pruned
+    best = load_file(root / record["dir"] / "adapter_model.safetensors")
     final = load_file(out / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(best[k], final[k]) for k in best)
     assert (out / "adapter" / "accuracy_over_time.png").stat().st_size > 1000
