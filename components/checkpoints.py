@@ -26,6 +26,18 @@ PREFIX = "checkpoint-"
 BEST, VALIDATION = "best", "validation.json"
 
 
+def agreed(flag: bool, device) -> bool:
+    """True if any data-parallel rank says so: ranks that stop at different steps deadlock the others."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)  # NCCL reduces GPU tensors only
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def is_complete(checkpoint: Path) -> bool:
     """Trainer writes trainer_state.json last, so its presence (and validity) marks a whole checkpoint."""
     state = checkpoint / "trainer_state.json"
@@ -159,15 +171,7 @@ class PreemptionCallback:
         self.signalled = True
 
     def signalled_anywhere(self, device) -> bool:
-        """Data-parallel ranks must stop at the same step, or the one still training waits forever."""
-        import torch
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.signalled
-        flag = torch.tensor([int(self.signalled)], device=device)  # NCCL reduces GPU tensors only
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.signalled = bool(flag.item())
+        self.signalled = agreed(self.signalled, device)
         return self.signalled
 
     def exit_if_signalled(self) -> None:

@@ -199,6 +199,7 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
     from transformers import AutoTokenizer, PrinterCallback, Trainer, set_seed
 
     from components.compute import resolved_choices
+    from components.evaluate import load_tokenizer
     from components.tracking import stage_run
 
     started = time.perf_counter()
@@ -220,7 +221,7 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
         trainable, total = model.get_nb_trainable_parameters()
         console.print(f"{trainable:,} trainable of {total:,} parameters; checkpoints in {ckpt_root}"
                       + (f"; resuming from {resume.name}" if resume else ""))
-        collator = AnswerBatches(AutoTokenizer.from_pretrained(base_dir))
+        collator = AnswerBatches(load_tokenizer(base_dir))
         preempted = PreemptionCallback.install()
         validation = validation_for(cfg, base_dir, data_dir, durable, tracker, started)
         callbacks = [make_callback(tracker, cfg.max_steps), durable.callback(), preempted, validation]

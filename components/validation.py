@@ -12,21 +12,9 @@ import time
 from pathlib import Path
 
 from components import labels as label_scoring
-from components.checkpoints import BEST, VALIDATION, Durable
+from components.checkpoints import BEST, VALIDATION, Durable, agreed
 from components.config import TrainSection
 from components.util import console, read_json, write_json
-
-
-def agreed(flag: bool, device) -> bool:
-    """True if any data-parallel rank says so: ranks that stop at different steps deadlock the others."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def plot_curve(curve: list[dict], path: Path, target: float | None) -> Path:
@@ -53,10 +41,11 @@ def plot_curve(curve: list[dict], path: Path, target: float | None) -> Path:
 def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], labels: list[str], durable: Durable,
                   tracker, started: float):
     """A TrainerCallback; its state (curve, best) lives in the checkpoint root, so a resumed run keeps it."""
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
 
-    gen_tok = AutoTokenizer.from_pretrained(base_dir)
-    gen_tok.padding_side = "left"  # batched generation: new tokens follow the real text
+    from components.evaluate import load_tokenizer
+
+    gen_tok = load_tokenizer(base_dir)  # left padding: batched generation
     trie = label_scoring.LabelTrie(gen_tok, labels)
     prompts, answers = [e["prompt"] for e in examples], [e["answer"] for e in examples]
     root = durable.local
