@@ -67,7 +67,7 @@ def resolved_choices(cfg: TrainSection, base_dir: Path, data_dir: Path, root: Pa
     """
     import json
 
-    from components.prepare_data import read_jsonl
+    from components.jsonl import read_jsonl
 
     saved = Path(root) / "resolved.json"
     if saved.exists():

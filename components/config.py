@@ -7,11 +7,12 @@ invalidates the kfp cache of that stage and of the stages downstream of it, and 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 PACKAGED_MODEL = "packaged:smollm2-135m-instruct"
@@ -133,8 +134,19 @@ class QuantizeSection(Section):
 
 
 class RegisterSection(Section):
-    model_name: str = "llmops-demo"
+    model_name: str = Field("llmops-demo", description="registered model name in MLflow: letters, digits, _, - and .")
     experiment: str = "llmops"
+
+    @field_validator("model_name")
+    @classmethod
+    def _registry_name(cls, value: str) -> str:
+        # MLflow refuses "/" and ":" in model names, and a quote would break its search filters; the name is
+        # typed again in `llmops promote` and `name@alias`, so it is refused here rather than silently changed.
+        if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", value):
+            suggestion = re.sub(r"[^\w.\-]", "-", value).strip("-._") or "my-model"
+            raise ValueError(f"registry.model_name={value!r} may hold only letters, digits, '_', '-' and '.', "
+                             f"starting with a letter or digit (for example {suggestion!r})")
+        return value
 
 
 class GateSection(Section):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from components.config import EvalSection, GateSection
-from components.prepare_data import read_jsonl
+from components.jsonl import read_jsonl
 from components.tracking import configure_retries
 from components.util import console, heading, read_json
 
@@ -56,7 +56,9 @@ def _evaluate_champion(name: str, version: str, cfg: GateSection, data_dir: Path
 
     import mlflow
 
-    from components.evaluate import evaluate_model, load_model, load_tokenizer
+    from components.inference import load_model, load_tokenizer
+
+    from components.scoring import evaluate_model
 
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tempfile.mkdtemp())
     labels_file = Path(data_dir) / "labels.json"

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from components.config import MergeSection
-from components.evaluate import generate, load_model, load_tokenizer
-from components.prepare_data import read_jsonl
+from components.inference import generate, load_model, load_tokenizer
+from components.jsonl import read_jsonl
+from components.prompt_contract import CONTRACT_FILE, read_contract, wrap_template
 from components.util import record_config, console, dir_size, heading, quiet_libraries, write_json
 
 
@@ -18,15 +19,22 @@ class ParityError(RuntimeError):
     pass
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str):
-    """Merge in float32 (no rounding inside the sum), then store in the 16-bit dtype."""
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str, contract: dict | None = None):
+    """Merge in float32 (no rounding inside the sum), then store in the 16-bit dtype.
+
+    The tokenizer's chat template gets the data's prompt contract, so a bare message is served the prompt
+    the model was trained on; the contract itself is kept beside the weights.
+    """
     import torch
 
     model = load_model(base_dir, "float32", adapter_dir=adapter_dir)
     merged = model.merge_and_unload().to(getattr(torch, dtype))
     merged.save_pretrained(out_dir, safe_serialization=True)
     tok = load_tokenizer(base_dir, padding_side="right")
-    tok.save_pretrained(out_dir, save_jinja_files=False)
+    if contract:
+        tok.chat_template = wrap_template(tok.chat_template, contract)
+        write_json(Path(out_dir) / CONTRACT_FILE, contract)
+    tok.save_pretrained(out_dir, save_jinja_files=False)  # TGI reads the template from tokenizer_config.json
     return out_dir
 
 
@@ -47,7 +55,7 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
         on_base = load_model(base_dir, cfg.compare_dtype, adapter_dir=adapter_dir)
         reference = generate(on_base, tok, prompts, cfg.max_new_tokens, 16, label="adapter on base")
         del on_base
-        merge_adapter(base_dir, adapter_dir, out_dir / "model", cfg.base_precision)
+        merge_adapter(base_dir, adapter_dir, out_dir / "model", cfg.base_precision, read_contract(data_dir))
         merged = load_model(out_dir / "model", cfg.compare_dtype)
         candidate = generate(merged, tok, prompts, cfg.max_new_tokens, 16, label="merged")
         agreement = parity(reference, candidate)

@@ -15,6 +15,8 @@ import numpy as np
 
 from components.config import DEMO_DATA, DataSection
 from components.datafiles import DataError, RowProblem, read_rows
+from components.jsonl import write_jsonl
+from components.prompt_contract import CONTRACT_FILE, label_prefix, make_contract
 from components.util import record_config, console, file_sha256, heading, text_sha256, tree_sha256, write_json
 
 LABEL_FIELDS = ("label", "category", "intent")
@@ -83,9 +85,7 @@ def _text(record: dict, field: str) -> str | RowProblem:
 
 
 def label_prompt(text: str, labels: list[str], with_list: bool, instruction: str) -> str:
-    if with_list:
-        instruction = f"Classify the message into one of these labels: {', '.join(labels)}\nReply with the label only."
-    return f"{instruction}\n\nMessage: {text}" if instruction else text
+    return label_prefix(labels, with_list, instruction) + text
 
 
 def lists_labels(cfg: DataSection, labels: list[str] | None) -> bool:
@@ -217,18 +217,6 @@ def split(examples: list[dict], cfg: DataSection) -> tuple[list[dict], list[dict
     return train, eval_set, val
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def run(cfg: DataSection, base_dir: Path, out_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
@@ -258,6 +246,9 @@ def run(cfg: DataSection, base_dir: Path, out_dir: Path) -> dict:
             write_jsonl(out_dir / "val.jsonl", val)
         if info["labels"]:
             write_json(out_dir / "labels.json", info["labels"])
+        prefix = label_prefix(info["labels"] or [], lists_labels(cfg, info["labels"]), cfg.label_instruction)
+        write_json(out_dir / CONTRACT_FILE, make_contract(info["format"], cfg.system_prompt,
+                                                          prefix if info["format"] == "label" else "", info["labels"]))
         stats = {
             "source": str(source), "source_sha256": file_sha256(source) if source.is_file() else tree_sha256(source),
             "format": info["format"], "rows_read": info["rows_read"], "examples": len(examples),

@@ -9,8 +9,9 @@ import gc
 from pathlib import Path
 
 from components.config import EvalSection, QuantizeSection
-from components.evaluate import evaluate_model, load_model, load_tokenizer
-from components.prepare_data import read_jsonl
+from components.inference import load_model, load_tokenizer
+from components.scoring import evaluate_model
+from components.jsonl import read_jsonl
 from components.util import record_config, console, dir_size, heading, quiet_libraries, read_json, write_json
 
 TGI_FLAG = {"nf4": "bitsandbytes-nf4", "int8": "bitsandbytes"}

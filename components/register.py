@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 
 from components.config import RegisterSection
-from components.tracking import EXPERIMENT_ENV, configure_retries, flatten, numeric
+from components.tracking import EXPERIMENT_ENV, configure_retries, flatten, numeric, safe_names
+from components.prompt_contract import read_contract
 from components.util import console, heading, read_json, text_sha256
 
 PIPELINE_RUN_TAG = "llmops.pipeline_run"
@@ -36,6 +37,15 @@ def chat_template_hash(model_dir: Path) -> str:
     return text_sha256(template if isinstance(template, str) else repr(template))
 
 
+def contract_tags(model_dir: Path) -> dict:
+    """The prompt contract on the version, where a person promoting it can read what the model expects."""
+    contract = read_contract(model_dir)
+    if contract is None:
+        return {}
+    return {"prompt.system_prompt": contract["system_prompt"], "prompt.user_prefix": contract["user_prefix"],
+            "prompt.answer_format": contract["answer_format"], "prompt.labels": str(len(contract["labels"]))}
+
+
 def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
     """(tags, metrics) describing where the version came from and how good it is."""
     base = read_json(paths["base"] / "llmops_base.json")
@@ -53,6 +63,7 @@ def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
         "recommended_quantize": quant["recommended_quantize"],
         "chat_template_sha256": chat_template_hash(paths["merged"] / "model"),
         "task_format": data["format"],
+        **contract_tags(paths["merged"] / "model"),
     }
     metrics = {
         "eval.base.exact_match": evald["base"]["exact_match"], "eval.tuned.exact_match": evald["tuned"]["exact_match"],
@@ -114,12 +125,13 @@ def ensure_registered_model(client, name: str) -> None:
 def log_run_contents(paths: dict[str, Path], metrics: dict) -> None:
     import mlflow
 
-    mlflow.log_metrics(metrics)
+    mlflow.log_metrics(safe_names(metrics)[0])
     for path in paths.values():
         if (path / "stage_config.json").exists():
             record = read_json(path / "stage_config.json")
-            mlflow.log_params({f"{record['stage']}.{k}": str(v)[:500] for k, v in flatten(record["config"]).items()})
-    mlflow.log_metrics({f"data.{k}": v for k, v in numeric(read_json(paths["data"] / "stats.json")).items()})
+            mlflow.log_params(safe_names({f"{record['stage']}.{k}": str(v)[:500]
+                                          for k, v in flatten(record["config"]).items()})[0])
+    mlflow.log_metrics(safe_names({f"data.{k}": v for k, v in numeric(read_json(paths["data"] / "stats.json")).items()})[0])
     mlflow.log_artifacts(str(paths["merged"] / "model"), "model")
     mlflow.log_artifacts(str(paths["train"]), "adapter")
     for report in (paths["eval"] / "eval_report.json", paths["quantize"] / "quantize_report.json",

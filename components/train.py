@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from components.config import TrainSection
-from components.prepare_data import read_jsonl
+from components.jsonl import read_jsonl
 from components.storage import MANIFEST
 from components.checkpoints import Durable, PreemptionCallback, last_complete_checkpoint
 from components.util import console, heading, quiet_libraries, read_json, record_config, write_json
@@ -199,7 +199,7 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
     from transformers import AutoTokenizer, PrinterCallback, Trainer, set_seed
 
     from components.compute import resolved_choices
-    from components.evaluate import load_tokenizer
+    from components.inference import load_tokenizer
     from components.tracking import stage_run
 
     started = time.perf_counter()

@@ -43,7 +43,7 @@ def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], label
     """A TrainerCallback; its state (curve, best) lives in the checkpoint root, so a resumed run keeps it."""
     from transformers import TrainerCallback
 
-    from components.evaluate import load_tokenizer
+    from components.inference import load_tokenizer
 
     gen_tok = load_tokenizer(base_dir)  # left padding: batched generation
     trie = label_scoring.LabelTrie(gen_tok, labels)

@@ -30,9 +30,13 @@ def run(overrides: Overrides = None, profile: Profile = "local",
         data: Annotated[Optional[str], typer.Option(help="data file or directory (default: generated demo data)")] = None,
         root: Annotated[Path, typer.Option(help="where runs, caches and the local MLflow store live")] = Path(".llmops")):
     """Run the finetune pipeline locally (kfp.local, cached), ending in a registered model version."""
-    from pipelines.run import print_summary, run_local
+    from pipelines.run import PipelineFailed, print_summary, run_local
 
-    print_summary(run_local(_config(profile, overrides, data), root))
+    try:
+        print_summary(run_local(_config(profile, overrides, data), root))
+    except PipelineFailed as err:
+        typer.secho(f"llmops run: {err}", fg="red", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command("compile")

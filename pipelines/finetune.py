@@ -9,9 +9,13 @@ from kfp import dsl
 
 from components.config import PipelineConfig
 from pipelines import platform, steps
-from pipelines.images import code_digest
+from pipelines.code_digest import ENV as CODE_DIGEST_ENV
+from pipelines.code_digest import task_digest
 
 PIPELINE_NAME = "finetune"
+# The component behind each task, in the order build_pipeline lists its tasks.
+COMPONENTS = (steps.base_model, steps.prepare_data, steps.train, steps.evaluate, steps.merge, steps.quantize,
+              steps.register, steps.gate, steps.set_alias, steps.finalize)
 
 
 def build_pipeline(cfg: PipelineConfig):
@@ -67,9 +71,8 @@ def build_pipeline(cfg: PipelineConfig):
         tasks = [base, data, trained, evaluated, merged, quantized, *registry, final]
         for task in [base, data, *registry, final]:
             platform.with_secrets(task)
-        code = code_digest()
-        for task in tasks:
-            task.set_env_variable("LLMOPS_CODE_DIGEST", code)
+        for task, component in zip(tasks, COMPONENTS):
+            task.set_env_variable(CODE_DIGEST_ENV, task_digest(component))  # this task's code only: see code_digest
         return final.outputs["summary"]
 
     return finetune

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from components.tracking import numeric
+from components.tracking import numeric, safe_names
 
 TIMING_FILE = "timing.json"
 
@@ -17,7 +17,7 @@ def publish(metrics, values: dict, out_dir: str, stage: str, started: float) -> 
     kfp.local only caches a task whose outputs exist as files, and log_metric writes none.
     """
     seconds = time.time() - started
-    for key, value in numeric(values).items():
+    for key, value in safe_names(numeric(values))[0].items():  # the same names as in MLflow
         metrics.log_metric(key, value)
     metrics.log_metric("wall_seconds", seconds)
     Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from components.config import PipelineConfig
@@ -28,8 +31,67 @@ def ensure_tracking(root: Path) -> str:
     return server.url
 
 
+class PipelineFailed(RuntimeError):
+    """A stage failed; `tasks` says which tasks ran, came from the cache, or failed before it stopped."""
+
+    def __init__(self, message: str, tasks: dict[str, str]):
+        super().__init__(message)
+        self.tasks = tasks
+
+
+class TaskOutcomes(logging.Filter):
+    """Reads kfp.local's own log lines (kfp pinned at 2.17.0) for each task's fate: ran, cached or failed.
+
+    kfp.local reports cache hits and failures only in its log, and replaces the root logger's handlers
+    around every task, so this sits on the root logger itself as a filter, which it leaves in place.
+    """
+
+    PATTERNS = ((re.compile(r"^Task '?([\w-]+)'? cache hit"), "cached"),
+                (re.compile(r"^Executing task '([\w-]+)'"), "running"),
+                (re.compile(r"^Task '([\w-]+)' finished with status (SUCCESS|FAILURE)"), None))
+
+    def __init__(self):
+        super().__init__()
+        self.tasks: dict[str, str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())
+        for pattern, outcome in self.PATTERNS:
+            if match := pattern.search(text):
+                self.tasks[match.group(1)] = outcome or ("ran" if match.group(2) == "SUCCESS" else "failed")
+        return True
+
+    def names(self, outcome: str) -> list[str]:
+        return [name for name, value in self.tasks.items() if value == outcome]
+
+
+@contextmanager
+def watch_tasks():
+    root = logging.getLogger()
+    outcomes, level = TaskOutcomes(), root.level
+    root.addFilter(outcomes)
+    root.setLevel(logging.INFO)  # kfp.local logs cache hits at INFO outside its own logging context
+    try:
+        yield outcomes
+    finally:
+        root.removeFilter(outcomes)
+        root.setLevel(level)
+
+
+def failure_message(outcomes: TaskOutcomes) -> str:
+    failed = ", ".join(outcomes.names("failed")) or "a task"
+    done = outcomes.names("ran") + outcomes.names("cached")
+    kept = (f"Finished stages stay in the cache ({', '.join(done)}): run the same command again after the fix and "
+            f"only {failed} and the stages after it will run.") if done else "No stage finished."
+    return f"the pipeline stopped: {failed} failed (its log is above). {kept}"
+
+
 def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT) -> dict:
-    """Run every stage as a kfp.local subprocess task; returns the registration summary."""
+    """Run every stage as a kfp.local subprocess task; returns the registration summary.
+
+    A failed stage raises PipelineFailed, naming the stages that finished; they are cached, so the same
+    command re-runs only the failed stage and those after it (each task's cache key covers its own code).
+    """
     from kfp import local
 
     from pipelines.finetune import build_pipeline
@@ -45,9 +107,16 @@ def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT) -> dict:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"),
                enable_caching=True, cache_root=str(root / "kfp-cache"))
     started = time.time()
-    task = build_pipeline(cfg)()
+    with watch_tasks() as outcomes:
+        try:
+            task = build_pipeline(cfg)()
+        except RuntimeError as err:
+            if not outcomes.names("failed"):
+                raise
+            raise PipelineFailed(failure_message(outcomes), dict(outcomes.tasks)) from err
     summary = json.loads(Path(task.outputs["Output"].path).read_text())
-    summary.update({"tracking_uri": uri, "wall_seconds": time.time() - started, "artifacts": str(root / "kfp")})
+    summary.update({"tracking_uri": uri, "wall_seconds": time.time() - started, "artifacts": str(root / "kfp"),
+                    "tasks": dict(outcomes.tasks)})
     return summary
 
 
@@ -65,5 +134,8 @@ def print_summary(summary: dict) -> None:
     for name, info in summary.get("stages", {}).items():
         stages.add_row(name, f"{info['seconds']:.1f}", "yes" if info["cached"] else "")
     console.print(stages)
+    for outcome, label in (("ran", "ran"), ("cached", "from the kfp cache (same inputs and code)")):
+        names = [name for name, value in summary.get("tasks", {}).items() if value == outcome]
+        console.print(f"{label}: {', '.join(names) or 'none'}", soft_wrap=True)
     console.print(f"pipeline wall time {summary['wall_seconds']:.0f}s · MLflow UI {summary['tracking_uri']} · "
                   f"model: models:/{summary['name']}/{summary['version']} · artifacts in {summary['artifacts']}")

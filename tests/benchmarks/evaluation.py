@@ -1,4 +1,4 @@
-"""Benchmark: our batched evaluation (`components.evaluate.generate`, batch 32, left padding) against the
+"""Benchmark: our batched evaluation (`components.inference.generate`, batch 32, left padding) against the
 recipe's one-at-a-time `model.generate` loop, on the same BANKING77 eval examples with SmolLM2.
 
 Both sides run in this process with the same weights, dtype and max_new_tokens; the sides alternate
@@ -77,7 +77,7 @@ def pin_threads() -> None:
 
 
 def eval_examples(n: int = EXAMPLES) -> tuple[list[dict], list[str]]:
-    from components.prepare_data import read_jsonl
+    from components.jsonl import read_jsonl
     from components.util import read_json
 
     data = banking77()
@@ -104,7 +104,7 @@ def recipe(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
 
 
 def measure() -> dict:
-    from components.evaluate import generate, load_model, load_tokenizer
+    from components.inference import generate, load_model, load_tokenizer
     from components.util import quiet_libraries
 
     quiet_libraries()
@@ -129,7 +129,7 @@ def measure() -> dict:
             preds[name] = sides[name]()
             times[name].append(time.perf_counter() - started)
     same = sum(a == b for a, b in zip(preds["recipe"], preds["ours"]))
-    from components.evaluate import normalize
+    from components.inference import normalize
 
     correct = {name: sum(normalize(p) == normalize(e["answer"]) for p, e in zip(preds[name], examples))
                for name in sides}
@@ -151,7 +151,7 @@ def rows(result: dict) -> list[tuple[str, str, str, str]]:
     return [
         (f"recipe: model.generate per example, batch 1 (examples/s; best of {REPEATS})",
          f"{rate['recipe']:.2f}", "", "1.00x"),
-        (f"ours: evaluate.generate, batch {BATCH}, left padding, length-sorted (examples/s; best of {REPEATS})",
+        (f"ours: inference.generate, batch {BATCH}, left padding, length-sorted (examples/s; best of {REPEATS})",
          f"{rate['ours']:.2f}", "≥ 5x", f"{speedup:.2f}x"),
         (f"setup: {n} BANKING77 eval examples, SmolLM2 base, {DTYPE}, greedy, max_new_tokens {result['max_new']}, "
          f"{THREADS} intra-op thread",

@@ -21,7 +21,7 @@ from tests.benchmarks.evaluation import EXAMPLES, THREADS, banking77, base_dir, 
 CHILD = """
 import json, sys, psutil, torch
 from pathlib import Path
-from components.evaluate import load_model, load_tokenizer
+from components.inference import load_model, load_tokenizer
 from components.quantize import bnb_variant
 import bitsandbytes  # imported before the first reading, like transformers, so it does not count as model
 

@@ -47,15 +47,15 @@ def ours(work: Path) -> dict:
 
 
 def held_out_accuracy(work: Path, cfg) -> dict:
-    from components import evaluate
+    from components import inference, scoring
     from components.config import EvalSection
-    from components.prepare_data import read_jsonl
+    from components.jsonl import read_jsonl
     from components.util import read_json
 
-    tok = evaluate.load_tokenizer(evaluation.base_dir())
-    model = evaluate.load_model(evaluation.base_dir(), "bfloat16", adapter_dir=work / "adapter")
+    tok = inference.load_tokenizer(evaluation.base_dir())
+    model = inference.load_model(evaluation.base_dir(), "bfloat16", adapter_dir=work / "adapter")
     examples = read_jsonl(work / "data" / "eval.jsonl")[:EVAL_EXAMPLES]
-    metrics, _ = evaluate.evaluate_model(model, tok, examples, EvalSection(batch_size=32),
+    metrics, _ = scoring.evaluate_model(model, tok, examples, EvalSection(batch_size=32),
                                          read_json(work / "data" / "labels.json"), "held-out")
     return metrics
 

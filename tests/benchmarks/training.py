@@ -45,7 +45,7 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForLanguageModeling,
                           Trainer, TrainingArguments, set_seed)
 from components.config import TrainSection
-from components.prepare_data import read_jsonl
+from components.jsonl import read_jsonl
 from components.train import lora_config
 
 cfg, base, data, out = TrainSection(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]

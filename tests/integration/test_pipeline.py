@@ -73,3 +73,46 @@ def test_compiled_pipeline_is_documented_and_wired(tmp_path):
     assert "llmops-gpu" in images["exec-train"] and "llmops-cpu" in images["exec-prepare-data"]
     for executor in spec["deploymentSpec"]["executors"].values():
         assert "pip install" not in " ".join(executor["container"].get("command", []))
+
+
+def test_a_failed_stage_is_fixed_and_the_rerun_reuses_every_finished_stage(mlflow_server, tiny_source, llmops_cache,
+                                                                          tmp_path):
+    """The user's path: evaluate breaks after training, the code is fixed, the same command runs again.
+
+    It runs on a copy of the project's packages, so the fix is a real edit to components/evaluate.py.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from pipelines.code_digest import PACKAGES, ROOT
+
+    tree = tmp_path / "checkout"
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))
+    evaluate = tree / "components" / "evaluate.py"
+    fixed = evaluate.read_text()
+    evaluate.write_text(fixed.replace('    heading("evaluate")\n', '    raise RuntimeError("a bug in evaluate")\n', 1))
+    overrides = [f"model.base_model={tiny_source}", "train.max_steps=4", "train.checkpoint_every=2",
+                 "quantize.eval_examples=4", "quantize.variants=[nf4]", "merge.parity_prompts=4", "eval.batch_size=8",
+                 "registry.model_name=tiny-resume", "gate.min_gain_over_base=-1"]
+    env = {**os.environ, "PYTHONPATH": str(tree), "COLUMNS": "300"}
+    command = [sys.executable, "-m", "pipelines.cli", "run", "--root", str(tmp_path / "root"), *overrides]
+
+    def run():
+        return subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=900)
+
+    broken = run()
+    assert broken.returncode == 1, broken.stdout[-3000:] + broken.stderr[-3000:]
+    assert "a bug in evaluate" in broken.stdout + broken.stderr
+    assert ("evaluate failed" in broken.stderr and "(base-model, prepare-data, train)" in broken.stderr
+            and "only evaluate and the stages after it will run" in broken.stderr), broken.stderr[-2000:]
+
+    evaluate.write_text(fixed)
+    rerun = run()
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in rerun.stdout.splitlines()
+             if line.startswith(("ran:", "from the kfp cache"))}
+    assert lines["from the kfp cache (same inputs and code)"] == "base-model, prepare-data, train"
+    assert set(lines["ran"].split(", ")) >= {"evaluate", "merge", "quantize", "register", "gate"}

@@ -14,7 +14,7 @@ import pytest
 from components import prepare_data
 from components.config import DataSection
 from components.datafiles import DataError
-from components.prepare_data import read_jsonl
+from components.jsonl import read_jsonl
 
 pytestmark = pytest.mark.unit
 LABELS = ["card_lost", "refund_request"]

@@ -3,16 +3,16 @@ import json
 import pytest
 import torch
 
-from components import evaluate, merge, quantize
+from components import evaluate, inference, merge, quantize, scoring
 from components.config import EvalSection, MergeSection, QuantizeSection
-from components.prepare_data import read_jsonl
+from components.jsonl import read_jsonl
 
 pytestmark = pytest.mark.unit
 
 
 def test_score_counts_exact_matches_and_invalid_labels():
     labels = ["a", "b"]
-    result = evaluate.score(["a", " B.", "zzz", "a"], ["a", "b", "b", "b"], labels)
+    result = scoring.score(["a", " B.", "zzz", "a"], ["a", "b", "b", "b"], labels)
     assert result["exact_match"] == pytest.approx(0.5)
     assert result["invalid_rate"] == pytest.approx(0.25)
     assert result["confusion"]["categories"] == ["a", "b", "<invalid>"]
@@ -22,23 +22,23 @@ def test_score_counts_exact_matches_and_invalid_labels():
 
 
 def test_batched_left_padded_generation_equals_one_at_a_time(tiny_base, tiny_adapter, demo_prepared):
-    tok = evaluate.load_tokenizer(tiny_base)
-    model = evaluate.load_model(tiny_base, "float32", adapter_dir=tiny_adapter)
+    tok = inference.load_tokenizer(tiny_base)
+    model = inference.load_model(tiny_base, "float32", adapter_dir=tiny_adapter)
     prompts = [e["prompt"] for e in read_jsonl(demo_prepared / "eval.jsonl")][:8]
     prompts[0] = prompts[0].replace("Message:", "Message: a much longer message than the others, so padding matters:")
-    batched = evaluate.generate(model, tok, prompts, 6, batch_size=8)
-    single = [evaluate.generate(model, tok, [p], 6, batch_size=1)[0] for p in prompts]
+    batched = inference.generate(model, tok, prompts, 6, batch_size=8)
+    single = [inference.generate(model, tok, [p], 6, batch_size=1)[0] for p in prompts]
     assert batched == single
 
 
 def test_response_nll_matches_per_example_loss(tiny_base, demo_prepared):
-    tok = evaluate.load_tokenizer(tiny_base)
-    model = evaluate.load_model(tiny_base, "float32")
+    tok = inference.load_tokenizer(tiny_base)
+    model = inference.load_model(tiny_base, "float32")
     examples = read_jsonl(demo_prepared / "eval.jsonl")[:5]
-    total, count = evaluate.response_nll(model, tok, examples, batch_size=5)
+    total, count = inference.response_nll(model, tok, examples, batch_size=5)
     manual_total, manual_count = 0.0, 0
     for ex in examples:
-        single, n = evaluate.response_nll(model, tok, [ex], batch_size=1)
+        single, n = inference.response_nll(model, tok, [ex], batch_size=1)
         manual_total, manual_count = manual_total + single, manual_count + n
     assert count == manual_count == sum(e["completion_tokens"] for e in examples)
     assert total == pytest.approx(manual_total, rel=1e-4)
@@ -66,8 +66,8 @@ def test_merge_fails_below_the_parity_threshold(tiny_base, tiny_adapter, demo_pr
     # Simulate a lossy merge (the classic bug: merging into a 4-bit base) by corrupting the saved weights.
     real = merge.merge_adapter
 
-    def lossy(base_dir, adapter_dir, out_dir, dtype):
-        real(base_dir, adapter_dir, out_dir, dtype)
+    def lossy(base_dir, adapter_dir, out_dir, dtype, contract=None):
+        real(base_dir, adapter_dir, out_dir, dtype, contract)
         from safetensors.torch import load_file, save_file
 
         weights = load_file(out_dir / "model.safetensors")

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from components import checkpoints, train
 from components.config import TrainSection
-from components.prepare_data import read_jsonl
+from components.jsonl import read_jsonl
 
 pytestmark = pytest.mark.unit
 

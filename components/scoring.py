@@ -1,0 +1,67 @@
+"""Scoring a model on prepared examples: exact match, per-class metrics, constrained label accuracy, perplexity.
+
+The evaluate stage reports these for the base and the tuned model; quantize scores its variants and the
+gate its champion with the same function, so every stage's numbers mean the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+
+from components.config import EvalSection
+from components.inference import generate, normalize, response_nll
+
+INVALID = "<invalid>"
+
+
+def score(predictions: list[str], answers: list[str], labels: list[str] | None) -> dict:
+    exact = [normalize(p) == normalize(a) for p, a in zip(predictions, answers)]
+    result = {"exact_match": sum(exact) / max(len(exact), 1), "n": len(exact)}
+    if labels:
+        from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+        by_norm = {normalize(lab): lab for lab in labels}
+        pred = [by_norm.get(normalize(p), INVALID) for p in predictions]
+        cats = list(labels) + [INVALID]
+        prec, rec, f1, support = precision_recall_fscore_support(answers, pred, labels=list(labels), zero_division=0)
+        result["per_class"] = {lab: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                               for lab, p, r, f, s in zip(labels, prec, rec, f1, support)}
+        result["macro_f1"] = float(sum(f1) / len(f1))
+        result["invalid_rate"] = pred.count(INVALID) / max(len(pred), 1)
+        result["confusion"] = {"categories": cats, "matrix": confusion_matrix(answers, pred, labels=cats).tolist()}
+    return result
+
+
+def constrained_metrics(model, tok, examples: list[dict], free: list[str], labels: list[str], batch_size: int) -> dict:
+    """Accuracy when decoding may only produce a label, next to free generation's exact match."""
+    from components import labels as label_scoring
+
+    answers = [e["answer"] for e in examples]
+    constrained = label_scoring.predict(model, tok, [e["prompt"] for e in examples], labels, batch_size)
+    by_norm = {normalize(lab): lab for lab in labels}
+    valid = [(by_norm[normalize(f)], c) for f, c in zip(free, constrained) if normalize(f) in by_norm]
+    return {"label_accuracy": label_scoring.accuracy(constrained, answers),
+            "agreement_where_valid": sum(f == c for f, c in valid) / len(valid) if valid else None,
+            "constrained_predictions": constrained}
+
+
+def evaluate_model(model, tok, examples: list[dict], cfg: EvalSection, labels: list[str] | None, name: str) -> tuple[dict, list[str]]:
+    """(metrics, free predictions); label tasks also get label_accuracy from constrained decoding."""
+    metrics, preds = evaluate_in_detail(model, tok, examples, cfg, labels, name)
+    metrics.pop("constrained_predictions", None)
+    return metrics, preds
+
+
+def evaluate_in_detail(model, tok, examples: list[dict], cfg: EvalSection, labels: list[str] | None, name: str) -> tuple[dict, list[str]]:
+    max_new = cfg.max_new_tokens
+    if labels:  # a label is all we want back: stop paying for tokens past the longest one
+        max_new = min(max_new, max(len(tok(lab, add_special_tokens=False)["input_ids"]) for lab in labels) + 2)
+    preds = generate(model, tok, [e["prompt"] for e in examples], max_new, cfg.batch_size, label=f"eval {name}")
+    answers = [e["answer"] for e in examples]
+    metrics = score(preds, answers, labels)
+    if labels:
+        metrics.update(constrained_metrics(model, tok, examples, preds, labels, cfg.batch_size))
+    nll, count = response_nll(model, tok, examples, cfg.batch_size)
+    metrics["loss"] = nll / max(count, 1)
+    metrics["perplexity"] = math.exp(min(metrics["loss"], 50))
+    return metrics, preds
