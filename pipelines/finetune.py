@@ -13,6 +13,8 @@ from pipelines.code_digest import ENV as CODE_DIGEST_ENV
 from pipelines.code_digest import task_digest
 
 PIPELINE_NAME = "finetune"
+# Tasks kfp may take from its cache; register, gate, the alias step and finalize always run.
+CACHED_TASKS = ("base-model", "prepare-data", "train", "evaluate", "merge", "quantize")
 # The component behind each task, in the order build_pipeline lists its tasks.
 COMPONENTS = (steps.base_model, steps.prepare_data, steps.train, steps.evaluate, steps.merge, steps.quantize,
               steps.register, steps.gate, steps.set_alias, steps.finalize)

@@ -79,8 +79,10 @@ def watch_tasks():
 
 
 def failure_message(outcomes: TaskOutcomes) -> str:
+    from pipelines.finetune import CACHED_TASKS
+
     failed = ", ".join(outcomes.names("failed")) or "a task"
-    done = outcomes.names("ran") + outcomes.names("cached")
+    done = [name for name in outcomes.names("ran") + outcomes.names("cached") if name in CACHED_TASKS]
     kept = (f"Finished stages stay in the cache ({', '.join(done)}): run the same command again after the fix and "
             f"only {failed} and the stages after it will run.") if done else "No stage finished."
     return f"the pipeline stopped: {failed} failed (its log is above). {kept}"

@@ -69,6 +69,9 @@ def test_compiled_pipeline_is_documented_and_wired(tmp_path):
     tasks = {**tasks, **registry}
     assert tasks["register"]["cachingOptions"] == {} == tasks["gate"]["cachingOptions"]  # caching off is empty
     assert tasks["train"]["cachingOptions"] == {"enableCache": True}
+    from pipelines.finetune import CACHED_TASKS  # what a failed run's message promises stays cached
+
+    assert {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")} == set(CACHED_TASKS)
     images = {name: ex["container"]["image"] for name, ex in spec["deploymentSpec"]["executors"].items()}
     assert "llmops-gpu" in images["exec-train"] and "llmops-cpu" in images["exec-prepare-data"]
     for executor in spec["deploymentSpec"]["executors"].values():
