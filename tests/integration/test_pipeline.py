@@ -1,4 +1,10 @@
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -8,41 +14,88 @@ from components.config import load_config
 pytestmark = pytest.mark.integration
 
 
-def tiny_config(tiny_source, **extra):
-    overrides = [f"model.base_model={tiny_source}", "train.max_steps=4", "train.checkpoint_every=2",
-                 "train.learning_rate=0.005", "quantize.eval_examples=4", "merge.parity_prompts=4",
-                 "eval.batch_size=8", "registry.model_name=tiny-pipeline"]
-    return load_config("local", overrides + [f"{k}={v}" for k, v in extra.items()])
+TINY = ["train.max_steps=4", "train.checkpoint_every=2", "train.learning_rate=0.005", "quantize.eval_examples=4",
+        "quantize.variants=[nf4]", "merge.parity_prompts=4", "eval.batch_size=8", "registry.model_name=tiny-pipeline"]
 
 
-def test_whole_pipeline_runs_then_a_rerun_hits_the_cache(mlflow_server, tiny_source, llmops_cache, tmp_path):
+class Checkout:
+    """A copy of the project's packages, run as `llmops run` in a subprocess: edits to it are real code changes."""
+
+    def __init__(self, root: Path, tiny_source: Path):
+        from pipelines.code_digest import PACKAGES, ROOT
+
+        self.tree, self.runs = root / "checkout", root / "runs"
+        for package in PACKAGES:
+            shutil.copytree(ROOT / package, self.tree / package, ignore=shutil.ignore_patterns("__pycache__"))
+        self.base = [f"model.base_model={tiny_source}", *TINY]
+        self.env = {**os.environ, "PYTHONPATH": str(self.tree), "COLUMNS": "300"}
+
+    def run(self, *overrides: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "pipelines.cli", "run", "--root", str(self.runs), *self.base, *overrides]
+        return subprocess.run(command, cwd=self.tree, env=self.env, capture_output=True, text=True, timeout=900)
+
+
+def outcome_lines(stdout: str) -> dict[str, list[str]]:
+    """The summary's `ran:` and `from the kfp cache ...:` lines, as task names."""
+    out = {}
+    for line in stdout.splitlines():
+        for key, prefix in (("ran", "ran:"), ("cached", "from the kfp cache (same inputs and code):")):
+            if line.startswith(prefix):
+                names = line.removeprefix(prefix).strip()
+                out[key] = [] if names == "none" else names.split(", ")
+    return out
+
+
+def registered_version(stdout: str) -> str:
+    found = re.search(r"registered tiny-pipeline version (\d+)", stdout)
+    assert found, stdout[-3000:]
+    return found.group(1)
+
+
+def test_a_failed_stage_is_fixed_and_reruns_reuse_every_finished_stage(mlflow_server, tiny_source, llmops_cache,
+                                                                       tmp_path):
+    """The user's path through `llmops run`: evaluate breaks after training, the code is fixed, the same
+    command runs again; later runs with unchanged inputs come from the cache, and a changed section re-runs
+    only its stage. The gate is judged each time against the base and the champion."""
     from mlflow import MlflowClient
 
-    from pipelines.run import run_local
+    checkout = Checkout(tmp_path, tiny_source)
+    evaluate = checkout.tree / "components" / "evaluate.py"
+    fixed = evaluate.read_text()
+    evaluate.write_text(fixed.replace('    heading("evaluate")\n', '    raise RuntimeError("a bug in evaluate")\n', 1))
+    broken = checkout.run("gate.min_gain_over_base=-1")
+    assert broken.returncode == 1, broken.stdout[-3000:] + broken.stderr[-3000:]
+    assert "a bug in evaluate" in broken.stdout + broken.stderr
+    assert ("evaluate failed" in broken.stderr and "(base-model, prepare-data, train)" in broken.stderr
+            and "only evaluate and the stages after it will run" in broken.stderr), broken.stderr[-2000:]
 
+    evaluate.write_text(fixed)  # the fix: a real edit to evaluate's code, which train never imports
+    first = checkout.run("gate.min_gain_over_base=-1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert outcome_lines(first.stdout)["cached"] == ["base-model", "prepare-data", "train"]
+    assert {"evaluate", "merge", "quantize", "register", "gate"} <= set(outcome_lines(first.stdout)["ran"])
     client = MlflowClient()
-    first = run_local(tiny_config(tiny_source, **{"gate.min_gain_over_base": -1.0}), tmp_path)
-    assert set(first["stages"]) == {"base_model", "prepare_data", "train", "evaluate", "merge", "quantize"}
-    assert not any(s["cached"] for s in first["stages"].values())
-    version = client.get_model_version("tiny-pipeline", first["version"])
-    assert version.tags["recommended_quantize"] in ("bitsandbytes-nf4", "bitsandbytes", "none")
+    version = client.get_model_version("tiny-pipeline", registered_version(first.stdout))
+    assert version.tags["recommended_quantize"] in ("bitsandbytes-nf4", "none")  # nf4 is the only variant measured
     assert version.tags["gate.verdict"] == "passed" and version.tags["gate.champion_version"] == "none"
-    assert client.get_model_version_by_alias("tiny-pipeline", "challenger").version == first["version"]
+    assert client.get_model_version_by_alias("tiny-pipeline", "challenger").version == version.version
 
-    client.set_registered_model_alias("tiny-pipeline", "champion", first["version"])
-    second = run_local(tiny_config(tiny_source, **{"gate.min_gain_over_base": 1.0}), tmp_path)
-    assert all(s["cached"] for s in second["stages"].values()), second["stages"]
-    assert second["version"] != first["version"]  # register is never cached: each pipeline run gets its version
-    assert second["wall_seconds"] < first["wall_seconds"]
-    failed = client.get_model_version("tiny-pipeline", second["version"])
+    client.set_registered_model_alias("tiny-pipeline", "champion", version.version)
+    second = checkout.run("gate.min_gain_over_base=1.0")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert set(outcome_lines(second.stdout)["cached"]) == {"base-model", "prepare-data", "train", "evaluate", "merge",
+                                                          "quantize"}
+    failed = client.get_model_version("tiny-pipeline", registered_version(second.stdout))
+    assert failed.version != version.version  # register is never cached: each pipeline run gets its version
     assert failed.tags["gate.verdict"] == "failed" and "gain over base" in failed.tags["gate.reason"]
-    assert failed.tags["gate.champion_version"] == first["version"]  # compared with the champion too
+    assert failed.tags["gate.champion_version"] == version.version  # compared with the champion too
     assert failed.aliases == []  # stays registered, with no alias
-    assert client.get_model_version_by_alias("tiny-pipeline", "challenger").version == first["version"]
+    assert client.get_model_version_by_alias("tiny-pipeline", "challenger").version == version.version
 
-    third = run_local(tiny_config(tiny_source, **{"eval.batch_size": 4}), tmp_path)
-    cached = {name for name, s in third["stages"].items() if s["cached"]}
-    assert cached == {"base_model", "prepare_data", "train", "merge", "quantize"}  # only evaluate saw a change
+    third = checkout.run("gate.min_gain_over_base=-1", "eval.batch_size=4")
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    # only evaluate's section changed; merge and quantize do not take its outputs
+    assert set(outcome_lines(third.stdout)["cached"]) == {"base-model", "prepare-data", "train", "merge", "quantize"}
 
 
 def test_compiled_pipeline_is_documented_and_wired(tmp_path):
@@ -76,46 +129,3 @@ def test_compiled_pipeline_is_documented_and_wired(tmp_path):
     assert "llmops-gpu" in images["exec-train"] and "llmops-cpu" in images["exec-prepare-data"]
     for executor in spec["deploymentSpec"]["executors"].values():
         assert "pip install" not in " ".join(executor["container"].get("command", []))
-
-
-def test_a_failed_stage_is_fixed_and_the_rerun_reuses_every_finished_stage(mlflow_server, tiny_source, llmops_cache,
-                                                                          tmp_path):
-    """The user's path: evaluate breaks after training, the code is fixed, the same command runs again.
-
-    It runs on a copy of the project's packages, so the fix is a real edit to components/evaluate.py.
-    """
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    from pipelines.code_digest import PACKAGES, ROOT
-
-    tree = tmp_path / "checkout"
-    for package in PACKAGES:
-        shutil.copytree(ROOT / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))
-    evaluate = tree / "components" / "evaluate.py"
-    fixed = evaluate.read_text()
-    evaluate.write_text(fixed.replace('    heading("evaluate")\n', '    raise RuntimeError("a bug in evaluate")\n', 1))
-    overrides = [f"model.base_model={tiny_source}", "train.max_steps=4", "train.checkpoint_every=2",
-                 "quantize.eval_examples=4", "quantize.variants=[nf4]", "merge.parity_prompts=4", "eval.batch_size=8",
-                 "registry.model_name=tiny-resume", "gate.min_gain_over_base=-1"]
-    env = {**os.environ, "PYTHONPATH": str(tree), "COLUMNS": "300"}
-    command = [sys.executable, "-m", "pipelines.cli", "run", "--root", str(tmp_path / "root"), *overrides]
-
-    def run():
-        return subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=900)
-
-    broken = run()
-    assert broken.returncode == 1, broken.stdout[-3000:] + broken.stderr[-3000:]
-    assert "a bug in evaluate" in broken.stdout + broken.stderr
-    assert ("evaluate failed" in broken.stderr and "(base-model, prepare-data, train)" in broken.stderr
-            and "only evaluate and the stages after it will run" in broken.stderr), broken.stderr[-2000:]
-
-    evaluate.write_text(fixed)
-    rerun = run()
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in rerun.stdout.splitlines()
-             if line.startswith(("ran:", "from the kfp cache"))}
-    assert lines["from the kfp cache (same inputs and code)"] == "base-model, prepare-data, train"
-    assert set(lines["ran"].split(", ")) >= {"evaluate", "merge", "quantize", "register", "gate"}
