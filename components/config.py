@@ -128,7 +128,8 @@ class MergeSection(Section):
 
 class QuantizeSection(Section):
     variants: list[Literal["int8", "nf4"]] = ["int8", "nf4"]
-    eval_examples: int = Field(64, gt=0)
+    eval_examples: int | None = Field(None, gt=0, description="eval rows each variant is scored on; null: all of "
+                                      "them, the rows evaluate scored, so the gate compares like with like")
     max_accuracy_drop: float = Field(0.02, ge=0)
     max_perplexity_increase: float = Field(0.10, ge=0, description="relative, 0.10 = +10%")
 
@@ -163,6 +164,8 @@ class DeploySection(Section):
     """How a promoted version is served: TGI on Kubernetes, or the local TGI-protocol server."""
 
     alias: str = "champion"
+    models: list[str] = Field([], description="registered model names this deployer serves (an allowlist); "
+                                              "empty: every registered model")
     namespace: str = "llmops"
     # Pinned by digest: a tag can move under a running Deployment. Set the digest your registry serves.
     tgi_image: str = Field("ghcr.io/huggingface/text-generation-inference:3.3.4@sha256:" + "0" * 64,

@@ -1,8 +1,10 @@
-"""The promotion gate: compare the candidate with the base model and the current champion.
+"""The promotion gate: compare what will serve with the base model and the current champion.
 
+The candidate's figure is the served model's: the merge under the recommended `--quantize` flag, as the
+quantize stage measured it (the version's `eval.tuned.*`). The base is taken on the same eval rows. The
+champion, also as served, is measured on the candidate's rows unless both were scored on the same ones.
 Either way the verdict and the deltas become version tags; a candidate that passes gets the
 `challenger` alias (in the pipeline's dsl.If branch), one that fails stays registered without an alias.
-The champion is measured on the candidate's own eval split unless both were evaluated on the same data.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def decide(cfg: GateSection, candidate: float, base: float, champion: float | No
             "reason": "; ".join(reasons) or "beats the base" + (" and the champion" if champion is not None else "")}
 
 
-def champion_score(client, name: str, cfg: GateSection, candidate_version: str, data_dir: Path) -> tuple[str, float] | None:
+def champion_score(client, name: str, cfg: GateSection, candidate_version: str, data_dir: Path,
+                   rows: int) -> tuple[str, float] | None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -46,38 +49,68 @@ def champion_score(client, name: str, cfg: GateSection, candidate_version: str, 
         return None
     ours = read_json(Path(data_dir) / "stats.json")["prepared_sha256"]
     tag = champion.tags.get(f"eval.tuned.{cfg.metric}")
-    if champion.tags.get("prepared_dataset_sha256") == ours and tag is not None:
+    same_rows = champion.tags.get("eval.tuned.examples") == str(rows)
+    if champion.tags.get("prepared_dataset_sha256") == ours and same_rows and tag is not None:
         return champion.version, float(tag)
-    return champion.version, _evaluate_champion(name, champion.version, cfg, data_dir)
+    return champion.version, _evaluate_champion(champion, cfg, data_dir, rows)
 
 
-def _evaluate_champion(name: str, version: str, cfg: GateSection, data_dir: Path) -> float:
+def _evaluate_champion(champion, cfg: GateSection, data_dir: Path, rows: int) -> float:
+    """The champion as it serves (its recommended --quantize flag), on the candidate's eval rows."""
     import tempfile
 
     import mlflow
+    import yaml
 
-    from components.inference import load_model, load_tokenizer
-
+    from components.chat_pyfunc import MODEL_KEY
+    from components.inference import load_as_served, load_tokenizer
     from components.scoring import evaluate_model
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tempfile.mkdtemp())
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{champion.name}/{champion.version}",
+                                                     dst_path=tempfile.mkdtemp()))
+    model_dir = local / yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"][
+        MODEL_KEY]["path"]
     labels_file = Path(data_dir) / "labels.json"
     labels = read_json(labels_file) if labels_file.exists() else None
-    metrics, _ = evaluate_model(load_model(local), load_tokenizer(local), read_jsonl(Path(data_dir) / "eval.jsonl"),
-                                EvalSection(), labels, f"champion v{version}")
+    model = load_as_served(model_dir, champion.tags.get("recommended_quantize", "none"))
+    metrics, _ = evaluate_model(model, load_tokenizer(model_dir), read_jsonl(Path(data_dir) / "eval.jsonl")[:rows],
+                                EvalSection(), labels, f"champion v{champion.version}")
     return metrics[cfg.metric]
 
 
-def run(cfg: GateSection, registration: dict, eval_report: dict, data_dir: Path) -> dict:
+def base_on_served_rows(metric: str, registration: dict, report_dir: Path) -> float | None:
+    """The base model's figure on the rows the served model was scored on (None when it cannot be had)."""
+    rows, scored = int(registration["eval.tuned.examples"]), int(registration["eval.base.examples"])
+    report = read_json(Path(report_dir) / "eval_report.json")
+    if rows == scored:
+        return report["base"][metric]
+    if metric not in ("exact_match", "label_accuracy"):
+        return None  # a loss is not kept per row
+    from components.inference import normalize
+
+    samples = read_json(Path(report_dir) / "predictions.json")[:rows]
+    key = "base_constrained" if metric == "label_accuracy" else "base"
+    return sum(normalize(s[key] or "") == normalize(s["answer"]) for s in samples) / max(len(samples), 1)
+
+
+def run(cfg: GateSection, registration: dict, report_dir: Path, data_dir: Path) -> dict:
     from mlflow import MlflowClient
 
     heading("gate")
     configure_retries()  # every call below is idempotent (reads, tag and alias sets), so retrying is safe
     client = MlflowClient()
     name, version = registration["name"], str(registration["version"])
-    champ = champion_score(client, name, cfg, version, data_dir)
-    verdict = decide(cfg, eval_report["tuned"][cfg.metric], eval_report["base"][cfg.metric], champ and champ[1])
-    verdict["champion_version"] = champ and champ[0]
+    rows = int(registration["eval.tuned.examples"])
+    base = base_on_served_rows(cfg.metric, registration, report_dir)
+    if base is None:
+        verdict = {"passed": False, "gain_over_base": float("nan"), "gain_over_champion": None, "champion_version": None,
+                   "reason": f"quantize scored {rows} eval rows and evaluate {registration['eval.base.examples']}: "
+                             f"{cfg.metric} of the base on the served rows is unknown; set quantize.eval_examples=null"}
+        champ = None
+    else:
+        champ = champion_score(client, name, cfg, version, data_dir, rows)
+        verdict = decide(cfg, registration[f"eval.tuned.{cfg.metric}"], base, champ and champ[1])
+        verdict["champion_version"] = champ and champ[0]
     tags = {"gate.verdict": "passed" if verdict["passed"] else "failed", "gate.reason": verdict["reason"],
             "gate.metric": cfg.metric, "gate.gain_over_base": f"{verdict['gain_over_base']:.4f}",
             "gate.gain_over_champion": "n/a" if champ is None else f"{verdict['gain_over_champion']:.4f}",

@@ -36,6 +36,28 @@ def load_model(model_dir: Path, dtype: str = "bfloat16", adapter_dir: Path | Non
     return model.eval()
 
 
+# TGI's --quantize flags for bitsandbytes, and the variant names the quantize stage reports them under.
+TGI_FLAG = {"nf4": "bitsandbytes-nf4", "int8": "bitsandbytes"}
+VARIANT_OF_FLAG = {flag: variant for variant, flag in TGI_FLAG.items()}
+
+
+def bnb_config(variant: str):
+    """The bitsandbytes loading that reproduces TGI's --quantize flag for `variant` (int8 or nf4)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if variant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_as_served(model_dir: Path, quantize_flag: str):
+    """The merged model loaded the way TGI serves it under `--quantize quantize_flag` ("none": 16-bit as stored)."""
+    variant = VARIANT_OF_FLAG.get(quantize_flag)
+    return load_model(model_dir, quantization=bnb_config(variant)) if variant else load_model(model_dir)
+
+
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]

@@ -9,23 +9,12 @@ import gc
 from pathlib import Path
 
 from components.config import EvalSection, QuantizeSection
-from components.inference import load_model, load_tokenizer
+from components.inference import TGI_FLAG, VARIANT_OF_FLAG, bnb_config, load_model, load_tokenizer
 from components.scoring import evaluate_model
 from components.jsonl import read_jsonl
 from components.util import record_config, console, dir_size, heading, quiet_libraries, read_json, write_json
 
-TGI_FLAG = {"nf4": "bitsandbytes-nf4", "int8": "bitsandbytes"}
 SMALLEST_FIRST = ("nf4", "int8")
-
-
-def bnb_variant(variant: str):
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if variant == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def deltas(reference: dict, candidate: dict) -> dict:
@@ -58,21 +47,24 @@ def run(cfg: QuantizeSection, merged_dir: Path, data_dir: Path, out_dir: Path) -
     heading("quantize")
     out_dir = Path(out_dir)
     record_config(out_dir, "quantize", cfg)
-    examples = read_jsonl(Path(data_dir) / "eval.jsonl")[: cfg.eval_examples]
+    examples = read_jsonl(Path(data_dir) / "eval.jsonl")[: cfg.eval_examples]  # None: the whole eval split
     labels = read_json(Path(data_dir) / "labels.json") if (Path(data_dir) / "labels.json").exists() else None
     tok = load_tokenizer(merged_dir)
     with stage_run("quantize", cfg.model_dump()) as tracker:
         results = {"merged": _measure(load_model(merged_dir), tok, examples, labels, "merged")}
         results["merged"]["disk_bytes"] = dir_size(merged_dir)
         for variant in cfg.variants:
-            model = load_model(merged_dir, quantization=bnb_variant(variant))
+            model = load_model(merged_dir, quantization=bnb_config(variant))
             results[variant] = _measure(model, tok, examples, labels, variant)
             model.save_pretrained(out_dir / variant, safe_serialization=True)
             results[variant]["disk_bytes"] = dir_size(out_dir / variant)
             results[variant]["delta"] = deltas(results["merged"], results[variant])
             del model
             gc.collect()
-        report = {"results": results, "recommended_quantize": recommend(results, cfg), "examples": len(examples),
+        flag = recommend(results, cfg)
+        # What will serve: the merge under the recommended flag. The gate and the version's headline judge it.
+        served = {**results[VARIANT_OF_FLAG.get(flag, "merged")], "quantize": flag, "examples": len(examples)}
+        report = {"results": results, "recommended_quantize": flag, "served": served, "examples": len(examples),
                   "thresholds": {"max_accuracy_drop": cfg.max_accuracy_drop,
                                  "max_perplexity_increase": cfg.max_perplexity_increase}}
         write_json(out_dir / "quantize_report.json", report)

@@ -1,7 +1,10 @@
-"""Register the merged model in the MLflow model registry, with lineage tags.
+"""Register the merged model in the MLflow model registry as an MLflow model, with lineage tags.
 
-The version's source is the merged directory in the run's artifact store, so anything that can
-read the registry (TGI's init container, `llmops serve models:/name@alias`) gets the exact files.
+The version is created from a LoggedModel (components/logged_model.py): a pyfunc around the merged
+directory with a sha256 manifest of every served file, whose digest becomes the version's tag
+`weights.manifest_sha256`. TGI's init container and `llmops serve` verify the files against it.
+The version's headline metrics (`eval.tuned.*`) are those of what will serve: the merge under the
+recommended `--quantize` flag; `eval.adapter.*` keeps the adapter on the 16-bit base for comparison.
 Re-running register for the same pipeline run returns the existing version instead of a second one.
 """
 
@@ -12,11 +15,15 @@ import subprocess
 from pathlib import Path
 
 from components.config import RegisterSection
+from components.logged_model import (ADAPTER_MODEL_TAG, is_logged_model_whole, log_adapter_model, log_chat_model,
+                                     log_datasets)
 from components.tracking import EXPERIMENT_ENV, configure_retries, flatten, numeric, safe_names
 from components.prompt_contract import read_contract
 from components.util import console, heading, read_json, text_sha256
+from components.weights_manifest import MANIFEST_TAG
 
 PIPELINE_RUN_TAG = "llmops.pipeline_run"
+HEADLINE = ("exact_match", "label_accuracy", "perplexity")
 
 
 def git_commit() -> str:
@@ -65,9 +72,12 @@ def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
         "task_format": data["format"],
         **contract_tags(paths["merged"] / "model"),
     }
+    served = quant["served"]
     metrics = {
-        "eval.base.exact_match": evald["base"]["exact_match"], "eval.tuned.exact_match": evald["tuned"]["exact_match"],
-        "eval.base.perplexity": evald["base"]["perplexity"], "eval.tuned.perplexity": evald["tuned"]["perplexity"],
+        **{f"eval.base.{k}": evald["base"][k] for k in HEADLINE if k in evald["base"]},
+        **{f"eval.adapter.{k}": evald["tuned"][k] for k in HEADLINE if k in evald["tuned"]},
+        **{f"eval.tuned.{k}": served[k] for k in HEADLINE if k in served},  # what serves: merged, under the flag
+        "eval.tuned.examples": served["examples"], "eval.base.examples": evald["base"]["n"],
         "merge.parity": merge["parity"], "train.steps": train["steps"], "train.loss": train["train_loss"],
         "data.rejected": data["rejected"], "data.train": data["train"], "data.eval": data["eval"],
     }
@@ -77,14 +87,14 @@ def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
 
 # A version without these is useless downstream (gate, deployer, lineage), so it never counts as registered.
 REQUIRED_TAGS = ("base_model", "base_model_sha256", "dataset_sha256", "prepared_dataset_sha256", "config_sha256",
-                 "git_commit", PIPELINE_RUN_TAG, "recommended_quantize", "chat_template_sha256")
+                 "git_commit", PIPELINE_RUN_TAG, "recommended_quantize", "chat_template_sha256", MANIFEST_TAG)
 
 
 def is_complete(client, version) -> bool:
-    """All lineage tags, and the merged model's files in the run it points at."""
-    if any(not version.tags.get(tag) for tag in REQUIRED_TAGS):
+    """All lineage tags, and a whole logged model behind the version."""
+    if any(not version.tags.get(tag) for tag in REQUIRED_TAGS) or not version.source.startswith("models:/"):
         return False
-    return any(a.path == "model/config.json" for a in client.list_artifacts(version.run_id, "model"))
+    return is_logged_model_whole(client, version.source.removeprefix("models:/"))
 
 
 def versions_of_run(client, name: str, pipeline_run: str) -> list:
@@ -126,21 +136,35 @@ def log_run_contents(paths: dict[str, Path], metrics: dict) -> None:
     import mlflow
 
     mlflow.log_metrics(safe_names(metrics)[0])
-    for path in paths.values():
-        if (path / "stage_config.json").exists():
-            record = read_json(path / "stage_config.json")
-            mlflow.log_params(safe_names({f"{record['stage']}.{k}": str(v)[:500]
-                                          for k, v in flatten(record["config"]).items()})[0])
+    mlflow.log_params(model_params(paths))
     mlflow.log_metrics(safe_names({f"data.{k}": v for k, v in numeric(read_json(paths["data"] / "stats.json")).items()})[0])
-    mlflow.log_artifacts(str(paths["merged"] / "model"), "model")
-    mlflow.log_artifacts(str(paths["train"]), "adapter")
     for report in (paths["eval"] / "eval_report.json", paths["quantize"] / "quantize_report.json",
                    paths["merged"] / "merge_report.json", paths["data"] / "stats.json", paths["data"] / "rejects.jsonl",
                    paths["train"] / "history.json", paths["eval"] / "confusion_tuned.png"):
         if report.exists():
             mlflow.log_artifact(str(report), "reports")
-    if (paths["data"] / "labels.json").exists():
-        mlflow.log_artifact(str(paths["data"] / "labels.json"), "model")
+
+
+def model_params(paths: dict[str, Path]) -> dict[str, str]:
+    """Every stage's configuration, flattened: the LoggedModel's params."""
+    params = {}
+    for path in paths.values():
+        if (path / "stage_config.json").exists():
+            record = read_json(path / "stage_config.json")
+            params.update({f"{record['stage']}.{k}": str(v)[:500] for k, v in flatten(record["config"]).items()})
+    return safe_names(params)[0]
+
+
+def log_models(paths: dict[str, Path], metrics: dict, run) -> dict:
+    """The served model and the adapter as LoggedModels, metrics linked to the served one; returns tags to add."""
+    import mlflow
+
+    _, eval_ds = log_datasets(paths["data"])
+    info, manifest_sha = log_chat_model(paths["merged"] / "model", model_params(paths))
+    mlflow.log_metrics(safe_names(metrics)[0], model_id=info.model_id, dataset=eval_ds)
+    adapter_id = log_adapter_model(paths["train"], run.info.run_id, run.info.experiment_id,
+                                   read_json(paths["base"] / "llmops_base.json")["weights_sha256"])
+    return {MANIFEST_TAG: manifest_sha, ADAPTER_MODEL_TAG: adapter_id, "llmops.model_id": info.model_id}
 
 
 def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict:
@@ -154,21 +178,25 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
     client = MlflowClient()
     if found := settle(client, cfg.model_name, pipeline_run):
         console.print(f"version {found.version} of {cfg.model_name} already holds pipeline run {pipeline_run}")
-        return {"name": cfg.model_name, "version": found.version, "run_id": found.run_id, "reused": True, **metrics}
+        return {"name": cfg.model_name, "version": found.version, "run_id": found.run_id, "reused": True,
+                "quantize": tags["recommended_quantize"], **metrics}
     mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, cfg.experiment))
     with mlflow.start_run(run_name=f"finetune {pipeline_run}", tags={"llmops.stage": "register", **tags}) as run:
         log_run_contents(paths, metrics)
+        tags.update(log_models(paths, metrics, run))
         ensure_registered_model(client, cfg.model_name)
         # Created last, tags in the same request: a version never exists without its files or lineage.
+        model_id = tags["llmops.model_id"]
         client.create_model_version(
-            cfg.model_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags,
-            description=f"base {tags['base_model']}; tuned exact match {metrics['eval.tuned.exact_match']:.3f} "
-                        f"(base {metrics['eval.base.exact_match']:.3f}); serve with --quantize {tags['recommended_quantize']}")
+            cfg.model_name, source=f"models:/{model_id}", run_id=run.info.run_id, tags=tags, model_id=model_id,
+            description=f"base {tags['base_model']}; served exact match {metrics['eval.tuned.exact_match']:.3f} "
+                        f"under --quantize {tags['recommended_quantize']} (base {metrics['eval.base.exact_match']:.3f})")
         version = settle(client, cfg.model_name, pipeline_run)
         if version is None:
             raise RuntimeError(f"the new version of {cfg.model_name} for {pipeline_run} is incomplete; deleted it")
     console.print(f"registered {cfg.model_name} version {version.version} (run {run.info.run_id})")
-    return {"name": cfg.model_name, "version": version.version, "run_id": run.info.run_id, "reused": False, **metrics}
+    return {"name": cfg.model_name, "version": version.version, "run_id": run.info.run_id, "reused": False,
+            "quantize": tags["recommended_quantize"], **metrics}
 
 
 SUMMARY_FILE = "registration.json"
@@ -204,6 +232,9 @@ def finalize(cfg: RegisterSection, pipeline_run: str, state: str) -> dict:
     if version is not None:
         summary.update(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/{SUMMARY_FILE}") if state == "SUCCEEDED"
                        else {"name": cfg.model_name, "version": version.version, "run_id": version.run_id})
+        if verdict := version.tags.get("gate.verdict"):
+            aliases = ", ".join(version.aliases) or "no alias"
+            summary["gate"] = f"{verdict} ({version.tags.get('gate.reason', '')}); {aliases}"
     console.print(f"pipeline run {pipeline_run} {state}: {len(open_runs)} open MLflow run(s) marked FAILED"
                   + (f"; version {version.version} of {cfg.model_name}" if version else "; no version registered"))
     return summary

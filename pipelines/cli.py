@@ -87,7 +87,13 @@ def serve(model: Annotated[str, typer.Argument(help="model directory, models:/na
     from serving.resolve import parse_adapters, resolve_model
     from serving.server import serve as run_server
 
-    resolved = resolve_model(model)
+    from components.weights_manifest import VerificationError
+
+    try:
+        resolved = resolve_model(model)
+    except VerificationError as err:  # nothing serves files that differ from what was registered
+        typer.secho(f"llmops serve: refused {model}: {err}", fg="red", err=True)
+        raise typer.Exit(3) from None
     if resolved.name and model.startswith("models:/") and "@" in model:
         write_local_record(resolved.name, model.rsplit("@", 1)[1], f"http://{host}:{port}", resolved.version)
     typer.echo(f"serving {resolved.model_id} from {resolved.path} on http://{host}:{port}")
@@ -131,6 +137,7 @@ def deployer(mode: Annotated[str, typer.Option(help="kubernetes, local, or auto 
     import os
 
     import uvicorn
+    from mlflow.exceptions import MlflowException
 
     from serving.deployer import Deployer, KubeBackend, LocalBackend
     from serving.deployer_app import create_app, register_webhook
@@ -142,13 +149,28 @@ def deployer(mode: Annotated[str, typer.Option(help="kubernetes, local, or auto 
         mode = "kubernetes" if os.environ.get("KUBERNETES_SERVICE_HOST") else "local"
     backend = KubeBackend(cfg) if mode == "kubernetes" else LocalBackend()
     secret = load_secret()
-    register_webhook(public_url or f"http://{host}:{port}", secret)
-    app = create_app(Deployer(backend, alias=cfg.alias, interval_s=interval), Verifier(secret))
+    try:
+        register_webhook(public_url or f"http://{host}:{port}", secret)
+    except MlflowException as err:  # with a login, only MLflow's admin may manage webhooks
+        logging.getLogger("llmops.deployer").warning(
+            "webhook not registered (%s): the admin runs `llmops webhook %s` once; until then the reconcile loop "
+            "deploys every %.0fs", err.error_code, public_url or f"http://{host}:{port}", interval)
+    app = create_app(Deployer(backend, alias=cfg.alias, interval_s=interval, models=cfg.models), Verifier(secret))
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         if isinstance(backend, LocalBackend):
             backend.stop_all()
+
+
+@app.command()
+def webhook(url: Annotated[str, typer.Argument(help="the deployer's base URL, e.g. http://llmops-deployer.llmops.svc.cluster.local:8700")]):
+    """Register (or refresh) the deployer's MLflow webhook, signed with LLMOPS_WEBHOOK_SECRET (MLflow's admin runs it)."""
+    from serving.deployer_app import register_webhook
+    from serving.webhooks import load_secret
+
+    hook = register_webhook(url, load_secret())
+    typer.echo(f"webhook {hook.name} -> {hook.url} ({', '.join(str(e) for e in hook.events)})")
 
 
 def main():

@@ -27,7 +27,8 @@ def ensure_tracking(root: Path) -> str:
     port = int(os.environ.get("LLMOPS_MLFLOW_PORT", mlflow_local.DEFAULT_PORT))
     server = mlflow_local.start(root / "mlflow", port=port, detach=True)
     os.environ["MLFLOW_TRACKING_URI"] = server.url
-    console.print(f"MLflow UI: [bold]{server.url}[/] (local server, store in {root / 'mlflow'})")
+    console.print(f"MLflow UI: [bold]{server.url}[/] (local server, store in {root / 'mlflow'}; no login: it "
+                  "listens on 127.0.0.1 only, for this machine's user; the cluster's server asks for one)")
     return server.url
 
 
@@ -128,10 +129,14 @@ def print_summary(summary: dict) -> None:
     console.rule("[bold green]llmops · done")
     console.print(f"registered [bold]{summary['name']}[/] version [bold]{summary['version']}[/]"
                   + (" (already registered for this run)" if summary.get("reused") else ""))
-    table = Table("metric", "base", "tuned")
-    for metric in ("exact_match", "perplexity"):
-        table.add_row(metric, f"{summary[f'eval.base.{metric}']:.3f}", f"{summary[f'eval.tuned.{metric}']:.3f}")
+    table = Table("metric", "base", "adapter on 16-bit base", f"served (--quantize {summary.get('quantize', '?')})")
+    for metric in ("exact_match", "label_accuracy", "perplexity"):
+        if f"eval.tuned.{metric}" in summary:
+            table.add_row(metric, *(f"{summary[f'eval.{who}.{metric}']:.3f}" if f"eval.{who}.{metric}" in summary
+                                    else "" for who in ("base", "adapter", "tuned")))
     console.print(table)
+    console.print(f"served figures on {summary.get('eval.tuned.examples', '?')} eval rows; base and adapter on "
+                  f"{summary.get('eval.base.examples', '?')}. Gate: {summary.get('gate', 'see the version tags')}")
     stages = Table("stage", "seconds", "cached")
     for name, info in summary.get("stages", {}).items():
         stages.add_row(name, f"{info['seconds']:.1f}", "yes" if info["cached"] else "")

@@ -132,9 +132,9 @@ def gate(gate_cfg: str, registration: Input[Artifact], report: Input[Artifact], 
     from components.config import GateSection
 
     result = stage.run(GateSection.model_validate_json(gate_cfg), json.loads(Path(registration.path).read_text()),
-                       json.loads(Path(report.path, "eval_report.json").read_text()), dataset.path)
+                       Path(report.path), dataset.path)
     for key in ("gain_over_base", "gain_over_champion"):
-        if result[key] is not None:
+        if result[key] is not None and result[key] == result[key]:  # not NaN
             verdict.log_metric(key, result[key])
     Path(verdict.path).write_text(json.dumps(verdict.metadata))
     return bool(result["passed"])

@@ -23,6 +23,18 @@ from components.config import DeploySection
 
 log = logging.getLogger("llmops.deployer")
 STATUS_TAG, TIME_TAG, ENDPOINT_TAG, BACKEND_TAG = "deploy.status", "deploy.time", "deploy.endpoint", "deploy.backend"
+REASON_TAG, OVERRIDE_TAG = "deploy.reason", "gate.override"
+
+
+def promotion_refusal(tags: dict) -> str | None:
+    """Why a version may not serve, or None. Only a passed gate deploys, unless a person overrides it on
+    purpose: the tag gate.override holds their reason."""
+    if tags.get("gate.verdict") == "passed" or tags.get(OVERRIDE_TAG, "").strip():
+        return None
+    verdict = tags.get("gate.verdict") or "missing"
+    why = f": {tags['gate.reason']}" if tags.get("gate.reason") else ""
+    return (f"gate.verdict is {verdict}{why}. Nothing was deployed; to serve it anyway, set the tag "
+            f"{OVERRIDE_TAG} to your reason")
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,9 @@ class KubeBackend:
 
         ok = kube.deploy_version(self.cfg, name=target.name, version=target.version, run_id=target.run_id,
                                  tags=target.tags, api_client=self.api_client, poll_s=self.poll_s)
+        if not ok:
+            return False, (f"the rollout did not become ready within {self.cfg.rollout_timeout_s}s and was rolled back "
+                           "(see the pod's fetch-model init container: it refuses files that fail verification)")
         return ok, self.endpoint(target.name)
 
 
@@ -115,7 +130,9 @@ class LocalBackend:
             time.sleep(0.3)
         else:
             proc.kill()
-            return False, url  # the previous server, if any, keeps serving
+            logfile.close()
+            # the previous server, if any, keeps serving; the reason is the server's last word
+            return False, last_line(self.log_dir / f"{target.name}-{target.version}.log") or f"no answer from {url}"
         old = self.servers.get(target.name)
         self.servers[target.name] = (proc, port)
         if old:
@@ -128,6 +145,11 @@ class LocalBackend:
         self.servers.clear()
 
 
+def last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.exists() else []
+    return lines[-1].strip()[:500] if lines else ""
+
+
 def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -137,10 +159,12 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 class Deployer:
-    def __init__(self, backend, alias: str = "champion", client=None, interval_s: float = 30.0):
+    def __init__(self, backend, alias: str = "champion", client=None, interval_s: float = 30.0,
+                 models: list[str] | None = None):
         from mlflow import MlflowClient
 
         self.backend, self.alias, self.interval_s = backend, alias, interval_s
+        self.models = set(models or ())  # an allowlist of registered model names; empty: every model
         self.client = client or MlflowClient()
         self.wake = threading.Event()
         self.lock = threading.Lock()  # webhooks and the timer never deploy at the same time
@@ -150,6 +174,8 @@ class Deployer:
     def desired(self) -> dict[str, Target]:
         targets = {}
         for model in self.client.search_registered_models():
+            if self.models and model.name not in self.models:
+                continue
             version = (model.aliases or {}).get(self.alias)
             if version is not None:
                 mv = self.client.get_model_version(model.name, str(version))
@@ -166,16 +192,30 @@ class Deployer:
                 self.state[name] = {"desired": target.version, "actual": actual and actual.get("version")}
                 if actual and actual.get("version") == target.version and actual.get("run_id") == target.run_id:
                     continue
+                if refusal := promotion_refusal(target.tags):
+                    if target.tags.get(STATUS_TAG) != "refused" or target.tags.get(REASON_TAG) != refusal:
+                        actions.append(self._refuse(target, refusal))
+                    continue  # the endpoint keeps what it serves
                 if target.tags.get(STATUS_TAG) == "failed" and target.tags.get(BACKEND_TAG) == self.backend.kind:
                     continue  # it failed here before; moving the alias (or deleting the tag) retries
                 actions.append(self._deploy(target))
             return actions
 
+    def _refuse(self, target: Target, reason: str) -> str:
+        log.warning("refused %s version %s: %s", target.name, target.version, reason)
+        self.client.set_model_version_tag(target.name, target.version, REASON_TAG, reason)
+        self.client.set_model_version_tag(target.name, target.version, STATUS_TAG, "refused")
+        return f"refused {target.name}/{target.version}"
+
     def _deploy(self, target: Target) -> str:
+        if override := target.tags.get(OVERRIDE_TAG, "").strip():
+            if target.tags.get("gate.verdict") != "passed":
+                log.warning("deploying %s version %s although its gate %s: overridden (%s)", target.name,
+                            target.version, target.tags.get("gate.verdict") or "never ran", override)
         log.info("deploying %s version %s", target.name, target.version)
         self.client.set_model_version_tag(target.name, target.version, STATUS_TAG, "deploying")
         try:
-            ok, endpoint = self.backend.deploy(target)
+            ok, endpoint = self.backend.deploy(target)  # on failure, the second item is the reason
         except Exception as err:  # a broken deploy must not stop the loop; it is recorded on the version
             log.exception("deploy of %s/%s failed", target.name, target.version)
             ok, endpoint = False, f"error: {err}"[:500]
@@ -183,6 +223,10 @@ class Deployer:
         tags = {TIME_TAG: datetime.now(timezone.utc).isoformat(), BACKEND_TAG: self.backend.kind}
         if ok:
             tags[ENDPOINT_TAG] = endpoint
+        else:
+            tags[REASON_TAG] = endpoint
+        if override and target.tags.get("gate.verdict") != "passed":
+            tags["deploy.gate_override"] = override
         tags[STATUS_TAG] = "deployed" if ok else "failed"
         if ok and self.backend.kind == "local":
             from serving.client import write_local_record

@@ -10,6 +10,7 @@ previous version goes on serving instead of TGI crash-looping on a half-empty di
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,17 +30,33 @@ def check_model_dir(path: Path) -> None:
 
 
 def fetch(model_uri: str, dest: Path) -> Path:
-    import mlflow
+    """Download the version into a staging directory beside dest, verify every file, then move it into place.
 
-    dest.mkdir(parents=True, exist_ok=True)
+    Nothing reaches dest unless every file matches the manifest recorded at registration.
+    """
+    from serving.resolve import REF
+    from serving.verified_model import VerificationError, download_verified, model_version
+
+    match = REF.match(model_uri)
+    if not match:
+        raise FetchError(f"{model_uri}: expected models:/name/version or models:/name@alias")
+    staging = dest.parent / f".{dest.name}.download"
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
+        mv = model_version(match["name"], match["version"], match["alias"])
+        verified = download_verified(mv, staging)
+    except VerificationError as exc:
+        raise FetchError(f"refused {model_uri}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any failure (registry, S3, network) means the same to the pod
         tracking = os.environ.get("MLFLOW_TRACKING_URI", "<unset>")
         raise FetchError(f"could not download {model_uri} (MLFLOW_TRACKING_URI={tracking}): "
                          f"{type(exc).__name__}: {exc}") from exc
-    check_model_dir(local)
-    return local
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(verified.path, dest)  # same volume: a rename, so TGI never sees a half-moved directory
+    shutil.rmtree(staging, ignore_errors=True)
+    check_model_dir(dest)
+    print(f"fetch_model: verified {verified.bytes_checked / 1e6:.1f} MB against the registered manifest "
+          f"in {verified.seconds:.1f}s")
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:

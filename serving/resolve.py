@@ -36,8 +36,9 @@ def cache_dir() -> Path:
 def resolve_model(ref: str, artifact: str | None = None) -> Resolved:
     """A local directory as is; a registry reference downloaded once per version into the serving cache.
 
-    artifact=None fetches the version's own files (the merged model); artifact="adapter" fetches the
-    adapter logged beside it in the same run.
+    artifact=None fetches the version's served directory, verified file by file against the manifest
+    recorded at registration (serving.verified_model); artifact="adapter" fetches the LoRA adapter
+    logged as its own model in the same run.
     """
     match = REF.match(ref)
     if not match:
@@ -45,16 +46,28 @@ def resolve_model(ref: str, artifact: str | None = None) -> Resolved:
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise FileNotFoundError(f"{ref}: neither a model directory nor a models:/name/version or models:/name@alias reference")
         return Resolved(path.resolve(), str(path), None)
+    from serving.verified_model import download_verified, model_version
+
+    mv = model_version(match["name"], match["version"], match["alias"])
+    if artifact == "adapter":
+        return Resolved(_adapter(mv), f"models:/{mv.name}/{mv.version}", mv.run_id, mv.name, mv.version)
+    verified = download_verified(mv, cache_dir() / mv.name / mv.version / "model")
+    return Resolved(verified.path, f"models:/{mv.name}/{mv.version}", mv.run_id, mv.name, mv.version)
+
+
+def _adapter(mv) -> Path:
     import mlflow
 
-    mv = _version(match["name"], match["version"], match["alias"])
-    target = cache_dir() / mv.name / mv.version / (artifact or "model")
-    marker = target / ".complete"
-    if not marker.exists():
-        uri = f"runs:/{mv.run_id}/{artifact}" if artifact else f"models:/{mv.name}/{mv.version}"
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target))
-        marker.touch()
-    return Resolved(target, f"models:/{mv.name}/{mv.version}", mv.run_id, mv.name, mv.version)
+    from components.logged_model import ADAPTER_MODEL_TAG
+
+    model_id = mv.tags.get(ADAPTER_MODEL_TAG)
+    if not model_id:
+        raise FileNotFoundError(f"version {mv.version} of {mv.name} has no {ADAPTER_MODEL_TAG} tag: no adapter was logged")
+    target = cache_dir() / mv.name / mv.version / "adapter"
+    if not (target / ".complete").exists():
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(target))
+        (target / ".complete").touch()
+    return target
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:

@@ -58,12 +58,11 @@ def verify_download(root: Path, mv) -> tuple[Path, int]:
     return served, verify(served, manifest, expected)
 
 
-def download_verified(name: str, version: str | None, alias: str | None, dest: Path) -> Verified:
-    """Download (once per version) into dest and verify every served file; raises VerificationError."""
+def download_verified(mv, dest: Path) -> Verified:
+    """Download version `mv` (once) into dest and verify every served file; raises VerificationError."""
     import mlflow
 
     started = time.perf_counter()
-    mv = model_version(name, version, alias)
     dest = Path(dest)
     marker = dest / ".downloaded"
     if not marker.exists():

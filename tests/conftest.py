@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
+# MLflow's client phones home for a telemetry config; with no network that only adds failed requests
+# (and retries that the hardening tests count), so the tests turn it off, as an offline user would.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 CHATML = (
@@ -203,3 +206,30 @@ def moto_s3(scratch: Path):
 def moto_url(tmp_path_factory):
     with moto_s3(tmp_path_factory.mktemp("aws")) as url:
         yield url
+
+
+def register_served(name: str, model_dir: Path, tags: dict | None = None, experiment: str = "served-tests"):
+    """Register model_dir as the register stage does: a pyfunc LoggedModel with its weights manifest and tag."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from components.logged_model import log_chat_model
+    from components.weights_manifest import MANIFEST_TAG
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run() as run:
+        info, manifest_sha = log_chat_model(Path(model_dir), {})
+    return client.create_model_version(name, f"models:/{info.model_id}", run.info.run_id, model_id=info.model_id,
+                                       tags={MANIFEST_TAG: manifest_sha, **(tags or {})})
+
+
+def logged_model_files(server_root: Path, version) -> Path:
+    """Where the artifact store keeps a version's served directory (to tamper with it, as an attacker would)."""
+    model_id = version.source.removeprefix("models:/")
+    return next(Path(server_root).glob(f"artifacts/*/models/{model_id}/artifacts/artifacts/model"))

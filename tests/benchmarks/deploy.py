@@ -14,15 +14,10 @@ INTERVAL_S = 10.0
 
 
 def _register(model_dir: Path, name: str) -> list[str]:
-    import mlflow
-    from mlflow import MlflowClient
+    from tests.conftest import register_served
 
-    client = MlflowClient()
-    client.create_registered_model(name)
-    with mlflow.start_run() as run:
-        mlflow.log_artifacts(str(model_dir), "model")
-    return [client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id,
-                                        tags={"recommended_quantize": "none"}).version for _ in range(2)]
+    tags = {"recommended_quantize": "none", "gate.verdict": "passed"}
+    return [register_served(name, model_dir, tags).version for _ in range(2)]
 
 
 def _until(predicate, timeout: float = 300.0) -> float:

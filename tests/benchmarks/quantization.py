@@ -22,14 +22,14 @@ CHILD = """
 import json, sys, psutil, torch
 from pathlib import Path
 from components.inference import load_model, load_tokenizer
-from components.quantize import bnb_variant
+from components.inference import bnb_config
 import bitsandbytes  # imported before the first reading, like transformers, so it does not count as model
 
 torch.set_num_threads(int(sys.argv[3]))
 me = psutil.Process()
 before = me.memory_info().rss
 variant = sys.argv[2]
-model = load_model(Path(sys.argv[1]), quantization=None if variant == "merged" else bnb_variant(variant))
+model = load_model(Path(sys.argv[1]), quantization=None if variant == "merged" else bnb_config(variant))
 tok = load_tokenizer(Path(sys.argv[1]))
 with torch.inference_mode():
     model(**tok(["a forward pass allocates what inference needs"], return_tensors="pt"))

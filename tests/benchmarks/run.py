@@ -20,8 +20,8 @@ from types import ModuleType
 from rich.console import Console
 from rich.table import Table
 
-from tests.benchmarks import (deploy, evaluation, limits, pipeline, quantization, resume, serving, storage,
-                              time_to_quality, training)
+from tests.benchmarks import (deploy, evaluation, limits, pipeline, quantization, registry, resume, serving,
+                              storage, time_to_quality, training)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"
 # A hidden marker under each heading names its section, so renaming a title does not orphan its text.
@@ -43,6 +43,11 @@ SECTIONS = [
     Section("serving", "serving: TGI-protocol server against a sequential generate loop (SmolLM2, float32, 32 new tokens)",
             "against sequential", serving),
     Section("deploy", "promotion: alias to endpoint (local mode)", "target / value", deploy),
+    Section("registry", "registry: pyfunc load time and fetch_model's verification overhead (SmolLM2)",
+            "against the download", registry,
+            "The version is logged as the register stage logs it (a pyfunc around the merged directory, with its "
+            "sha256 manifest). load_model includes downloading from a loopback MLflow server and loading the "
+            "weights in float32; verification hashes every served file and checks the manifest's own digest."),
     Section("storage", "storage: a merged-model directory to and from S3 (moto on loopback) against a local copy",
             "against copytree", storage,
             "`components.storage.upload_dir` / `download_dir` (boto3 multipart in 64 MiB parts, sha256 manifest "

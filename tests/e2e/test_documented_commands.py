@@ -9,7 +9,6 @@ README as written, so a command that changes there without changing here fails.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -113,7 +112,9 @@ def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(work
     from components.config import EvalSection
     from components.inference import load_model, load_tokenizer
     from components.jsonl import read_jsonl
+    from components.prompt_contract import read_contract
     from components.scoring import evaluate_model
+    from serving.verified_model import artifact_paths
 
     assert "registered llmops-demo version 1" in demo_run.stdout
     assert f"MLflow UI: {workspace.tracking_uri}" in demo_run.stdout
@@ -122,16 +123,22 @@ def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(work
     assert version.tags["gate.verdict"] == "passed" and version.aliases == ["challenger"]
     assert version.tags["prompt.user_prefix"].startswith("Classify the message into one of these labels:")
 
+    # The registry holds an MLflow model: pyfunc answers the README's question from the alias.
+    pyfunc = mlflow.pyfunc.load_model("models:/llmops-demo@challenger")
+    assert pyfunc.predict({"messages": [{"role": "user", "content": QUESTION}]}) == [ANSWER]
+
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/llmops-demo/1", dst_path=str(tmp_path)))
+    served, _ = artifact_paths(local)
     quant = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/reports/quantize_report.json")
     data_dir = next(workspace.root.glob("kfp/finetune-*/prepare-data/dataset"))
     examples = read_jsonl(data_dir / "eval.jsonl")[: quant["examples"]]
-    labels = json.loads((local / "labels.json").read_text())
-    metrics, _ = evaluate_model(load_model(local, "float32"), load_tokenizer(local), examples, EvalSection(), labels,
+    labels = read_contract(served)["labels"]
+    metrics, _ = evaluate_model(load_model(served, "float32"), load_tokenizer(served), examples, EvalSection(), labels,
                                 "registered")
     # The registry's own files reproduce what the pipeline measured on the merged model.
     assert metrics["exact_match"] == pytest.approx(quant["results"]["merged"]["exact_match"], abs=0.02)
     assert metrics["agreement_where_valid"] == 1.0 and metrics["label_accuracy"] >= metrics["exact_match"]
+    assert float(version.tags["eval.tuned.exact_match"]) == pytest.approx(quant["served"]["exact_match"], abs=1e-4)
 
 
 def test_readme_promote_then_chat_answers_with_the_label(workspace, demo_run):
@@ -209,7 +216,7 @@ def test_banking77_profile_registers_a_version_on_all_77_labels(workspace, demo_
     assert data == ROOT.parent / "shared" / "data" / "banking77" / "train.csv"  # the README's relative path
     # A few steps prove the wiring on the full label set; the profile's hour proves quality (make bench quality).
     quick = ("train.max_steps=4 train.eval_every=2 train.checkpoint_every=2 train.max_minutes=5 "
-             "data.max_eval_examples=20 data.val_examples=20 quantize.eval_examples=10")
+             "data.max_eval_examples=20 data.val_examples=20")
     done = workspace.make("run", timeout=1200, DATA="../shared/data/banking77/train.csv",
                           ARGS=f"--profile banking77 --root {workspace.root} {quick}")
     found = re.search(r"registered llmops-banking77 version (\d+)", done.stdout)

@@ -23,18 +23,12 @@ QUANTIZE = {"1": "bitsandbytes-nf4", "2": "bitsandbytes", "3": "none"}
 @pytest.fixture(scope="module")
 def model_name(mlflow_server, tiny_base):
     """A registered model with three versions of the tiny model, each recommending another quantization."""
-    import mlflow
-    from mlflow import MlflowClient
+    from tests.conftest import register_served
 
     name = f"deploy-{uuid.uuid4().hex[:6]}"
-    client = MlflowClient()
-    client.create_registered_model(name)
-    mlflow.set_experiment("deployer-tests")
     for version in ("1", "2", "3"):
-        with mlflow.start_run() as run:
-            mlflow.log_artifacts(str(tiny_base), "model")
-        client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id,
-                                    tags={"recommended_quantize": QUANTIZE[version]})
+        register_served(name, tiny_base, {"recommended_quantize": QUANTIZE[version], "gate.verdict": "passed"},
+                        experiment="deployer-tests")
     return name
 
 
@@ -68,6 +62,11 @@ def deployer_live(kube, interval_s=60.0):
     cfg = DeploySection(namespace="ns1", rollout_timeout_s=5)
     deployer = Deployer(KubeBackend(cfg, api_client=kube.api_client(), poll_s=0.05), interval_s=interval_s)
     return Live(create_app(deployer, Verifier(SECRET))), deployer
+
+
+def mine(actions: list[str], name: str) -> list[str]:
+    """The reconcile actions about one model (the session's registry holds other tests' models too)."""
+    return [a for a in actions if a.split(" ", 1)[1].rsplit("/", 1)[0] == name]
 
 
 def deployed_version(kube, name):
@@ -173,6 +172,38 @@ def test_a_version_that_never_gets_ready_leaves_the_previous_serving(model_name)
             deployer.reconcile_once()
             assert len(kube.writes()) == writes  # a failed version is not retried in a loop
     client.delete_model_version_tag(model_name, "2", "deploy.status")
+
+
+def test_a_version_whose_gate_failed_is_refused_until_a_person_overrides_it(model_name):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.set_registered_model_alias(model_name, "champion", "1")
+    client.set_model_version_tag(model_name, "2", "gate.verdict", "failed")
+    client.set_model_version_tag(model_name, "2", "gate.reason", "exact_match gain over base -0.2000 < +0.0100")
+    try:
+        with FakeKube() as kube, AutoController(kube, "ns1"):
+            deployer = Deployer(KubeBackend(DeploySection(namespace="ns1"), api_client=kube.api_client(), poll_s=0.05),
+                                interval_s=60.0)
+            deployer.reconcile_once()
+            assert deployed_version(kube, model_name)[0] == "1"
+            client.set_registered_model_alias(model_name, "champion", "2")
+            writes = len(kube.writes())
+            assert mine(deployer.reconcile_once(), model_name) == [f"refused {model_name}/2"]
+            tags = client.get_model_version(model_name, "2").tags
+            assert tags["deploy.status"] == "refused" and "gain over base -0.2000" in tags["deploy.reason"]
+            assert len(kube.writes()) == writes and deployed_version(kube, model_name)[0] == "1"  # nothing changed
+            assert mine(deployer.reconcile_once(), model_name) == []  # refused once, not on every pass
+
+            client.set_model_version_tag(model_name, "2", "gate.override", "hotfix approved by on-call, INC-42")
+            assert mine(deployer.reconcile_once(), model_name) == [f"deployed {model_name}/2"]
+            tags = client.get_model_version(model_name, "2").tags
+            assert deployed_version(kube, model_name)[0] == "2"
+            assert tags["deploy.gate_override"] == "hotfix approved by on-call, INC-42"
+    finally:
+        for tag in ("gate.override", "deploy.status", "deploy.reason", "deploy.gate_override"):
+            client.delete_model_version_tag(model_name, "2", tag)
+        client.set_model_version_tag(model_name, "2", "gate.verdict", "passed")
 
 
 def test_local_mode_promote_then_langchain_answers(model_name, tmp_path, monkeypatch):

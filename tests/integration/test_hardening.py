@@ -81,17 +81,21 @@ def fake_stage_outputs(root):
     files = {
         "base/llmops_base.json": {"source": "tiny", "weights_sha256": "b" * 64},
         "data/stats.json": {"source_sha256": "d" * 64, "prepared_sha256": "p" * 64, "format": "label", "rejected": 0,
-                            "train": 8, "eval": 2},
+                            "train": 8, "eval": 2, "source": "tickets.csv"},
         "train/train_metrics.json": {"steps": 4, "train_loss": 1.5}, "train/adapter_config.json": {"r": 8},
-        "eval/eval_report.json": {"base": {"exact_match": 0.1, "perplexity": 9.0},
-                                  "tuned": {"exact_match": 0.8, "perplexity": 2.0}},
-        "quantize/quantize_report.json": {"recommended_quantize": "none"},
+        "eval/eval_report.json": {"base": {"exact_match": 0.1, "perplexity": 9.0, "n": 2},
+                                  "tuned": {"exact_match": 0.8, "perplexity": 2.0, "n": 2}},
+        "quantize/quantize_report.json": {"recommended_quantize": "none",
+                                          "served": {"exact_match": 0.8, "perplexity": 2.0, "examples": 2}},
         "merged/merge_report.json": {"parity": 1.0}, "merged/model/config.json": {"model_type": "llama"},
         "merged/model/tokenizer_config.json": {"chat_template": "{{ messages }}"},
     }
     for name, content in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(json.dumps(content))
+    for split in ("train", "eval"):
+        row = {"id": "tickets.csv:2", "answer": "card_lost", "prompt": "p", "completion": "card_lost"}
+        (root / "data" / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
     return {k: root / k for k in ("base", "data", "train", "eval", "merged", "quantize")}
 
 
@@ -156,26 +160,23 @@ def test_gate_rides_out_a_server_restart(server, mlflow_env, retries, tmp_path):
     seen, armed = retries
     outputs = fake_stage_outputs(tmp_path)
     registration = register.run(RegisterSection(model_name="hard-gate"), outputs, "run-gate")
-    report = json.loads((outputs["eval"] / "eval_report.json").read_text())
     server.stop()
     armed.append(True)
-    verdict = gate.run(GateSection(), registration, report, outputs["data"])
+    verdict = gate.run(GateSection(), registration, outputs["eval"], outputs["data"])
     assert seen and verdict["passed"]
     tags = mlflow_env.get_model_version("hard-gate", registration["version"]).tags
     assert tags["gate.verdict"] == "passed" and tags["gate.champion_version"] == "none"
 
 
 def test_a_register_failing_midway_marks_its_run_failed_and_registers_nothing(mlflow_env, tmp_path, monkeypatch):
-    import mlflow
+    from mlflow import MlflowClient
 
-    original = mlflow.log_artifacts
+    original = MlflowClient.log_model_artifacts
 
-    def disk_error_on_adapter(local_dir, artifact_path=None, **kw):
-        if artifact_path == "adapter":
-            raise OSError(errno.EIO, "I/O error reading the adapter")
-        return original(local_dir, artifact_path, **kw)
+    def disk_error_on_adapter(self, model_id, local_dir, artifact_path=None):
+        raise OSError(errno.EIO, "I/O error reading the adapter")
 
-    monkeypatch.setattr(mlflow, "log_artifacts", disk_error_on_adapter)
+    monkeypatch.setattr(MlflowClient, "log_model_artifacts", disk_error_on_adapter)
     outputs = fake_stage_outputs(tmp_path)
     with pytest.raises(OSError, match="I/O error"):
         register.run(RegisterSection(model_name="hard-fail"), outputs, "run-fail")
@@ -183,7 +184,7 @@ def test_a_register_failing_midway_marks_its_run_failed_and_registers_nothing(ml
                                   "tags.`llmops.pipeline_run` = 'run-fail'")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert versions_of(mlflow_env, "hard-fail", "run-fail") == []
-    monkeypatch.setattr(mlflow, "log_artifacts", original)  # the retried step then registers one complete version
+    monkeypatch.setattr(MlflowClient, "log_model_artifacts", original)  # the retried step registers one whole version
     result = register.run(RegisterSection(model_name="hard-fail"), outputs, "run-fail")
     assert versions_of(mlflow_env, "hard-fail", "run-fail") == [result["version"]] and not result["reused"]
 

@@ -189,32 +189,3 @@ def test_deploy_version_end_to_end(kube_api):
     args.update(run_id=RUNS["2"], timeout_s=0.3)
     assert kube.deploy_version(CFG, version="2", **args) is False  # never ready: rolled back
     assert kube.current_version(NAME, NS, api_client=api_client)["version"] == "1"
-
-
-def test_fetch_model_from_a_real_registry(tmp_path, monkeypatch):
-    """The init container's step against a real MLflow registry (SQLite store, no server).
-
-    Uses a client bound to its own URI and restores the global tracking URI, so other tests are unaffected.
-    """
-    from mlflow import MlflowClient
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    from serving import fetch_model
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    src = tmp_path / "merged"
-    src.mkdir()
-    (src / "config.json").write_text("{}")
-    (src / "model.safetensors").write_bytes(b"\0" * 16)
-    client = MlflowClient(tracking_uri=uri)
-    run = client.create_run(client.create_experiment("fetch", artifact_location=(tmp_path / "art").as_uri()))
-    client.log_artifacts(run.info.run_id, str(src), "model")
-    client.set_terminated(run.info.run_id)
-    client.create_registered_model("fetch-demo")
-    version = client.create_model_version("fetch-demo", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
-    dest = tmp_path / "data" / "model"
-    with _use_tracking_uri(uri):
-        assert fetch_model.main([f"models:/fetch-demo/{version.version}", str(dest)]) == 0
-        assert fetch_model.main(["models:/fetch-demo/99", str(tmp_path / "none")]) == 1
-    assert (dest / "config.json").is_file() and (dest / "model.safetensors").is_file()

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,33 +17,73 @@ def stage_outputs(tiny_base, demo_prepared, tiny_adapter, tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     evaluate.run(EvalSection(batch_size=8), tiny_base, tiny_adapter, demo_prepared, root / "eval")
     merge.run(MergeSection(parity_prompts=8), tiny_base, tiny_adapter, demo_prepared, root / "merged")
-    quantize.run(QuantizeSection(eval_examples=4, variants=["nf4"]), root / "merged" / "model", demo_prepared, root / "quant")
+    quantize.run(QuantizeSection(variants=["nf4"]), root / "merged" / "model", demo_prepared, root / "quant")
     return {"base": tiny_base, "data": demo_prepared, "train": tiny_adapter, "eval": root / "eval",
             "merged": root / "merged", "quantize": root / "quant"}
 
 
-def test_version_carries_lineage_and_loads_from_the_registry(mlflow_server, stage_outputs, tmp_path):
+def test_version_is_an_mlflow_model_with_lineage_metrics_params_and_data(mlflow_server, stage_outputs, tmp_path):
     import mlflow
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = register.run(RegisterSection(model_name="tiny-reg"), stage_outputs, "pipeline-run-1")
-    version = MlflowClient().get_model_version("tiny-reg", result["version"])
-    for tag in ("base_model", "base_model_sha256", "dataset_sha256", "config_sha256", "git_commit",
-                "llmops.pipeline_run", "recommended_quantize", "chat_template_sha256", "eval.tuned.exact_match"):
-        assert version.tags.get(tag), tag
-    assert version.tags["llmops.pipeline_run"] == "pipeline-run-1"
-    assert len(version.tags["config_sha256"]) == 64
+    from components.prompt_contract import read_contract
+    from serving.verified_model import artifact_paths
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/tiny-reg/{result['version']}", dst_path=str(tmp_path))
-    model = AutoModelForCausalLM.from_pretrained(local)
-    tok = AutoTokenizer.from_pretrained(local)
-    assert model.config.model_type == "llama" and tok.chat_template
-    assert json.loads((tmp_path / "labels.json").read_text()) == json.loads((stage_outputs["data"] / "labels.json").read_text())
-    run = MlflowClient().get_run(result["run_id"])
-    assert run.data.metrics["eval.tuned.exact_match"] == pytest.approx(result["eval.tuned.exact_match"])
-    artifacts = {a.path for a in MlflowClient().list_artifacts(result["run_id"])}
-    assert {"model", "adapter", "reports"} <= artifacts
+    client = MlflowClient()
+    result = register.run(RegisterSection(model_name="tiny-reg"), stage_outputs, "pipeline-run-1")
+    version = client.get_model_version("tiny-reg", result["version"])
+    for tag in ("base_model", "base_model_sha256", "dataset_sha256", "config_sha256", "git_commit",
+                "llmops.pipeline_run", "recommended_quantize", "chat_template_sha256", "eval.tuned.exact_match",
+                "weights.manifest_sha256", "llmops.adapter_model_id"):
+        assert version.tags.get(tag), tag
+    assert version.tags["llmops.pipeline_run"] == "pipeline-run-1" and len(version.tags["config_sha256"]) == 64
+    model_id = version.tags["llmops.model_id"]
+    assert version.source == f"models:/{model_id}"  # created from the LoggedModel, not from a folder
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/tiny-reg/{result['version']}",
+                                                     dst_path=str(tmp_path)))
+    served, manifest = artifact_paths(local)
+    assert (local / "MLmodel").is_file() and manifest.is_file()
+    assert AutoModelForCausalLM.from_pretrained(served).config.model_type == "llama"
+    assert AutoTokenizer.from_pretrained(served).chat_template  # in tokenizer_config.json, where TGI reads it
+    assert read_contract(served)["labels"] == json.loads((stage_outputs["data"] / "labels.json").read_text())
+
+    # The LoggedModel carries the configuration, the metrics (linked to the eval dataset) and the data.
+    logged = client.get_logged_model(model_id)
+    assert logged.params["train.lora_r"] == "8" and logged.params["evaluate.batch_size"] == "8"
+    linked = {m.key: m for m in logged.metrics}
+    assert linked["eval.tuned.exact_match"].value == pytest.approx(result["eval.tuned.exact_match"])
+    assert linked["eval.tuned.exact_match"].dataset_name == "eval"
+    inputs = client.get_run(result["run_id"]).inputs.dataset_inputs
+    contexts = {i.dataset.name: {t.key: t.value for t in i.tags}.get("mlflow.data.context") for i in inputs}
+    assert contexts == {"train": "training", "eval": "eval"}
+    assert all(len(i.dataset.digest) >= 8 for i in inputs)
+    adapter = client.get_logged_model(version.tags["llmops.adapter_model_id"])
+    assert adapter.source_run_id == result["run_id"] and adapter.tags["base_model_sha256"] == version.tags["base_model_sha256"]
+    assert {a.path for a in client.list_logged_model_artifacts(adapter.model_id)} >= {"adapter_config.json"}
+    # One copy of the weights: the run holds the reports, not the model files again.
+    assert {a.path for a in client.list_artifacts(result["run_id"])} == {"reports"}
+
+
+def test_pyfunc_from_the_alias_answers_like_the_server(mlflow_server, stage_outputs):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from serving.resolve import resolve_model
+    from serving.server import create_app
+    from tests.conftest import Live
+
+    result = register.run(RegisterSection(model_name="tiny-pyfunc"), stage_outputs, "pipeline-pyfunc")
+    MlflowClient().set_registered_model_alias("tiny-pyfunc", "challenger", result["version"])
+    chats = [[{"role": "user", "content": text}] for text in ("I lost my card", "Where is my parcel?", "refund")]
+    model = mlflow.pyfunc.load_model("models:/tiny-pyfunc@challenger")
+    answers = model.predict([{"messages": chat} for chat in chats], params={"max_tokens": 6})
+    served = resolve_model("models:/tiny-pyfunc@challenger").path
+    with Live(create_app(str(served), max_total_tokens=512)) as live:
+        for chat, answer in zip(chats, answers):
+            body = live.post("/v1/chat/completions", {"messages": chat, "max_tokens": 6, "temperature": 0}).json()
+            assert body["choices"][0]["message"]["content"] == answer
 
 
 def test_registering_the_same_pipeline_run_twice_reuses_the_version(mlflow_server, stage_outputs):
@@ -98,7 +139,7 @@ def test_labels_with_any_characters_pass_evaluate_and_register(mlflow_server, ti
     report = evaluate.run(EvalSection(batch_size=8), tiny_base, tiny_adapter, stages["data"], stages["eval"])
     merge.run(MergeSection(parity_prompts=4, parity_threshold=0.0), tiny_base, tiny_adapter, stages["data"],
               stages["merged"])
-    quantize.run(QuantizeSection(eval_examples=4, variants=["nf4"]), stages["merged"] / "model", stages["data"],
+    quantize.run(QuantizeSection(variants=["nf4"]), stages["merged"] / "model", stages["data"],
                  stages["quantize"])
     result = register.run(RegisterSection(model_name="awkward-labels"), stages, "pipeline-awkward")
 

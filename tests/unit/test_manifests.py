@@ -189,28 +189,29 @@ def test_lossy_names_do_not_collide():
     assert manifests.object_name("My Model") != manifests.object_name("my-model")
 
 
-def test_fetch_model_checks_the_downloaded_directory(tmp_path, monkeypatch, capsys):
-    import mlflow.artifacts
-
-    def fake_download(artifact_uri, dst_path):
-        (Path(dst_path) / "config.json").write_text("{}")
-        return dst_path
-
-    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", fake_download)
-    assert fetch_model.main(["models:/m/1", str(tmp_path / "model")]) == 1
-    assert "no *.safetensors" in capsys.readouterr().err
-    (tmp_path / "model" / "model.safetensors").write_bytes(b"x")
-    assert fetch_model.main(["models:/m/1", str(tmp_path / "model")]) == 0
-    assert fetch_model.main(["models:/m/1"]) == 2
+def test_fetch_model_checks_the_directory_tgi_loads(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(fetch_model.FetchError, match="no \\*.safetensors"):
+        fetch_model.check_model_dir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    fetch_model.check_model_dir(tmp_path)
+    assert fetch_model.main(["models:/m/1"]) == 2  # usage
 
 
 def test_fetch_model_reports_download_failures(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
     import mlflow.artifacts
+
+    from serving import verified_model
 
     def broken(artifact_uri, dst_path):
         raise OSError("connection refused")
 
+    monkeypatch.setattr(verified_model, "model_version",
+                        lambda name, version, alias: SimpleNamespace(name=name, version=version, run_id="r", tags={}))
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", broken)
     assert fetch_model.main(["models:/m/1", str(tmp_path / "model")]) == 1
     err = capsys.readouterr().err
     assert "could not download models:/m/1" in err and "connection refused" in err
+    assert fetch_model.main(["not-a-model-uri", str(tmp_path / "model")]) == 1

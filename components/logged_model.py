@@ -1,0 +1,82 @@
+"""The registration run's MLflow 3 LoggedModels: the served chat model, the LoRA adapter, their data.
+
+The served model is the pyfunc of components/chat_pyfunc.py around the merged directory (one copy of
+the weights, at `artifacts/model/`), with the sha256 manifest of those files beside it, a signature and
+an input example, the training configuration as model params, and the evaluation metrics linked to it
+and to the eval dataset. The adapter is a LoggedModel of its own, tagged with the base model's hash,
+so later work can serve registered adapters on a shared base.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from components import chat_pyfunc, weights_manifest
+from components.jsonl import read_jsonl
+from components.util import read_json
+
+ADAPTER_MODEL_TAG = "llmops.adapter_model_id"
+DATASET_COLUMNS = ("id", "answer", "prompt", "completion")
+
+
+def requirements() -> list[str]:
+    """Pinned to what logged the model; the llmops package itself comes with the component images."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "torch", "transformers", "accelerate", "safetensors")]
+
+
+def log_datasets(data_dir: Path):
+    """The train and eval splits as MLflow dataset inputs (digests computed by MLflow); returns (train, eval)."""
+    import mlflow
+    import pandas as pd
+
+    stats = read_json(Path(data_dir) / "stats.json")
+    found = []
+    for split, context in (("train", "training"), ("eval", "eval")):
+        rows = [{k: r[k] for k in DATASET_COLUMNS} for r in read_jsonl(Path(data_dir) / f"{split}.jsonl")]
+        dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=stats["source"], name=split, targets="answer")
+        # Logged with its context before any metric names it: a metric's dataset would log it without one.
+        mlflow.log_input(dataset, context=context)
+        found.append(dataset)
+    return tuple(found)
+
+
+def log_chat_model(model_dir: Path, params: dict[str, str]):
+    """Log the served model; returns (ModelInfo, sha256 of its weights manifest)."""
+    import logging
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as scratch:
+        manifest = Path(scratch) / weights_manifest.MANIFEST_FILE
+        manifest_sha = weights_manifest.write(model_dir, manifest)
+        # The class is pickled by reference to the llmops package (every image and the local venv have it);
+        # MLflow warns about pickling any object, which says nothing new here.
+        logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=chat_pyfunc.ChatPyfunc(), model_type="chat",
+            artifacts={chat_pyfunc.MODEL_KEY: str(model_dir), chat_pyfunc.MANIFEST_KEY: str(manifest)},
+            signature=chat_pyfunc.signature(), input_example=(chat_pyfunc.INPUT_EXAMPLE, {"max_tokens": 8}),
+            pip_requirements=requirements(), params=params)
+    return info, manifest_sha
+
+
+def log_adapter_model(adapter_dir: Path, run_id: str, experiment_id: str, base_sha256: str) -> str:
+    """The LoRA adapter as a LoggedModel of the same run; returns its model id."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+
+    client = MlflowClient()
+    model = client.create_logged_model(experiment_id, name="adapter", source_run_id=run_id, model_type="peft-lora",
+                                       tags={"base_model_sha256": base_sha256})
+    client.log_model_artifacts(model.model_id, str(adapter_dir))
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model.model_id
+
+
+def is_logged_model_whole(client, model_id: str) -> bool:
+    """The model's MLmodel and weights manifest exist (an upload cut short leaves one of them out)."""
+    names = {a.path for a in client.list_logged_model_artifacts(model_id)}
+    return "MLmodel" in names and "artifacts" in names
