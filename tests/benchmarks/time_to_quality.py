@@ -104,7 +104,7 @@ def rows(result: dict) -> list[tuple[str, str, str, str]]:
          f"not reached in {(prep + curve[-1]['seconds']) / 60:.1f}", f"< {TARGET_MINUTES}",
          f"{TARGET_MINUTES / minutes:.2f}x" if minutes else "-"),
         ((f"recipe: minutes to {target:.0%}, estimated" if hit else "recipe: minutes to train on as many examples as "
-          f"ours did, estimated") + f" ({examples_needed} examples at its measured {rec['examples_per_s']:.3f} "
+          "ours did, estimated") + f" ({examples_needed} examples at its measured {rec['examples_per_s']:.3f} "
          "examples/s)", f"~{recipe_minutes:.0f}", "",
          f"~{recipe_minutes / minutes:.0f}x slower" if minutes else "-"),
         (f"best validation accuracy within {TARGET_MINUTES} minutes"

@@ -216,7 +216,7 @@ def test_banking77_profile_registers_a_version_on_all_77_labels(workspace, demo_
     assert data == ROOT.parent / "shared" / "data" / "banking77" / "train.csv"  # the README's relative path
     # A few steps prove the wiring on the full label set; the profile's hour proves quality (make bench quality).
     quick = ("train.max_steps=4 train.eval_every=2 train.checkpoint_every=2 train.max_minutes=5 "
-             "data.max_eval_examples=20 data.val_examples=20")
+             "data.max_eval_examples=20 data.val_examples=20 quantize.variants=[nf4] merge.parity_prompts=8")
     done = workspace.make("run", timeout=1200, DATA="../shared/data/banking77/train.csv",
                           ARGS=f"--profile banking77 --root {workspace.root} {quick}")
     found = re.search(r"registered llmops-banking77 version (\d+)", done.stdout)

@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from components import train

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from components.config import DeploySection
-from serving.deployer import Deployer, KubeBackend, LocalBackend
+from serving.deployer import Deployer, KubeBackend
 from serving.deployer_app import WEBHOOK_NAME, create_app, register_webhook
 from serving.manifests import ANN_VERSION, object_name
 from serving.webhooks import Verifier, sign
@@ -204,30 +204,3 @@ def test_a_version_whose_gate_failed_is_refused_until_a_person_overrides_it(mode
         for tag in ("gate.override", "deploy.status", "deploy.reason", "deploy.gate_override"):
             client.delete_model_version_tag(model_name, "2", tag)
         client.set_model_version_tag(model_name, "2", "gate.verdict", "passed")
-
-
-def test_local_mode_promote_then_langchain_answers(model_name, tmp_path, monkeypatch):
-    from langchain_core.messages import AIMessage
-    from mlflow import MlflowClient
-
-    from serving.client import chat_model
-    from tests.conftest import free_port
-
-    monkeypatch.setenv("LLMOPS_SERVING_DIR", str(tmp_path))
-    backend = LocalBackend(base_port=free_port(), log_dir=tmp_path / "logs")
-    deployer = Deployer(backend, interval_s=60.0)
-    try:
-        with Live(create_app(deployer, Verifier(SECRET))) as live:
-            register_webhook(live.url, SECRET)
-            wait_for(lambda: deployer.passes >= 1)
-            started = time.monotonic()
-            MlflowClient().set_registered_model_alias(model_name, "champion", "3")
-            wait_for(lambda: MlflowClient().get_model_version(model_name, "3").tags.get("deploy.backend") == "local"
-                     and MlflowClient().get_model_version(model_name, "3").tags.get("deploy.status") == "deployed", 120)
-            answer = chat_model(f"{model_name}@champion", max_new_tokens=5).invoke("I lost my card")
-            print(f"alias to answer in local mode: {time.monotonic() - started:.1f}s")
-            info = requests.get(MlflowClient().get_model_version(model_name, "3").tags["deploy.endpoint"] + "/info", timeout=10).json()
-    finally:
-        backend.stop_all()
-    assert isinstance(answer, AIMessage)
-    assert info["model_id"] == f"models:/{model_name}/3"

@@ -55,8 +55,8 @@ def registered_version(stdout: str) -> str:
 def test_a_failed_stage_is_fixed_and_reruns_reuse_every_finished_stage(mlflow_server, tiny_source, llmops_cache,
                                                                        tmp_path):
     """The user's path through `llmops run`: evaluate breaks after training, the code is fixed, the same
-    command runs again; later runs with unchanged inputs come from the cache, and a changed section re-runs
-    only its stage. The gate is judged each time against the base and the champion."""
+    command runs again; a later run with unchanged inputs comes from the cache. The gate is judged each time
+    against the base and the champion. (tests/unit/test_code_digest.py shows which stages each file reaches.)"""
     from mlflow import MlflowClient
 
     checkout = Checkout(tmp_path, tiny_source)
@@ -91,11 +91,6 @@ def test_a_failed_stage_is_fixed_and_reruns_reuse_every_finished_stage(mlflow_se
     assert failed.tags["gate.champion_version"] == version.version  # compared with the champion too
     assert failed.aliases == []  # stays registered, with no alias
     assert client.get_model_version_by_alias("tiny-pipeline", "challenger").version == version.version
-
-    third = checkout.run("gate.min_gain_over_base=-1", "eval.batch_size=4")
-    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    # only evaluate's section changed; merge and quantize do not take its outputs
-    assert set(outcome_lines(third.stdout)["cached"]) == {"base-model", "prepare-data", "train", "merge", "quantize"}
 
 
 def test_compiled_pipeline_is_documented_and_wired(tmp_path):
