@@ -25,6 +25,7 @@ def measure() -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="bench-registry-"))
     server = mlflow_local.start(root / "mlflow", port=free_port(), detach=False)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = server.url
     try:
         name = f"bench-{uuid.uuid4().hex[:6]}"
@@ -50,6 +51,10 @@ def measure() -> dict:
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+        if previous is None:  # the runner logs the figures to the user's tracking server, not this one
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def rows(result: dict) -> list[tuple[str, str, str, str]]:
