@@ -232,9 +232,10 @@ def finalize(cfg: RegisterSection, pipeline_run: str, state: str) -> dict:
     if version is not None:
         summary.update(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/{SUMMARY_FILE}") if state == "SUCCEEDED"
                        else {"name": cfg.model_name, "version": version.version, "run_id": version.run_id})
-        if verdict := version.tags.get("gate.verdict"):
-            aliases = ", ".join(version.aliases) or "no alias"
-            summary["gate"] = f"{verdict} ({version.tags.get('gate.reason', '')}); {aliases}"
+        current = client.get_model_version(cfg.model_name, version.version)  # a search leaves aliases out
+        if verdict := current.tags.get("gate.verdict"):
+            aliases = ", ".join(current.aliases) or "no alias"
+            summary["gate"] = f"{verdict} ({current.tags.get('gate.reason', '')}); {aliases}"
     console.print(f"pipeline run {pipeline_run} {state}: {len(open_runs)} open MLflow run(s) marked FAILED"
                   + (f"; version {version.version} of {cfg.model_name}" if version else "; no version registered"))
     return summary
