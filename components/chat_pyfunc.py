@@ -14,6 +14,8 @@ contract, so a bare user message gets the frame training used.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 
 MODEL_KEY = "model"  # the merged directory, at artifacts/model/ inside the logged model
@@ -33,6 +35,22 @@ def signature():
 
 
 INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "Hi, I lost my credit card yesterday"}]}
+
+
+def artifact_paths(root: Path) -> tuple[Path, Path]:
+    """(served directory, weights manifest) of a downloaded version, where its MLmodel puts them."""
+    import yaml
+
+    from components.weights_manifest import VerificationError
+
+    mlmodel = Path(root) / "MLmodel"
+    if not mlmodel.is_file():
+        raise VerificationError(f"{root} has no MLmodel: the version is not an MLflow model logged by register")
+    artifacts = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"].get("artifacts", {})
+    try:
+        return Path(root) / artifacts[MODEL_KEY]["path"], Path(root) / artifacts[MANIFEST_KEY]["path"]
+    except KeyError as err:
+        raise VerificationError(f"{mlmodel} names no {err.args[0]!r} artifact") from err
 
 
 class ChatPyfunc(mlflow.pyfunc.PythonModel):

@@ -60,16 +60,14 @@ def _evaluate_champion(champion, cfg: GateSection, data_dir: Path, rows: int) ->
     import tempfile
 
     import mlflow
-    import yaml
 
-    from components.chat_pyfunc import MODEL_KEY
+    from components.chat_pyfunc import artifact_paths
     from components.inference import load_as_served, load_tokenizer
     from components.scoring import evaluate_model
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{champion.name}/{champion.version}",
                                                      dst_path=tempfile.mkdtemp()))
-    model_dir = local / yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"][
-        MODEL_KEY]["path"]
+    model_dir, _ = artifact_paths(local)
     labels_file = Path(data_dir) / "labels.json"
     labels = read_json(labels_file) if labels_file.exists() else None
     model = load_as_served(model_dir, champion.tags.get("recommended_quantize", "none"))

@@ -132,11 +132,11 @@ def ensure_registered_model(client, name: str) -> None:
                 raise
 
 
-def log_run_contents(paths: dict[str, Path], metrics: dict) -> None:
+def log_run_contents(paths: dict[str, Path], metrics: dict, params: dict[str, str]) -> None:
     import mlflow
 
     mlflow.log_metrics(safe_names(metrics)[0])
-    mlflow.log_params(model_params(paths))
+    mlflow.log_params(params)
     mlflow.log_metrics(safe_names({f"data.{k}": v for k, v in numeric(read_json(paths["data"] / "stats.json")).items()})[0])
     for report in (paths["eval"] / "eval_report.json", paths["quantize"] / "quantize_report.json",
                    paths["merged"] / "merge_report.json", paths["data"] / "stats.json", paths["data"] / "rejects.jsonl",
@@ -155,12 +155,12 @@ def model_params(paths: dict[str, Path]) -> dict[str, str]:
     return safe_names(params)[0]
 
 
-def log_models(paths: dict[str, Path], metrics: dict, run) -> dict:
+def log_models(paths: dict[str, Path], metrics: dict, params: dict[str, str], run) -> dict:
     """The served model and the adapter as LoggedModels, metrics linked to the served one; returns tags to add."""
     import mlflow
 
     _, eval_ds = log_datasets(paths["data"])
-    info, manifest_sha = log_chat_model(paths["merged"] / "model", model_params(paths))
+    info, manifest_sha = log_chat_model(paths["merged"] / "model", params)
     mlflow.log_metrics(safe_names(metrics)[0], model_id=info.model_id, dataset=eval_ds)
     adapter_id = log_adapter_model(paths["train"], run.info.run_id, run.info.experiment_id,
                                    read_json(paths["base"] / "llmops_base.json")["weights_sha256"])
@@ -182,8 +182,9 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
                 "quantize": tags["recommended_quantize"], **metrics}
     mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, cfg.experiment))
     with mlflow.start_run(run_name=f"finetune {pipeline_run}", tags={"llmops.stage": "register", **tags}) as run:
-        log_run_contents(paths, metrics)
-        tags.update(log_models(paths, metrics, run))
+        params = model_params(paths)  # the run's params and the LoggedModel's are the same configuration
+        log_run_contents(paths, metrics, params)
+        tags.update(log_models(paths, metrics, params, run))
         ensure_registered_model(client, cfg.model_name)
         # Created last, tags in the same request: a version never exists without its files or lineage.
         model_id = tags["llmops.model_id"]

@@ -208,10 +208,11 @@ class Deployer:
         return f"refused {target.name}/{target.version}"
 
     def _deploy(self, target: Target) -> str:
-        if override := target.tags.get(OVERRIDE_TAG, "").strip():
-            if target.tags.get("gate.verdict") != "passed":
-                log.warning("deploying %s version %s although its gate %s: overridden (%s)", target.name,
-                            target.version, target.tags.get("gate.verdict") or "never ran", override)
+        # Reached only past promotion_refusal: a version whose gate did not pass carries a person's override.
+        override = target.tags.get(OVERRIDE_TAG, "").strip() if target.tags.get("gate.verdict") != "passed" else ""
+        if override:
+            log.warning("deploying %s version %s although its gate %s: overridden (%s)", target.name,
+                        target.version, target.tags.get("gate.verdict") or "never ran", override)
         log.info("deploying %s version %s", target.name, target.version)
         self.client.set_model_version_tag(target.name, target.version, STATUS_TAG, "deploying")
         try:
@@ -225,7 +226,7 @@ class Deployer:
             tags[ENDPOINT_TAG] = endpoint
         else:
             tags[REASON_TAG] = endpoint
-        if override and target.tags.get("gate.verdict") != "passed":
+        if override:
             tags["deploy.gate_override"] = override
         tags[STATUS_TAG] = "deployed" if ok else "failed"
         if ok and self.backend.kind == "local":

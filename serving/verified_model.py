@@ -14,9 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from components.chat_pyfunc import MANIFEST_KEY, MODEL_KEY
+from components.chat_pyfunc import artifact_paths
 from components.weights_manifest import MANIFEST_TAG, VerificationError, verify
 
 
@@ -35,18 +33,6 @@ def model_version(name: str, version: str | None = None, alias: str | None = Non
 
     client = MlflowClient()
     return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-
-
-def artifact_paths(root: Path) -> tuple[Path, Path]:
-    """(served directory, manifest file) of a downloaded version, as its MLmodel names them."""
-    mlmodel = Path(root) / "MLmodel"
-    if not mlmodel.is_file():
-        raise VerificationError(f"{root} has no MLmodel: the version is not an MLflow model logged by register")
-    artifacts = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"].get("artifacts", {})
-    try:
-        return Path(root) / artifacts[MODEL_KEY]["path"], Path(root) / artifacts[MANIFEST_KEY]["path"]
-    except KeyError as err:
-        raise VerificationError(f"{mlmodel} names no {err.args[0]!r} artifact") from err
 
 
 def verify_download(root: Path, mv) -> tuple[Path, int]:

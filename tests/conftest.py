@@ -65,6 +65,17 @@ class Live:
         return response.json()["generated_text"]
 
 
+def wait_for(condition, timeout: float = 120.0, what: str = "the condition", poll: float = 0.05):
+    """The condition's first truthy value, polled until a deadline; fails naming what it waited for."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()  # never set: wait() is a bounded pause between polls
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        pause.wait(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
 def build_tiny_llama(out: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
     """A 2-layer Llama and a byte-level BPE tokenizer trained on the demo data, saved as an HF directory.
 

@@ -19,7 +19,8 @@ def measure() -> dict:
     from components.util import dir_size
     from components.weights_manifest import MANIFEST_TAG, verify
     from pipelines import mlflow_local
-    from serving.verified_model import artifact_paths, model_version
+    from components.chat_pyfunc import artifact_paths
+    from serving.verified_model import model_version
     from tests.benchmarks.serving import base_dir
     from tests.conftest import free_port, register_served
 

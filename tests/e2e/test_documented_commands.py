@@ -14,14 +14,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from tests.conftest import ROOT, free_port, shared_path
+from tests.conftest import ROOT, free_port, shared_path, wait_for
 
 pytestmark = pytest.mark.e2e
 README = (ROOT / "README.md").read_text()
@@ -80,15 +79,6 @@ def stop(proc: subprocess.Popen) -> None:
         pass
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     ws = Workspace(tmp_path_factory.mktemp("user"))
@@ -114,7 +104,7 @@ def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(work
     from components.jsonl import read_jsonl
     from components.prompt_contract import read_contract
     from components.scoring import evaluate_model
-    from serving.verified_model import artifact_paths
+    from components.chat_pyfunc import artifact_paths
 
     assert "registered llmops-demo version 1" in demo_run.stdout
     assert f"MLflow UI: {workspace.tracking_uri}" in demo_run.stdout

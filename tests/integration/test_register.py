@@ -28,7 +28,7 @@ def test_version_is_an_mlflow_model_with_lineage_metrics_params_and_data(mlflow_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from components.prompt_contract import read_contract
-    from serving.verified_model import artifact_paths
+    from components.chat_pyfunc import artifact_paths
 
     client = MlflowClient()
     result = register.run(RegisterSection(model_name="tiny-reg"), stage_outputs, "pipeline-run-1")
