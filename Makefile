@@ -8,7 +8,7 @@ DATA ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-unit test-integration test-e2e bench compile images mlflow-stop clean
+.PHONY: install lint run test test-unit test-integration test-e2e bench compile images mlflow-stop clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ install: $(STAMP)
 run: install
 	$(BIN)/llmops run $(if $(DATA),--data $(DATA)) $(ARGS)
 
-test: install
+# Style first (ruff: lint and format, line length 120), then every tier.
+test: install lint
 	$(BIN)/pytest -m "unit or integration or e2e" --timeout=1800 $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-unit: install
 	$(BIN)/pytest -m unit $(PYTEST_ARGS)

@@ -13,8 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
+from components.artifacts import BaseModelDir, record_config
 from components.config import PACKAGED_MODEL, ModelSection
-from components.util import record_config, console, file_sha256, heading, tree_sha256, write_json
+from components.util import console, file_sha256, heading, tree_sha256, write_json
 
 PAD_CANDIDATES = ("<|endoftext|>", "<unk>", "<pad>", "<|finetune_right_pad_id|>")
 ADDED_PAD = "<|pad|>"
@@ -130,7 +131,7 @@ def resolve(cfg: ModelSection, out_dir: Path) -> dict:
     heading("base model")
     key, info = source_key(cfg)
     cached = cache_root() / key
-    hit = (cached / "llmops_base.json").exists()
+    hit = BaseModelDir(cached).info_file.exists()
     if not hit:
         console.print(f"converting {cfg.base_model} to {cfg.dtype} safetensors (cache key {key})")
         model, tok = _load(cfg, info)
@@ -138,9 +139,16 @@ def resolve(cfg: ModelSection, out_dir: Path) -> dict:
         tmp = cached.with_name(cached.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_16bit(model, tok, tmp)
-        meta = {"source": cfg.base_model, "source_info": info, "cache_key": key, "dtype": cfg.dtype,
-                "pad_token": pad, "eos_token": tok.eos_token, "parameters": model.num_parameters()}
-        write_json(tmp / "llmops_base.json", meta)
+        meta = {
+            "source": cfg.base_model,
+            "source_info": info,
+            "cache_key": key,
+            "dtype": cfg.dtype,
+            "pad_token": pad,
+            "eos_token": tok.eos_token,
+            "parameters": model.num_parameters(),
+        }
+        write_json(BaseModelDir(tmp).info_file, meta)
         shutil.rmtree(cached, ignore_errors=True)
         tmp.rename(cached)
     else:
@@ -148,9 +156,9 @@ def resolve(cfg: ModelSection, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.copytree(cached, out_dir)
-    meta = json.loads((out_dir / "llmops_base.json").read_text())
+    meta = BaseModelDir(out_dir).info()
     meta["weights_sha256"] = tree_sha256(out_dir, suffix=".safetensors")
     meta["cache_hit"] = hit
-    write_json(out_dir / "llmops_base.json", meta)
+    write_json(BaseModelDir(out_dir).info_file, meta)
     record_config(out_dir, "base_model", cfg)
     return meta

@@ -28,10 +28,13 @@ def signature():
     from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
     message = Object([Property("role", "string"), Property("content", "string")])
-    return ModelSignature(inputs=Schema([ColSpec(Array(message), "messages")]),
-                          outputs=Schema([ColSpec("string")]),
-                          params=ParamSchema([ParamSpec("max_tokens", "long", DEFAULT_MAX_TOKENS),
-                                              ParamSpec("temperature", "double", 0.0)]))
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array(message), "messages")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [ParamSpec("max_tokens", "long", DEFAULT_MAX_TOKENS), ParamSpec("temperature", "double", 0.0)]
+        ),
+    )
 
 
 INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "Hi, I lost my credit card yesterday"}]}
@@ -70,9 +73,11 @@ class ChatPyfunc(mlflow.pyfunc.PythonModel):
         max_tokens = int(params.get("max_tokens") or DEFAULT_MAX_TOKENS)
         if float(params.get("temperature") or 0.0) > 0:
             raise ValueError("this model answers greedily: pass temperature 0 (sampling belongs to the server)")
-        prompts = [self.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-                   for messages in _rows(model_input)]
-        return generate(self.model, self.tok, prompts, max_tokens, batch_size=8, label="pyfunc")
+        prompts = [
+            self.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            for messages in _rows(model_input)
+        ]
+        return generate(self.model, self.tok, prompts, max_tokens, batch_size=8, progress="pyfunc")
 
 
 def _rows(model_input) -> list[list[dict]]:

@@ -1,5 +1,8 @@
 """Training checkpoints that survive the pod: where they live, which one is complete, and preemption.
 
+Two Trainer callbacks live here, one job each: `UploadCheckpoints` mirrors each saved checkpoint to S3, and
+`StopOnSigterm` turns a SIGTERM into "save at the next step, then stop".
+
 A checkpoint directory is keyed by the training inputs (train section, base weights, data, code), so
 a restarted step, in the same pipeline run or a later one with the same inputs, resumes instead of
 starting over. With `train.checkpoint_root` (or LLMOPS_CHECKPOINT_ROOT) on a PVC it is durable as is;
@@ -16,6 +19,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import TrainerCallback
+
+from components.artifacts import BaseModelDir, PreparedData
 from components.config import TrainSection
 from components.util import console, text_sha256
 
@@ -26,7 +32,7 @@ PREFIX = "checkpoint-"
 BEST, VALIDATION = "best", "validation.json"
 
 
-def agreed(flag: bool, device) -> bool:
+def any_rank(flag: bool, device) -> bool:
     """True if any data-parallel rank says so: ranks that stop at different steps deadlock the others."""
     import torch
     import torch.distributed as dist
@@ -55,27 +61,31 @@ def _step(path: Path | str) -> int:
 
 
 def last_complete_checkpoint(root: Path) -> Path | None:
-    found = [p for p in Path(root).glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit() and is_complete(p)]
+    found = [p for p in Path(root).glob(f"{PREFIX}*") if p.name[len(PREFIX) :].isdigit() and is_complete(p)]
     return max(found, key=_step, default=None)
 
 
 def run_key(cfg: TrainSection, base_dir: Path, data_dir: Path) -> str:
-    base = json.loads((Path(base_dir) / "llmops_base.json").read_text())["weights_sha256"]
-    data = json.loads((Path(data_dir) / "stats.json").read_text())["prepared_sha256"]
+    base = BaseModelDir(base_dir).info()["weights_sha256"]
+    data = PreparedData(data_dir).stats()["prepared_sha256"]
     code = os.environ.get("LLMOPS_CODE_DIGEST", "")  # edited training code must not resume old checkpoints
     return text_sha256(f"{cfg.to_json()}|{base}|{data}|{code}")[:20]
 
 
 @dataclass
-class Durable:
-    """The local checkpoint directory, mirrored to S3 when the root is an s3:// URI."""
+class CheckpointStore:
+    """This run's checkpoint directory, mirrored to S3 when the root is an s3:// URI."""
 
     local: Path
     remote: str | None = None
 
     @classmethod
-    def for_run(cls, cfg: TrainSection, base_dir: Path, data_dir: Path) -> "Durable":
-        root = cfg.checkpoint_root or os.environ.get("LLMOPS_CHECKPOINT_ROOT") or str(Path.home() / ".cache/llmops/checkpoints")
+    def for_run(cls, cfg: TrainSection, base_dir: Path, data_dir: Path) -> CheckpointStore:
+        root = (
+            cfg.checkpoint_root
+            or os.environ.get("LLMOPS_CHECKPOINT_ROOT")
+            or str(Path.home() / ".cache/llmops/checkpoints")
+        )
         key = run_key(cfg, base_dir, data_dir)
         if root.startswith("s3://"):
             return cls(Path(tempfile.gettempdir()) / "llmops-checkpoints" / key, f"{root.rstrip('/')}/{key}")
@@ -96,8 +106,12 @@ class Durable:
 
         bucket, prefix = parse_uri(self.remote)
         pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{PREFIX}")
-        finished = {key.rsplit("/", 2)[-2] for page in pages for key in (o["Key"] for o in page.get("Contents", []))
-                    if key.endswith(f"/{MANIFEST}")}  # the manifest is uploaded last: its presence means complete
+        finished = {
+            key.rsplit("/", 2)[-2]
+            for page in pages
+            for key in (o["Key"] for o in page.get("Contents", []))
+            if key.endswith(f"/{MANIFEST}")
+        }  # the manifest is uploaded last: its presence means complete
         if finished:
             newest = max(finished, key=_step)
             console.print(f"restoring {newest} from {self.remote}")
@@ -120,59 +134,47 @@ class Durable:
         path = self.local / name
         (upload_dir if path.is_dir() else upload_file)(path, f"{self.remote}/{name}")
 
-    def callback(self):
-        from transformers import TrainerCallback
 
-        durable = self
+class UploadCheckpoints(TrainerCallback):
+    """Each checkpoint the Trainer saves goes to the store's S3 mirror (nothing to do for a PVC root)."""
 
-        class Upload(TrainerCallback):
-            def on_save(self, args, state, control, **kw):
-                import torch.distributed as dist
+    def __init__(self, store: CheckpointStore):
+        self.store = store
 
-                if durable.remote and dist.is_available() and dist.is_initialized():
-                    dist.barrier()  # every rank has written its part (its RNG state) before the upload
-                if durable.remote and state.is_world_process_zero:  # one uploader under data parallelism
-                    from components.storage import upload_dir
+    def on_save(self, args, state, control, **kw):
+        if not self.store.remote:
+            return
+        import torch.distributed as dist
 
-                    name = f"{PREFIX}{state.global_step}"
-                    upload_dir(durable.local / name, f"{durable.remote}/{name}")
+        from components.storage import upload_dir
 
-        return Upload()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank has written its part (its RNG state) before the upload
+        if state.is_world_process_zero:  # one uploader under data parallelism
+            name = f"{PREFIX}{state.global_step}"
+            upload_dir(self.store.local / name, f"{self.store.remote}/{name}")
 
 
-class PreemptionCallback:
+class StopOnSigterm(TrainerCallback):
     """On SIGTERM (a preempted or drained node) save a checkpoint at the next step and stop.
 
     Kubernetes then has the grace period to wait for us; the retried step resumes from this checkpoint.
+    Creating one installs the signal handler.
     """
 
     def __init__(self):
         self.signalled = False
-
-    @classmethod
-    def install(cls):
-        from transformers import TrainerCallback
-
-        handler = cls()
-
-        class OnSigterm(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                if handler.signalled_anywhere(args.device):
-                    control.should_save = True
-                    control.should_training_stop = True
-
-        callback = OnSigterm()
-        callback.exit_if_signalled = handler.exit_if_signalled
-        signal.signal(signal.SIGTERM, handler._on_signal)
-        return callback
+        signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         console.print("SIGTERM: saving a checkpoint after this step, then stopping")
         self.signalled = True
 
-    def signalled_anywhere(self, device) -> bool:
-        self.signalled = agreed(self.signalled, device)
-        return self.signalled
+    def on_step_end(self, args, state, control, **kw):
+        self.signalled = any_rank(self.signalled, args.device)  # every rank stops at the same step
+        if self.signalled:
+            control.should_save = True
+            control.should_training_stop = True
 
     def exit_if_signalled(self) -> None:
         if self.signalled:

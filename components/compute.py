@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from components.artifacts import PreparedData
 from components.config import TrainSection
 from components.util import console
 
@@ -67,17 +68,16 @@ def resolved_choices(cfg: TrainSection, base_dir: Path, data_dir: Path, root: Pa
     """
     import json
 
-    from components.jsonl import read_jsonl
-
     saved = Path(root) / "resolved.json"
     if saved.exists():
         return cfg.model_copy(update=json.loads(saved.read_text()))
-    examples = read_jsonl(Path(data_dir) / "train.jsonl")
+    examples = PreparedData(data_dir).examples("train")
     longest = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
     run_cfg = resolve(cfg, base_dir, longest, window=max(e["completion_tokens"] for e in examples) + 1)
     saved.parent.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps({"compute_dtype": run_cfg.compute_dtype,
-                                 "gradient_checkpointing": run_cfg.gradient_checkpointing}))
+    saved.write_text(
+        json.dumps({"compute_dtype": run_cfg.compute_dtype, "gradient_checkpointing": run_cfg.gradient_checkpointing})
+    )
     return run_cfg
 
 
@@ -91,6 +91,8 @@ def resolve(cfg: TrainSection, base_dir: Path, longest: int, window: int | None 
         need = activation_bytes(cfg, AutoConfig.from_pretrained(base_dir), longest, dtype, window or longest)
         budget = free_memory(cfg.use_gpu) / 2 / (1 if cfg.use_gpu else cfg.num_processes)
         checkpointing = need > budget
-        console.print(f"gradient checkpointing {'on' if checkpointing else 'off'}: activations of the longest "
-                      f"batch ~{need / 1e9:.2f} GB against a budget of {budget / 1e9:.1f} GB")
+        console.print(
+            f"gradient checkpointing {'on' if checkpointing else 'off'}: activations of the longest "
+            f"batch ~{need / 1e9:.2f} GB against a budget of {budget / 1e9:.1f} GB"
+        )
     return cfg.model_copy(update={"compute_dtype": dtype, "gradient_checkpointing": checkpointing})

@@ -73,8 +73,10 @@ def _csv_header(reader, path: Path) -> list[str] | None:
 def _csv_error(err: csv.Error, first_line: int, reader) -> RowProblem:
     if "unexpected end of data" in str(err):  # strict mode: a quote opened and never closed
         lines = reader.line_num - first_line + 1
-        return RowProblem("<row>", f"malformed CSV: unterminated quoted field from line {first_line} "
-                                   f"to the end of the file ({lines} lines)")
+        return RowProblem(
+            "<row>",
+            f"malformed CSV: unterminated quoted field from line {first_line} to the end of the file ({lines} lines)",
+        )
     return RowProblem("<row>", f"malformed CSV: {err} (line {reader.line_num})")
 
 

@@ -11,6 +11,8 @@ import json
 import random
 from pathlib import Path
 
+from components.artifacts import PreparedData
+
 INTENTS: dict[str, list[str]] = {
     "card_lost": [
         "I lost my {card} {when}, what should I do?",
@@ -98,5 +100,5 @@ def write_demo(out_dir: Path, n_rows: int = 360, seed: int = 7) -> Path:
         writer = csv.DictWriter(fh, fieldnames=["text", "label"])
         writer.writeheader()
         writer.writerows(generate_rows(n_rows, seed))
-    (out_dir / "labels.json").write_text(json.dumps(sorted(INTENTS), indent=2))
+    (out_dir / PreparedData.labels_file).write_text(json.dumps(sorted(INTENTS), indent=2))
     return path

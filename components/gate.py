@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from components.artifacts import EvalReport, PreparedData
 from components.config import EvalSection, GateSection
-from components.jsonl import read_jsonl
 from components.tracking import configure_retries
-from components.util import console, heading, read_json
+from components.util import console, heading
 
 LOWER_IS_BETTER = {"perplexity"}
 
@@ -32,13 +32,21 @@ def decide(cfg: GateSection, candidate: float, base: float, champion: float | No
         reasons.append(f"{cfg.metric} gain over base {over_base:+.4f} < {cfg.min_gain_over_base:+.4f}")
     if over_champion is not None and over_champion < cfg.min_gain_over_champion:
         reasons.append(f"{cfg.metric} gain over champion {over_champion:+.4f} < {cfg.min_gain_over_champion:+.4f}")
-    return {"passed": not reasons, "metric": cfg.metric, "candidate": candidate, "base": base, "champion": champion,
-            "gain_over_base": over_base, "gain_over_champion": over_champion,
-            "reason": "; ".join(reasons) or "beats the base" + (" and the champion" if champion is not None else "")}
+    return {
+        "passed": not reasons,
+        "metric": cfg.metric,
+        "candidate": candidate,
+        "base": base,
+        "champion": champion,
+        "gain_over_base": over_base,
+        "gain_over_champion": over_champion,
+        "reason": "; ".join(reasons) or "beats the base" + (" and the champion" if champion is not None else ""),
+    }
 
 
-def champion_score(client, name: str, cfg: GateSection, candidate_version: str, data_dir: Path,
-                   rows: int) -> tuple[str, float] | None:
+def champion_score(
+    client, name: str, cfg: GateSection, candidate_version: str, data_dir: Path, rows: int
+) -> tuple[str, float] | None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -47,7 +55,7 @@ def champion_score(client, name: str, cfg: GateSection, candidate_version: str, 
         return None
     if champion.version == candidate_version:
         return None
-    ours = read_json(Path(data_dir) / "stats.json")["prepared_sha256"]
+    ours = PreparedData(data_dir).stats()["prepared_sha256"]
     tag = champion.tags.get(f"eval.tuned.{cfg.metric}")
     same_rows = champion.tags.get("eval.tuned.examples") == str(rows)
     if champion.tags.get("prepared_dataset_sha256") == ours and same_rows and tag is not None:
@@ -63,30 +71,38 @@ def _evaluate_champion(champion, cfg: GateSection, data_dir: Path, rows: int) ->
 
     from components.chat_pyfunc import artifact_paths
     from components.inference import load_as_served, load_tokenizer
-    from components.scoring import evaluate_model
+    from components.scoring import score_model
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{champion.name}/{champion.version}",
-                                                     dst_path=tempfile.mkdtemp()))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{champion.name}/{champion.version}", dst_path=tempfile.mkdtemp()
+        )
+    )
     model_dir, _ = artifact_paths(local)
-    labels_file = Path(data_dir) / "labels.json"
-    labels = read_json(labels_file) if labels_file.exists() else None
+    data = PreparedData(data_dir)
     model = load_as_served(model_dir, champion.tags.get("recommended_quantize", "none"))
-    metrics, _ = evaluate_model(model, load_tokenizer(model_dir), read_jsonl(Path(data_dir) / "eval.jsonl")[:rows],
-                                EvalSection(), labels, f"champion v{champion.version}")
-    return metrics[cfg.metric]
+    scored = score_model(
+        model,
+        load_tokenizer(model_dir),
+        data.examples("eval")[:rows],
+        EvalSection(),
+        data.labels(),
+        f"champion v{champion.version}",
+    )
+    return scored.metrics[cfg.metric]
 
 
 def base_on_served_rows(metric: str, registration: dict, report_dir: Path) -> float | None:
     """The base model's figure on the rows the served model was scored on (None when it cannot be had)."""
     rows, scored = int(registration["eval.tuned.examples"]), int(registration["eval.base.examples"])
-    report = read_json(Path(report_dir) / "eval_report.json")
+    report = EvalReport(report_dir).report()
     if rows == scored:
         return report["base"][metric]
     if metric not in ("exact_match", "label_accuracy"):
         return None  # a loss is not kept per row
     from components.inference import normalize
 
-    samples = read_json(Path(report_dir) / "predictions.json")[:rows]
+    samples = EvalReport(report_dir).predictions()[:rows]
     key = "base_constrained" if metric == "label_accuracy" else "base"
     return sum(normalize(s[key] or "") == normalize(s["answer"]) for s in samples) / max(len(samples), 1)
 
@@ -101,18 +117,27 @@ def run(cfg: GateSection, registration: dict, report_dir: Path, data_dir: Path) 
     rows = int(registration["eval.tuned.examples"])
     base = base_on_served_rows(cfg.metric, registration, report_dir)
     if base is None:
-        verdict = {"passed": False, "gain_over_base": float("nan"), "gain_over_champion": None, "champion_version": None,
-                   "reason": f"quantize scored {rows} eval rows and evaluate {registration['eval.base.examples']}: "
-                             f"{cfg.metric} of the base on the served rows is unknown; set quantize.eval_examples=null"}
+        verdict = {
+            "passed": False,
+            "gain_over_base": float("nan"),
+            "gain_over_champion": None,
+            "champion_version": None,
+            "reason": f"quantize scored {rows} eval rows and evaluate {registration['eval.base.examples']}: "
+            f"{cfg.metric} of the base on the served rows is unknown; set quantize.eval_examples=null",
+        }
         champ = None
     else:
         champ = champion_score(client, name, cfg, version, data_dir, rows)
         verdict = decide(cfg, registration[f"eval.tuned.{cfg.metric}"], base, champ and champ[1])
         verdict["champion_version"] = champ and champ[0]
-    tags = {"gate.verdict": "passed" if verdict["passed"] else "failed", "gate.reason": verdict["reason"],
-            "gate.metric": cfg.metric, "gate.gain_over_base": f"{verdict['gain_over_base']:.4f}",
-            "gate.gain_over_champion": "n/a" if champ is None else f"{verdict['gain_over_champion']:.4f}",
-            "gate.champion_version": str(verdict["champion_version"] or "none")}
+    tags = {
+        "gate.verdict": "passed" if verdict["passed"] else "failed",
+        "gate.reason": verdict["reason"],
+        "gate.metric": cfg.metric,
+        "gate.gain_over_base": f"{verdict['gain_over_base']:.4f}",
+        "gate.gain_over_champion": "n/a" if champ is None else f"{verdict['gain_over_champion']:.4f}",
+        "gate.champion_version": str(verdict["champion_version"] or "none"),
+    }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     console.print(f"gate {tags['gate.verdict']}: {verdict['reason']}")

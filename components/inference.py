@@ -1,7 +1,8 @@
-"""Model inference shared by every stage that runs a model: loading, batched greedy generation, response loss.
+"""Model inference shared by every stage that runs a model: loading, batched greedy and label-constrained
+generation, response loss.
 
-Evaluate, merge parity, quantize, the gate and validation during training all decode through `generate`,
-so a fix to the loop reaches them all, and no stage imports another to get at it.
+Evaluate, merge parity, quantize, the gate, the pyfunc and validation during training all decode through one
+loop (`_greedy_batches`), so a fix to it reaches them all, and no stage imports another to get at it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def load_model(model_dir: Path, dtype: str = "bfloat16", adapter_dir: Path | Non
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), quantization_config=quantization)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), quantization_config=quantization
+    )
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -48,8 +51,12 @@ def bnb_config(variant: str):
 
     if variant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def load_as_served(model_dir: Path, quantize_flag: str):
@@ -60,26 +67,101 @@ def load_as_served(model_dir: Path, quantize_flag: str):
 
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
-def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, label: str = "generate") -> list[str]:
-    """Greedy outputs in the order of prompts; batches are formed from similar lengths to limit padding."""
+def _greedy_batches(
+    model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, progress: str | None, allowed=None
+):
+    """Yields (prompt indices, generated token ids) per batch. Batches group prompts of similar length, so
+    little is padding; padding is on the left, so every row's new tokens start at the same column.
+    `allowed(new_ids) -> token ids` constrains each step (label decoding)."""
     import torch
     from rich.progress import Progress
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outputs: dict[int, str] = {}
-    with Progress(console=console, transient=True) as bar, torch.inference_mode():
-        task = bar.add_task(label, total=len(prompts))
+    # transient bar, and none at all inside another live display (validation runs under training's bar)
+    with Progress(console=console, transient=True, disable=progress is None) as bar, torch.inference_mode():
+        task = bar.add_task(progress or "", total=len(prompts))
         for idx in _batches(order, batch_size):
-            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            outputs.update(zip(idx, texts))
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(model.device)
+            width = enc["input_ids"].shape[1]
+            constraint = (
+                {} if allowed is None else {"prefix_allowed_tokens_fn": lambda row, seq: allowed(seq[width:].tolist())}
+            )
+            # use_cache explicitly: during training the model's config may have it off, which would recompute
+            # the whole prompt at every generated token
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                **constraint,
+            )
+            yield idx, out[:, width:]
             bar.advance(task, len(idx))
+
+
+def generate(
+    model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, progress: str | None = "generate"
+) -> list[str]:
+    """Greedy outputs, in the order of prompts."""
+    outputs: dict[int, str] = {}
+    for idx, new_ids in _greedy_batches(model, tok, prompts, max_new_tokens, batch_size, progress):
+        outputs.update(zip(idx, tok.batch_decode(new_ids, skip_special_tokens=True)))
     return [outputs[i].strip() for i in range(len(prompts))]
+
+
+class LabelTrie:
+    """Token-id prefix tree of `label + EOS` sequences, tokenized the way training saw the answers.
+
+    Free generation can answer with text that is no label at all (or a label with extra words), which exact
+    match counts as wrong without saying why. Decoding that walks this trie can only produce a label.
+    """
+
+    def __init__(self, tok, labels: list[str]):
+        self.eos = tok.eos_token_id
+        self.root: dict = {}
+        self.by_ids: dict[tuple[int, ...], str] = {}
+        for label in labels:
+            ids = tok(label + tok.eos_token, add_special_tokens=False)["input_ids"]
+            node = self.root
+            for token in ids:
+                node = node.setdefault(token, {})
+            self.by_ids[tuple(ids)] = label
+
+    @property
+    def longest(self) -> int:
+        return max(len(ids) for ids in self.by_ids)
+
+    def allowed(self, prefix: list[int]) -> list[int]:
+        node = self.root
+        for token in prefix:
+            if token not in node:
+                return [self.eos]  # a finished row (EOS, then padding): anything valid keeps it finished
+            node = node[token]
+        return list(node) or [self.eos]
+
+    def label_of(self, ids: list[int]) -> str | None:
+        if self.eos in ids:
+            ids = ids[: ids.index(self.eos) + 1]
+        return self.by_ids.get(tuple(ids))
+
+
+def predict_labels(
+    model, tok, prompts: list[str], trie: LabelTrie, batch_size: int, progress: str | None = None
+) -> list[str]:
+    """The greedy choice among the labels for each prompt (decoding constrained to the trie)."""
+    out: dict[int, str | None] = {}
+    for idx, new_ids in _greedy_batches(model, tok, prompts, trie.longest, batch_size, progress, trie.allowed):
+        out.update(zip(idx, (trie.label_of(row) for row in new_ids.tolist())))
+    missing = [i for i, label in out.items() if label is None]
+    if missing:  # the trie admits only whole labels, so this means the tokenizer split a label two ways
+        raise RuntimeError(f"constrained decoding left {len(missing)} answers outside the label set")
+    return [out[i] for i in range(len(prompts))]
 
 
 def response_nll(model, tok, examples: list[dict], batch_size: int) -> tuple[float, int]:
@@ -97,12 +179,13 @@ def response_nll(model, tok, examples: list[dict], batch_size: int) -> tuple[flo
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, (a, b) in enumerate(zip(p, c)):  # right padding: positions start at 0 for every row
                 ids[row, : len(a) + len(b)] = torch.tensor(a + b)
-                labels[row, len(a): len(a) + len(b)] = torch.tensor(b)
+                labels[row, len(a) : len(a) + len(b)] = torch.tensor(b)
                 mask[row, : len(a) + len(b)] = 1
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             target = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                    ignore_index=-100, reduction="sum")
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+            )
             total += float(nll)
             count += int((target != -100).sum())
     return total, count

@@ -13,8 +13,7 @@ import tempfile
 from pathlib import Path
 
 from components import chat_pyfunc, weights_manifest
-from components.jsonl import read_jsonl
-from components.util import read_json
+from components.artifacts import PreparedData
 
 ADAPTER_MODEL_TAG = "llmops.adapter_model_id"
 DATASET_COLUMNS = ("id", "answer", "prompt", "completion")
@@ -32,10 +31,11 @@ def log_datasets(data_dir: Path):
     import mlflow
     import pandas as pd
 
-    stats = read_json(Path(data_dir) / "stats.json")
+    data = PreparedData(data_dir)
+    stats = data.stats()
     found = []
     for split, context in (("train", "training"), ("eval", "eval")):
-        rows = [{k: r[k] for k in DATASET_COLUMNS} for r in read_jsonl(Path(data_dir) / f"{split}.jsonl")]
+        rows = [{k: r[k] for k in DATASET_COLUMNS} for r in data.examples(split)]
         dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=stats["source"], name=split, targets="answer")
         # Logged with its context before any metric names it: a metric's dataset would log it without one.
         mlflow.log_input(dataset, context=context)
@@ -56,10 +56,15 @@ def log_chat_model(model_dir: Path, params: dict[str, str]):
         # MLflow warns about pickling any object, which says nothing new here.
         logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=chat_pyfunc.ChatPyfunc(), model_type="chat",
+            name="model",
+            python_model=chat_pyfunc.ChatPyfunc(),
+            model_type="chat",
             artifacts={chat_pyfunc.MODEL_KEY: str(model_dir), chat_pyfunc.MANIFEST_KEY: str(manifest)},
-            signature=chat_pyfunc.signature(), input_example=(chat_pyfunc.INPUT_EXAMPLE, {"max_tokens": 8}),
-            pip_requirements=requirements(), params=params)
+            signature=chat_pyfunc.signature(),
+            input_example=(chat_pyfunc.INPUT_EXAMPLE, {"max_tokens": 8}),
+            pip_requirements=requirements(),
+            params=params,
+        )
     return info, manifest_sha
 
 
@@ -69,8 +74,13 @@ def log_adapter_model(adapter_dir: Path, run_id: str, experiment_id: str, base_s
     from mlflow.entities import LoggedModelStatus
 
     client = MlflowClient()
-    model = client.create_logged_model(experiment_id, name="adapter", source_run_id=run_id, model_type="peft-lora",
-                                       tags={"base_model_sha256": base_sha256})
+    model = client.create_logged_model(
+        experiment_id,
+        name="adapter",
+        source_run_id=run_id,
+        model_type="peft-lora",
+        tags={"base_model_sha256": base_sha256},
+    )
     client.log_model_artifacts(model.model_id, str(adapter_dir))
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     return model.model_id

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from components.artifacts import MergedModel, PreparedData, record_config
 from components.config import MergeSection
 from components.inference import generate, load_model, load_tokenizer
-from components.jsonl import read_jsonl
 from components.prompt_contract import CONTRACT_FILE, read_contract, wrap_template
-from components.util import record_config, console, dir_size, heading, quiet_libraries, write_json
+from components.util import console, dir_size, heading, quiet_libraries, write_json
 
 
 class ParityError(RuntimeError):
@@ -49,24 +49,34 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
     heading("merge")
     out_dir = Path(out_dir)
     record_config(out_dir, "merge", cfg)
-    prompts = [e["prompt"] for e in read_jsonl(Path(data_dir) / "eval.jsonl")][: cfg.parity_prompts]
+    out = MergedModel(out_dir)
+    prompts = [e["prompt"] for e in PreparedData(data_dir).examples("eval")][: cfg.parity_prompts]
     tok = load_tokenizer(base_dir)
     with stage_run("merge", cfg.model_dump()) as tracker:
         on_base = load_model(base_dir, cfg.compare_dtype, adapter_dir=adapter_dir)
-        reference = generate(on_base, tok, prompts, cfg.max_new_tokens, 16, label="adapter on base")
+        reference = generate(on_base, tok, prompts, cfg.max_new_tokens, 16, progress="adapter on base")
         del on_base
-        merge_adapter(base_dir, adapter_dir, out_dir / "model", cfg.base_precision, read_contract(data_dir))
-        merged = load_model(out_dir / "model", cfg.compare_dtype)
-        candidate = generate(merged, tok, prompts, cfg.max_new_tokens, 16, label="merged")
+        merge_adapter(base_dir, adapter_dir, out.model_dir, cfg.base_precision, read_contract(data_dir))
+        merged = load_model(out.model_dir, cfg.compare_dtype)
+        candidate = generate(merged, tok, prompts, cfg.max_new_tokens, 16, progress="merged")
         agreement = parity(reference, candidate)
-        report = {"parity": agreement, "threshold": cfg.parity_threshold, "prompts": len(prompts),
-                  "size_bytes": dir_size(out_dir / "model"),
-                  "mismatches": [{"prompt": p[-200:], "adapter_on_base": r, "merged": c}
-                                 for p, r, c in zip(prompts, reference, candidate) if r != c][:10]}
-        write_json(out_dir / "merge_report.json", report)
+        report = {
+            "parity": agreement,
+            "threshold": cfg.parity_threshold,
+            "prompts": len(prompts),
+            "size_bytes": dir_size(out.model_dir),
+            "mismatches": [
+                {"prompt": p[-200:], "adapter_on_base": r, "merged": c}
+                for p, r, c in zip(prompts, reference, candidate)
+                if r != c
+            ][:10],
+        }
+        write_json(out.report_file, report)
         tracker.log_metrics({"merge.parity": agreement, "merge.size_bytes": report["size_bytes"]})
         console.print(f"greedy parity of merged vs adapter-on-base: {agreement:.3f} on {len(prompts)} prompts")
         if agreement < cfg.parity_threshold:
-            raise ParityError(f"merged model agrees with adapter-on-base on {agreement:.1%} of greedy outputs, "
-                              f"below merge.parity_threshold={cfg.parity_threshold:.1%}; see {out_dir / 'merge_report.json'}")
+            raise ParityError(
+                f"merged model agrees with adapter-on-base on {agreement:.1%} of greedy outputs, "
+                f"below merge.parity_threshold={cfg.parity_threshold:.1%}; see {out.report_file}"
+            )
     return report

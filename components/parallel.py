@@ -11,22 +11,34 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.checkpoints import Durable
+from components.artifacts import TrainedAdapter
+from components.checkpoints import CheckpointStore
 from components.compute import resolved_choices
 from components.config import TrainSection
-from components.util import console, read_json
+from components.util import console
 
 
 def launch(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     """Run this stage under torchrun with cfg.num_processes workers in this pod; rank 0 writes the outputs."""
     # torchrun SIGKILLs workers this long after passing on a SIGTERM: it must cover a step plus a save
     grace = os.environ.get("LLMOPS_SHUTDOWN_TIMEOUT", "90")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.num_processes}",
-           f"--shutdown-timeout={grace}", "-m", "components.train", cfg.to_json(), str(base_dir), str(data_dir),
-           str(out_dir)]
-    durable = Durable.for_run(cfg, base_dir, data_dir)
-    durable.restore()  # fetched once here, not raced by every worker
-    resolved_choices(cfg, base_dir, data_dir, durable.local)  # measured once, so every rank trains alike
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={cfg.num_processes}",
+        f"--shutdown-timeout={grace}",
+        "-m",
+        "components.train",
+        cfg.to_json(),
+        str(base_dir),
+        str(data_dir),
+        str(out_dir),
+    ]
+    store = CheckpointStore.for_run(cfg, base_dir, data_dir)
+    store.restore()  # fetched once here, not raced by every worker
+    resolved_choices(cfg, base_dir, data_dir, store.local)  # measured once, so every rank trains alike
     console.print(f"data-parallel training: {cfg.num_processes} processes on {'nccl' if cfg.use_gpu else 'gloo'}")
     proc, signalled = subprocess.Popen(cmd), []
 
@@ -41,7 +53,9 @@ def launch(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> 
         signal.signal(signal.SIGTERM, previous)
     if signalled:  # the workers saved a checkpoint together; exit as a single-process run would, for the retry
         raise SystemExit(128 + signal.SIGTERM)
-    metrics = Path(out_dir) / "train_metrics.json"
-    if code != 0 or not metrics.exists():
-        raise RuntimeError(f"data-parallel training failed: torchrun exited with {code} (see the workers' output above)")
-    return read_json(metrics)
+    out = TrainedAdapter(out_dir)
+    if code != 0 or not out.metrics_file.exists():
+        raise RuntimeError(
+            f"data-parallel training failed: torchrun exited with {code} (see the workers' output above)"
+        )
+    return out.metrics()

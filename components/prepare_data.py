@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from components.artifacts import PreparedData, record_config
 from components.config import DEMO_DATA, DataSection
 from components.datafiles import DataError, RowProblem, read_rows
 from components.jsonl import write_jsonl
-from components.prompt_contract import CONTRACT_FILE, label_prefix, make_contract
-from components.util import record_config, console, file_sha256, heading, text_sha256, tree_sha256, write_json
+from components.prompt_contract import label_prefix, make_contract
+from components.util import console, file_sha256, heading, text_sha256, tree_sha256, write_json
 
 LABEL_FIELDS = ("label", "category", "intent")
 
@@ -46,21 +47,26 @@ def detect_format(cfg: DataSection, columns: set[str], source: Path, row: int = 
     elif cfg.text_field in columns and label_field:
         fmt = "label"
     else:
-        raise DataError(f"{source}: cannot tell the format from columns {sorted(columns)}; "
-                        f"expected messages, instruction/output, or {cfg.text_field}/label")
+        raise DataError(
+            f"{source}: cannot tell the format from columns {sorted(columns)}; "
+            f"expected messages, instruction/output, or {cfg.text_field}/label"
+        )
     required = {"chat": ["messages"], "alpaca": ["instruction"], "label": [cfg.text_field, label_field or "label"]}
     missing = [c for c in required[fmt] if c not in columns]
     if fmt == "alpaca" and not ({"output", "instances"} & columns):
         missing.append("output")
     if missing:
-        raise DataError(f"{source}: row {row}: missing field(s) {missing} for format {fmt!r} (columns: {sorted(columns)})")
+        raise DataError(
+            f"{source}: row {row}: missing field(s) {missing} for format {fmt!r} (columns: {sorted(columns)})"
+        )
     return fmt, label_field
 
 
 def load_labels(cfg: DataSection, source: Path) -> list[str] | None:
     if cfg.labels:
         return list(cfg.labels)
-    candidates = [Path(cfg.labels_file)] if cfg.labels_file else [source.parent / n for n in ("labels.json", "categories.json")]
+    beside = (PreparedData.labels_file, "categories.json")  # as prepare_data and demo-data write it, or BANKING77's
+    candidates = [Path(cfg.labels_file)] if cfg.labels_file else [source.parent / n for n in beside]
     for path in candidates:
         if path.is_file():
             labels = json.loads(path.read_text())
@@ -144,15 +150,20 @@ def render(tok, prompt_msgs: list, answer: str) -> tuple[str, str]:
     full = tok.apply_chat_template(prompt_msgs + [{"role": "assistant", "content": answer}], tokenize=False)
     if not full.startswith(prompt):
         raise DataError("the chat template does not extend the prompt with the answer; cannot mask the prompt")
-    completion = full[len(prompt):]
+    completion = full[len(prompt) :]
     cut = completion.rfind(tok.eos_token)
     return prompt, completion[: cut + len(tok.eos_token)] if cut >= 0 else completion + tok.eos_token
 
 
 def _stats(values: list[int]) -> dict:
     arr = np.asarray(values or [0])
-    return {"min": int(arr.min()), "mean": round(float(arr.mean()), 2), "p50": int(np.percentile(arr, 50)),
-            "p95": int(np.percentile(arr, 95)), "max": int(arr.max())}
+    return {
+        "min": int(arr.min()),
+        "mean": round(float(arr.mean()), 2),
+        "p50": int(np.percentile(arr, 50)),
+        "p95": int(np.percentile(arr, 95)),
+        "max": int(arr.max()),
+    }
 
 
 def collect(cfg: DataSection, source: Path, tok) -> tuple[list[dict], list[dict], dict]:
@@ -210,8 +221,8 @@ def split(examples: list[dict], cfg: DataSection) -> tuple[list[dict], list[dict
     n_eval = min(cfg.max_eval_examples, max(1, round(cfg.eval_fraction * len(examples))))
     n_val = min(cfg.val_examples, max(0, len(examples) - n_eval - 1))
     eval_set = [examples[i] for i in sorted(order[:n_eval])]
-    val = [examples[i] for i in sorted(order[n_eval:n_eval + n_val])]
-    train = [examples[i] for i in sorted(order[n_eval + n_val:])]
+    val = [examples[i] for i in sorted(order[n_eval : n_eval + n_val])]
+    train = [examples[i] for i in sorted(order[n_eval + n_val :])]
     if cfg.max_train_examples:
         train = train[: cfg.max_train_examples]
     return train, eval_set, val
@@ -224,6 +235,7 @@ def run(cfg: DataSection, base_dir: Path, out_dir: Path) -> dict:
 
     heading("prepare data")
     out_dir = Path(out_dir)
+    out = PreparedData(out_dir)
     record_config(out_dir, "prepare_data", cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = resolve_source(cfg, out_dir)
@@ -231,42 +243,69 @@ def run(cfg: DataSection, base_dir: Path, out_dir: Path) -> dict:
     with stage_run("prepare_data", cfg.model_dump()) as tracker:
         kept, rejects, info = collect(cfg, source, tok)
         examples = tokenize_and_filter(kept, rejects, cfg, tok, source)
-        write_jsonl(out_dir / "rejects.jsonl", rejects)
+        write_jsonl(out.rejects_file, rejects)
         reasons = Counter(r["kind"] for r in rejects)
         if len(examples) < 2:  # the counts still go out, so the user sees what was rejected and why
-            write_json(out_dir / "stats.json", {"source": str(source), "rows_read": info["rows_read"],
-                                                "examples": len(examples), "rejected": len(rejects),
-                                                "reject_reasons": dict(reasons)})
-            raise DataError(f"{source}: nothing usable: {info['rows_read']} rows read, {len(examples)} kept, "
-                            f"{len(rejects)} rejected ({dict(reasons)}); see {out_dir / 'rejects.jsonl'}")
+            write_json(
+                out.stats_file,
+                {
+                    "source": str(source),
+                    "rows_read": info["rows_read"],
+                    "examples": len(examples),
+                    "rejected": len(rejects),
+                    "reject_reasons": dict(reasons),
+                },
+            )
+            raise DataError(
+                f"{source}: nothing usable: {info['rows_read']} rows read, {len(examples)} kept, "
+                f"{len(rejects)} rejected ({dict(reasons)}); see {out.rejects_file}"
+            )
         train, eval_set, val = split(examples, cfg)
-        write_jsonl(out_dir / "train.jsonl", train)
-        write_jsonl(out_dir / "eval.jsonl", eval_set)
+        write_jsonl(out.train_file, train)
+        write_jsonl(out.eval_file, eval_set)
         if val:
-            write_jsonl(out_dir / "val.jsonl", val)
+            write_jsonl(out.val_file, val)
         if info["labels"]:
-            write_json(out_dir / "labels.json", info["labels"])
+            write_json(out.labels_file, info["labels"])
         prefix = label_prefix(info["labels"] or [], lists_labels(cfg, info["labels"]), cfg.label_instruction)
-        write_json(out_dir / CONTRACT_FILE, make_contract(info["format"], cfg.system_prompt,
-                                                          prefix if info["format"] == "label" else "", info["labels"]))
+        write_json(
+            out.contract_file,
+            make_contract(
+                info["format"], cfg.system_prompt, prefix if info["format"] == "label" else "", info["labels"]
+            ),
+        )
         stats = {
-            "source": str(source), "source_sha256": file_sha256(source) if source.is_file() else tree_sha256(source),
-            "format": info["format"], "rows_read": info["rows_read"], "examples": len(examples),
-            "rejected": len(rejects), "reject_reasons": dict(reasons), "train": len(train), "eval": len(eval_set),
-            "validation": len(val), "label_list_in_prompt": lists_labels(cfg, info["labels"]),
+            "source": str(source),
+            "source_sha256": file_sha256(source) if source.is_file() else tree_sha256(source),
+            "format": info["format"],
+            "rows_read": info["rows_read"],
+            "examples": len(examples),
+            "rejected": len(rejects),
+            "reject_reasons": dict(reasons),
+            "train": len(train),
+            "eval": len(eval_set),
+            "validation": len(val),
+            "label_list_in_prompt": lists_labels(cfg, info["labels"]),
             "rows_kept": len({e["row"] for e in examples}),  # an Alpaca row with several instances is one row
             "num_labels": len(info["labels"] or []),
             "prompt_tokens": _stats([e["prompt_tokens"] for e in examples]),
             "completion_tokens": _stats([e["completion_tokens"] for e in examples]),
             "total_tokens": _stats([e["prompt_tokens"] + e["completion_tokens"] for e in examples]),
         }
-        stats["prepared_sha256"] = text_sha256("".join(file_sha256(out_dir / f"{name}.jsonl")
-                                                       for name in ("train", "eval", "val") if (out_dir / f"{name}.jsonl").exists()))
-        write_json(out_dir / "stats.json", stats)
+        splits = (out.train_file, out.eval_file, out.val_file)
+        stats["prepared_sha256"] = text_sha256("".join(file_sha256(path) for path in splits if path.exists()))
+        write_json(out.stats_file, stats)
         tracker.log_stats(stats, prefix="data")
-        tracker.set_tags({"data.source_sha256": stats["source_sha256"], "data.prepared_sha256": stats["prepared_sha256"],
-                          "data.format": stats["format"]})
-        tracker.log_artifact(out_dir / "rejects.jsonl")
-    console.print(f"{stats['rows_read']} rows → {len(train)} train, {len(eval_set)} eval, {len(rejects)} rejected "
-                  f"{dict(reasons) or ''}")
+        tracker.set_tags(
+            {
+                "data.source_sha256": stats["source_sha256"],
+                "data.prepared_sha256": stats["prepared_sha256"],
+                "data.format": stats["format"],
+            }
+        )
+        tracker.log_artifact(out.rejects_file)
+    console.print(
+        f"{stats['rows_read']} rows → {len(train)} train, {len(eval_set)} eval, {len(rejects)} rejected "
+        f"{dict(reasons) or ''}"
+    )
     return stats

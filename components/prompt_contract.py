@@ -26,8 +26,13 @@ def label_prefix(labels: list[str], with_list: bool, instruction: str) -> str:
 
 
 def make_contract(fmt: str, system_prompt: str, user_prefix: str, labels: list[str] | None) -> dict:
-    return {"format": fmt, "system_prompt": system_prompt, "user_prefix": user_prefix, "labels": labels or [],
-            "answer_format": ANSWER_FORMATS["label" if fmt == "label" else "text"]}
+    return {
+        "format": fmt,
+        "system_prompt": system_prompt,
+        "user_prefix": user_prefix,
+        "labels": labels or [],
+        "answer_format": ANSWER_FORMATS["label" if fmt == "label" else "text"],
+    }
 
 
 def read_contract(directory: Path) -> dict | None:
@@ -60,11 +65,11 @@ def wrap_template(template: str, contract: dict) -> str:
         "{%- for message in messages -%}\n"
         "{%- if llmops_prefix and message['role'] == 'user' and message['content'] is string"
         " and message['content'][:llmops_prefix | length] != llmops_prefix -%}\n"
-        "{%- set llmops.messages = llmops.messages + [{'role': 'user', 'content': llmops_prefix ~ message['content']}] -%}\n"
+        "{%- set llmops.messages = llmops.messages"
+        " + [{'role': 'user', 'content': llmops_prefix ~ message['content']}] -%}\n"
         "{%- else -%}\n"
         "{%- set llmops.messages = llmops.messages + [message] -%}\n"
         "{%- endif -%}\n"
         "{%- endfor -%}\n"
-        "{%- set messages = llmops.messages -%}\n"
-        + template
+        "{%- set messages = llmops.messages -%}\n" + template
     )

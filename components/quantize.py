@@ -8,11 +8,11 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+from components.artifacts import PreparedData, QuantizeReport, record_config
 from components.config import EvalSection, QuantizeSection
 from components.inference import TGI_FLAG, VARIANT_OF_FLAG, bnb_config, load_model, load_tokenizer
-from components.scoring import evaluate_model
-from components.jsonl import read_jsonl
-from components.util import record_config, console, dir_size, heading, quiet_libraries, read_json, write_json
+from components.scoring import score_model
+from components.util import console, dir_size, heading, quiet_libraries, write_json
 
 SMALLEST_FIRST = ("nf4", "int8")
 
@@ -20,21 +20,28 @@ SMALLEST_FIRST = ("nf4", "int8")
 def deltas(reference: dict, candidate: dict) -> dict:
     # label tasks compare label accuracy: a free answer's formatting is not what quantization should be judged on
     metric = "label_accuracy" if "label_accuracy" in reference and "label_accuracy" in candidate else "exact_match"
-    return {"accuracy_drop": reference[metric] - candidate[metric], "accuracy_metric": metric,
-            "perplexity_increase": candidate["perplexity"] / reference["perplexity"] - 1.0}
+    return {
+        "accuracy_drop": reference[metric] - candidate[metric],
+        "accuracy_metric": metric,
+        "perplexity_increase": candidate["perplexity"] / reference["perplexity"] - 1.0,
+    }
 
 
 def recommend(results: dict, cfg: QuantizeSection) -> str:
     """The smallest variant within both thresholds; "none" serves the 16-bit model as is."""
     for variant in SMALLEST_FIRST:
         d = results.get(variant, {}).get("delta")
-        if d and d["accuracy_drop"] <= cfg.max_accuracy_drop and d["perplexity_increase"] <= cfg.max_perplexity_increase:
+        if (
+            d
+            and d["accuracy_drop"] <= cfg.max_accuracy_drop
+            and d["perplexity_increase"] <= cfg.max_perplexity_increase
+        ):
             return TGI_FLAG[variant]
     return "none"
 
 
 def _measure(model, tok, examples, labels, name: str) -> dict:
-    metrics, _ = evaluate_model(model, tok, examples, EvalSection(), labels, name)
+    metrics = score_model(model, tok, examples, EvalSection(), labels, name).metrics
     keep = {k: metrics[k] for k in ("exact_match", "perplexity", "loss", "label_accuracy") if k in metrics}
     keep["memory_bytes"] = model.get_memory_footprint()
     return keep
@@ -47,8 +54,8 @@ def run(cfg: QuantizeSection, merged_dir: Path, data_dir: Path, out_dir: Path) -
     heading("quantize")
     out_dir = Path(out_dir)
     record_config(out_dir, "quantize", cfg)
-    examples = read_jsonl(Path(data_dir) / "eval.jsonl")[: cfg.eval_examples]  # None: the whole eval split
-    labels = read_json(Path(data_dir) / "labels.json") if (Path(data_dir) / "labels.json").exists() else None
+    data = PreparedData(data_dir)
+    examples, labels = data.examples("eval")[: cfg.eval_examples], data.labels()  # None: the whole eval split
     tok = load_tokenizer(merged_dir)
     with stage_run("quantize", cfg.model_dump()) as tracker:
         results = {"merged": _measure(load_model(merged_dir), tok, examples, labels, "merged")}
@@ -64,15 +71,25 @@ def run(cfg: QuantizeSection, merged_dir: Path, data_dir: Path, out_dir: Path) -
         flag = recommend(results, cfg)
         # What will serve: the merge under the recommended flag. The gate and the version's headline judge it.
         served = {**results[VARIANT_OF_FLAG.get(flag, "merged")], "quantize": flag, "examples": len(examples)}
-        report = {"results": results, "recommended_quantize": flag, "served": served, "examples": len(examples),
-                  "thresholds": {"max_accuracy_drop": cfg.max_accuracy_drop,
-                                 "max_perplexity_increase": cfg.max_perplexity_increase}}
-        write_json(out_dir / "quantize_report.json", report)
-        tracker.log_metrics({f"quantize.{name}.{k}": v for name, r in results.items()
-                             for k, v in r.items() if not isinstance(v, dict)})
+        report = {
+            "results": results,
+            "recommended_quantize": flag,
+            "served": served,
+            "examples": len(examples),
+            "thresholds": {
+                "max_accuracy_drop": cfg.max_accuracy_drop,
+                "max_perplexity_increase": cfg.max_perplexity_increase,
+            },
+        }
+        write_json(QuantizeReport(out_dir).report_file, report)
+        tracker.log_metrics(
+            {f"quantize.{name}.{k}": v for name, r in results.items() for k, v in r.items() if not isinstance(v, dict)}
+        )
         tracker.set_tags({"recommended_quantize": report["recommended_quantize"]})
     for name, r in results.items():
-        console.print(f"{name:>6}: {r['disk_bytes'] / 1e6:7.1f} MB on disk, {r['memory_bytes'] / 1e6:7.1f} MB in memory, "
-                      f"exact match {r['exact_match']:.3f}, perplexity {r['perplexity']:.3f}")
+        console.print(
+            f"{name:>6}: {r['disk_bytes'] / 1e6:7.1f} MB on disk, {r['memory_bytes'] / 1e6:7.1f} MB in memory, "
+            f"exact match {r['exact_match']:.3f}, perplexity {r['perplexity']:.3f}"
+        )
     console.print(f"recommended TGI --quantize: {report['recommended_quantize']}")
     return report

@@ -14,11 +14,26 @@ import os
 import subprocess
 from pathlib import Path
 
+from components.artifacts import (
+    REGISTRATION_SUMMARY,
+    BaseModelDir,
+    EvalReport,
+    MergedModel,
+    Output,
+    PreparedData,
+    QuantizeReport,
+    TrainedAdapter,
+)
 from components.config import RegisterSection
-from components.logged_model import (ADAPTER_MODEL_TAG, is_logged_model_whole, log_adapter_model, log_chat_model,
-                                     log_datasets)
-from components.tracking import EXPERIMENT_ENV, configure_retries, flatten, numeric, safe_names
+from components.logged_model import (
+    ADAPTER_MODEL_TAG,
+    is_logged_model_whole,
+    log_adapter_model,
+    log_chat_model,
+    log_datasets,
+)
 from components.prompt_contract import read_contract
+from components.tracking import EXPERIMENT_ENV, configure_retries, flatten, numeric, safe_names
 from components.util import console, heading, read_json, text_sha256
 from components.weights_manifest import MANIFEST_TAG
 
@@ -30,8 +45,14 @@ def git_commit() -> str:
     if os.environ.get("LLMOPS_GIT_COMMIT"):
         return os.environ["LLMOPS_GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -49,45 +70,67 @@ def contract_tags(model_dir: Path) -> dict:
     contract = read_contract(model_dir)
     if contract is None:
         return {}
-    return {"prompt.system_prompt": contract["system_prompt"], "prompt.user_prefix": contract["user_prefix"],
-            "prompt.answer_format": contract["answer_format"], "prompt.labels": str(len(contract["labels"]))}
+    return {
+        "prompt.system_prompt": contract["system_prompt"],
+        "prompt.user_prefix": contract["user_prefix"],
+        "prompt.answer_format": contract["answer_format"],
+        "prompt.labels": str(len(contract["labels"])),
+    }
 
 
 def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
     """(tags, metrics) describing where the version came from and how good it is."""
-    base = read_json(paths["base"] / "llmops_base.json")
-    data = read_json(paths["data"] / "stats.json")
-    train = read_json(paths["train"] / "train_metrics.json")
-    evald = read_json(paths["eval"] / "eval_report.json")
-    quant = read_json(paths["quantize"] / "quantize_report.json")
-    merge = read_json(paths["merged"] / "merge_report.json")
-    configs = [read_json(p / "stage_config.json") for p in paths.values() if (p / "stage_config.json").exists()]
+    base = BaseModelDir(paths["base"]).info()
+    data = PreparedData(paths["data"]).stats()
+    train = TrainedAdapter(paths["train"]).metrics()
+    evald = EvalReport(paths["eval"]).report()
+    quant = QuantizeReport(paths["quantize"]).report()
+    merge = MergedModel(paths["merged"]).report()
+    configs = [c for c in (Output(p).stage_config() for p in paths.values()) if c]
     tags = {
-        "base_model": base["source"], "base_model_sha256": base["weights_sha256"],
-        "dataset_sha256": data["source_sha256"], "prepared_dataset_sha256": data["prepared_sha256"],
+        "base_model": base["source"],
+        "base_model_sha256": base["weights_sha256"],
+        "dataset_sha256": data["source_sha256"],
+        "prepared_dataset_sha256": data["prepared_sha256"],
         "config_sha256": text_sha256(repr(sorted((c["stage"], c["config"]) for c in configs))),
-        "git_commit": git_commit(), PIPELINE_RUN_TAG: pipeline_run,
+        "git_commit": git_commit(),
+        PIPELINE_RUN_TAG: pipeline_run,
         "recommended_quantize": quant["recommended_quantize"],
-        "chat_template_sha256": chat_template_hash(paths["merged"] / "model"),
+        "chat_template_sha256": chat_template_hash(MergedModel(paths["merged"]).model_dir),
         "task_format": data["format"],
-        **contract_tags(paths["merged"] / "model"),
+        **contract_tags(MergedModel(paths["merged"]).model_dir),
     }
     served = quant["served"]
     metrics = {
         **{f"eval.base.{k}": evald["base"][k] for k in HEADLINE if k in evald["base"]},
         **{f"eval.adapter.{k}": evald["tuned"][k] for k in HEADLINE if k in evald["tuned"]},
         **{f"eval.tuned.{k}": served[k] for k in HEADLINE if k in served},  # what serves: merged, under the flag
-        "eval.tuned.examples": served["examples"], "eval.base.examples": evald["base"]["n"],
-        "merge.parity": merge["parity"], "train.steps": train["steps"], "train.loss": train["train_loss"],
-        "data.rejected": data["rejected"], "data.train": data["train"], "data.eval": data["eval"],
+        "eval.tuned.examples": served["examples"],
+        "eval.base.examples": evald["base"]["n"],
+        "merge.parity": merge["parity"],
+        "train.steps": train["steps"],
+        "train.loss": train["train_loss"],
+        "data.rejected": data["rejected"],
+        "data.train": data["train"],
+        "data.eval": data["eval"],
     }
     tags.update({k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in metrics.items()})
     return tags, metrics
 
 
 # A version without these is useless downstream (gate, deployer, lineage), so it never counts as registered.
-REQUIRED_TAGS = ("base_model", "base_model_sha256", "dataset_sha256", "prepared_dataset_sha256", "config_sha256",
-                 "git_commit", PIPELINE_RUN_TAG, "recommended_quantize", "chat_template_sha256", MANIFEST_TAG)
+REQUIRED_TAGS = (
+    "base_model",
+    "base_model_sha256",
+    "dataset_sha256",
+    "prepared_dataset_sha256",
+    "config_sha256",
+    "git_commit",
+    PIPELINE_RUN_TAG,
+    "recommended_quantize",
+    "chat_template_sha256",
+    MANIFEST_TAG,
+)
 
 
 def is_complete(client, version) -> bool:
@@ -102,7 +145,7 @@ def versions_of_run(client, name: str, pipeline_run: str) -> list:
     return sorted(found, key=lambda v: int(v.version))
 
 
-def settle(client, name: str, pipeline_run: str):
+def keep_one_complete_version(client, name: str, pipeline_run: str):
     """The one complete version of this pipeline run, or None; every other version of the run is deleted.
 
     Others come from a create request that the server committed but whose response was lost (the client
@@ -113,8 +156,11 @@ def settle(client, name: str, pipeline_run: str):
         if keep is None and is_complete(client, version):
             keep = version
         else:
-            console.print(f"deleting version {version.version} of {name}: "
-                          + ("a duplicate" if keep else "incomplete") + f" for pipeline run {pipeline_run}")
+            console.print(
+                f"deleting version {version.version} of {name}: "
+                + ("a duplicate" if keep else "incomplete")
+                + f" for pipeline run {pipeline_run}"
+            )
             client.delete_model_version(name, version.version)
     return keep
 
@@ -137,10 +183,17 @@ def log_run_contents(paths: dict[str, Path], metrics: dict, params: dict[str, st
 
     mlflow.log_metrics(safe_names(metrics)[0])
     mlflow.log_params(params)
-    mlflow.log_metrics(safe_names({f"data.{k}": v for k, v in numeric(read_json(paths["data"] / "stats.json")).items()})[0])
-    for report in (paths["eval"] / "eval_report.json", paths["quantize"] / "quantize_report.json",
-                   paths["merged"] / "merge_report.json", paths["data"] / "stats.json", paths["data"] / "rejects.jsonl",
-                   paths["train"] / "history.json", paths["eval"] / "confusion_tuned.png"):
+    data, evald = PreparedData(paths["data"]), EvalReport(paths["eval"])
+    mlflow.log_metrics(safe_names({f"data.{k}": v for k, v in numeric(data.stats()).items()})[0])
+    for report in (
+        evald.report_file,
+        QuantizeReport(paths["quantize"]).report_file,
+        MergedModel(paths["merged"]).report_file,
+        data.stats_file,
+        data.rejects_file,
+        TrainedAdapter(paths["train"]).history_file,
+        evald.confusion_plot_file,
+    ):
         if report.exists():
             mlflow.log_artifact(str(report), "reports")
 
@@ -149,8 +202,7 @@ def model_params(paths: dict[str, Path]) -> dict[str, str]:
     """Every stage's configuration, flattened: the LoggedModel's params."""
     params = {}
     for path in paths.values():
-        if (path / "stage_config.json").exists():
-            record = read_json(path / "stage_config.json")
+        if record := Output(path).stage_config():
             params.update({f"{record['stage']}.{k}": str(v)[:500] for k, v in flatten(record["config"]).items()})
     return safe_names(params)[0]
 
@@ -160,10 +212,11 @@ def log_models(paths: dict[str, Path], metrics: dict, params: dict[str, str], ru
     import mlflow
 
     _, eval_ds = log_datasets(paths["data"])
-    info, manifest_sha = log_chat_model(paths["merged"] / "model", params)
+    info, manifest_sha = log_chat_model(MergedModel(paths["merged"]).model_dir, params)
     mlflow.log_metrics(safe_names(metrics)[0], model_id=info.model_id, dataset=eval_ds)
-    adapter_id = log_adapter_model(paths["train"], run.info.run_id, run.info.experiment_id,
-                                   read_json(paths["base"] / "llmops_base.json")["weights_sha256"])
+    adapter_id = log_adapter_model(
+        paths["train"], run.info.run_id, run.info.experiment_id, BaseModelDir(paths["base"]).info()["weights_sha256"]
+    )
     return {MANIFEST_TAG: manifest_sha, ADAPTER_MODEL_TAG: adapter_id, "llmops.model_id": info.model_id}
 
 
@@ -176,10 +229,16 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
     paths = {k: Path(v) for k, v in paths.items()}
     tags, metrics = lineage(paths, pipeline_run)
     client = MlflowClient()
-    if found := settle(client, cfg.model_name, pipeline_run):
+    if found := keep_one_complete_version(client, cfg.model_name, pipeline_run):
         console.print(f"version {found.version} of {cfg.model_name} already holds pipeline run {pipeline_run}")
-        return {"name": cfg.model_name, "version": found.version, "run_id": found.run_id, "reused": True,
-                "quantize": tags["recommended_quantize"], **metrics}
+        return {
+            "name": cfg.model_name,
+            "version": found.version,
+            "run_id": found.run_id,
+            "reused": True,
+            "quantize": tags["recommended_quantize"],
+            **metrics,
+        }
     mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, cfg.experiment))
     with mlflow.start_run(run_name=f"finetune {pipeline_run}", tags={"llmops.stage": "register", **tags}) as run:
         params = model_params(paths)  # the run's params and the LoggedModel's are the same configuration
@@ -189,25 +248,33 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
         # Created last, tags in the same request: a version never exists without its files or lineage.
         model_id = tags["llmops.model_id"]
         client.create_model_version(
-            cfg.model_name, source=f"models:/{model_id}", run_id=run.info.run_id, tags=tags, model_id=model_id,
+            cfg.model_name,
+            source=f"models:/{model_id}",
+            run_id=run.info.run_id,
+            tags=tags,
+            model_id=model_id,
             description=f"base {tags['base_model']}; served exact match {metrics['eval.tuned.exact_match']:.3f} "
-                        f"under --quantize {tags['recommended_quantize']} (base {metrics['eval.base.exact_match']:.3f})")
-        version = settle(client, cfg.model_name, pipeline_run)
+            f"under --quantize {tags['recommended_quantize']} (base {metrics['eval.base.exact_match']:.3f})",
+        )
+        version = keep_one_complete_version(client, cfg.model_name, pipeline_run)
         if version is None:
             raise RuntimeError(f"the new version of {cfg.model_name} for {pipeline_run} is incomplete; deleted it")
     console.print(f"registered {cfg.model_name} version {version.version} (run {run.info.run_id})")
-    return {"name": cfg.model_name, "version": version.version, "run_id": run.info.run_id, "reused": False,
-            "quantize": tags["recommended_quantize"], **metrics}
-
-
-SUMMARY_FILE = "registration.json"
+    return {
+        "name": cfg.model_name,
+        "version": version.version,
+        "run_id": run.info.run_id,
+        "reused": False,
+        "quantize": tags["recommended_quantize"],
+        **metrics,
+    }
 
 
 def record_summary(summary: dict) -> None:
     """Kept with the register run, so the pipeline's exit task can hand it back as the pipeline output."""
     from mlflow import MlflowClient
 
-    MlflowClient().log_dict(summary["run_id"], summary, SUMMARY_FILE)
+    MlflowClient().log_dict(summary["run_id"], summary, REGISTRATION_SUMMARY)
 
 
 def finalize(cfg: RegisterSection, pipeline_run: str, state: str) -> dict:
@@ -215,7 +282,8 @@ def finalize(cfg: RegisterSection, pipeline_run: str, state: str) -> dict:
 
     Runs tagged with this pipeline run (the registration runs) still RUNNING are marked FAILED: a register
     step killed outright never ends its run, and a retried create may leave an orphan behind. Versions of
-    it that are incomplete or duplicated are deleted (settle). Returns the registration summary, if any.
+    it that are incomplete or duplicated are deleted (keep_one_complete_version). Returns the registration
+    summary, if any.
     The model stages' own runs are not tagged with the pipeline run and are left as they are.
     """
     import mlflow
@@ -224,19 +292,30 @@ def finalize(cfg: RegisterSection, pipeline_run: str, state: str) -> dict:
     configure_retries()
     client = MlflowClient()
     experiment = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, cfg.experiment))
-    open_runs = [] if experiment is None else client.search_runs(
-        [experiment.experiment_id], f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run}' and attributes.status = 'RUNNING'")
+    open_runs = (
+        []
+        if experiment is None
+        else client.search_runs(
+            [experiment.experiment_id],
+            f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run}' and attributes.status = 'RUNNING'",
+        )
+    )
     for stale in open_runs:
         client.set_terminated(stale.info.run_id, "FAILED")
-    version = settle(client, cfg.model_name, pipeline_run)
+    version = keep_one_complete_version(client, cfg.model_name, pipeline_run)
     summary = {"state": state, "failed_runs": [r.info.run_id for r in open_runs]}
     if version is not None:
-        summary.update(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/{SUMMARY_FILE}") if state == "SUCCEEDED"
-                       else {"name": cfg.model_name, "version": version.version, "run_id": version.run_id})
+        summary.update(
+            mlflow.artifacts.load_dict(f"runs:/{version.run_id}/{REGISTRATION_SUMMARY}")
+            if state == "SUCCEEDED"
+            else {"name": cfg.model_name, "version": version.version, "run_id": version.run_id}
+        )
         current = client.get_model_version(cfg.model_name, version.version)  # a search leaves aliases out
         if verdict := current.tags.get("gate.verdict"):
             aliases = ", ".join(current.aliases) or "no alias"
             summary["gate"] = f"{verdict} ({current.tags.get('gate.reason', '')}); {aliases}"
-    console.print(f"pipeline run {pipeline_run} {state}: {len(open_runs)} open MLflow run(s) marked FAILED"
-                  + (f"; version {version.version} of {cfg.model_name}" if version else "; no version registered"))
+    console.print(
+        f"pipeline run {pipeline_run} {state}: {len(open_runs)} open MLflow run(s) marked FAILED"
+        + (f"; version {version.version} of {cfg.model_name}" if version else "; no version registered")
+    )
     return summary

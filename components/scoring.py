@@ -7,9 +7,10 @@ gate its champion with the same function, so every stage's numbers mean the same
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from components.config import EvalSection
-from components.inference import generate, normalize, response_nll
+from components.inference import LabelTrie, generate, normalize, predict_labels, response_nll
 
 INVALID = "<invalid>"
 
@@ -24,44 +25,56 @@ def score(predictions: list[str], answers: list[str], labels: list[str] | None) 
         pred = [by_norm.get(normalize(p), INVALID) for p in predictions]
         cats = list(labels) + [INVALID]
         prec, rec, f1, support = precision_recall_fscore_support(answers, pred, labels=list(labels), zero_division=0)
-        result["per_class"] = {lab: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                               for lab, p, r, f, s in zip(labels, prec, rec, f1, support)}
+        result["per_class"] = {
+            lab: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for lab, p, r, f, s in zip(labels, prec, rec, f1, support)
+        }
         result["macro_f1"] = float(sum(f1) / len(f1))
         result["invalid_rate"] = pred.count(INVALID) / max(len(pred), 1)
         result["confusion"] = {"categories": cats, "matrix": confusion_matrix(answers, pred, labels=cats).tolist()}
     return result
 
 
+def accuracy(predictions: list[str], answers: list[str]) -> float:
+    return sum(p == a for p, a in zip(predictions, answers)) / max(len(answers), 1)
+
+
 def constrained_metrics(model, tok, examples: list[dict], free: list[str], labels: list[str], batch_size: int) -> dict:
     """Accuracy when decoding may only produce a label, next to free generation's exact match."""
-    from components import labels as label_scoring
-
     answers = [e["answer"] for e in examples]
-    constrained = label_scoring.predict(model, tok, [e["prompt"] for e in examples], labels, batch_size)
+    constrained = predict_labels(model, tok, [e["prompt"] for e in examples], LabelTrie(tok, labels), batch_size)
     by_norm = {normalize(lab): lab for lab in labels}
     valid = [(by_norm[normalize(f)], c) for f, c in zip(free, constrained) if normalize(f) in by_norm]
-    return {"label_accuracy": label_scoring.accuracy(constrained, answers),
-            "agreement_where_valid": sum(f == c for f, c in valid) / len(valid) if valid else None,
-            "constrained_predictions": constrained}
+    return {
+        "label_accuracy": accuracy(constrained, answers),
+        "agreement_where_valid": sum(f == c for f, c in valid) / len(valid) if valid else None,
+        "constrained": constrained,
+    }
 
 
-def evaluate_model(model, tok, examples: list[dict], cfg: EvalSection, labels: list[str] | None, name: str) -> tuple[dict, list[str]]:
-    """(metrics, free predictions); label tasks also get label_accuracy from constrained decoding."""
-    metrics, preds = evaluate_in_detail(model, tok, examples, cfg, labels, name)
-    metrics.pop("constrained_predictions", None)
-    return metrics, preds
+@dataclass
+class Scored:
+    """A model's metrics on some examples, with the predictions behind them."""
+
+    metrics: dict
+    predictions: list[str]  # free greedy generation
+    constrained: list[str] | None  # label tasks: decoding constrained to the label set
 
 
-def evaluate_in_detail(model, tok, examples: list[dict], cfg: EvalSection, labels: list[str] | None, name: str) -> tuple[dict, list[str]]:
+def score_model(model, tok, examples: list[dict], cfg: EvalSection, labels: list[str] | None, name: str) -> Scored:
+    """Exact match (and per-class metrics) of free generation; label tasks add constrained label accuracy;
+    every task gets the response loss and perplexity."""
     max_new = cfg.max_new_tokens
     if labels:  # a label is all we want back: stop paying for tokens past the longest one
         max_new = min(max_new, max(len(tok(lab, add_special_tokens=False)["input_ids"]) for lab in labels) + 2)
-    preds = generate(model, tok, [e["prompt"] for e in examples], max_new, cfg.batch_size, label=f"eval {name}")
-    answers = [e["answer"] for e in examples]
-    metrics = score(preds, answers, labels)
+    preds = generate(model, tok, [e["prompt"] for e in examples], max_new, cfg.batch_size, progress=f"eval {name}")
+    metrics = score(preds, [e["answer"] for e in examples], labels)
+    constrained = None
     if labels:
-        metrics.update(constrained_metrics(model, tok, examples, preds, labels, cfg.batch_size))
+        extra = constrained_metrics(model, tok, examples, preds, labels, cfg.batch_size)
+        constrained = extra.pop("constrained")
+        metrics.update(extra)
     nll, count = response_nll(model, tok, examples, cfg.batch_size)
     metrics["loss"] = nll / max(count, 1)
     metrics["perplexity"] = math.exp(min(metrics["loss"], 50))
-    return metrics, preds
+    return Scored(metrics, preds, constrained)

@@ -49,8 +49,10 @@ def client():
 def parse_uri(uri: str) -> tuple[str, str]:
     match = _URI.fullmatch(str(uri).strip())
     if not match:
-        raise ValueError(f"not an S3 URI: {uri!r}; expected s3://bucket/prefix (bucket: 3-63 lowercase "
-                         "letters, digits, dots or hyphens)")
+        raise ValueError(
+            f"not an S3 URI: {uri!r}; expected s3://bucket/prefix (bucket: 3-63 lowercase "
+            "letters, digits, dots or hyphens)"
+        )
     return match["bucket"], (match["prefix"] or "").strip("/")
 
 
@@ -73,8 +75,10 @@ def _errors(uri: str):
         code = str(cause.response.get("Error", {}).get("Code", ""))
         status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in DENIED or status == 403:
-            raise PermissionError(f"access to {uri} denied ({code or status}): check AWS_ACCESS_KEY_ID/"
-                                  "AWS_SECRET_ACCESS_KEY and the bucket policy") from err
+            raise PermissionError(
+                f"access to {uri} denied ({code or status}): check AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY and the bucket policy"
+            ) from err
         if code in MISSING or status == 404:
             raise FileNotFoundError(f"{uri} does not exist ({code or status})") from err
         raise
@@ -122,8 +126,12 @@ def upload_dir(local_dir: str | Path, uri: str, threshold: int = 64 * MIB, chunk
         for rel in manifest:
             s3.upload_file(str(root / rel), bucket, _join(prefix, rel), Config=config)
         # Written last: a crash mid-upload leaves no manifest, so nobody downloads a partial model.
-        s3.put_object(Bucket=bucket, Key=_join(prefix, MANIFEST), Body=json.dumps(manifest, indent=1).encode(),
-                      ContentType="application/json")
+        s3.put_object(
+            Bucket=bucket,
+            Key=_join(prefix, MANIFEST),
+            Body=json.dumps(manifest, indent=1).encode(),
+            ContentType="application/json",
+        )
     return manifest
 
 
@@ -135,8 +143,12 @@ def _remote_manifest(s3, bucket: str, prefix: str, uri: str) -> dict[str, dict]:
         with _errors(uri):
             count = len(_list(s3, bucket, prefix))
     # Refuse rather than guess: objects without a manifest may be an upload that died halfway.
-    raise FileNotFoundError(f"{uri} holds {count} objects but no {MANIFEST}: an unfinished upload, or one not "
-                            "made by components.storage.upload_dir" if count else f"nothing under {uri}")
+    raise FileNotFoundError(
+        f"{uri} holds {count} objects but no {MANIFEST}: an unfinished upload, or one not "
+        "made by components.storage.upload_dir"
+        if count
+        else f"nothing under {uri}"
+    )
 
 
 def _matches(local_dir: Path, manifest: dict[str, dict]) -> bool:
@@ -145,8 +157,9 @@ def _matches(local_dir: Path, manifest: dict[str, dict]) -> bool:
         same = json.loads((local_dir / MANIFEST).read_text()) == manifest
     except (OSError, ValueError):  # absent or half-written
         return False
-    return same and all((local_dir / rel).is_file() and (local_dir / rel).stat().st_size == m["size"]
-                        for rel, m in manifest.items())
+    return same and all(
+        (local_dir / rel).is_file() and (local_dir / rel).stat().st_size == m["size"] for rel, m in manifest.items()
+    )
 
 
 def _fetch(s3, bucket: str, key: str, dest: Path, expected: dict, uri: str, config: TransferConfig) -> None:
@@ -155,8 +168,10 @@ def _fetch(s3, bucket: str, key: str, dest: Path, expected: dict, uri: str, conf
         s3.download_file(bucket, key, str(dest), Config=config)
     size, digest = dest.stat().st_size, file_sha256(dest)
     if (size, digest) != (expected["size"], expected["sha256"]):
-        raise IntegrityError(f"{uri} failed verification: expected sha256 {expected['sha256']} ({expected['size']} "
-                             f"bytes), got {digest} ({size} bytes); it changed after upload or arrived corrupted")
+        raise IntegrityError(
+            f"{uri} failed verification: expected sha256 {expected['sha256']} ({expected['size']} "
+            f"bytes), got {digest} ({size} bytes); it changed after upload or arrived corrupted"
+        )
 
 
 def download_dir(uri: str, local_dir: str | Path, threshold: int = 64 * MIB, chunk: int = 64 * MIB) -> Path:

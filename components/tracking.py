@@ -20,8 +20,12 @@ EXPERIMENT_ENV = "LLMOPS_EXPERIMENT"
 # for the server's pod to be rescheduled or restarted. Bounded, so a server that stays down fails the
 # stage with a clear connection error that kfp's retry policy and the operator can see, instead of a
 # step that hangs on a dead endpoint. An explicit setting in the environment wins.
-RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-             "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1.0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"}
+RETRY_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1.0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "120",
+}
 
 
 def configure_retries() -> None:

@@ -63,8 +63,3 @@ def read_json(path: Path):
 
 def dir_size(root: Path) -> int:
     return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
-
-
-def record_config(out_dir: Path, stage: str, section) -> None:
-    """Keep the section that produced an artifact beside it; register hashes these for lineage."""
-    write_json(Path(out_dir) / "stage_config.json", {"stage": stage, "config": section.model_dump()})

@@ -11,9 +11,13 @@ import shutil
 import time
 from pathlib import Path
 
-from components import labels as label_scoring
-from components.checkpoints import BEST, VALIDATION, Durable, agreed
+from transformers import TrainerCallback
+
+from components.artifacts import TrainedAdapter
+from components.checkpoints import BEST, VALIDATION, CheckpointStore, any_rank
 from components.config import TrainSection
+from components.inference import LabelTrie, load_tokenizer, predict_labels
+from components.scoring import accuracy
 from components.util import console, read_json, write_json
 
 
@@ -38,89 +42,117 @@ def plot_curve(curve: list[dict], path: Path, target: float | None) -> Path:
     return path
 
 
-def make_callback(cfg: TrainSection, base_dir: Path, examples: list[dict], labels: list[str], durable: Durable,
-                  tracker, started: float):
-    """A TrainerCallback; its state (curve, best) lives in the checkpoint root, so a resumed run keeps it."""
-    from transformers import TrainerCallback
+class ValidateAndStop(TrainerCallback):
+    """Label accuracy on the validation slice every cfg.eval_every steps; the best adapter kept; the stop.
 
-    from components.inference import load_tokenizer
+    Its state (the curve, the best adapter) lives in the checkpoint store, so a resumed run keeps it.
+    """
 
-    gen_tok = load_tokenizer(base_dir)  # left padding: batched generation
-    trie = label_scoring.LabelTrie(gen_tok, labels)
-    prompts, answers = [e["prompt"] for e in examples], [e["answer"] for e in examples]
-    root = durable.local
-    state_file = root / VALIDATION
+    def __init__(
+        self,
+        cfg: TrainSection,
+        base_dir: Path,
+        examples: list[dict],
+        labels: list[str],
+        store: CheckpointStore,
+        tracker,
+        started: float,
+    ):
+        self.cfg, self.store, self.tracker, self.started = cfg, store, tracker, started
+        self.tok = load_tokenizer(base_dir)  # left padding: batched generation
+        self.trie = LabelTrie(self.tok, labels)
+        self.prompts, self.answers = [e["prompt"] for e in examples], [e["answer"] for e in examples]
+        self.state_file = store.local / VALIDATION
+        saved = read_json(self.state_file) if self.state_file.exists() else {}
+        self.curve: list[dict] = saved.get("curve", [])
+        self.best: dict | None = saved.get("best")
+        self.offset = self.curve[-1]["seconds"] if self.curve else 0.0  # wall-clock of earlier attempts
+        self.seconds_spent = 0.0  # validating, in this process: kept out of training's tokens/s
 
-    class Validate(TrainerCallback):
-        def __init__(self):
-            saved = read_json(state_file) if state_file.exists() else {}
-            self.curve: list[dict] = saved.get("curve", [])
-            self.best: dict | None = saved.get("best")
-            self.offset = self.curve[-1]["seconds"] if self.curve else 0.0  # wall-clock of earlier attempts
-            self.seconds_spent = 0.0  # validating, in this process: kept out of training's tokens/s
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        # resumed from a checkpoint older than the last validation: those steps are trained again
+        self.curve = [p for p in self.curve if p["step"] <= state.global_step]
+        if state.global_step == 0 and not self.curve:  # the base model's accuracy starts the curve
+            self._measure(model, state)
+            self._save_state(state)
 
-        def measure(self, model, state) -> float:
-            begun = time.perf_counter()
-            was_training = model.training
-            model.eval()
-            preds = label_scoring.predict(model, gen_tok, prompts, labels, cfg.batch_size * 2, trie)
-            model.train(was_training)
-            acc = label_scoring.accuracy(preds, answers)
-            point = {"step": state.global_step, "seconds": round(self.offset + time.perf_counter() - started, 2),
-                     "accuracy": acc, "tokens_seen": int(state.num_input_tokens_seen)}
-            self.curve.append(point)
-            tracker.log_metrics({"val.label_accuracy": acc, "val.minutes": point["seconds"] / 60}, step=state.global_step)
-            console.print(f"step {state.global_step}: validation accuracy {acc:.3f} at {point['seconds'] / 60:.1f} min")
-            self.seconds_spent += time.perf_counter() - begun
-            return acc
+    def on_step_end(self, args, state, control, model=None, **kw):
+        minutes = (self.offset + time.perf_counter() - self.started) / 60
+        out_of_time = any_rank(self.cfg.max_minutes is not None and minutes >= self.cfg.max_minutes, args.device)
+        due = state.global_step % self.cfg.eval_every == 0 or state.global_step >= state.max_steps
+        if not (due or out_of_time):
+            return
+        acc = self._measure(model, state)
+        if self.best is None or acc > self.best["accuracy"]:
+            self._keep_best(model, state, acc)
+        else:
+            self._save_state(state)
+        if self._should_stop(acc, out_of_time, state.global_step):  # never un-stops another callback's stop
+            control.should_training_stop = True
 
-        def on_train_begin(self, args, state, control, model=None, **kw):
-            # resumed from a checkpoint older than the last validation: those steps are trained again
-            self.curve = [p for p in self.curve if p["step"] <= state.global_step]
-            if state.global_step == 0 and not self.curve:  # the base model's accuracy starts the curve
-                self.measure(model, state)
-                self._save(state)
+    def _measure(self, model, state) -> float:
+        begun = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        predictions = predict_labels(model, self.tok, self.prompts, self.trie, self.cfg.batch_size * 2)
+        model.train(was_training)
+        acc = accuracy(predictions, self.answers)
+        point = {
+            "step": state.global_step,
+            "seconds": round(self.offset + time.perf_counter() - self.started, 2),
+            "accuracy": acc,
+            "tokens_seen": int(state.num_input_tokens_seen),
+        }
+        self.curve.append(point)
+        self.tracker.log_metrics(
+            {"val.label_accuracy": acc, "val.minutes": point["seconds"] / 60}, step=state.global_step
+        )
+        console.print(f"step {state.global_step}: validation accuracy {acc:.3f} at {point['seconds'] / 60:.1f} min")
+        self.seconds_spent += time.perf_counter() - begun
+        return acc
 
-        def on_step_end(self, args, state, control, model=None, **kw):
-            minutes = (self.offset + time.perf_counter() - started) / 60
-            out_of_time = agreed(cfg.max_minutes is not None and minutes >= cfg.max_minutes, args.device)
-            if state.global_step % cfg.eval_every and not out_of_time and state.global_step < state.max_steps:
-                return
-            acc = self.measure(model, state)
-            improved = self.best is None or acc > self.best["accuracy"]
-            if improved:
-                self.best = {"step": state.global_step, "accuracy": acc, "seconds": self.curve[-1]["seconds"],
-                             "dir": f"{BEST}-{state.global_step}"}
-                if state.is_world_process_zero:  # whole, here and on S3, before the record names it
-                    model.save_pretrained(root / self.best["dir"])
-                    durable.push(self.best["dir"])
-            self._save(state)
-            if improved and state.is_world_process_zero:
-                for old in root.glob(f"{BEST}-*"):
-                    if old.name != self.best["dir"]:
-                        shutil.rmtree(old, ignore_errors=True)
-            if cfg.target_accuracy is not None and acc >= cfg.target_accuracy:
-                console.print(f"target accuracy {cfg.target_accuracy:.2f} reached at step {state.global_step}: stopping")
-                control.should_training_stop = True
-            elif out_of_time:
-                console.print(f"train.max_minutes={cfg.max_minutes} reached at step {state.global_step}: stopping")
-                control.should_training_stop = True
+    def _keep_best(self, model, state, acc: float) -> None:
+        """The new best adapter is written whole (here and on S3) before the record names it; then the old goes."""
+        self.best = {
+            "step": state.global_step,
+            "accuracy": acc,
+            "seconds": self.curve[-1]["seconds"],
+            "dir": f"{BEST}-{state.global_step}",
+        }
+        if state.is_world_process_zero:
+            model.save_pretrained(self.store.local / self.best["dir"])
+            self.store.push(self.best["dir"])
+        self._save_state(state)
+        if state.is_world_process_zero:
+            for old in self.store.local.glob(f"{BEST}-*"):
+                if old.name != self.best["dir"]:
+                    shutil.rmtree(old, ignore_errors=True)
 
-        def _save(self, state):
-            if state.is_world_process_zero:
-                write_json(state_file, {"curve": self.curve, "best": self.best})
-                durable.push(VALIDATION)
+    def _save_state(self, state) -> None:
+        if state.is_world_process_zero:
+            write_json(self.state_file, {"curve": self.curve, "best": self.best})
+            self.store.push(VALIDATION)
 
-        def summary(self, out_dir: Path) -> dict:
-            write_json(out_dir / "validation_curve.json", self.curve)
-            plot = plot_curve(self.curve, out_dir / "accuracy_over_time.png", cfg.target_accuracy)
-            tracker.log_artifact(plot)
-            tracker.log_artifact(out_dir / "validation_curve.json")
-            reached = next((p for p in self.curve if cfg.target_accuracy and p["accuracy"] >= cfg.target_accuracy), None)
-            return {"val_best_accuracy": self.best["accuracy"] if self.best else None,
-                    "val_best_step": self.best["step"] if self.best else None,
-                    "val_first_accuracy": self.curve[0]["accuracy"] if self.curve else None,
-                    "val_seconds_to_target": reached["seconds"] if reached else None,
-                    "val_seconds_spent": self.seconds_spent}
+    def _should_stop(self, acc: float, out_of_time: bool, step: int) -> bool:
+        if self.cfg.target_accuracy is not None and acc >= self.cfg.target_accuracy:
+            console.print(f"target accuracy {self.cfg.target_accuracy:.2f} reached at step {step}: stopping")
+            return True
+        if out_of_time:
+            console.print(f"train.max_minutes={self.cfg.max_minutes} reached at step {step}: stopping")
+            return True
+        return False
 
-    return Validate()
+    def summary(self, out_dir: Path) -> dict:
+        out = TrainedAdapter(out_dir)
+        write_json(out.validation_curve_file, self.curve)
+        self.tracker.log_artifact(plot_curve(self.curve, out.accuracy_plot_file, self.cfg.target_accuracy))
+        self.tracker.log_artifact(out.validation_curve_file)
+        target = self.cfg.target_accuracy
+        reached = next((p for p in self.curve if target and p["accuracy"] >= target), None)
+        return {
+            "val_best_accuracy": self.best["accuracy"] if self.best else None,
+            "val_best_step": self.best["step"] if self.best else None,
+            "val_first_accuracy": self.curve[0]["accuracy"] if self.curve else None,
+            "val_seconds_to_target": reached["seconds"] if reached else None,
+            "val_seconds_spent": self.seconds_spent,
+        }

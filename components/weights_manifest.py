@@ -24,8 +24,11 @@ class VerificationError(RuntimeError):
 
 def build(model_dir: Path) -> dict:
     root = Path(model_dir)
-    files = {str(p.relative_to(root)): {"sha256": file_sha256(p), "size": p.stat().st_size}
-             for p in sorted(root.rglob("*")) if p.is_file()}
+    files = {
+        str(p.relative_to(root)): {"sha256": file_sha256(p), "size": p.stat().st_size}
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
     return {"files": files}
 
 
@@ -48,8 +51,10 @@ def verify(model_dir: Path, manifest_file: Path, expected_sha256: str) -> int:
         raise VerificationError(f"{manifest_file.name} is missing: nothing to check the served files against")
     actual = hashlib.sha256(manifest_file.read_bytes()).hexdigest()
     if actual != expected_sha256:
-        raise VerificationError(f"{manifest_file.name} has sha256 {actual[:12]}…, but the registered version "
-                                f"recorded {expected_sha256[:12]}…: the manifest was changed after registration")
+        raise VerificationError(
+            f"{manifest_file.name} has sha256 {actual[:12]}…, but the registered version "
+            f"recorded {expected_sha256[:12]}…: the manifest was changed after registration"
+        )
     files = json.loads(manifest_file.read_text())["files"]
     present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
     if extra := sorted(present - set(files)):

@@ -1,4 +1,4 @@
-"""The `llmops` command."""
+"""The pipeline's commands: run it locally, compile it for Kubeflow, show its config, write demo data."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune, register and serve Llama-family models.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune and register Llama-family models.")
 
-Profile = Annotated[str, typer.Option("--profile", "-p", help="config profile name (pipelines/configs) or YAML path")]
+Profile = Annotated[str, typer.Option("--profile", "-p", help="pipeline profile name (pipelines/configs) or YAML path")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. train.max_steps=10")]
 
 
 def _config(profile: str, overrides: list[str] | None, data: str | None = None):
-    from components.config import load_config
+    from pipelines.config import load_config
 
     extra = list(overrides or [])
     if data:
@@ -26,9 +26,12 @@ def _config(profile: str, overrides: list[str] | None, data: str | None = None):
 
 
 @app.command()
-def run(overrides: Overrides = None, profile: Profile = "local",
-        data: Annotated[Optional[str], typer.Option(help="data file or directory (default: generated demo data)")] = None,
-        root: Annotated[Path, typer.Option(help="where runs, caches and the local MLflow store live")] = Path(".llmops")):
+def run(
+    overrides: Overrides = None,
+    profile: Profile = "local",
+    data: Annotated[Optional[str], typer.Option(help="data file or directory (default: generated demo data)")] = None,
+    root: Annotated[Path, typer.Option(help="where runs, caches and the local MLflow store live")] = Path(".llmops"),
+):
     """Run the finetune pipeline locally (kfp.local, cached), ending in a registered model version."""
     from pipelines.run import PipelineFailed, print_summary, run_local
 
@@ -40,8 +43,11 @@ def run(overrides: Overrides = None, profile: Profile = "local",
 
 
 @app.command("compile")
-def compile_(out: Annotated[Path, typer.Option("--out", "-o")] = Path("finetune.yaml"),
-             overrides: Overrides = None, profile: Profile = "cluster"):
+def compile_(
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("finetune.yaml"),
+    overrides: Overrides = None,
+    profile: Profile = "cluster",
+):
     """Write the pipeline YAML for upload in the Kubeflow UI."""
     from pipelines.finetune import compile_pipeline
 
@@ -50,16 +56,31 @@ def compile_(out: Annotated[Path, typer.Option("--out", "-o")] = Path("finetune.
 
 
 @app.command("config")
-def show_config(overrides: Overrides = None, profile: Profile = "local"):
-    """Print the validated config (profile plus overrides) as YAML."""
+def show_config(
+    overrides: Overrides = None,
+    profile: Profile = "local",
+    schema: Annotated[bool, typer.Option("--schema", help="list every setting: type, default, meaning")] = False,
+):
+    """Print the validated config (profile plus overrides) as YAML, or with --schema what each setting means."""
+    if schema:
+        from rich.table import Table
+
+        from components.config import describe
+        from components.util import console
+        from pipelines.config import PipelineConfig
+
+        table = Table("setting", "type", "default", "meaning", show_lines=False)
+        for row in describe(PipelineConfig):
+            table.add_row(*row)
+        console.print(table)
+        return
     import yaml
 
     typer.echo(yaml.safe_dump(_config(profile, overrides).model_dump(), sort_keys=False))
 
 
 @app.command("demo-data")
-def demo_data(out: Annotated[Path, typer.Option("--out", "-o")] = Path("data/demo"),
-              rows: int = 360, seed: int = 7):
+def demo_data(out: Annotated[Path, typer.Option("--out", "-o")] = Path("data/demo"), rows: int = 360, seed: int = 7):
     """Write the deterministic demo data set (support-ticket intents)."""
     from components.demo_data import write_demo
 
@@ -75,107 +96,5 @@ def mlflow_stop(root: Annotated[Path, typer.Option()] = Path(".llmops")):
     typer.echo("stopped")
 
 
-@app.command()
-def serve(model: Annotated[str, typer.Argument(help="model directory, models:/name/version or models:/name@alias")],
-          host: str = "127.0.0.1", port: int = 8080,
-          adapter: Annotated[Optional[list[str]], typer.Option(help="ID=REF, a LoRA adapter trained on MODEL (repeatable)")] = None,
-          max_input_tokens: Optional[int] = None, max_total_tokens: Optional[int] = None,
-          max_concurrent_requests: int = 128, max_batch_size: int = 8,
-          dtype: Annotated[str, typer.Option(help="float32 keeps batched greedy outputs identical to single ones")] = "float32"):
-    """Serve a model over TGI's HTTP protocol (the local stand-in for TGI on Kubernetes)."""
-    from serving.client import write_local_record
-    from serving.resolve import parse_adapters, resolve_model
-    from serving.server import serve as run_server
-
-    from components.weights_manifest import VerificationError
-
-    try:
-        resolved = resolve_model(model)
-    except VerificationError as err:  # nothing serves files that differ from what was registered
-        typer.secho(f"llmops serve: refused {model}: {err}", fg="red", err=True)
-        raise typer.Exit(3) from None
-    if resolved.name and model.startswith("models:/") and "@" in model:
-        write_local_record(resolved.name, model.rsplit("@", 1)[1], f"http://{host}:{port}", resolved.version)
-    typer.echo(f"serving {resolved.model_id} from {resolved.path} on http://{host}:{port}")
-    run_server(str(resolved.path), host=host, port=port, model_id=resolved.model_id, model_sha=resolved.model_sha,
-               adapters=parse_adapters(adapter or []) or None, max_input_tokens=max_input_tokens,
-               max_total_tokens=max_total_tokens, max_concurrent_requests=max_concurrent_requests,
-               max_batch_size=max_batch_size, dtype=dtype)
-
-
-@app.command()
-def chat(question: str, model: Annotated[str, typer.Option(help="name@alias of a registered model")] = "llmops-demo@champion",
-         max_new_tokens: int = 256, system: Optional[str] = None):
-    """Ask the endpoint serving MODEL a question and stream the answer to the terminal."""
-    from serving.client import chat_model
-
-    messages = ([("system", system)] if system else []) + [("human", question)]
-    for chunk in chat_model(model, max_new_tokens=max_new_tokens, streaming=True).stream(messages):
-        typer.echo(chunk.content, nl=False)
-    typer.echo()
-
-
-@app.command()
-def promote(name: str, version: str, alias: Annotated[str, typer.Option(help="the alias that deploys")] = "champion"):
-    """Point ALIAS (default champion) at VERSION of NAME; the deployer deploys it. Rolling back is promoting the old version."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    client.get_model_version(name, version)  # a clear error for a version that does not exist
-    client.set_registered_model_alias(name, alias, version)
-    typer.echo(f"{name}@{alias} -> version {version}")
-
-
-@app.command()
-def deployer(mode: Annotated[str, typer.Option(help="kubernetes, local, or auto (kubernetes inside a cluster)")] = "auto",
-             host: str = "127.0.0.1", port: int = 8700,
-             public_url: Annotated[Optional[str], typer.Option(help="URL MLflow posts webhooks to")] = None,
-             interval: Annotated[float, typer.Option(help="seconds between reconcile passes")] = 30.0,
-             overrides: Overrides = None, profile: Profile = "local"):
-    """Run the deployer: MLflow webhook receiver plus reconcile loop (alias -> TGI Deployment or local server)."""
-    import logging
-    import os
-
-    import uvicorn
-    from mlflow.exceptions import MlflowException
-
-    from serving.deployer import Deployer, KubeBackend, LocalBackend
-    from serving.deployer_app import create_app, register_webhook
-    from serving.webhooks import Verifier, load_secret
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = _config(profile, overrides).deploy
-    if mode == "auto":
-        mode = "kubernetes" if os.environ.get("KUBERNETES_SERVICE_HOST") else "local"
-    backend = KubeBackend(cfg) if mode == "kubernetes" else LocalBackend()
-    secret = load_secret()
-    try:
-        register_webhook(public_url or f"http://{host}:{port}", secret)
-    except MlflowException as err:  # with a login, only MLflow's admin may manage webhooks
-        logging.getLogger("llmops.deployer").warning(
-            "webhook not registered (%s): the admin runs `llmops webhook %s` once; until then the reconcile loop "
-            "deploys every %.0fs", err.error_code, public_url or f"http://{host}:{port}", interval)
-    app = create_app(Deployer(backend, alias=cfg.alias, interval_s=interval, models=cfg.models), Verifier(secret))
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
-    finally:
-        if isinstance(backend, LocalBackend):
-            backend.stop_all()
-
-
-@app.command()
-def webhook(url: Annotated[str, typer.Argument(help="the deployer's base URL, e.g. http://llmops-deployer.llmops.svc.cluster.local:8700")]):
-    """Register (or refresh) the deployer's MLflow webhook, signed with LLMOPS_WEBHOOK_SECRET (MLflow's admin runs it)."""
-    from serving.deployer_app import register_webhook
-    from serving.webhooks import load_secret
-
-    hook = register_webhook(url, load_secret())
-    typer.echo(f"webhook {hook.name} -> {hook.url} ({', '.join(str(e) for e in hook.events)})")
-
-
-def main():
-    app()
-
-
 if __name__ == "__main__":
-    main()
+    app()

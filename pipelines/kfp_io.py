@@ -41,6 +41,8 @@ def stage_timings(paths: dict[str, str], run_root: Path) -> dict:
         timing = Path(path) / TIMING_FILE
         if timing.exists():
             record = json.loads(timing.read_text())
-            out[record["stage"]] = {"seconds": round(record["seconds"], 1),
-                                    "cached": run_root not in Path(path).resolve().parents}
+            out[record["stage"]] = {
+                "seconds": round(record["seconds"], 1),
+                "cached": run_root not in Path(path).resolve().parents,
+            }
     return out

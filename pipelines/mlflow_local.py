@@ -81,8 +81,9 @@ def server_env(root: Path) -> dict:
     return env
 
 
-def start(root: Path, port: int = DEFAULT_PORT, detach: bool = True, timeout: float = 90.0,
-          auth: dict[str, str] | None = None) -> LocalServer:
+def start(
+    root: Path, port: int = DEFAULT_PORT, detach: bool = True, timeout: float = 90.0, auth: dict[str, str] | None = None
+) -> LocalServer:
     """Start (or reuse) the server; returns once /health answers.
 
     Without `auth` the server has no login and listens on loopback only (the laptop setting). With
@@ -94,18 +95,37 @@ def start(root: Path, port: int = DEFAULT_PORT, detach: bool = True, timeout: fl
     if healthy(url):
         return LocalServer(url, root)
     (root / "artifacts").mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--workers",
+        "1",
+    ]
     env = server_env(root)
     if auth:
         config = root / "basic_auth.ini"
-        config.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
-                          "admin_username = admin\nauthorization_function = "
-                          "mlflow.server.auth:authenticate_request_basic_auth\n")
+        config.write_text(
+            f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
+            "admin_username = admin\nauthorization_function = "
+            "mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
         cmd += ["--app-name", "basic-auth"]
-        env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_USERNAME=auth["admin_username"],
-                   MLFLOW_AUTH_ADMIN_PASSWORD=auth["admin_password"], MLFLOW_FLASK_SERVER_SECRET_KEY=auth["secret_key"])
+        env.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(config),
+            MLFLOW_AUTH_ADMIN_USERNAME=auth["admin_username"],
+            MLFLOW_AUTH_ADMIN_PASSWORD=auth["admin_password"],
+            MLFLOW_FLASK_SERVER_SECRET_KEY=auth["secret_key"],
+        )
     log = open(root / "server.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     (root / "server.pid").write_text(f"{proc.pid} {port}\n")

@@ -10,10 +10,16 @@ from kfp import kubernetes
 # Secret name -> {key in the Secret: environment variable}. Only names travel in the YAML, never values.
 SECRETS = {
     "llmops-hf": {"HF_TOKEN": "HF_TOKEN"},
-    "llmops-s3": {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-                  "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"},
-    "llmops-mlflow": {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-                      "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
+    "llmops-s3": {
+        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
+    },
+    "llmops-mlflow": {
+        "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+    },
 }
 SHM_SIZE = "8Gi"
 TRAIN_RETRIES = 3

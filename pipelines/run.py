@@ -27,8 +27,10 @@ def ensure_tracking(root: Path) -> str:
     port = int(os.environ.get("LLMOPS_MLFLOW_PORT", mlflow_local.DEFAULT_PORT))
     server = mlflow_local.start(root / "mlflow", port=port, detach=True)
     os.environ["MLFLOW_TRACKING_URI"] = server.url
-    console.print(f"MLflow UI: [bold]{server.url}[/] (local server, store in {root / 'mlflow'}; no login: it "
-                  "listens on 127.0.0.1 only, for this machine's user; the cluster's server asks for one)")
+    console.print(
+        f"MLflow UI: [bold]{server.url}[/] (local server, store in {root / 'mlflow'}; no login: it "
+        "listens on 127.0.0.1 only, for this machine's user; the cluster's server asks for one)"
+    )
     return server.url
 
 
@@ -47,9 +49,11 @@ class TaskOutcomes(logging.Filter):
     around every task, so this sits on the root logger itself as a filter, which it leaves in place.
     """
 
-    PATTERNS = ((re.compile(r"^Task '?([\w-]+)'? cache hit"), "cached"),
-                (re.compile(r"^Executing task '([\w-]+)'"), "running"),
-                (re.compile(r"^Task '([\w-]+)' finished with status (SUCCESS|FAILURE)"), None))
+    PATTERNS = (
+        (re.compile(r"^Task '?([\w-]+)'? cache hit"), "cached"),
+        (re.compile(r"^Executing task '([\w-]+)'"), "running"),
+        (re.compile(r"^Task '([\w-]+)' finished with status (SUCCESS|FAILURE)"), None),
+    )
 
     def __init__(self):
         super().__init__()
@@ -84,8 +88,14 @@ def failure_message(outcomes: TaskOutcomes) -> str:
 
     failed = ", ".join(outcomes.names("failed")) or "a task"
     done = [name for name in outcomes.names("ran") + outcomes.names("cached") if name in CACHED_TASKS]
-    kept = (f"Finished stages stay in the cache ({', '.join(done)}): run the same command again after the fix and "
-            f"only {failed} and the stages after it will run.") if done else "No stage finished."
+    kept = (
+        (
+            f"Finished stages stay in the cache ({', '.join(done)}): run the same command again after the fix and "
+            f"only {failed} and the stages after it will run."
+        )
+        if done
+        else "No stage finished."
+    )
     return f"the pipeline stopped: {failed} failed (its log is above). {kept}"
 
 
@@ -107,8 +117,12 @@ def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT) -> dict:
     # The images are ours, not python:*, which kfp.local cannot know; the code comes from this venv.
     warnings.filterwarnings("ignore", message="You may be attemping")
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"),
-               enable_caching=True, cache_root=str(root / "kfp-cache"))
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root / "kfp"),
+        enable_caching=True,
+        cache_root=str(root / "kfp-cache"),
+    )
     started = time.time()
     with watch_tasks() as outcomes:
         try:
@@ -118,8 +132,14 @@ def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT) -> dict:
                 raise
             raise PipelineFailed(failure_message(outcomes), dict(outcomes.tasks)) from err
     summary = json.loads(Path(task.outputs["Output"].path).read_text())
-    summary.update({"tracking_uri": uri, "wall_seconds": time.time() - started, "artifacts": str(root / "kfp"),
-                    "tasks": dict(outcomes.tasks)})
+    summary.update(
+        {
+            "tracking_uri": uri,
+            "wall_seconds": time.time() - started,
+            "artifacts": str(root / "kfp"),
+            "tasks": dict(outcomes.tasks),
+        }
+    )
     return summary
 
 
@@ -127,16 +147,25 @@ def print_summary(summary: dict) -> None:
     from rich.table import Table
 
     console.rule("[bold green]llmops · done")
-    console.print(f"registered [bold]{summary['name']}[/] version [bold]{summary['version']}[/]"
-                  + (" (already registered for this run)" if summary.get("reused") else ""))
+    console.print(
+        f"registered [bold]{summary['name']}[/] version [bold]{summary['version']}[/]"
+        + (" (already registered for this run)" if summary.get("reused") else "")
+    )
     table = Table("metric", "base", "adapter on 16-bit base", f"served (--quantize {summary.get('quantize', '?')})")
     for metric in ("exact_match", "label_accuracy", "perplexity"):
         if f"eval.tuned.{metric}" in summary:
-            table.add_row(metric, *(f"{summary[f'eval.{who}.{metric}']:.3f}" if f"eval.{who}.{metric}" in summary
-                                    else "" for who in ("base", "adapter", "tuned")))
+            table.add_row(
+                metric,
+                *(
+                    f"{summary[f'eval.{who}.{metric}']:.3f}" if f"eval.{who}.{metric}" in summary else ""
+                    for who in ("base", "adapter", "tuned")
+                ),
+            )
     console.print(table)
-    console.print(f"served figures on {summary.get('eval.tuned.examples', '?')} eval rows; base and adapter on "
-                  f"{summary.get('eval.base.examples', '?')}. Gate: {summary.get('gate', 'see the version tags')}")
+    console.print(
+        f"served figures on {summary.get('eval.tuned.examples', '?')} eval rows; base and adapter on "
+        f"{summary.get('eval.base.examples', '?')}. Gate: {summary.get('gate', 'see the version tags')}"
+    )
     stages = Table("stage", "seconds", "cached")
     for name, info in summary.get("stages", {}).items():
         stages.add_row(name, f"{info['seconds']:.1f}", "yes" if info["cached"] else "")
@@ -144,5 +173,7 @@ def print_summary(summary: dict) -> None:
     for outcome, label in (("ran", "ran"), ("cached", "from the kfp cache (same inputs and code)")):
         names = [name for name, value in summary.get("tasks", {}).items() if value == outcome]
         console.print(f"{label}: {', '.join(names) or 'none'}", soft_wrap=True)
-    console.print(f"pipeline wall time {summary['wall_seconds']:.0f}s · MLflow UI {summary['tracking_uri']} · "
-                  f"model: models:/{summary['name']}/{summary['version']} · artifacts in {summary['artifacts']}")
+    console.print(
+        f"pipeline wall time {summary['wall_seconds']:.0f}s · MLflow UI {summary['tracking_uri']} · "
+        f"model: models:/{summary['name']}/{summary['version']} · artifacts in {summary['artifacts']}"
+    )

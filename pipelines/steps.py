@@ -4,7 +4,6 @@ The bodies import the project's own package, which the component images carry (a
 installed in the local venv for kfp.local), so nothing is pip-installed at run time.
 """
 
-
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
@@ -40,8 +39,9 @@ def prepare_data(data_cfg: str, base_model: Input[Model], dataset: Output[Datase
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def train(train_cfg: str, base_model: Input[Model], dataset: Input[Dataset], adapter: Output[Model],
-          metrics: Output[Metrics]):
+def train(
+    train_cfg: str, base_model: Input[Model], dataset: Input[Dataset], adapter: Output[Model], metrics: Output[Metrics]
+):
     """QLoRA training; resumes from the last complete checkpoint of the same inputs."""
     import time
 
@@ -55,8 +55,15 @@ def train(train_cfg: str, base_model: Input[Model], dataset: Input[Dataset], ada
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def evaluate(eval_cfg: str, base_model: Input[Model], adapter: Input[Model], dataset: Input[Dataset],
-             report: Output[Artifact], metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
+def evaluate(
+    eval_cfg: str,
+    base_model: Input[Model],
+    adapter: Input[Model],
+    dataset: Input[Dataset],
+    report: Output[Artifact],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+):
     """Batched greedy evaluation of the base and the tuned model on the eval split."""
     import time
 
@@ -65,14 +72,22 @@ def evaluate(eval_cfg: str, base_model: Input[Model], adapter: Input[Model], dat
     from pipelines.kfp_io import publish, publish_confusion
 
     started = time.time()
-    result = stage.run(EvalSection.model_validate_json(eval_cfg), base_model.path, adapter.path, dataset.path, report.path)
+    result = stage.run(
+        EvalSection.model_validate_json(eval_cfg), base_model.path, adapter.path, dataset.path, report.path
+    )
     publish(metrics, {"base": result["base"], "tuned": result["tuned"]}, report.path, "evaluate", started)
     publish_confusion(confusion, result)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def merge(merge_cfg: str, base_model: Input[Model], adapter: Input[Model], dataset: Input[Dataset],
-          merged: Output[Model], metrics: Output[Metrics]):
+def merge(
+    merge_cfg: str,
+    base_model: Input[Model],
+    adapter: Input[Model],
+    dataset: Input[Dataset],
+    merged: Output[Model],
+    metrics: Output[Metrics],
+):
     """Merge the adapter into the 16-bit base and check greedy parity."""
     import time
 
@@ -81,13 +96,16 @@ def merge(merge_cfg: str, base_model: Input[Model], adapter: Input[Model], datas
     from pipelines.kfp_io import publish
 
     started = time.time()
-    result = stage.run(MergeSection.model_validate_json(merge_cfg), base_model.path, adapter.path, dataset.path, merged.path)
+    result = stage.run(
+        MergeSection.model_validate_json(merge_cfg), base_model.path, adapter.path, dataset.path, merged.path
+    )
     publish(metrics, result, merged.path, "merge", started)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def quantize(quantize_cfg: str, merged: Input[Model], dataset: Input[Dataset], quantized: Output[Model],
-             metrics: Output[Metrics]):
+def quantize(
+    quantize_cfg: str, merged: Input[Model], dataset: Input[Dataset], quantized: Output[Model], metrics: Output[Metrics]
+):
     """int8 and NF4 variants: size, memory, accuracy and perplexity deltas, recommended TGI flag."""
     import time
 
@@ -96,14 +114,24 @@ def quantize(quantize_cfg: str, merged: Input[Model], dataset: Input[Dataset], q
     from pipelines.kfp_io import publish
 
     started = time.time()
-    result = stage.run(QuantizeSection.model_validate_json(quantize_cfg), f"{merged.path}/model", dataset.path, quantized.path)
+    result = stage.run(
+        QuantizeSection.model_validate_json(quantize_cfg), f"{merged.path}/model", dataset.path, quantized.path
+    )
     publish(metrics, result["results"], quantized.path, "quantize", started)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def register(register_cfg: str, pipeline_run: str, base_model: Input[Model], dataset: Input[Dataset],
-             adapter: Input[Model], report: Input[Artifact], merged: Input[Model], quantized: Input[Model],
-             registration: Output[Artifact]):
+def register(
+    register_cfg: str,
+    pipeline_run: str,
+    base_model: Input[Model],
+    dataset: Input[Dataset],
+    adapter: Input[Model],
+    report: Input[Artifact],
+    merged: Input[Model],
+    quantized: Input[Model],
+    registration: Output[Artifact],
+):
     """Create the MLflow model version with lineage tags (idempotent per pipeline run)."""
     import json
     from pathlib import Path
@@ -112,8 +140,14 @@ def register(register_cfg: str, pipeline_run: str, base_model: Input[Model], dat
     from components.config import RegisterSection
     from pipelines.kfp_io import stage_timings
 
-    paths = {"base": base_model.path, "data": dataset.path, "train": adapter.path, "eval": report.path,
-             "merged": merged.path, "quantize": quantized.path}
+    paths = {
+        "base": base_model.path,
+        "data": dataset.path,
+        "train": adapter.path,
+        "eval": report.path,
+        "merged": merged.path,
+        "quantize": quantized.path,
+    }
     result = stage.run(RegisterSection.model_validate_json(register_cfg), paths, pipeline_run)
     result["stages"] = stage_timings(paths, Path(registration.path).resolve().parent.parent)
     registration.metadata.update({"name": result["name"], "version": result["version"]})
@@ -122,8 +156,13 @@ def register(register_cfg: str, pipeline_run: str, base_model: Input[Model], dat
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def gate(gate_cfg: str, registration: Input[Artifact], report: Input[Artifact], dataset: Input[Dataset],
-         verdict: Output[Metrics]) -> bool:
+def gate(
+    gate_cfg: str,
+    registration: Input[Artifact],
+    report: Input[Artifact],
+    dataset: Input[Dataset],
+    verdict: Output[Metrics],
+) -> bool:
     """Compare the candidate with the base and the current champion; tag the version with the verdict."""
     import json
     from pathlib import Path
@@ -131,8 +170,12 @@ def gate(gate_cfg: str, registration: Input[Artifact], report: Input[Artifact], 
     from components import gate as stage
     from components.config import GateSection
 
-    result = stage.run(GateSection.model_validate_json(gate_cfg), json.loads(Path(registration.path).read_text()),
-                       Path(report.path), dataset.path)
+    result = stage.run(
+        GateSection.model_validate_json(gate_cfg),
+        json.loads(Path(registration.path).read_text()),
+        Path(report.path),
+        dataset.path,
+    )
     for key in ("gain_over_base", "gain_over_champion"):
         if result[key] is not None and result[key] == result[key]:  # not NaN
             verdict.log_metric(key, result[key])

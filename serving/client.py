@@ -64,8 +64,10 @@ def resolve_endpoint(ref: str) -> str:
         url = json.loads(record.read_text())["url"]
         if _alive(url):
             return url
-    raise LookupError(f"no endpoint serves {name}@{alias}: deploy it (set the alias with a deployer running) "
-                      f"or start one with `llmops serve models:/{name}@{alias}`")
+    raise LookupError(
+        f"no endpoint serves {name}@{alias}: deploy it (set the alias with a deployer running) "
+        f"or start one with `llmops serve models:/{name}@{alias}`"
+    )
 
 
 class RetryTransport(httpx2.HTTPTransport):
@@ -98,14 +100,27 @@ def install_retries(attempts: int = 4, backoff: float = 0.5, timeout: float = 60
     set_client_factory(lambda: httpx2.Client(transport=RetryTransport(attempts, backoff), timeout=timeout))
 
 
-def chat_model(ref: str, *, max_new_tokens: int = 256, temperature: float | None = None, timeout: float = 60.0,
-               streaming: bool = False, retries: int = 4):
+def chat_model(
+    ref: str,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float | None = None,
+    timeout: float = 60.0,
+    streaming: bool = False,
+    retries: int = 4,
+):
     """A ChatHuggingFace over the endpoint serving `ref` ("name@alias")."""
     from langchain_huggingface import ChatHuggingFace, HuggingFaceEndpoint
 
     install_retries(attempts=retries, timeout=timeout)
     # TGI's chat route samples unless temperature is 0, and both wrappers default to 0.8: greedy must be explicit.
     temperature = temperature or 0.0
-    llm = HuggingFaceEndpoint(endpoint_url=resolve_endpoint(ref), max_new_tokens=max_new_tokens, timeout=timeout,
-                              streaming=streaming, temperature=temperature, do_sample=temperature > 0)
+    llm = HuggingFaceEndpoint(
+        endpoint_url=resolve_endpoint(ref),
+        max_new_tokens=max_new_tokens,
+        timeout=timeout,
+        streaming=streaming,
+        temperature=temperature,
+        do_sample=temperature > 0,
+    )
     return ChatHuggingFace(llm=llm, temperature=temperature, max_tokens=max_new_tokens)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from components.config import DeploySection
+from serving.settings import DeploySection
 
 log = logging.getLogger("llmops.deployer")
 STATUS_TAG, TIME_TAG, ENDPOINT_TAG, BACKEND_TAG = "deploy.status", "deploy.time", "deploy.endpoint", "deploy.backend"
@@ -33,8 +33,10 @@ def promotion_refusal(tags: dict) -> str | None:
         return None
     verdict = tags.get("gate.verdict") or "missing"
     why = f": {tags['gate.reason']}" if tags.get("gate.reason") else ""
-    return (f"gate.verdict is {verdict}{why}. Nothing was deployed; to serve it anyway, set the tag "
-            f"{OVERRIDE_TAG} to your reason")
+    return (
+        f"gate.verdict is {verdict}{why}. Nothing was deployed; to serve it anyway, set the tag "
+        f"{OVERRIDE_TAG} to your reason"
+    )
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,20 @@ class KubeBackend:
     def deploy(self, target: Target) -> tuple[bool, str]:
         from serving import kube
 
-        ok = kube.deploy_version(self.cfg, name=target.name, version=target.version, run_id=target.run_id,
-                                 tags=target.tags, api_client=self.api_client, poll_s=self.poll_s)
+        ok = kube.deploy_version(
+            self.cfg,
+            name=target.name,
+            version=target.version,
+            run_id=target.run_id,
+            tags=target.tags,
+            api_client=self.api_client,
+            poll_s=self.poll_s,
+        )
         if not ok:
-            return False, (f"the rollout did not become ready within {self.cfg.rollout_timeout_s}s and was rolled back "
-                           "(see the pod's fetch-model init container: it refuses files that fail verification)")
+            return False, (
+                f"the rollout did not become ready within {self.cfg.rollout_timeout_s}s and was rolled back "
+                "(see the pod's fetch-model init container: it refuses files that fail verification)"
+            )
         return ok, self.endpoint(target.name)
 
 
@@ -90,7 +101,9 @@ class LocalBackend:
 
     kind = "local"
 
-    def __init__(self, base_port: int = 8090, host: str = "127.0.0.1", startup_s: float = 300.0, log_dir: Path | None = None):
+    def __init__(
+        self, base_port: int = 8090, host: str = "127.0.0.1", startup_s: float = 300.0, log_dir: Path | None = None
+    ):
         self.base_port, self.host, self.startup_s = base_port, host, startup_s
         self.log_dir = Path(log_dir or Path(".llmops") / "serving")
         self.servers: dict[str, tuple[subprocess.Popen, int]] = {}
@@ -121,8 +134,21 @@ class LocalBackend:
         url = f"http://{self.host}:{port}"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         logfile = open(self.log_dir / f"{target.name}-{target.version}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", f"models:/{target.name}/{target.version}",
-                                 "--host", self.host, "--port", str(port)], stdout=logfile, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "serving.cli",
+                "serve",
+                f"models:/{target.name}/{target.version}",
+                "--host",
+                self.host,
+                "--port",
+                str(port),
+            ],
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + self.startup_s
         while time.monotonic() < deadline and proc.poll() is None:
             if server_info(url, timeout=1.0):
@@ -159,8 +185,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 class Deployer:
-    def __init__(self, backend, alias: str = "champion", client=None, interval_s: float = 30.0,
-                 models: list[str] | None = None):
+    def __init__(
+        self, backend, alias: str = "champion", client=None, interval_s: float = 30.0, models: list[str] | None = None
+    ):
         from mlflow import MlflowClient
 
         self.backend, self.alias, self.interval_s = backend, alias, interval_s
@@ -211,8 +238,13 @@ class Deployer:
         # Reached only past promotion_refusal: a version whose gate did not pass carries a person's override.
         override = target.tags.get(OVERRIDE_TAG, "").strip() if target.tags.get("gate.verdict") != "passed" else ""
         if override:
-            log.warning("deploying %s version %s although its gate %s: overridden (%s)", target.name,
-                        target.version, target.tags.get("gate.verdict") or "never ran", override)
+            log.warning(
+                "deploying %s version %s although its gate %s: overridden (%s)",
+                target.name,
+                target.version,
+                target.tags.get("gate.verdict") or "never ran",
+                override,
+            )
         log.info("deploying %s version %s", target.name, target.version)
         self.client.set_model_version_tag(target.name, target.version, STATUS_TAG, "deploying")
         try:
@@ -235,7 +267,11 @@ class Deployer:
             write_local_record(target.name, self.alias, endpoint, target.version)
         for key, value in tags.items():
             self.client.set_model_version_tag(target.name, target.version, key, value)
-        self.state[target.name] = {"desired": target.version, "actual": target.version if ok else None, "status": tags[STATUS_TAG]}
+        self.state[target.name] = {
+            "desired": target.version,
+            "actual": target.version if ok else None,
+            "status": tags[STATUS_TAG],
+        }
         return f"{tags[STATUS_TAG]} {target.name}/{target.version}"
 
     def notify(self) -> None:

@@ -15,8 +15,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, RepetitionPenaltyLogitsProcessor,
-                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +133,9 @@ class _Row:
         if reason:
             self.done = True
             s = self.job.sampling
-            end = Generated(self._final_text(), reason, self.generated, s.seed if s.do_sample else None,
-                            len(self.job.ids))
+            end = Generated(
+                self._final_text(), reason, self.generated, s.seed if s.do_sample else None, len(self.job.ids)
+            )
         self.job.emit(Step(token, self.engine.top_tokens(logits, self.job.sampling.top_n_tokens), prefill, end))
         return next_id
 
@@ -145,10 +153,10 @@ class _Row:
     def _decode_new(self) -> str:
         """TGI's trick: decode a few tokens of context and keep the new suffix, so spaces and merges come out right."""
         decode = self.engine.tokenizer.decode
-        before, after = decode(self.ids[self.prefix:self.read]), decode(self.ids[self.prefix:])
+        before, after = decode(self.ids[self.prefix : self.read]), decode(self.ids[self.prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):  # U+FFFD: a byte sequence still incomplete
             self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before):]
+            return after[len(before) :]
         return ""
 
     def _finish_reason(self, token_id: int, text: str) -> str | None:
@@ -159,7 +167,7 @@ class _Row:
         if token_id in self.engine.eos_ids:
             return "eos_token"
         if s.stop:
-            self.tail = (self.tail + text)[-self.longest_stop:]
+            self.tail = (self.tail + text)[-self.longest_stop :]
             if any(self.tail.endswith(stop) for stop in s.stop):
                 return "stop_sequence"
         return None
@@ -167,9 +175,9 @@ class _Row:
     def _final_text(self) -> str:
         """All generated tokens without special ones; like TGI, a stop sequence stays in the text."""
         start = len(self.ids) - self.generated
-        before = self.engine.tokenizer.decode(self.ids[start - 1:start], skip_special_tokens=True)
-        after = self.engine.tokenizer.decode(self.ids[start - 1:], skip_special_tokens=True)
-        return after[len(before):] if len(after) > len(before) else ""
+        before = self.engine.tokenizer.decode(self.ids[start - 1 : start], skip_special_tokens=True)
+        after = self.engine.tokenizer.decode(self.ids[start - 1 :], skip_special_tokens=True)
+        return after[len(before) :] if len(after) > len(before) else ""
 
 
 class Engine:
@@ -245,18 +253,28 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         wanted = [row.job.sampling.prefill_details for row in rows]
         logits, cache = self._forward(ids, mask, positions, None, all_positions=any(wanted))
-        prefills = [self._prefill_tokens(row.ids, logits[i]) if want else None
-                    for i, (row, want) in enumerate(zip(rows, wanted))]
+        prefills = [
+            self._prefill_tokens(row.ids, logits[i]) if want else None
+            for i, (row, want) in enumerate(zip(rows, wanted))
+        ]
         return logits[:, -1], cache, mask, prefills
 
     def _forward(self, ids, mask, positions, cache, *, all_positions: bool = False):
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=0 if all_positions else 1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=0 if all_positions else 1,
+        )
         return out.logits.float(), out.past_key_values
 
     def _prefill_tokens(self, ids: list[int], logits: torch.Tensor) -> list[dict]:
         """Each prompt token's logprob given the tokens before it; the first has none (null, as in TGI)."""
         n = len(ids)
         logprobs = torch.log_softmax(logits[-n:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
-        return [{"id": i, "text": self.tokenizer.decode([i]), "logprob": _finite(lp)}
-                for i, lp in zip(ids, [math.nan] + logprobs)]
+        return [
+            {"id": i, "text": self.tokenizer.decode([i]), "logprob": _finite(lp)}
+            for i, lp in zip(ids, [math.nan] + logprobs)
+        ]

@@ -48,14 +48,17 @@ def fetch(model_uri: str, dest: Path) -> Path:
         raise FetchError(f"refused {model_uri}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any failure (registry, S3, network) means the same to the pod
         tracking = os.environ.get("MLFLOW_TRACKING_URI", "<unset>")
-        raise FetchError(f"could not download {model_uri} (MLFLOW_TRACKING_URI={tracking}): "
-                         f"{type(exc).__name__}: {exc}") from exc
+        raise FetchError(
+            f"could not download {model_uri} (MLFLOW_TRACKING_URI={tracking}): {type(exc).__name__}: {exc}"
+        ) from exc
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(verified.path, dest)  # same volume: a rename, so TGI never sees a half-moved directory
     shutil.rmtree(staging, ignore_errors=True)
     check_model_dir(dest)
-    print(f"fetch_model: verified {verified.bytes_checked / 1e6:.1f} MB against the registered manifest "
-          f"in {verified.seconds:.1f}s")
+    print(
+        f"fetch_model: verified {verified.bytes_checked / 1e6:.1f} MB against the registered manifest "
+        f"in {verified.seconds:.1f}s"
+    )
     return dest
 
 

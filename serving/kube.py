@@ -33,7 +33,7 @@ from serving import manifests
 from serving.manifests import ANN_NAME, ANN_PREFIX, ANN_RUN, ANN_VERSION
 
 if TYPE_CHECKING:
-    from components.config import DeploySection
+    from serving.settings import DeploySection
 
 ANN_APPLIED = ANN_PREFIX + "applied-config"
 ANN_PREVIOUS = ANN_PREFIX + "previous-config"
@@ -171,8 +171,15 @@ def apply(objects: list[dict], namespace: str, *, api_client: k8s.ApiClient | No
     return [_apply_one(obj, namespace, api_client) for obj in objects]
 
 
-def wait_for_rollout(name: str, namespace: str, generation: int, timeout_s: float, *,
-                     api_client: k8s.ApiClient | None = None, poll_s: float = 2.0) -> bool:
+def wait_for_rollout(
+    name: str,
+    namespace: str,
+    generation: int,
+    timeout_s: float,
+    *,
+    api_client: k8s.ApiClient | None = None,
+    poll_s: float = 2.0,
+) -> bool:
     """True once `generation` is fully rolled out; False on ProgressDeadlineExceeded, deletion or timeout.
 
     Polling rather than a watch: one GET every few seconds is cheap, and it cannot miss an event
@@ -215,9 +222,17 @@ def rollback(name: str, namespace: str, *, api_client: k8s.ApiClient | None = No
     return _apply_one(json.loads(previous), namespace, api_client)
 
 
-def deploy_version(cfg: DeploySection, *, name: str, version: str, run_id: str, tags: dict,
-                   api_client: k8s.ApiClient | None = None, timeout_s: float | None = None,
-                   poll_s: float = 2.0) -> bool:
+def deploy_version(
+    cfg: DeploySection,
+    *,
+    name: str,
+    version: str,
+    run_id: str,
+    tags: dict,
+    api_client: k8s.ApiClient | None = None,
+    timeout_s: float | None = None,
+    poll_s: float = 2.0,
+) -> bool:
     """Apply one version, wait for it, and roll back if it never becomes ready. True when it serves."""
     api_client = api_client or default_client()
     objects = manifests.render(cfg, name=name, version=version, run_id=run_id, tags=tags)

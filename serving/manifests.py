@@ -12,7 +12,7 @@ import hashlib
 import math
 import re
 
-from components.config import DeploySection
+from serving.settings import DeploySection
 
 ANN_PREFIX = "llmops.io/"
 ANN_NAME = ANN_PREFIX + "model-name"
@@ -39,7 +39,7 @@ def object_name(model_name: str) -> str:
     name = f"tgi-{slug}".rstrip("-")
     if slug != model_name or len(name) > 63:
         digest = hashlib.sha256(model_name.encode()).hexdigest()[:8]
-        name = f"{name[:63 - 9].rstrip('-')}-{digest}"
+        name = f"{name[: 63 - 9].rstrip('-')}-{digest}"
     return name
 
 
@@ -58,8 +58,12 @@ def selector_labels(model_name: str) -> dict[str, str]:
 
 
 def common_labels(model_name: str) -> dict[str, str]:
-    return {**selector_labels(model_name), "app.kubernetes.io/component": "inference",
-            "app.kubernetes.io/managed-by": "llmops", ANN_NAME: label_value(model_name)}
+    return {
+        **selector_labels(model_name),
+        "app.kubernetes.io/component": "inference",
+        "app.kubernetes.io/managed-by": "llmops",
+        ANN_NAME: label_value(model_name),
+    }
 
 
 def quantize_arg(tags: dict) -> list[str]:
@@ -74,21 +78,39 @@ def tgi_args(cfg: DeploySection, tags: dict) -> list[str]:
     if cfg.max_batch_prefill_tokens < cfg.max_input_tokens:
         raise ValueError("deploy.max_batch_prefill_tokens must be >= deploy.max_input_tokens (TGI refuses to start)")
     # --hostname: TGI's launcher reads $HOSTNAME, which Kubernetes sets to the pod name.
-    return ["--model-id", MODEL_DIR, *quantize_arg(tags),
-            "--max-input-tokens", str(cfg.max_input_tokens), "--max-total-tokens", str(cfg.max_total_tokens),
-            "--max-batch-prefill-tokens", str(cfg.max_batch_prefill_tokens),
-            "--hostname", "0.0.0.0", "--port", str(CONTAINER_PORT)]
+    return [
+        "--model-id",
+        MODEL_DIR,
+        *quantize_arg(tags),
+        "--max-input-tokens",
+        str(cfg.max_input_tokens),
+        "--max-total-tokens",
+        str(cfg.max_total_tokens),
+        "--max-batch-prefill-tokens",
+        str(cfg.max_batch_prefill_tokens),
+        "--hostname",
+        "0.0.0.0",
+        "--port",
+        str(CONTAINER_PORT),
+    ]
 
 
 def _probe(period_s: int, timeout_s: int, failures: int) -> dict:
-    return {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": period_s,
-            "timeoutSeconds": timeout_s, "failureThreshold": failures}
+    return {
+        "httpGet": {"path": "/health", "port": "http"},
+        "periodSeconds": period_s,
+        "timeoutSeconds": timeout_s,
+        "failureThreshold": failures,
+    }
 
 
 def tgi_container(cfg: DeploySection, tags: dict) -> dict:
     gpus = {cfg.gpu_resource: str(cfg.gpu_count)}
     container = {
-        "name": "tgi", "image": cfg.tgi_image, "imagePullPolicy": "IfNotPresent", "args": tgi_args(cfg, tags),
+        "name": "tgi",
+        "image": cfg.tgi_image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": tgi_args(cfg, tags),
         "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "USAGE_STATS", "value": "off"}],
         "ports": [{"name": "http", "containerPort": CONTAINER_PORT, "protocol": "TCP"}],
         "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "data", "mountPath": DATA_DIR}],
@@ -108,24 +130,37 @@ def tgi_container(cfg: DeploySection, tags: dict) -> dict:
 
 def fetch_container(cfg: DeploySection, name: str, version: str) -> dict:
     return {
-        "name": "fetch-model", "image": cfg.fetch_image, "imagePullPolicy": "IfNotPresent",
+        "name": "fetch-model",
+        "image": cfg.fetch_image,
+        "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "serving.fetch_model", f"models:/{name}/{version}", MODEL_DIR],
         # HOME=/tmp: the fixed non-root uid below may have no home directory in the image.
         "env": [{"name": "MLFLOW_TRACKING_URI", "value": cfg.mlflow_tracking_uri}, {"name": "HOME", "value": "/tmp"}],
         # Only Secret names appear here; the values stay in the cluster.
-        "envFrom": [{"secretRef": {"name": cfg.s3_secret}},
-                    {"secretRef": {"name": cfg.mlflow_secret, "optional": True}}],
+        "envFrom": [
+            {"secretRef": {"name": cfg.s3_secret}},
+            {"secretRef": {"name": cfg.mlflow_secret, "optional": True}},
+        ],
         "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}],
         # Our own image: safe to force a uid. emptyDir is world-writable, so TGI (root) can read the files.
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
-                            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
     }
 
 
 def version_annotations(name: str, version: str, run_id: str, tags: dict) -> dict[str, str]:
-    return {ANN_NAME: name, ANN_VERSION: str(version), ANN_RUN: run_id,
-            ANN_QUANTIZE: tags.get("recommended_quantize", "none")}
+    return {
+        ANN_NAME: name,
+        ANN_VERSION: str(version),
+        ANN_RUN: run_id,
+        ANN_QUANTIZE: tags.get("recommended_quantize", "none"),
+    }
 
 
 def version_labels(version: str, run_id: str) -> dict[str, str]:
@@ -136,11 +171,14 @@ def pod_spec(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
     spec = {
         "terminationGracePeriodSeconds": GRACE_PERIOD_S,
         # TGI never talks to the API server; service links would add env vars TGI's launcher might read.
-        "automountServiceAccountToken": False, "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
         "initContainers": [fetch_container(cfg, name, version)],
         "containers": [tgi_container(cfg, tags)],
-        "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}},
-                    {"name": "data", "emptyDir": {}}],
+        "volumes": [
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}},
+            {"name": "data", "emptyDir": {}},
+        ],
     }
     if cfg.node_selector:
         spec["nodeSelector"] = dict(cfg.node_selector)
@@ -154,33 +192,49 @@ def render_deployment(cfg: DeploySection, *, name: str, version: str, run_id: st
     annotations = version_annotations(name, version, run_id, tags)
     labels = {**common_labels(name), **version_labels(version, run_id)}
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": object_name(name), "namespace": cfg.namespace, "labels": labels,
-                     "annotations": dict(annotations)},
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": object_name(name),
+            "namespace": cfg.namespace,
+            "labels": labels,
+            "annotations": dict(annotations),
+        },
         "spec": {
-            "replicas": 1, "revisionHistoryLimit": 3,
+            "replicas": 1,
+            "revisionHistoryLimit": 3,
             # The controller marks the rollout failed (ProgressDeadlineExceeded) on the same clock we wait on.
             "progressDeadlineSeconds": cfg.rollout_timeout_s,
             "selector": {"matchLabels": selector_labels(name)},
             # maxUnavailable 0: the old pod keeps serving until the new one is ready, or forever if it never is.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {"metadata": {"labels": {**selector_labels(name), **version_labels(version, run_id)},
-                                      "annotations": dict(annotations)},
-                         "spec": pod_spec(cfg, name, version, tags)},
+            "template": {
+                "metadata": {
+                    "labels": {**selector_labels(name), **version_labels(version, run_id)},
+                    "annotations": dict(annotations),
+                },
+                "spec": pod_spec(cfg, name, version, tags),
+            },
         },
     }
 
 
 def render_service(cfg: DeploySection, *, name: str) -> dict:
     return {
-        "apiVersion": "v1", "kind": "Service",
+        "apiVersion": "v1",
+        "kind": "Service",
         "metadata": {"name": object_name(name), "namespace": cfg.namespace, "labels": common_labels(name)},
-        "spec": {"type": "ClusterIP", "selector": selector_labels(name),
-                 "ports": [{"name": "http", "port": cfg.port, "targetPort": "http", "protocol": "TCP"}]},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name),
+            "ports": [{"name": "http", "port": cfg.port, "targetPort": "http", "protocol": "TCP"}],
+        },
     }
 
 
 def render(cfg: DeploySection, *, name: str, version: str, run_id: str, tags: dict) -> list[dict]:
     """Everything one version needs, in apply order."""
-    return [render_service(cfg, name=name),
-            render_deployment(cfg, name=name, version=version, run_id=run_id, tags=tags)]
+    return [
+        render_service(cfg, name=name),
+        render_deployment(cfg, name=name, version=version, run_id=run_id, tags=tags),
+    ]

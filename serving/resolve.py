@@ -44,7 +44,9 @@ def resolve_model(ref: str, artifact: str | None = None) -> Resolved:
     if not match:
         path = Path(ref).expanduser()
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            raise FileNotFoundError(f"{ref}: neither a model directory nor a models:/name/version or models:/name@alias reference")
+            raise FileNotFoundError(
+                f"{ref}: neither a model directory nor a models:/name/version or models:/name@alias reference"
+            )
         return Resolved(path.resolve(), str(path), None)
     from serving.verified_model import download_verified, model_version
 
@@ -62,7 +64,9 @@ def _adapter(mv) -> Path:
 
     model_id = mv.tags.get(ADAPTER_MODEL_TAG)
     if not model_id:
-        raise FileNotFoundError(f"version {mv.version} of {mv.name} has no {ADAPTER_MODEL_TAG} tag: no adapter was logged")
+        raise FileNotFoundError(
+            f"version {mv.version} of {mv.name} has no {ADAPTER_MODEL_TAG} tag: no adapter was logged"
+        )
     target = cache_dir() / mv.name / mv.version / "adapter"
     if not (target / ".complete").exists():
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(target))

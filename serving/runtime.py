@@ -31,10 +31,12 @@ class Metrics:
         self.success = Counter("tgi_request_success", "Number of successful requests", registry=r)
         self.failure = Counter("tgi_request_failure", "Number of failed requests", ["err"], registry=r)
         self.duration = Histogram("tgi_request_duration", "Total time spent processing the request", registry=r)
-        self.generated = Histogram("tgi_request_generated_tokens", "Generated tokens per request",
-                                   buckets=token_buckets, registry=r)
-        self.input_length = Histogram("tgi_request_input_length", "Input token length per request",
-                                      buckets=token_buckets, registry=r)
+        self.generated = Histogram(
+            "tgi_request_generated_tokens", "Generated tokens per request", buckets=token_buckets, registry=r
+        )
+        self.input_length = Histogram(
+            "tgi_request_input_length", "Input token length per request", buckets=token_buckets, registry=r
+        )
         Gauge("tgi_queue_size", "Current queue size", registry=r).set_function(batcher.queued)
         Gauge("tgi_batch_current_size", "Current batch size", registry=r).set_function(lambda: len(batcher.running))
 
@@ -44,8 +46,13 @@ class Runtime:
 
     def __init__(self, engine: Engine, info: dict, *, max_batch_size: int, batch_wait_ms: float, threads: int):
         self.engine, self.info, self.in_flight = engine, info, 0
-        self.batcher = Batcher(engine, max_batch_size=max_batch_size, capacity=info["max_concurrent_requests"],
-                               wait_s=batch_wait_ms / 1000, threads=threads)
+        self.batcher = Batcher(
+            engine,
+            max_batch_size=max_batch_size,
+            capacity=info["max_concurrent_requests"],
+            wait_s=batch_wait_ms / 1000,
+            threads=threads,
+        )
         self.metrics = Metrics(self.batcher, info["max_total_tokens"])
         self.fingerprint = f"{TGI_VERSION}-{info['docker_label']}"
         self.worker: asyncio.Task | None = None
@@ -60,8 +67,10 @@ class Runtime:
         """TGI's /tokenize answer, whose offsets count UTF-8 bytes where Python's tokenizers count characters."""
         encoding = self.encode(text, special, offsets=True)
         byte_at = list(itertools.accumulate((len(char.encode()) for char in text), initial=0))
-        return [{"id": i, "text": text[a:b], "start": byte_at[a], "stop": byte_at[b]}
-                for i, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"])]
+        return [
+            {"id": i, "text": text[a:b], "start": byte_at[a], "stop": byte_at[b]}
+            for i, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"])
+        ]
 
     def head(self, model: str) -> dict:
         """The fields every OpenAI-style answer starts with; TGI leaves `id` empty."""
@@ -75,8 +84,12 @@ class Runtime:
         messages, tokenizer = [{"role": m.role, "content": m.text()} for m in chat.messages], self.engine.tokenizer
         try:
             if not messages:  # transformers refuses an empty conversation, where TGI renders the template anyway
-                rendered, _ = render_jinja_template([[]], chat_template=tokenizer.get_chat_template(),
-                                                    add_generation_prompt=True, **tokenizer.special_tokens_map)
+                rendered, _ = render_jinja_template(
+                    [[]],
+                    chat_template=tokenizer.get_chat_template(),
+                    add_generation_prompt=True,
+                    **tokenizer.special_tokens_map,
+                )
                 return rendered[0]
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # a missing template, or raise_exception() inside one
@@ -86,7 +99,7 @@ class Runtime:
         """TGI's validation, in its order, ending in a job the batcher can run."""
         max_input, max_total = self.info["max_input_tokens"], self.info["max_total_tokens"]
         params.check(inputs, stream=stream, max_input_tokens=max_input)
-        ids = self.encode(inputs, special)["input_ids"][-params.truncate if params.truncate else 0:]
+        ids = self.encode(inputs, special)["input_ids"][-params.truncate if params.truncate else 0 :]
         max_new = schemas.token_budget(len(ids), params.max_new_tokens, max_input, max_total)
         if params.grammar is not None:
             raise invalid("grammar is not supported")
@@ -95,8 +108,9 @@ class Runtime:
         self.metrics.input_length.observe(len(ids))
         return Job(ids, params.to_sampling(max_new), params.adapter_id, emit)
 
-    async def generate(self, inputs: str, params: GenerateParameters, *, stream: bool = False,
-                       special: bool = True) -> AsyncIterator[Step]:
+    async def generate(
+        self, inputs: str, params: GenerateParameters, *, stream: bool = False, special: bool = True
+    ) -> AsyncIterator[Step]:
         """The steps of one request; raises ApiError when overloaded, invalid, or when generation fails."""
         start, job = time.perf_counter(), None
         self.metrics.requests.inc()
@@ -107,8 +121,13 @@ class Runtime:
         out: asyncio.Queue[Step | Exception] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         try:
-            job = self.job(inputs, params, stream=stream, special=special,
-                           emit=lambda item: loop.call_soon_threadsafe(out.put_nowait, item))
+            job = self.job(
+                inputs,
+                params,
+                stream=stream,
+                special=special,
+                emit=lambda item: loop.call_soon_threadsafe(out.put_nowait, item),
+            )
             self.batcher.submit(job)
             while not (step := await self._next(out)).end:
                 yield step

@@ -65,39 +65,64 @@ class GenerateParameters(Strict):
 
     def to_sampling(self, max_new_tokens: int) -> Sampling:
         """The engine's settings; like TGI, any warper that changes the distribution turns sampling on."""
-        warped = ((self.temperature or 1.0) != 1.0 or bool(self.top_k) or (self.top_p or 1.0) < 1.0
-                  or (self.typical_p or 1.0) < 1.0)
+        warped = (
+            (self.temperature or 1.0) != 1.0
+            or bool(self.top_k)
+            or (self.top_p or 1.0) < 1.0
+            or (self.typical_p or 1.0) < 1.0
+        )
         return Sampling(
-            max_new_tokens=max_new_tokens, do_sample=self.do_sample or warped, temperature=self.temperature or 1.0,
-            top_k=self.top_k or 0, top_p=self.top_p or 1.0, typical_p=self.typical_p or 1.0,
-            repetition_penalty=self.repetition_penalty or 1.0, frequency_penalty=self.frequency_penalty or 0.0,
-            seed=self.seed if self.seed is not None else secrets.randbits(63), stop=tuple(self.stop),
-            top_n_tokens=self.top_n_tokens or 0, prefill_details=self.decoder_input_details)
+            max_new_tokens=max_new_tokens,
+            do_sample=self.do_sample or warped,
+            temperature=self.temperature or 1.0,
+            top_k=self.top_k or 0,
+            top_p=self.top_p or 1.0,
+            typical_p=self.typical_p or 1.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            seed=self.seed if self.seed is not None else secrets.randbits(63),
+            stop=tuple(self.stop),
+            top_n_tokens=self.top_n_tokens or 0,
+            prefill_details=self.decoder_input_details,
+        )
 
     def check(self, inputs: str, *, stream: bool, max_input_tokens: int) -> None:
         """TGI's validation before tokenizing, in its order, so the first error reported is the same."""
         if stream and self.decoder_input_details:
             raise invalid("`decoder_input_details` == true is not supported when streaming tokens")
         if self.best_of not in (None, 1):
-            raise invalid("`best_of` != 1 is not supported when streaming tokens" if stream
-                          else "`best_of` != 1 is not allowed for this endpoint")
+            raise invalid(
+                "`best_of` != 1 is not supported when streaming tokens"
+                if stream
+                else "`best_of` != 1 is not allowed for this endpoint"
+            )
         rules = [
             (self.temperature is not None and self.temperature <= 0, "`temperature` must be strictly positive"),
-            (self.repetition_penalty is not None and self.repetition_penalty <= 0,
-             "`repetition_penalty` must be strictly positive"),
-            (self.frequency_penalty is not None and not -2.0 <= self.frequency_penalty <= 2.0,
-             "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+            (
+                self.repetition_penalty is not None and self.repetition_penalty <= 0,
+                "`repetition_penalty` must be strictly positive",
+            ),
+            (
+                self.frequency_penalty is not None and not -2.0 <= self.frequency_penalty <= 2.0,
+                "`frequency_penalty` must be >= -2.0 and <= 2.0",
+            ),
             (self.top_p is not None and not 0.0 < self.top_p < 1.0, "`top_p` must be > 0.0 and < 1.0"),
             (self.typical_p is not None and not 0.0 < self.typical_p < 1.0, "`typical_p` must be > 0.0 and < 1.0"),
             (self.top_k is not None and self.top_k <= 0, "`top_k` must be strictly positive"),
             (self.max_new_tokens == 0, "`max_new_tokens` must be strictly positive"),
-            (len(self.stop) > MAX_STOP_SEQUENCES,
-             f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(self.stop)}"),
-            ((self.top_n_tokens or 0) > MAX_TOP_N_TOKENS,
-             f"`top_n_tokens` must be >= 0 and <= {MAX_TOP_N_TOKENS}. Given: {self.top_n_tokens}"),
+            (
+                len(self.stop) > MAX_STOP_SEQUENCES,
+                f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(self.stop)}",
+            ),
+            (
+                (self.top_n_tokens or 0) > MAX_TOP_N_TOKENS,
+                f"`top_n_tokens` must be >= 0 and <= {MAX_TOP_N_TOKENS}. Given: {self.top_n_tokens}",
+            ),
             (not inputs, "`inputs` cannot be empty"),
-            (self.truncate is not None and not 0 < self.truncate <= max_input_tokens,
-             f"`truncate` must be strictly positive and less than {max_input_tokens}. Given: {self.truncate}"),
+            (
+                self.truncate is not None and not 0 < self.truncate <= max_input_tokens,
+                f"`truncate` must be strictly positive and less than {max_input_tokens}. Given: {self.truncate}",
+            ),
         ]
         for failed, message in rules:
             if failed:
@@ -108,8 +133,10 @@ def token_budget(n: int, max_new_tokens: int | None, max_input_tokens: int, max_
     """TGI's checks on the tokenized input; the new-token budget defaults to all that fits."""
     max_new = max_new_tokens if max_new_tokens is not None else max(max_total_tokens - n, 0)
     if n + max_new > max_total_tokens:
-        raise invalid(f"`inputs` tokens + `max_new_tokens` must be <= {max_total_tokens}. "
-                      f"Given: {n} `inputs` tokens and {max_new} `max_new_tokens`")
+        raise invalid(
+            f"`inputs` tokens + `max_new_tokens` must be <= {max_total_tokens}. "
+            f"Given: {n} `inputs` tokens and {max_new} `max_new_tokens`"
+        )
     if n > max_input_tokens:
         raise invalid(f"`inputs` must have less than {max_input_tokens} tokens. Given: {n}")
     return max_new
@@ -186,9 +213,16 @@ class OpenAIRequest(Strict):
     def parameters(self, **extra: Any) -> GenerateParameters:
         greedy = self.temperature == 0.0  # TGI samples unless temperature is exactly 0
         return GenerateParameters(
-            do_sample=not greedy, temperature=None if greedy else self.temperature, top_p=self.top_p,
-            frequency_penalty=self.frequency_penalty, max_new_tokens=self.max_tokens, seed=self.seed,
-            stop=self.stop or [], details=True, **extra)
+            do_sample=not greedy,
+            temperature=None if greedy else self.temperature,
+            top_p=self.top_p,
+            frequency_penalty=self.frequency_penalty,
+            max_new_tokens=self.max_tokens,
+            seed=self.seed,
+            stop=self.stop or [],
+            details=True,
+            **extra,
+        )
 
 
 class ChatRequest(OpenAIRequest):
@@ -206,8 +240,9 @@ class ChatRequest(OpenAIRequest):
 
     def parameters(self, **extra: Any) -> GenerateParameters:
         penalty = None if self.presence_penalty is None else self.presence_penalty + 2.0  # TGI's mapping
-        return super().parameters(repetition_penalty=penalty, top_n_tokens=self.top_logprobs,
-                                  grammar=self.grammar(), **extra)
+        return super().parameters(
+            repetition_penalty=penalty, top_n_tokens=self.top_logprobs, grammar=self.grammar(), **extra
+        )
 
     def grammar(self) -> dict | None:
         """The constraint TGI would decode under: the response format, or a JSON grammar over the tools."""

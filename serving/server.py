@@ -21,8 +21,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from serving import responses
 from serving.engine import Engine, Step
 from serving.runtime import TGI_VERSION, Runtime
-from serving.schemas import (MAX_CLIENT_BATCH_SIZE, MAX_STOP_SEQUENCES, ApiError, ChatRequest, CompatGenerateRequest,
-                             CompletionRequest, GenerateRequest)
+from serving.schemas import (
+    MAX_CLIENT_BATCH_SIZE,
+    MAX_STOP_SEQUENCES,
+    ApiError,
+    ChatRequest,
+    CompatGenerateRequest,
+    CompletionRequest,
+    GenerateRequest,
+)
 
 DONE = "data: [DONE]\n\n"  # OpenAI-style streams end so; clients need the space
 
@@ -35,12 +42,14 @@ def _rt(request: Request) -> Runtime:
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
-async def _events(steps: AsyncIterator[Step], frames: Callable[[Step], list[dict]],
-                  error: Callable[[ApiError], dict], tail: str = "") -> AsyncIterator[str]:
+async def _events(
+    steps: AsyncIterator[Step], frames: Callable[[Step], list[dict]], error: Callable[[ApiError], dict], tail: str = ""
+) -> AsyncIterator[str]:
     """An SSE body: the frames of each step; a failure becomes one last event, as TGI reports it in streams."""
     try:
         async with aclosing(steps):
@@ -55,8 +64,11 @@ async def _events(steps: AsyncIterator[Step], frames: Callable[[Step], list[dict
 
 def _generate_events(rt: Runtime, req: GenerateRequest) -> AsyncIterator[str]:
     index = itertools.count(1)
-    return _events(rt.generate(req.inputs, req.parameters, stream=True),
-                   lambda step: [responses.stream_frame(next(index), step, req.inputs, req.parameters)], ApiError.body)
+    return _events(
+        rt.generate(req.inputs, req.parameters, stream=True),
+        lambda step: [responses.stream_frame(next(index), step, req.inputs, req.parameters)],
+        ApiError.body,
+    )
 
 
 @router.post("/generate")
@@ -85,9 +97,14 @@ async def chat_completions(chat: ChatRequest, request: Request):
     head = rt.head(rt.info["model_id"] if chat.model in (None, "tgi") else chat.model)
     if chat.stream:
         usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        return _sse(_events(rt.generate(inputs, params, stream=True, special=False),
-                            lambda step: responses.chat_chunks(head, step, bool(chat.logprobs), usage),
-                            responses.openai_error, tail=DONE))
+        return _sse(
+            _events(
+                rt.generate(inputs, params, stream=True, special=False),
+                lambda step: responses.chat_chunks(head, step, bool(chat.logprobs), usage),
+                responses.openai_error,
+                tail=DONE,
+            )
+        )
     steps = await rt.complete(inputs, params, special=False)
     return responses.chat_completion(head, steps, bool(chat.logprobs))
 
@@ -96,17 +113,30 @@ async def chat_completions(chat: ChatRequest, request: Request):
 async def completions(req: CompletionRequest, request: Request):
     rt, prompts = _rt(request), req.prompts()
     if req.suffix is not None:
-        raise ApiError(422, "Suffix is not supported and can be achieved by preprocessing the prompt.",
-                       "suffix not supported")
+        raise ApiError(
+            422, "Suffix is not supported and can be achieved by preprocessing the prompt.", "suffix not supported"
+        )
     if len(prompts) > MAX_CLIENT_BATCH_SIZE:
-        raise ApiError(422, f"Number of prompts exceeds the maximum allowed batch size of {MAX_CLIENT_BATCH_SIZE}",
-                       "batch size exceeded")
+        raise ApiError(
+            422,
+            f"Number of prompts exceeds the maximum allowed batch size of {MAX_CLIENT_BATCH_SIZE}",
+            "batch size exceeded",
+        )
     params = req.parameters(adapter_id=rt.adapter_for(req.model))
     head = rt.head(rt.info["model_id"])
     if req.stream:
-        return _sse(_merged([_events(rt.generate(prompt, params, stream=True),
-                                     lambda step, i=i: [responses.completion_chunk(head, i, step)], responses.openai_error)
-                             for i, prompt in enumerate(prompts)]))
+        return _sse(
+            _merged(
+                [
+                    _events(
+                        rt.generate(prompt, params, stream=True),
+                        lambda step, i=i: [responses.completion_chunk(head, i, step)],
+                        responses.openai_error,
+                    )
+                    for i, prompt in enumerate(prompts)
+                ]
+            )
+        )
     runs = await asyncio.gather(*(rt.complete(prompt, params) for prompt in prompts))
     return responses.completion(head, [steps[-1].end for steps in runs])
 
@@ -188,14 +218,26 @@ def _location(error: dict) -> str:
 
 async def _body_error(_: Request, err: RequestValidationError) -> JSONResponse:
     where = ", ".join(f"{_location(e)}: {e['msg']}" for e in err.errors())
-    return JSONResponse({"error": f"Failed to deserialize the JSON body into the target type: {where}",
-                         "error_type": "validation"}, status_code=422)
+    return JSONResponse(
+        {"error": f"Failed to deserialize the JSON body into the target type: {where}", "error_type": "validation"},
+        status_code=422,
+    )
 
 
-def create_app(model_dir: str, *, model_id: str | None = None, model_sha: str | None = None,
-               max_input_tokens: int | None = None, max_total_tokens: int | None = None,
-               max_concurrent_requests: int = 128, max_batch_size: int = 8, adapters: dict[str, str] | None = None,
-               dtype: str = "float32", batch_wait_ms: float = 5.0, threads: int = 1) -> FastAPI:
+def create_app(
+    model_dir: str,
+    *,
+    model_id: str | None = None,
+    model_sha: str | None = None,
+    max_input_tokens: int | None = None,
+    max_total_tokens: int | None = None,
+    max_concurrent_requests: int = 128,
+    max_batch_size: int = 8,
+    adapters: dict[str, str] | None = None,
+    dtype: str = "float32",
+    batch_wait_ms: float = 5.0,
+    threads: int = 1,
+) -> FastAPI:
     """Load the model (and adapters) now and return the app; the batch worker starts with the app.
 
     float32 keeps greedy outputs the same whether a request is batched or alone. bfloat16 decoded batches twice as
@@ -207,13 +249,26 @@ def create_app(model_dir: str, *, model_id: str | None = None, model_sha: str | 
     max_total = max_total_tokens or min(positions, 4096)
     max_input = max_input_tokens or max_total - 1
     if not 0 < max_input < max_total <= positions:
-        raise ValueError(f"need 0 < max_input_tokens ({max_input}) < max_total_tokens ({max_total}) "
-                         f"<= the model's max_position_embeddings ({positions})")
-    info = {"model_id": model_id or str(model_dir), "model_sha": model_sha, "model_pipeline_tag": None,
-            "max_concurrent_requests": max_concurrent_requests, "max_best_of": 1,
-            "max_stop_sequences": MAX_STOP_SEQUENCES, "max_input_tokens": max_input, "max_total_tokens": max_total,
-            "validation_workers": 1, "max_client_batch_size": MAX_CLIENT_BATCH_SIZE,
-            "router": "text-generation-router", "version": TGI_VERSION, "sha": None, "docker_label": "llmops"}
+        raise ValueError(
+            f"need 0 < max_input_tokens ({max_input}) < max_total_tokens ({max_total}) "
+            f"<= the model's max_position_embeddings ({positions})"
+        )
+    info = {
+        "model_id": model_id or str(model_dir),
+        "model_sha": model_sha,
+        "model_pipeline_tag": None,
+        "max_concurrent_requests": max_concurrent_requests,
+        "max_best_of": 1,
+        "max_stop_sequences": MAX_STOP_SEQUENCES,
+        "max_input_tokens": max_input,
+        "max_total_tokens": max_total,
+        "validation_workers": 1,
+        "max_client_batch_size": MAX_CLIENT_BATCH_SIZE,
+        "router": "text-generation-router",
+        "version": TGI_VERSION,
+        "sha": None,
+        "docker_label": "llmops",
+    }
     runtime = Runtime(engine, info, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, threads=threads)
 
     @asynccontextmanager

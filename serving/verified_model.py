@@ -38,8 +38,10 @@ def model_version(name: str, version: str | None = None, alias: str | None = Non
 def verify_download(root: Path, mv) -> tuple[Path, int]:
     expected = mv.tags.get(MANIFEST_TAG)
     if not expected:
-        raise VerificationError(f"version {mv.version} of {mv.name} has no {MANIFEST_TAG} tag: it was not "
-                                "registered by the register stage, so its files cannot be checked")
+        raise VerificationError(
+            f"version {mv.version} of {mv.name} has no {MANIFEST_TAG} tag: it was not "
+            "registered by the register stage, so its files cannot be checked"
+        )
     served, manifest = artifact_paths(root)
     return served, verify(served, manifest, expected)
 

@@ -83,5 +83,10 @@ def ensure_webhook(client, name: str, url: str, secret: str):
     for hook in client.list_webhooks():
         if hook.name == name:
             return client.update_webhook(hook.webhook_id, url=url, events=events, secret=secret, status="ACTIVE")
-    return client.create_webhook(name=name, url=url, events=events, secret=secret,
-                                 description="llmops deployer: alias changes deploy the version behind them")
+    return client.create_webhook(
+        name=name,
+        url=url,
+        events=events,
+        secret=secret,
+        description="llmops deployer: alias changes deploy the version behind them",
+    )

@@ -85,7 +85,7 @@ def eval_examples(n: int = EXAMPLES) -> tuple[list[dict], list[str]]:
 
 
 def label_budget(tok, labels: list[str]) -> int:
-    """evaluate_model's own cap for label tasks: the longest label's tokens plus two."""
+    """score_model's own cap for label tasks: the longest label's tokens plus two."""
     return max(len(tok(lab, add_special_tokens=False)["input_ids"]) for lab in labels) + 2
 
 
@@ -119,7 +119,7 @@ def measure() -> dict:
     if tok(prompts[0])["input_ids"] != tok(prompts[0], add_special_tokens=False)["input_ids"]:
         raise RuntimeError("the tokenizer adds special tokens: the two sides would not see the same input")
     sides = {"recipe": lambda: recipe(model, tok, prompts, max_new),
-             "ours": lambda: generate(model, tok, prompts, max_new, BATCH, label="bench batched")}
+             "ours": lambda: generate(model, tok, prompts, max_new, BATCH, progress="bench batched")}
     recipe(model, tok, prompts[:1], 2)  # one-time start-up costs (first kernels) belong to neither side
     times = {name: [] for name in sides}
     preds: dict[str, list[str]] = {}

@@ -37,11 +37,11 @@ def measure(extra: list[str] | None = None, warm_base_cache: Path | None = None)
     env = {"LLMOPS_MLFLOW_PORT": "5099"}
     if warm_base_cache:
         env["LLMOPS_CACHE"] = str(warm_base_cache)
-    cmd = [sys.executable, "-m", "pipelines.cli", "run", "--root", str(root), *(extra or [])]
+    cmd = [sys.executable, "-m", "llmops", "run", "--root", str(root), *(extra or [])]
     try:
         _, peak, wall = sampled(cmd, {**os.environ, **env}, rss=_tree_rss)
     finally:
-        subprocess.run([sys.executable, "-m", "pipelines.cli", "mlflow-stop", "--root", str(root)], capture_output=True)
+        subprocess.run([sys.executable, "-m", "llmops", "mlflow-stop", "--root", str(root)], capture_output=True)
     registration = sorted(root.glob("kfp/finetune-*/register/registration"))[-1]
     summary = json.loads(registration.read_text())
     return {"wall_seconds": wall, "peak_rss_bytes": peak, "stages": summary["stages"],

@@ -25,25 +25,19 @@ from pathlib import Path
 STEPS, EVERY, KILLS, SEED = 40, 4, 3, 7
 MARK = "@@bench-step"
 
-# The child wraps train.make_callback so each finished step prints a marker with a wall-clock time:
+# The child wraps train.ReportProgress so each finished step prints a marker with a wall-clock time:
 # train.py's own progress bar does not reach a pipe, and the parent must see steps as they happen.
 CHILD = f"""
 import json, sys, time
 from components import train
 from components.config import TrainSection
 
-def marked(make):
-    def wrapper(tracker, total):
-        callback = make(tracker, total)
-        inner = callback.on_step_end
-        def on_step_end(args, state, control, **kw):
-            print("{MARK}", state.global_step, repr(time.time()), flush=True)
-            return inner(args, state, control, **kw)
-        callback.on_step_end = on_step_end
-        return callback
-    return wrapper
+class Marked(train.ReportProgress):
+    def on_step_end(self, args, state, control, **kw):
+        print("{MARK}", state.global_step, repr(time.time()), flush=True)
+        return super().on_step_end(args, state, control, **kw)
 
-train.make_callback = marked(train.make_callback)
+train.ReportProgress = Marked
 train.run(TrainSection(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3], sys.argv[4])
 """
 

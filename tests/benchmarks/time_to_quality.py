@@ -32,7 +32,7 @@ EVAL_EXAMPLES = int(os.environ.get("LLMOPS_TTQ_EVAL", "300"))
 
 def ours(work: Path) -> dict:
     from components import prepare_data, train
-    from components.config import load_config
+    from pipelines.config import load_config
 
     extra = os.environ.get("LLMOPS_TTQ_OVERRIDES", "").split()  # e.g. "train.max_steps=4" for a quick try
     cfg = load_config("banking77", [f"data.path={evaluation.BANKING77}", f"train.checkpoint_root={work / 'ck'}", *extra])
@@ -55,9 +55,8 @@ def held_out_accuracy(work: Path, cfg) -> dict:
     tok = inference.load_tokenizer(evaluation.base_dir())
     model = inference.load_model(evaluation.base_dir(), "bfloat16", adapter_dir=work / "adapter")
     examples = read_jsonl(work / "data" / "eval.jsonl")[:EVAL_EXAMPLES]
-    metrics, _ = scoring.evaluate_model(model, tok, examples, EvalSection(batch_size=32),
-                                         read_json(work / "data" / "labels.json"), "held-out")
-    return metrics
+    return scoring.score_model(model, tok, examples, EvalSection(batch_size=32),
+                               read_json(work / "data" / "labels.json"), "held-out").metrics
 
 
 def recipe() -> dict:
@@ -70,7 +69,7 @@ def recipe() -> dict:
 
 def measure() -> dict:
     if os.environ.get("LLMOPS_TTQ_RESULT"):
-        from components.config import load_config
+        from pipelines.config import load_config
 
         saved = json.loads(Path(os.environ["LLMOPS_TTQ_RESULT"]).read_text())
         return {**saved, "cfg": load_config("banking77", [f"data.path={evaluation.BANKING77}"])}

@@ -103,7 +103,7 @@ def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(work
     from components.inference import load_model, load_tokenizer
     from components.jsonl import read_jsonl
     from components.prompt_contract import read_contract
-    from components.scoring import evaluate_model
+    from components.scoring import score_model
     from components.chat_pyfunc import artifact_paths
 
     assert "registered llmops-demo version 1" in demo_run.stdout
@@ -123,8 +123,8 @@ def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(work
     data_dir = next(workspace.root.glob("kfp/finetune-*/prepare-data/dataset"))
     examples = read_jsonl(data_dir / "eval.jsonl")[: quant["examples"]]
     labels = read_contract(served)["labels"]
-    metrics, _ = evaluate_model(load_model(served, "float32"), load_tokenizer(served), examples, EvalSection(), labels,
-                                "registered")
+    metrics = score_model(load_model(served, "float32"), load_tokenizer(served), examples, EvalSection(), labels,
+                          "registered").metrics
     # The registry's own files reproduce what the pipeline measured on the merged model.
     assert metrics["exact_match"] == pytest.approx(quant["results"]["merged"]["exact_match"], abs=0.02)
     assert metrics["agreement_where_valid"] == 1.0 and metrics["label_accuracy"] >= metrics["exact_match"]

@@ -3,7 +3,7 @@
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.cli import app
+from llmops.cli import app
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from components.config import DeploySection
+from serving.settings import DeploySection
 from serving import kube, manifests
 from tests.integration.kube_fake import FakeKube
 

@@ -108,12 +108,12 @@ def test_validation_state_and_best_adapter_follow_the_checkpoints_to_s3(moto_url
     """A retried pod on a fresh node must know the best adapter seen so far, or it could hand on a worse one;
     a kill between a new best's upload and its record leaves the previous best whole and named."""
     from components import storage
-    from components.checkpoints import VALIDATION, Durable
+    from components.checkpoints import VALIDATION, CheckpointStore
 
     bucket = f"ckpt-{uuid.uuid4().hex[:8]}"
     storage.client().create_bucket(Bucket=bucket)
     remote = f"s3://{bucket}/checkpoints/run"
-    first = Durable(tmp_path / "machine1", remote)
+    first = CheckpointStore(tmp_path / "machine1", remote)
 
     def best(step, accuracy, record=True):
         name = f"best-{step}"
@@ -127,12 +127,12 @@ def test_validation_state_and_best_adapter_follow_the_checkpoints_to_s3(moto_url
         return (first.local / name / "adapter_model.safetensors").read_bytes()
 
     def restored(machine):
-        fresh = Durable(tmp_path / machine, remote)
+        fresh = CheckpointStore(tmp_path / machine, remote)
         fresh.restore()
         record = json.loads((fresh.local / VALIDATION).read_text())["best"]
         return record["dir"], (fresh.local / record["dir"] / "adapter_model.safetensors").read_bytes()
 
-    assert Durable(tmp_path / "empty", remote).restore() is None  # nothing pushed yet: nothing comes back
+    assert CheckpointStore(tmp_path / "empty", remote).restore() is None  # nothing pushed yet: nothing comes back
     assert not (tmp_path / "empty" / VALIDATION).exists()
     weights_50 = best(50, 0.7)
     assert restored("machine2") == ("best-50", weights_50)
@@ -142,4 +142,4 @@ def test_validation_state_and_best_adapter_follow_the_checkpoints_to_s3(moto_url
                                                       "curve": []}))
     first.push(VALIDATION)
     assert restored("machine4") == ("best-100", weights_100)
-    Durable(tmp_path / "local-only").push(VALIDATION)  # a PVC root is durable as is: nothing to upload, no error
+    CheckpointStore(tmp_path / "local-only").push(VALIDATION)  # a PVC root is durable as is: nothing to upload, no error

@@ -11,7 +11,7 @@ import uuid
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.cli import app
+from llmops.cli import app
 from serving import fetch_model
 from tests.conftest import logged_model_files, register_served
 

@@ -57,7 +57,7 @@ def test_closure_follows_imports_inside_functions():
 def test_every_task_of_the_compiled_pipeline_carries_its_own_digest(tmp_path):
     import yaml
 
-    from components.config import load_config
+    from pipelines.config import load_config
     from pipelines.finetune import compile_pipeline
 
     spec = next(yaml.safe_load_all(open(compile_pipeline(load_config("cluster"), str(tmp_path / "f.yaml")))))

@@ -1,7 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from components.config import MergeSection, PipelineConfig, TrainSection, apply_overrides, load_config
+from components.config import MergeSection, TrainSection, apply_overrides
+from pipelines.config import PipelineConfig, load_config
 
 pytestmark = pytest.mark.unit
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import DeploySection, load_config
+from serving.settings import DeploySection, load_deployer_config
 from serving import manifests
 
 pytestmark = pytest.mark.unit
@@ -443,7 +443,7 @@ def deployer_cli_params(args: list[str]) -> dict:
     """Parse the container's arguments with the real `llmops` CLI, without running it."""
     import typer
 
-    from pipelines.cli import app
+    from llmops.cli import app
 
     command = typer.main.get_command(app).commands[args[0]]
     return command.make_context(args[0], list(args[1:])).params
@@ -462,7 +462,7 @@ def test_deployer_runs_the_cli_against_mlflow(overlay):
     params = deployer_cli_params(container["args"])
     assert (params["mode"], params["host"], params["port"], params["profile"]) == ("kubernetes", "0.0.0.0", 8700,
                                                                                    "cluster")
-    cfg = load_config(params["profile"], params["overrides"]).deploy  # the overrides are valid config
+    cfg = load_deployer_config(params["profile"], params["overrides"]).deploy  # the overrides are valid config
     assert cfg.namespace == NAMESPACE
 
     variables = env(container)
@@ -495,7 +495,7 @@ def test_local_overlay_renders_tgi_without_gpu_and_production_with():
     def tgi_pod(overlay: str) -> dict:
         (container,) = find(render(overlay), "Deployment", "llmops-deployer")["spec"]["template"]["spec"]["containers"]
         params = deployer_cli_params(container["args"])
-        cfg = load_config(params["profile"], params["overrides"]).deploy
+        cfg = load_deployer_config(params["profile"], params["overrides"]).deploy
         return manifests.render_deployment(cfg, name="llmops", version="1", run_id="r", tags={})["spec"][
             "template"]["spec"]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components import inference, labels, scoring, train
+from components import inference, scoring, train
 from components.config import DataSection, EvalSection, TrainSection
 from components.jsonl import read_jsonl
 from components.util import read_json
@@ -58,7 +58,7 @@ def early_stopped(mapping_base, with_validation, tmp_path_factory):
 def test_the_trie_admits_exactly_the_labels_followed_by_eos(tiny_base):
     tok = inference.load_tokenizer(tiny_base)
     names = ["card_lost", "card_arrival", "refund_request"]
-    trie = labels.LabelTrie(tok, names)
+    trie = inference.LabelTrie(tok, names)
     for name in names:
         ids = tok(name + tok.eos_token, add_special_tokens=False)["input_ids"]
         for i, token in enumerate(ids):
@@ -75,7 +75,7 @@ def test_an_untrained_model_constrained_to_labels_answers_only_labels(tiny_base,
     names = read_json(demo_prepared / "labels.json")
     prompts = [e["prompt"] for e in read_jsonl(demo_prepared / "eval.jsonl")][:12]
     free = inference.generate(model, tok, prompts, 8, batch_size=12)
-    constrained = labels.predict(model, tok, prompts, names, batch_size=5)
+    constrained = inference.predict_labels(model, tok, prompts, inference.LabelTrie(tok, names), batch_size=5)
     assert all(c in names for c in constrained)
     assert not all(f in names for f in free)  # free generation of random weights is mostly not a label
 
@@ -85,8 +85,8 @@ def test_constrained_scoring_of_a_trained_model(mapping_base, with_validation, e
     tok = inference.load_tokenizer(mapping_base)
     model = inference.load_model(mapping_base, "float32", adapter_dir=out / "adapter")
     examples, names = read_jsonl(with_validation / "eval.jsonl"), read_json(with_validation / "labels.json")
-    result, free = scoring.evaluate_in_detail(model, tok, examples, EvalSection(batch_size=8), names, "tuned")
-    constrained = result["constrained_predictions"]
+    scored = scoring.score_model(model, tok, examples, EvalSection(batch_size=8), names, "tuned")
+    result, free, constrained = scored.metrics, scored.predictions, scored.constrained
     assert result["label_accuracy"] >= 0.8  # it picks the right label of the known mapping
     assert result["label_accuracy"] >= result["exact_match"]  # a badly formatted free answer cannot count
     # Greedy decoding that follows the free path while it spells a label must choose that same label.
@@ -124,5 +124,6 @@ def test_the_output_is_the_adapter_of_the_best_validation(mapping_base, with_val
     tok = inference.load_tokenizer(mapping_base)
     model = inference.load_model(mapping_base, "float32", adapter_dir=tmp_path / "adapter")
     val = read_jsonl(with_validation / "val.jsonl")
-    preds = labels.predict(model, tok, [e["prompt"] for e in val], read_json(with_validation / "labels.json"), 16)
-    assert labels.accuracy(preds, [e["answer"] for e in val]) == pytest.approx(best["accuracy"])
+    trie = inference.LabelTrie(tok, read_json(with_validation / "labels.json"))
+    preds = inference.predict_labels(model, tok, [e["prompt"] for e in val], trie, 16)
+    assert scoring.accuracy(preds, [e["answer"] for e in val]) == pytest.approx(best["accuracy"])

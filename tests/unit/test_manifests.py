@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import DeploySection
+from serving.settings import DeploySection
 from serving import fetch_model, manifests
 
 pytestmark = pytest.mark.unit

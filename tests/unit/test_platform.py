@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from components.config import load_config
+from pipelines.config import load_config
 from pipelines.finetune import compile_pipeline
 from pipelines.platform import SECRETS
 

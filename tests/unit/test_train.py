@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components import checkpoints, train
+from components import answer_batches, checkpoints, train
 from components.config import TrainSection
 from components.jsonl import read_jsonl
 
@@ -17,12 +17,12 @@ def test_labels_cover_the_answer_and_eos_only(tiny_base, demo_prepared):
 
     tok = AutoTokenizer.from_pretrained(tiny_base)
     examples = read_jsonl(demo_prepared / "train.jsonl")[:4]
-    ds = train.tokenize(examples, tok)
+    ds = answer_batches.tokenize(examples, tok)
     for ex, row in zip(examples, ds):
-        learned = [t for t in row["labels"] if t != train.IGNORE_INDEX]
+        learned = [t for t in row["labels"] if t != answer_batches.IGNORE_INDEX]
         assert tok.decode(learned) == ex["answer"] + tok.eos_token
         assert learned[-1] == tok.eos_token_id != tok.pad_token_id
-        assert row["labels"][: ex["prompt_tokens"]] == [train.IGNORE_INDEX] * ex["prompt_tokens"]
+        assert row["labels"][: ex["prompt_tokens"]] == [answer_batches.IGNORE_INDEX] * ex["prompt_tokens"]
 
 
 def test_config_becomes_library_objects():
@@ -100,7 +100,7 @@ def test_answer_window_gives_the_full_sequence_loss_and_gradients(tiny_base, dem
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
     tok = AutoTokenizer.from_pretrained(tiny_base)
-    rows = list(train.tokenize(read_jsonl(demo_prepared / "train.jsonl")[:6], tok))
+    rows = list(answer_batches.tokenize(read_jsonl(demo_prepared / "train.jsonl")[:6], tok))
     assert len({len(r["input_ids"]) for r in rows}) > 1  # the batch needs padding for the test to mean anything
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
@@ -115,14 +115,14 @@ def test_answer_window_gives_the_full_sequence_loss_and_gradients(tiny_base, dem
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    plain = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=train.IGNORE_INDEX)([dict(r) for r in rows])
+    plain = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=answer_batches.IGNORE_INDEX)([dict(r) for r in rows])
     full, full_grads = loss_and_grads(model(**plain).loss)
-    batch = train.AnswerBatches(AutoTokenizer.from_pretrained(tiny_base))([dict(r) for r in rows])
+    batch = answer_batches.AnswerBatches(AutoTokenizer.from_pretrained(tiny_base))([dict(r) for r in rows])
     labels = batch.pop("labels")
     assert batch["logits_to_keep"] < labels.shape[1] / 2  # the window is the answers, not the whole rows
     outputs = model(**batch)
     assert outputs.logits.shape[1] == batch["logits_to_keep"]
-    windowed, grads = loss_and_grads(train.answer_loss(outputs, labels))
+    windowed, grads = loss_and_grads(answer_batches.answer_loss(outputs, labels))
     assert windowed == pytest.approx(full, rel=1e-5)
     for name, grad in full_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,73 @@
+"""Serving's settings: how the deployer serves a promoted version (TGI on Kubernetes, or a local server).
+
+Loaded from a deployer profile in serving/configs (local, cluster) or any YAML path, then `deploy.key=value`
+overrides, as `llmops deployer --profile cluster deploy.gpu_count=0`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from components.config import Section, load_settings
+
+PROFILE_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class DeploySection(Section):
+    """How a promoted version is served: TGI on Kubernetes, or the local TGI-protocol server."""
+
+    alias: str = Field("champion", description="the registry alias that deploys")
+    models: list[str] = Field(
+        [], description="registered model names this deployer serves (an allowlist); empty: every registered model"
+    )
+    namespace: str = Field("llmops", description="Kubernetes namespace of the TGI Deployments")
+    # Pinned by digest: a tag can move under a running Deployment. Set the digest your registry serves.
+    tgi_image: str = Field(
+        "ghcr.io/huggingface/text-generation-inference:3.3.4@sha256:" + "0" * 64,
+        pattern=r"^[^\s@]+@sha256:[0-9a-f]{64}$",
+        description="TGI image, pinned by digest",
+    )
+    fetch_image: str = Field(
+        "ghcr.io/llmops/llmops-cpu:0.1.0",
+        description="image of the init container that downloads and verifies the weights",
+    )
+    max_input_tokens: int = Field(1024, gt=0, description="TGI --max-input-tokens")
+    max_total_tokens: int = Field(2048, gt=0, description="TGI --max-total-tokens (prompt plus answer)")
+    max_batch_prefill_tokens: int = Field(4096, gt=0, description="TGI --max-batch-prefill-tokens")
+    gpu_resource: str = Field("nvidia.com/gpu", description="the GPU resource a TGI pod requests")
+    gpu_count: int = Field(1, ge=0, description="GPUs per TGI pod; 0 serves on CPU")
+    node_selector: dict[str, str] = Field(
+        {"nvidia.com/gpu.present": "true"}, description="node labels the TGI pods must match"
+    )
+    tolerations: list[dict[str, str]] = Field(
+        [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        description="tolerations of the TGI pods",
+    )
+    shm_size: str = Field("1Gi", description="size of the memory-backed /dev/shm")
+    port: int = Field(80, description="port of the TGI Service")
+    rollout_timeout_s: int = Field(900, gt=0, description="seconds a rollout may take before it is rolled back")
+    mlflow_tracking_uri: str = Field(
+        "http://mlflow.llmops.svc.cluster.local:5000", description="MLflow as the TGI pods' init container reaches it"
+    )
+    s3_secret: str = Field("llmops-s3", description="Secret with the S3 credentials the init container downloads with")
+    mlflow_secret: str = Field("llmops-mlflow", description="Secret with the MLflow credentials of the init container")
+
+    @model_validator(mode="after")
+    def _token_limits(self) -> DeploySection:
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError("deploy.max_input_tokens must be below deploy.max_total_tokens")
+        return self
+
+
+class DeployerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: str = Field("local", description="the profile this config was loaded from")
+    deploy: DeploySection = DeploySection()
+
+
+def load_deployer_config(profile: str = "local", overrides: list[str] | None = None) -> DeployerConfig:
+    """A deployer profile by name (serving/configs/NAME.yaml) or by path, then `deploy.key=value` overrides."""
+    return load_settings(DeployerConfig, profile, PROFILE_DIR, overrides)

@@ -1,0 +1,89 @@
+"""The layers point one way (docs/ARCHITECTURE.md): toolkit ← stages ← pipelines | serving ← the llmops CLI.
+
+Every import counts, including those inside functions, so a change that breaks a direction fails here.
+"""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("components", "pipelines", "serving", "llmops")
+STAGES = {"base_model", "prepare_data", "train", "evaluate", "merge", "quantize", "register", "gate"}
+# What each layer may import from the project. A stage module's own rule (no other stage) is checked apart.
+ALLOWED = {
+    "components": {"components"},
+    "pipelines": {"components", "pipelines"},
+    "serving": {"components", "serving"},
+    "llmops": {"llmops", "pipelines", "serving"},
+}
+
+
+def project_imports(path: Path) -> set[str]:
+    """Dotted names of the project modules a file imports, at any depth of the file."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from components import train` imports the module components.train
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if name.split(".")[0] in PACKAGES}
+
+
+def modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).glob("*.py"))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_each_layer_imports_only_the_layers_below_it(package):
+    wrong = {f"{path.relative_to(ROOT)} imports {name}"
+             for path in modules(package) for name in project_imports(path)
+             if name.split(".")[0] not in ALLOWED[package]}
+    assert not wrong, sorted(wrong)
+
+
+def test_no_stage_imports_another_and_no_toolkit_module_imports_a_stage():
+    stage_modules = {f"components.{stage}" for stage in STAGES}
+    wrong = set()
+    for path in modules("components"):
+        me = f"components.{path.stem}"
+        for name in project_imports(path):
+            if name in stage_modules and name != me:
+                kind = "stage" if path.stem in STAGES else "toolkit module"
+                wrong.add(f"{kind} {me} imports the stage {name}")
+    assert not wrong, sorted(wrong)
+    assert all((ROOT / "components" / f"{stage}.py").is_file() for stage in STAGES)  # the list is not stale
+
+
+def test_components_read_nothing_from_the_layers_above():
+    """Not by import, and not by path: no `pipelines/...` or `serving/...` file is opened from components."""
+    pattern = re.compile(r"""["'](pipelines|serving)["'/]""")  # ("llmops" is also the project's name)
+    wrong = [f"{path.relative_to(ROOT)}:{n}" for path in modules("components")
+             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not wrong, wrong
+
+
+def test_stage_outputs_are_named_only_in_the_artifacts_module():
+    from components import artifacts
+
+    names = {value.name for cls in vars(artifacts).values() if isinstance(cls, type)
+             for value in vars(cls).values() if isinstance(value, artifacts.File)}
+    names |= {artifacts.STAGE_CONFIG, artifacts.REGISTRATION_SUMMARY}
+    assert {"stats.json", "labels.json", "eval_report.json", "train.jsonl"} <= names
+    wrong = [f"{path.relative_to(ROOT)}:{n}: {name}"
+             for package in ("components", "pipelines", "serving", "llmops") for path in modules(package)
+             if path.name not in ("artifacts.py", "prompt_contract.py")
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             for name in names if f'"{name}"' in line or f"'{name}'" in line]
+    assert not wrong, wrong
+
+
+def test_the_guard_sees_imports_inside_functions(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f():\n    from serving.client import chat_model\n    import pipelines.run\n")
+    assert project_imports(sample) == {"serving.client", "serving.client.chat_model", "pipelines.run"}
