@@ -11,9 +11,9 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from components.config import PipelineConfig
 from components.tracking import EXPERIMENT_ENV
 from components.util import console
+from pipelines.config import PipelineConfig
 
 DEFAULT_ROOT = Path(".llmops")
 
