@@ -163,7 +163,15 @@ class EvalSection(Section):
 
 
 class MergeSection(Section):
-    """The adapter merged into a 16-bit copy of the base, checked for greedy parity with the adapter."""
+    """The adapter merged into a 16-bit copy of the base, checked for greedy parity with the trained model."""
+
+    # QLoRA learns its adapter against the NF4-rounded weights; added to the unrounded 16-bit ones it
+    # answers as another model. Dequantized, the NF4 weights give back exactly what training saw.
+    base: Literal["auto", "dequantized-nf4", "16bit"] = Field(
+        "auto",
+        description="what the adapter is added to: the NF4 weights it trained against, dequantized, or the "
+        "16-bit base; auto: dequantized-nf4 for a QLoRA adapter, 16bit for a 16-bit LoRA one",
+    )
 
     # float16 keeps 4x finer steps than bfloat16: a LoRA delta much smaller than the weight it is added to
     # survives the rounding that bfloat16 would apply to the merged sum.

@@ -44,8 +44,9 @@ TGI_FLAG = {"nf4": "bitsandbytes-nf4", "int8": "bitsandbytes"}
 VARIANT_OF_FLAG = {flag: variant for variant, flag in TGI_FLAG.items()}
 
 
-def bnb_config(variant: str):
-    """The bitsandbytes loading that reproduces TGI's --quantize flag for `variant` (int8 or nf4)."""
+def bnb_config(variant: str, compute_dtype: str = "bfloat16", double_quant: bool = True):
+    """The bitsandbytes loading for `variant` (int8 or nf4). The defaults reproduce TGI's --quantize flag;
+    training's NF4 base is the same quantization with its own compute dtype and double_quant setting."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -54,8 +55,8 @@ def bnb_config(variant: str):
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
     )
 
 

@@ -1,16 +1,18 @@
-"""Merge the adapter into the 16-bit base (never the 4-bit one) and check greedy parity.
+"""Merge the adapter into a 16-bit copy of the base and check greedy parity with the model that was trained.
 
-The output is what TGI serves: safetensors, config.json, and a tokenizer whose chat template
-lives in tokenizer_config.json.
+A QLoRA adapter learned to correct the NF4-rounded base, so it is added to those weights, dequantized, and
+the parity reference is that trained condition (NF4 base + adapter); a 16-bit LoRA adapter goes onto the
+16-bit base. The output is what TGI serves: 16-bit safetensors, config.json, and a tokenizer whose chat
+template lives in tokenizer_config.json.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from components.artifacts import MergedModel, PreparedData, record_config
+from components.artifacts import MergedModel, PreparedData, TrainedAdapter, record_config
 from components.config import MergeSection
-from components.inference import generate, load_model, load_tokenizer
+from components.inference import bnb_config, generate, load_model, load_tokenizer
 from components.prompt_contract import CONTRACT_FILE, read_contract, wrap_template
 from components.util import console, dir_size, heading, quiet_libraries, write_json
 
@@ -19,15 +21,60 @@ class ParityError(RuntimeError):
     pass
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str, contract: dict | None = None):
+def trained_base(adapter_dir: Path) -> dict | None:
+    """How the train stage quantized the base under this adapter ({"double_quant": ...} for NF4), else None."""
+    record = TrainedAdapter(adapter_dir).stage_config()
+    train = record["config"] if record else {}
+    return {"double_quant": train.get("double_quant", True)} if train.get("quantization") == "nf4" else None
+
+
+def merge_base(cfg: MergeSection, adapter_dir: Path) -> str:
+    if cfg.base != "auto":
+        return cfg.base
+    return "dequantized-nf4" if trained_base(adapter_dir) else "16bit"
+
+
+def dequantized_nf4(base_dir: Path, double_quant: bool = True):
+    """The base in float32 with every linear weight replaced by its NF4 rounding (what QLoRA trained against).
+
+    NF4 quantization is deterministic, so quantizing the same 16-bit base again gives the training's codes."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    plain = load_model(base_dir, "float32")
+    quantized = load_model(base_dir, "float32", quantization=bnb_config("nf4", "float32", double_quant))
+    targets = dict(plain.named_modules())
+    for name, module in quantized.named_modules():
+        if type(getattr(module, "weight", None)).__name__ == "Params4bit":
+            targets[name].weight.data.copy_(dequantize_bnb_weight(module.weight).float())
+    del quantized
+    return plain
+
+
+def trained_condition(base_dir: Path, adapter_dir: Path, dtype: str = "float32"):
+    """The adapter on the base it was trained on: NF4 for QLoRA (computing in `dtype`), else the 16-bit base."""
+    nf4 = trained_base(adapter_dir)
+    quant = bnb_config("nf4", dtype, nf4["double_quant"]) if nf4 else None
+    return load_model(base_dir, dtype, adapter_dir=adapter_dir, quantization=quant)
+
+
+def merge_adapter(
+    base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str, contract: dict | None = None, base: str = "16bit"
+):
     """Merge in float32 (no rounding inside the sum), then store in the 16-bit dtype.
 
-    The tokenizer's chat template gets the data's prompt contract, so a bare message is served the prompt
-    the model was trained on; the contract itself is kept beside the weights.
+    `base` is "dequantized-nf4" (the adapter's own training base) or "16bit". The tokenizer's chat template
+    gets the data's prompt contract, so a bare message is served the prompt the model was trained on; the
+    contract itself is kept beside the weights.
     """
     import torch
+    from peft import PeftModel
 
-    model = load_model(base_dir, "float32", adapter_dir=adapter_dir)
+    if base == "dequantized-nf4":
+        nf4 = trained_base(adapter_dir) or {"double_quant": True}
+        weights = dequantized_nf4(base_dir, nf4["double_quant"])
+    else:
+        weights = load_model(base_dir, "float32")
+    model = PeftModel.from_pretrained(weights, adapter_dir)
     merged = model.merge_and_unload().to(getattr(torch, dtype))
     merged.save_pretrained(out_dir, safe_serialization=True)
     tok = load_tokenizer(base_dir, padding_side="right")
@@ -53,30 +100,39 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
     prompts = [e["prompt"] for e in PreparedData(data_dir).examples("eval")][: cfg.parity_prompts]
     tok = load_tokenizer(base_dir)
     with stage_run("merge", cfg.model_dump()) as tracker:
-        on_base = load_model(base_dir, cfg.compare_dtype, adapter_dir=adapter_dir)
-        reference = generate(on_base, tok, prompts, cfg.max_new_tokens, 16, progress="adapter on base")
-        del on_base
-        merge_adapter(base_dir, adapter_dir, out.model_dir, cfg.base_precision, read_contract(data_dir))
+        base = merge_base(cfg, adapter_dir)
+        trained = trained_condition(base_dir, adapter_dir, cfg.compare_dtype)
+        reference = generate(trained, tok, prompts, cfg.max_new_tokens, 16, progress="trained model")
+        del trained
+        contract = read_contract(data_dir)
+        merge_adapter(base_dir, adapter_dir, out.model_dir, cfg.base_precision, contract, base)
         merged = load_model(out.model_dir, cfg.compare_dtype)
         candidate = generate(merged, tok, prompts, cfg.max_new_tokens, 16, progress="merged")
         agreement = parity(reference, candidate)
+        reference_name = "nf4 base + adapter" if trained_base(adapter_dir) else "16-bit base + adapter"
         report = {
             "parity": agreement,
+            "reference": reference_name,
+            "merged_into": base,
             "threshold": cfg.parity_threshold,
             "prompts": len(prompts),
             "size_bytes": dir_size(out.model_dir),
             "mismatches": [
-                {"prompt": p[-200:], "adapter_on_base": r, "merged": c}
+                {"prompt": p[-200:], "trained": r, "merged": c}
                 for p, r, c in zip(prompts, reference, candidate)
                 if r != c
             ][:10],
         }
         write_json(out.report_file, report)
         tracker.log_metrics({"merge.parity": agreement, "merge.size_bytes": report["size_bytes"]})
-        console.print(f"greedy parity of merged vs adapter-on-base: {agreement:.3f} on {len(prompts)} prompts")
+        console.print(
+            f"greedy parity of the merge (into the {base} base) with the trained model ({reference_name}): "
+            f"{agreement:.3f} on {len(prompts)} prompts"
+        )
         if agreement < cfg.parity_threshold:
             raise ParityError(
-                f"merged model agrees with adapter-on-base on {agreement:.1%} of greedy outputs, "
+                f"the merged model agrees with the trained model ({reference_name}) on {agreement:.1%} of greedy "
+                "outputs, "
                 f"below merge.parity_threshold={cfg.parity_threshold:.1%}; see {out.report_file}"
             )
     return report

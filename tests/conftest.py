@@ -92,16 +92,31 @@ def build_tiny_llama(out: Path, seed: int = 0, initializer_range: float = 0.02) 
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                  bos_token=None, unk_token=None)
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token=None, unk_token=None
+    )
     tok.chat_template = CHATML
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=None, initializer_range=initializer_range)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        initializer_range=initializer_range,
+    )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -150,8 +165,21 @@ def tiny_adapter(tiny_base, demo_prepared, tmp_path_factory) -> Path:
     from components.config import TrainSection
 
     out = tmp_path_factory.mktemp("tiny-adapter")
-    train.run(TrainSection(max_steps=12, batch_size=8, learning_rate=5e-3, checkpoint_every=6, log_every=2,
-                           lora_r=8, lora_alpha=16, warmup_ratio=0.0), tiny_base, demo_prepared, out)
+    train.run(
+        TrainSection(
+            max_steps=12,
+            batch_size=8,
+            learning_rate=5e-3,
+            checkpoint_every=6,
+            log_every=2,
+            lora_r=8,
+            lora_alpha=16,
+            warmup_ratio=0.0,
+        ),
+        tiny_base,
+        demo_prepared,
+        out,
+    )
     return out
 
 
@@ -163,12 +191,14 @@ def mlflow_server(tmp_path_factory):
     server = mlflow_local.start(tmp_path_factory.mktemp("mlflow"), port=free_port(), detach=False)
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = server.url
-    yield server
-    server.stop()
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    try:
+        yield server
+    finally:
+        server.stop()
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def shared_path(*parts: str) -> Path:
@@ -178,9 +208,18 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN",
-       "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
-       "MLFLOW_S3_ENDPOINT_URL")
+ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
 
 
 @contextmanager
@@ -195,8 +234,14 @@ def moto_s3(scratch: Path):
     saved = {name: os.environ.get(name) for name in ENV}
     # Point config/credential files at nothing so a developer's ~/.aws cannot leak in.
     nowhere = str(Path(scratch) / "aws-missing")
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=url, AWS_CONFIG_FILE=nowhere, AWS_SHARED_CREDENTIALS_FILE=nowhere)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=url,
+        AWS_CONFIG_FILE=nowhere,
+        AWS_SHARED_CREDENTIALS_FILE=nowhere,
+    )
     for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "MLFLOW_S3_ENDPOINT_URL"):
         os.environ.pop(name, None)
     try:
@@ -236,8 +281,13 @@ def register_served(name: str, model_dir: Path, tags: dict | None = None, experi
     mlflow.set_experiment(experiment)
     with mlflow.start_run() as run:
         info, manifest_sha = log_chat_model(Path(model_dir), {})
-    return client.create_model_version(name, f"models:/{info.model_id}", run.info.run_id, model_id=info.model_id,
-                                       tags={MANIFEST_TAG: manifest_sha, **(tags or {})})
+    return client.create_model_version(
+        name,
+        f"models:/{info.model_id}",
+        run.info.run_id,
+        model_id=info.model_id,
+        tags={MANIFEST_TAG: manifest_sha, **(tags or {})},
+    )
 
 
 def logged_model_files(server_root: Path, version) -> Path:

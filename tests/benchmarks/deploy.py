@@ -64,17 +64,34 @@ def measure() -> dict:
             started = time.monotonic()
             client.set_registered_model_alias(name, "champion", second)
             noticed = _until(lambda: deployer.passes > passes and deployer.state.get(name, {}).get("desired") == second)
-            deployed = _until(lambda: client.get_model_version(name, second).tags.get("deploy.status") == "deployed") + noticed
-        return {"promote_to_answer_s": promote_to_answer, "answer": answer.content[:60], "missed_event_noticed_s": noticed,
-                "missed_event_deployed_s": deployed, "interval_s": INTERVAL_S}
+            deployed = (
+                _until(lambda: client.get_model_version(name, second).tags.get("deploy.status") == "deployed") + noticed
+            )
+        return {
+            "promote_to_answer_s": promote_to_answer,
+            "answer": answer.content[:60],
+            "missed_event_noticed_s": noticed,
+            "missed_event_deployed_s": deployed,
+            "interval_s": INTERVAL_S,
+        }
     finally:
         backend.stop_all()
         server.stop()
 
 
 def rows(result: dict) -> list[tuple[str, str, str, str]]:
-    return [("alias set → LangChain answer, local mode, SmolLM2 (s)", f"{result['promote_to_answer_s']:.1f}", "30",
-             f"{30 / result['promote_to_answer_s']:.2f}x"),
-            (f"missed webhook noticed by the reconcile loop (s, interval {result['interval_s']:.0f})",
-             f"{result['missed_event_noticed_s']:.1f}", f"≤ {result['interval_s']:.0f}", ""),
-            ("missed webhook → new version serving (s)", f"{result['missed_event_deployed_s']:.1f}", "", "")]
+    return [
+        (
+            "alias set → LangChain answer, local mode, SmolLM2 (s)",
+            f"{result['promote_to_answer_s']:.1f}",
+            "30",
+            f"{30 / result['promote_to_answer_s']:.2f}x",
+        ),
+        (
+            f"missed webhook noticed by the reconcile loop (s, interval {result['interval_s']:.0f})",
+            f"{result['missed_event_noticed_s']:.1f}",
+            f"≤ {result['interval_s']:.0f}",
+            "",
+        ),
+        ("missed webhook → new version serving (s)", f"{result['missed_event_deployed_s']:.1f}", "", ""),
+    ]

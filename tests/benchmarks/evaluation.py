@@ -97,9 +97,14 @@ def recipe(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
     with torch.inference_mode():
         for prompt in prompts:
             enc = tok(prompt, return_tensors="pt")
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            out.append(tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+            ids = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+            out.append(tok.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return out
 
 
@@ -118,23 +123,32 @@ def measure() -> dict:
     # The recipe tokenizes with the defaults; it is only the same input if that adds no special tokens.
     if tok(prompts[0])["input_ids"] != tok(prompts[0], add_special_tokens=False)["input_ids"]:
         raise RuntimeError("the tokenizer adds special tokens: the two sides would not see the same input")
-    sides = {"recipe": lambda: recipe(model, tok, prompts, max_new),
-             "ours": lambda: generate(model, tok, prompts, max_new, BATCH, progress="bench batched")}
+    sides = {
+        "recipe": lambda: recipe(model, tok, prompts, max_new),
+        "ours": lambda: generate(model, tok, prompts, max_new, BATCH, progress="bench batched"),
+    }
     recipe(model, tok, prompts[:1], 2)  # one-time start-up costs (first kernels) belong to neither side
     times = {name: [] for name in sides}
     preds: dict[str, list[str]] = {}
     for rep in range(REPEATS):
-        for name in (list(sides) if rep % 2 == 0 else list(sides)[::-1]):
+        for name in list(sides) if rep % 2 == 0 else list(sides)[::-1]:
             started = time.perf_counter()
             preds[name] = sides[name]()
             times[name].append(time.perf_counter() - started)
     same = sum(a == b for a, b in zip(preds["recipe"], preds["ours"]))
     from components.inference import normalize
 
-    correct = {name: sum(normalize(p) == normalize(e["answer"]) for p, e in zip(preds[name], examples))
-               for name in sides}
-    result = {"n": len(prompts), "max_new": max_new, "times": times, "same": same, "correct": correct,
-              "mismatches": [(a, b) for a, b in zip(preds["recipe"], preds["ours"]) if a != b][:3]}
+    correct = {
+        name: sum(normalize(p) == normalize(e["answer"]) for p, e in zip(preds[name], examples)) for name in sides
+    }
+    result = {
+        "n": len(prompts),
+        "max_new": max_new,
+        "times": times,
+        "same": same,
+        "correct": correct,
+        "mismatches": [(a, b) for a, b in zip(preds["recipe"], preds["ours"]) if a != b][:3],
+    }
     if same != len(prompts):
         # Reported in the table rather than raised when it is rare: a row's result in a padded batch
         # can differ by rounding even in float32. A large share means a real bug, so that does raise.
@@ -149,14 +163,30 @@ def rows(result: dict) -> list[tuple[str, str, str, str]]:
     rate = {name: n / min(t) for name, t in result["times"].items()}
     speedup = rate["ours"] / rate["recipe"]
     return [
-        (f"recipe: model.generate per example, batch 1 (examples/s; best of {REPEATS})",
-         f"{rate['recipe']:.2f}", "", "1.00x"),
-        (f"ours: inference.generate, batch {BATCH}, left padding, length-sorted (examples/s; best of {REPEATS})",
-         f"{rate['ours']:.2f}", "≥ 5x", f"{speedup:.2f}x"),
-        (f"setup: {n} BANKING77 eval examples, SmolLM2 base, {DTYPE}, greedy, max_new_tokens {result['max_new']}, "
-         f"{THREADS} intra-op thread",
-         "", "", ""),
+        (
+            f"recipe: model.generate per example, batch 1 (examples/s; best of {REPEATS})",
+            f"{rate['recipe']:.2f}",
+            "",
+            "1.00x",
+        ),
+        (
+            f"ours: inference.generate, batch {BATCH}, left padding, length-sorted (examples/s; best of {REPEATS})",
+            f"{rate['ours']:.2f}",
+            "≥ 5x",
+            f"{speedup:.2f}x",
+        ),
+        (
+            f"setup: {n} BANKING77 eval examples, SmolLM2 base, {DTYPE}, greedy, max_new_tokens {result['max_new']}, "
+            f"{THREADS} intra-op thread",
+            "",
+            "",
+            "",
+        ),
         ("predictions identical to the recipe's (checked; raises below 90%)", f"{result['same']}/{n}", f"{n}/{n}", ""),
-        ("exact match, recipe / ours (untuned base model)",
-         f"{result['correct']['recipe'] / n:.3f} / {result['correct']['ours'] / n:.3f}", "", ""),
+        (
+            "exact match, recipe / ours (untuned base model)",
+            f"{result['correct']['recipe'] / n:.3f} / {result['correct']['ours'] / n:.3f}",
+            "",
+            "",
+        ),
     ]

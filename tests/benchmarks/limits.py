@@ -23,9 +23,9 @@ from pathlib import Path
 
 import psutil
 
-from tests.benchmarks.evaluation import THREADS, banking77, base_dir, pin_threads
 from components.config import TrainSection
 from components.util import read_json
+from tests.benchmarks.evaluation import THREADS, banking77, base_dir, pin_threads
 
 SIZES = (1024, 2048)
 REPS = 3
@@ -81,12 +81,22 @@ def run_train(section: dict, data_dir: Path) -> tuple[dict, int]:
     # A fresh checkpoint root: the default is keyed by the inputs, and a rerun would resume, not train.
     section = {"checkpoint_root": str(scratch / "ckpt"), "checkpoint_every": 10_000, **section}
     try:
-        output, peak, _ = sampled([sys.executable, "-c", TRAIN_CHILD, json.dumps(section), str(base_dir()),
-                                   str(data_dir), str(scratch / "out")], child_env())
+        output, peak, _ = sampled(
+            [
+                sys.executable,
+                "-c",
+                TRAIN_CHILD,
+                json.dumps(section),
+                str(base_dir()),
+                str(data_dir),
+                str(scratch / "out"),
+            ],
+            child_env(),
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    line = next(l for l in output.splitlines() if l.startswith(MARK))
-    return json.loads(line[len(MARK):]), peak
+    line = next(text for text in output.splitlines() if text.startswith(MARK))
+    return json.loads(line[len(MARK) :]), peak
 
 
 def peak_gflops(dtype, n: int) -> float:
@@ -118,20 +128,41 @@ def measure() -> dict:
 def rows(result: dict) -> list[tuple[str, str, str, str]]:
     peaks = result["peaks"]
     best = {dt: max(v for (d, _), v in peaks.items() if d == dt) for dt in ("float32", "bfloat16")}
-    out = [(f"matmul {n}x{n} {dt} (GFLOP/s, best of {REPS}, {THREADS} thread)", f"{v:.0f}", "",
-            f"{v / best['float32']:.2f}x") for (dt, n), v in peaks.items()]
+    out = [
+        (
+            f"matmul {n}x{n} {dt} (GFLOP/s, best of {REPS}, {THREADS} thread)",
+            f"{v:.0f}",
+            "",
+            f"{v / best['float32']:.2f}x",
+        )
+        for (dt, n), v in peaks.items()
+    ]
     m, n = result["train"], result["params"]
     tps = m["tokens_per_s"]
     flops = 6 * n * tps
     used = m.get("compute_dtype", "?")
     out += [
-        (f"train stage: {m['steps']} steps, batch {TrainSection().batch_size}, BANKING77, defaults "
-         f"(compute dtype {used}, gradient checkpointing {m.get('gradient_checkpointing', '?')}), "
-         f"{THREADS} thread (non-padding tokens/s)", f"{tps:.0f}", "", ""),
-        (f"model FLOP/s = 6 × N × tokens/s, N = {n / 1e6:.1f}M total parameters (GFLOP/s)", f"{flops / 1e9:.1f}",
-         "", ""),
+        (
+            f"train stage: {m['steps']} steps, batch {TrainSection().batch_size}, BANKING77, defaults "
+            f"(compute dtype {used}, gradient checkpointing {m.get('gradient_checkpointing', '?')}), "
+            f"{THREADS} thread (non-padding tokens/s)",
+            f"{tps:.0f}",
+            "",
+            "",
+        ),
+        (
+            f"model FLOP/s = 6 × N × tokens/s, N = {n / 1e6:.1f}M total parameters (GFLOP/s)",
+            f"{flops / 1e9:.1f}",
+            "",
+            "",
+        ),
         ("MFU = 6·N·tokens/s ÷ measured bf16 peak", f"{flops / 1e9 / best['bfloat16']:.1%}", "", ""),
         ("same against the measured fp32 peak", f"{flops / 1e9 / best['float32']:.1%}", "", ""),
-        (f"1-minute load average at the end ({os.cpu_count()} cores; above 0 means other work shared them)", f"{result['load']:.1f}", "", ""),
+        (
+            f"1-minute load average at the end ({os.cpu_count()} cores; above 0 means other work shared them)",
+            f"{result['load']:.1f}",
+            "",
+            "",
+        ),
     ]
     return out

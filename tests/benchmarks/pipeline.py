@@ -44,17 +44,34 @@ def measure(extra: list[str] | None = None, warm_base_cache: Path | None = None)
         subprocess.run([sys.executable, "-m", "llmops", "mlflow-stop", "--root", str(root)], capture_output=True)
     registration = sorted(root.glob("kfp/finetune-*/register/registration"))[-1]
     summary = json.loads(registration.read_text())
-    return {"wall_seconds": wall, "peak_rss_bytes": peak, "stages": summary["stages"],
-            "base_exact_match": summary["eval.base.exact_match"], "tuned_exact_match": summary["eval.tuned.exact_match"]}
+    return {
+        "wall_seconds": wall,
+        "peak_rss_bytes": peak,
+        "stages": summary["stages"],
+        "base_exact_match": summary["eval.base.exact_match"],
+        "tuned_exact_match": summary["eval.tuned.exact_match"],
+    }
 
 
 def rows(result: dict) -> list[tuple[str, str, str, str]]:
     """(measure, value, target, ratio of target to value: above 1 meets it)."""
-    out = [("make run wall time (s)", f"{result['wall_seconds']:.0f}", f"{TARGET_SECONDS}",
-            f"{TARGET_SECONDS / result['wall_seconds']:.2f}x"),
-           ("make run peak memory (GB)", f"{result['peak_rss_bytes'] / 1e9:.2f}", f"{TARGET_BYTES / 1e9:.2f}",
-            f"{TARGET_BYTES / max(result['peak_rss_bytes'], 1):.2f}x")]
+    out = [
+        (
+            "make run wall time (s)",
+            f"{result['wall_seconds']:.0f}",
+            f"{TARGET_SECONDS}",
+            f"{TARGET_SECONDS / result['wall_seconds']:.2f}x",
+        ),
+        (
+            "make run peak memory (GB)",
+            f"{result['peak_rss_bytes'] / 1e9:.2f}",
+            f"{TARGET_BYTES / 1e9:.2f}",
+            f"{TARGET_BYTES / max(result['peak_rss_bytes'], 1):.2f}x",
+        ),
+    ]
     for stage, info in result["stages"].items():
         out.append((f"stage {stage} (s)", f"{info['seconds']:.1f}", "", ""))
-    out.append(("exact match base → tuned", f"{result['base_exact_match']:.3f} → {result['tuned_exact_match']:.3f}", "", ""))
+    out.append(
+        ("exact match base → tuned", f"{result['base_exact_match']:.3f} → {result['tuned_exact_match']:.3f}", "", "")
+    )
     return out

@@ -38,8 +38,12 @@ print(json.dumps({"rss_added": me.memory_info().rss - before}))
 
 
 def resident(model_dir: Path, variant: str) -> int:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), variant, str(THREADS)],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(model_dir), variant, str(THREADS)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"resident memory of {variant} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["rss_added"]
@@ -66,21 +70,47 @@ def rows(report: dict) -> list[tuple[str, str, str, str]]:
     res = report["results"]
     ref = res["merged"]
     names = {"merged": "16-bit (bfloat16)", "int8": "int8 (LLM.int8)", "nf4": "NF4 (double quant)"}
-    out = [(f"model: packaged SmolLM2-135M base as the merged model (no trained one at hand); "
-            f"{report['examples']} BANKING77 eval examples, {THREADS} intra-op thread", "", "", "")]
+    out = [
+        (
+            f"model: packaged SmolLM2-135M base as the merged model (no trained one at hand); "
+            f"{report['examples']} BANKING77 eval examples, {THREADS} intra-op thread",
+            "",
+            "",
+            "",
+        )
+    ]
     for name, r in res.items():
-        out += [(f"{names[name]}: size on disk (MB)", f"{r['disk_bytes'] / 1e6:.1f}", "",
-                 f"{r['disk_bytes'] / ref['disk_bytes']:.2f}x"),
-                (f"{names[name]}: weights in memory, get_memory_footprint (MB)", f"{r['memory_bytes'] / 1e6:.1f}", "",
-                 f"{r['memory_bytes'] / ref['memory_bytes']:.2f}x"),
-                (f"{names[name]}: resident memory added by load + one forward (MB)", f"{r['rss_added'] / 1e6:.1f}", "",
-                 f"{r['rss_added'] / ref['rss_added']:.2f}x"),
-                (f"{names[name]}: exact match / perplexity", f"{r['exact_match']:.3f} / {r['perplexity']:.3f}", "", "")]
+        out += [
+            (
+                f"{names[name]}: size on disk (MB)",
+                f"{r['disk_bytes'] / 1e6:.1f}",
+                "",
+                f"{r['disk_bytes'] / ref['disk_bytes']:.2f}x",
+            ),
+            (
+                f"{names[name]}: weights in memory, get_memory_footprint (MB)",
+                f"{r['memory_bytes'] / 1e6:.1f}",
+                "",
+                f"{r['memory_bytes'] / ref['memory_bytes']:.2f}x",
+            ),
+            (
+                f"{names[name]}: resident memory added by load + one forward (MB)",
+                f"{r['rss_added'] / 1e6:.1f}",
+                "",
+                f"{r['rss_added'] / ref['rss_added']:.2f}x",
+            ),
+            (f"{names[name]}: exact match / perplexity", f"{r['exact_match']:.3f} / {r['perplexity']:.3f}", "", ""),
+        ]
         if "delta" in r:
             d = r["delta"]
-            out.append((f"{names[name]}: accuracy drop / perplexity increase vs 16-bit",
-                        f"{d['accuracy_drop']:+.3f} / {d['perplexity_increase']:+.2%}",
-                        f"≤ {report['thresholds']['max_accuracy_drop']:.2f} / "
-                        f"≤ {report['thresholds']['max_perplexity_increase']:.0%}", ""))
+            out.append(
+                (
+                    f"{names[name]}: accuracy drop / perplexity increase vs 16-bit",
+                    f"{d['accuracy_drop']:+.3f} / {d['perplexity_increase']:+.2%}",
+                    f"≤ {report['thresholds']['max_accuracy_drop']:.2f} / "
+                    f"≤ {report['thresholds']['max_perplexity_increase']:.0%}",
+                    "",
+                )
+            )
     out.append(("recommended TGI --quantize (quantize stage's rule)", report["recommended_quantize"], "", ""))
     return out

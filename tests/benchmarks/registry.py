@@ -16,10 +16,10 @@ REPEATS = 3
 def measure() -> dict:
     import mlflow
 
+    from components.chat_pyfunc import artifact_paths
     from components.util import dir_size
     from components.weights_manifest import MANIFEST_TAG, verify
     from pipelines import mlflow_local
-    from components.chat_pyfunc import artifact_paths
     from serving.verified_model import model_version
     from tests.benchmarks.serving import base_dir
     from tests.conftest import free_port, register_served
@@ -61,8 +61,14 @@ def measure() -> dict:
 def rows(result: dict) -> list[tuple[str, str, str, str]]:
     gb = result["gigabytes"]
     per_gb = {k: result[k] / gb for k in ("load_s", "download_s", "verify_s")}
-    return [("served directory (GB)", f"{gb:.3f}", "", ""),
-            (f"mlflow.pyfunc.load_model from the registry (s/GB; best of {REPEATS})", f"{per_gb['load_s']:.1f}", "", ""),
-            ("fetch_model's download, loopback MLflow (s/GB)", f"{per_gb['download_s']:.2f}", "", "1.00x"),
-            ("fetch_model's verification of every file (s/GB)", f"{per_gb['verify_s']:.2f}", "",
-             f"{per_gb['verify_s'] / per_gb['download_s']:.2f}x")]
+    return [
+        ("served directory (GB)", f"{gb:.3f}", "", ""),
+        (f"mlflow.pyfunc.load_model from the registry (s/GB; best of {REPEATS})", f"{per_gb['load_s']:.1f}", "", ""),
+        ("fetch_model's download, loopback MLflow (s/GB)", f"{per_gb['download_s']:.2f}", "", "1.00x"),
+        (
+            "fetch_model's verification of every file (s/GB)",
+            f"{per_gb['verify_s']:.2f}",
+            "",
+            f"{per_gb['verify_s'] / per_gb['download_s']:.2f}x",
+        ),
+    ]

@@ -90,9 +90,14 @@ class Segment:
         self.steps: dict[int, float] = {}
         self.tail: list[str] = []
         self.started = time.time()
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cfg), str(base), str(data), str(out)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                     start_new_session=True)  # its own group: SIGKILL reaches every child too
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, json.dumps(cfg), str(base), str(data), str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )  # its own group: SIGKILL reaches every child too
 
     def run(self, kill_at: int | None = None) -> int:
         """Read markers until the process ends, or SIGKILL it once it has finished step kill_at."""
@@ -116,8 +121,9 @@ class Segment:
 
 
 def measure() -> dict:
-    from components.checkpoints import last_complete_checkpoint
     from safetensors.torch import load_file
+
+    from components.checkpoints import last_complete_checkpoint
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     try:
@@ -145,8 +151,7 @@ def measure() -> dict:
             resumed_from = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
             killed_at = segment.last
             segment = Segment(base, data, root, out)
-            kills.append({"target": target, "killed_at": killed_at, "resumed_from": resumed_from,
-                          "segment": segment})
+            kills.append({"target": target, "killed_at": killed_at, "resumed_from": resumed_from, "segment": segment})
         for kill in kills:
             seg = kill.pop("segment")
             first = min(seg.steps)
@@ -163,10 +168,22 @@ def measure() -> dict:
         identical = a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
         lost = [k["lost"] for k in kills]
         restarts = [k["restart_s"] for k in kills]
-        return {"steps": STEPS, "every": EVERY, "seed": SEED, "per_step_s": per_step, "fresh_start_s": fresh_start,
-                "whole_s": whole.steps[STEPS] - whole.started, "killed_total_s": wall, "kills": kills,
-                "lost_max": max(lost), "lost_mean": statistics.mean(lost), "restart_mean_s": statistics.mean(restarts),
-                "restart_max_s": max(restarts), "final_steps": metrics["steps"], "identical": identical}
+        return {
+            "steps": STEPS,
+            "every": EVERY,
+            "seed": SEED,
+            "per_step_s": per_step,
+            "fresh_start_s": fresh_start,
+            "whole_s": whole.steps[STEPS] - whole.started,
+            "killed_total_s": wall,
+            "kills": kills,
+            "lost_max": max(lost),
+            "lost_mean": statistics.mean(lost),
+            "restart_mean_s": statistics.mean(restarts),
+            "restart_max_s": max(restarts),
+            "final_steps": metrics["steps"],
+            "identical": identical,
+        }
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -176,16 +193,30 @@ def rows(result: dict) -> list[tuple[str, str, str, str]]:
     kills = ", ".join(f"{k['killed_at']}→{k['resumed_from']}" for k in result["kills"])
     return [
         (f"uninterrupted: {result['steps']} steps, checkpoint every {every} (s per step)", f"{step:.2f}", "", "1.00x"),
-        ("uninterrupted: process start → step 1 done (s)", f"{result['fresh_start_s']:.1f}", "",
-         f"{result['fresh_start_s'] / step:.1f}x"),
+        (
+            "uninterrupted: process start → step 1 done (s)",
+            f"{result['fresh_start_s']:.1f}",
+            "",
+            f"{result['fresh_start_s'] / step:.1f}x",
+        ),
         (f"SIGKILL at steps → resumed from (seed {result['seed']})", kills, "", ""),
         ("steps lost per kill, max / mean", f"{result['lost_max']} / {result['lost_mean']:.1f}", f"≤ {every}", ""),
-        ("restart → first step past the checkpoint done (s), mean / max",
-         f"{result['restart_mean_s']:.1f} / {result['restart_max_s']:.1f}", "",
-         f"{result['restart_mean_s'] / step:.1f}x"),
-        (f"wall time with {len(result['kills'])} kills vs uninterrupted (s)",
-         f"{result['killed_total_s']:.0f} vs {result['whole_s']:.0f}", "",
-         f"{result['killed_total_s'] / result['whole_s']:.2f}x"),
-        ("resumed adapter equals the uninterrupted one, bit for bit", "yes" if result["identical"] else "NO",
-         "yes", ""),
+        (
+            "restart → first step past the checkpoint done (s), mean / max",
+            f"{result['restart_mean_s']:.1f} / {result['restart_max_s']:.1f}",
+            "",
+            f"{result['restart_mean_s'] / step:.1f}x",
+        ),
+        (
+            f"wall time with {len(result['kills'])} kills vs uninterrupted (s)",
+            f"{result['killed_total_s']:.0f} vs {result['whole_s']:.0f}",
+            "",
+            f"{result['killed_total_s'] / result['whole_s']:.2f}x",
+        ),
+        (
+            "resumed adapter equals the uninterrupted one, bit for bit",
+            "yes" if result["identical"] else "NO",
+            "yes",
+            "",
+        ),
     ]

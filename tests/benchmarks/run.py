@@ -20,8 +20,20 @@ from types import ModuleType
 from rich.console import Console
 from rich.table import Table
 
-from tests.benchmarks import (deploy, evaluation, limits, pipeline, quantization, registry, resume, serving,
-                              storage, time_to_quality, training)
+from tests.benchmarks import (
+    deploy,
+    evaluation,
+    limits,
+    merge_fidelity,
+    pipeline,
+    quantization,
+    registry,
+    resume,
+    serving,
+    storage,
+    time_to_quality,
+    training,
+)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"
 # A hidden marker under each heading names its section, so renaming a title does not orphan its text.
@@ -40,53 +52,103 @@ class Section:
 
 SECTIONS = [
     Section("pipeline", "make run on the demo data, cold pipeline cache", "target / value", pipeline),
-    Section("serving", "serving: TGI-protocol server against a sequential generate loop (SmolLM2, float32, 32 new tokens)",
-            "against sequential", serving),
+    Section(
+        "serving",
+        "serving: TGI-protocol server against a sequential generate loop (SmolLM2, float32, 32 new tokens)",
+        "against sequential",
+        serving,
+    ),
     Section("deploy", "promotion: alias to endpoint (local mode)", "target / value", deploy),
-    Section("registry", "registry: pyfunc load time and fetch_model's verification overhead (SmolLM2)",
-            "against the download", registry,
-            "The version is logged as the register stage logs it (a pyfunc around the merged directory, with its "
-            "sha256 manifest). load_model includes downloading from a loopback MLflow server and loading the "
-            "weights in float32; verification hashes every served file and checks the manifest's own digest."),
-    Section("storage", "storage: a merged-model directory to and from S3 (moto on loopback) against a local copy",
-            "against copytree", storage,
-            "`components.storage.upload_dir` / `download_dir` (boto3 multipart in 64 MiB parts, sha256 manifest "
-            "written last and verified on download) for a directory shaped like a merged model: "
-            f"{storage.WEIGHTS_BYTES // 2**20} MiB of random weights plus config and tokenizer JSON. The moto "
-            "server runs in the benchmark's own process, so client and server share one interpreter: read the "
-            "figures as a floor for a real S3 or MinIO endpoint. The round trip is compared byte for byte, and "
-            "the benchmark fails if it differs."),
-    Section("resume", "resume: SIGKILL at random steps, then restart (tiny Llama, QLoRA on CPU, one thread)",
-            "against the uninterrupted run", resume,
-            "A training run is killed with SIGKILL (no chance to save) at seeded random steps and started again "
-            "with the same inputs, so it resumes from its last complete checkpoint. Steps lost = step reached − "
-            "checkpoint resumed from, bounded by the checkpoint interval. Restart time runs from starting the "
-            "process until it has finished the first step past that checkpoint; with tiny-model steps it is "
-            "almost all process start-up (imports, model and checkpoint load), as for a fresh start."),
-    Section("evaluation", "evaluation: batched generate against the recipe's one-at-a-time loop (SmolLM2, BANKING77)",
-            "against the recipe", evaluation,
-            "Both sides in one process with the same weights, dtype and max_new_tokens, alternating over the "
-            "repeats. The predictions are compared: batching must not change the answers."),
-    Section("quantization", "quantization: 16-bit against int8 and NF4 (size, memory, exact match, perplexity)",
-            "against 16-bit", quantization, quantization.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip()),
-    Section("limits", "limits: measured matmul peak and training's model FLOPs utilization",
-            "against fp32 peak", limits,
-            "MFU = 6·N·tokens/s ÷ measured bf16 matmul peak (dense forward+backward, N = total parameters, "
-            "non-padding tokens). It leaves out attention FLOPs and NF4 dequantization, so it compares runs "
-            "rather than bounds them."),
-    Section("training", "training: our train stage against the notebook recipe (QLoRA, SmolLM2, BANKING77)",
-            "against the recipe", training, training.NOTE),
-    Section("quality", "time to quality: BANKING77 to 80% held-out accuracy on this machine (profile banking77)",
-            "against the target", time_to_quality,
-            time_to_quality.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip()),
+    Section(
+        "registry",
+        "registry: pyfunc load time and fetch_model's verification overhead (SmolLM2)",
+        "against the download",
+        registry,
+        "The version is logged as the register stage logs it (a pyfunc around the merged directory, with its "
+        "sha256 manifest). load_model includes downloading from a loopback MLflow server and loading the "
+        "weights in float32; verification hashes every served file and checks the manifest's own digest.",
+    ),
+    Section(
+        "storage",
+        "storage: a merged-model directory to and from S3 (moto on loopback) against a local copy",
+        "against copytree",
+        storage,
+        "`components.storage.upload_dir` / `download_dir` (boto3 multipart in 64 MiB parts, sha256 manifest "
+        "written last and verified on download) for a directory shaped like a merged model: "
+        f"{storage.WEIGHTS_BYTES // 2**20} MiB of random weights plus config and tokenizer JSON. The moto "
+        "server runs in the benchmark's own process, so client and server share one interpreter: read the "
+        "figures as a floor for a real S3 or MinIO endpoint. The round trip is compared byte for byte, and "
+        "the benchmark fails if it differs.",
+    ),
+    Section(
+        "resume",
+        "resume: SIGKILL at random steps, then restart (tiny Llama, QLoRA on CPU, one thread)",
+        "against the uninterrupted run",
+        resume,
+        "A training run is killed with SIGKILL (no chance to save) at seeded random steps and started again "
+        "with the same inputs, so it resumes from its last complete checkpoint. Steps lost = step reached − "
+        "checkpoint resumed from, bounded by the checkpoint interval. Restart time runs from starting the "
+        "process until it has finished the first step past that checkpoint; with tiny-model steps it is "
+        "almost all process start-up (imports, model and checkpoint load), as for a fresh start.",
+    ),
+    Section(
+        "evaluation",
+        "evaluation: batched generate against the recipe's one-at-a-time loop (SmolLM2, BANKING77)",
+        "against the recipe",
+        evaluation,
+        "Both sides in one process with the same weights, dtype and max_new_tokens, alternating over the "
+        "repeats. The predictions are compared: batching must not change the answers.",
+    ),
+    Section(
+        "quantization",
+        "quantization: 16-bit against int8 and NF4 (size, memory, exact match, perplexity)",
+        "against 16-bit",
+        quantization,
+        quantization.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
+    ),
+    Section(
+        "merge",
+        "merge fidelity: which merge reproduces the trained QLoRA model (SmolLM2, BANKING77)",
+        "against the trained model",
+        merge_fidelity,
+        merge_fidelity.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
+    ),
+    Section(
+        "limits",
+        "limits: measured matmul peak and training's model FLOPs utilization",
+        "against fp32 peak",
+        limits,
+        "MFU = 6·N·tokens/s ÷ measured bf16 matmul peak (dense forward+backward, N = total parameters, "
+        "non-padding tokens). It leaves out attention FLOPs and NF4 dequantization, so it compares runs "
+        "rather than bounds them.",
+    ),
+    Section(
+        "training",
+        "training: our train stage against the notebook recipe (QLoRA, SmolLM2, BANKING77)",
+        "against the recipe",
+        training,
+        training.NOTE,
+    ),
+    Section(
+        "quality",
+        "time to quality: BANKING77 to 80% held-out accuracy on this machine (profile banking77)",
+        "against the target",
+        time_to_quality,
+        time_to_quality.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
+    ),
 ]
 BY_NAME = {s.name: s for s in SECTIONS}
 
 
 def table_for(section: Section, rows: list[tuple], stamp: str) -> tuple[Table, list[str]]:
     table = Table("measure", "value", "target", section.ratio, title=section.title)
-    lines = [f"## {section.title}", "", f"<!-- bench: {section.name} -->",
-             f"{STAMP}{stamp}; rerun alone with `python -m tests.benchmarks.run {section.name}`._", ""]
+    lines = [
+        f"## {section.title}",
+        "",
+        f"<!-- bench: {section.name} -->",
+        f"{STAMP}{stamp}; rerun alone with `python -m tests.benchmarks.run {section.name}`._",
+        "",
+    ]
     if section.note:
         lines += [section.note, ""]
     lines += [f"| measure | value | target | {section.ratio} |", "|---|---|---|---|"]
@@ -139,11 +201,19 @@ def compose(fresh: dict[str, list[str]], old_text: str, everything: bool) -> str
         for name, _, lines in blocks:
             if name not in BY_NAME:
                 body += lines
-    kept_undated = any(name not in fresh and not any(line.startswith(STAMP) for line in lines)
-                       for name, _, lines in blocks if name in BY_NAME or not everything)
-    head = ["# Benchmarks", "",
-            "Written by `make bench`; `python -m tests.benchmarks.run NAME ...` reruns only the named sections ("
-            + ", ".join(s.name for s in SECTIONS) + ") and keeps the others' text. Each section says when it ran.", ""]
+    kept_undated = any(
+        name not in fresh and not any(line.startswith(STAMP) for line in lines)
+        for name, _, lines in blocks
+        if name in BY_NAME or not everything
+    )
+    head = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench`; `python -m tests.benchmarks.run NAME ...` reruns only the named sections ("
+        + ", ".join(s.name for s in SECTIONS)
+        + ") and keeps the others' text. Each section says when it ran.",
+        "",
+    ]
     if kept_undated and (stamp := undated_stamp(preamble)):
         head += [f"Sections without their own date: {stamp}.", ""]
     return "\n".join(head + body).rstrip("\n") + "\n"
@@ -170,8 +240,9 @@ def log_to_mlflow(fresh: dict[str, list[tuple]], stamp: str) -> str | None:
     import mlflow
 
     mlflow.set_experiment(os.environ.get("LLMOPS_BENCH_EXPERIMENT", "llmops-bench"))
-    with mlflow.start_run(run_name="bench", tags={"llmops.bench.sections": ",".join(fresh),
-                                                  "llmops.bench.measured": stamp}) as run:
+    with mlflow.start_run(
+        run_name="bench", tags={"llmops.bench.sections": ",".join(fresh), "llmops.bench.measured": stamp}
+    ) as run:
         for name, table in fresh.items():
             metrics, params, seen = {}, {}, set()
             for i, (measure, value, target, ratio) in enumerate(table):
@@ -189,16 +260,22 @@ def log_to_mlflow(fresh: dict[str, list[tuple]], stamp: str) -> str | None:
             mlflow.log_metrics(metrics)
             if params:
                 mlflow.log_params(params)
-            mlflow.log_dict({"section": name, "columns": ["measure", "value", "target", "ratio"],
-                             "rows": [list(row) for row in table]},
-                            f"bench/{name}.json")
+            mlflow.log_dict(
+                {
+                    "section": name,
+                    "columns": ["measure", "value", "target", "ratio"],
+                    "rows": [list(row) for row in table],
+                },
+                f"bench/{name}.json",
+            )
         return f"{mlflow.get_tracking_uri()} run {run.info.run_id}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.run", description=__doc__.splitlines()[0])
-    parser.add_argument("sections", nargs="*", metavar="SECTION",
-                        help="any of: " + ", ".join(BY_NAME) + " (default: all)")
+    parser.add_argument(
+        "sections", nargs="*", metavar="SECTION", help="any of: " + ", ".join(BY_NAME) + " (default: all)"
+    )
     args = parser.parse_args(argv)
     unknown = [name for name in args.sections if name not in BY_NAME]
     if unknown:

@@ -12,8 +12,10 @@ from pathlib import Path
 import requests
 
 MAX_NEW = 32
-PROMPTS = [f"Write one sentence about topic number {i}: " + t for i, t in enumerate(
-    ["banking", "travel", "cooking", "music", "weather", "sports", "cards", "refunds"] * 4)]
+PROMPTS = [
+    f"Write one sentence about topic number {i}: " + t
+    for i, t in enumerate(["banking", "travel", "cooking", "music", "weather", "sports", "cards", "refunds"] * 4)
+]
 
 
 def base_dir() -> Path:
@@ -40,15 +42,19 @@ def sequential(model_dir: Path, prompts: list[str]) -> float:
 
 def _one(url: str, prompt: str) -> tuple[float, int]:
     started = time.perf_counter()
-    body = requests.post(f"{url}/generate", json={"inputs": prompt, "parameters": {
-        "max_new_tokens": MAX_NEW, "details": True}}, timeout=600).json()
+    body = requests.post(
+        f"{url}/generate",
+        json={"inputs": prompt, "parameters": {"max_new_tokens": MAX_NEW, "details": True}},
+        timeout=600,
+    ).json()
     return time.perf_counter() - started, body["details"]["generated_tokens"]
 
 
 def ttft(url: str, prompt: str) -> float:
     started = time.perf_counter()
-    with requests.post(f"{url}/generate_stream", json={"inputs": prompt, "parameters": {"max_new_tokens": 8}},
-                       stream=True, timeout=600) as response:
+    with requests.post(
+        f"{url}/generate_stream", json={"inputs": prompt, "parameters": {"max_new_tokens": 8}}, stream=True, timeout=600
+    ) as response:
         for line in response.iter_lines():
             if line.startswith(b"data:") and json.loads(line[5:]).get("token"):
                 return time.perf_counter() - started
@@ -61,8 +67,11 @@ def concurrent(url: str, prompts: list[str], workers: int) -> dict:
         results = list(pool.map(lambda p: _one(url, p), prompts))
     wall = time.perf_counter() - started
     latencies = sorted(r[0] for r in results)
-    return {"tokens_per_s": sum(r[1] for r in results) / wall, "p50_s": statistics.median(latencies),
-            "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)]}
+    return {
+        "tokens_per_s": sum(r[1] for r in results) / wall,
+        "p50_s": statistics.median(latencies),
+        "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)],
+    }
 
 
 def measure() -> dict:
@@ -73,8 +82,16 @@ def measure() -> dict:
     baseline = sequential(model, PROMPTS[:8])
     out = {"sequential_tokens_per_s": baseline, "levels": {}}
     # Both sides get the same two cores: the baseline uses torch's default threads, the server is told.
-    with Live(create_app(str(model), max_total_tokens=2048, max_concurrent_requests=64, max_batch_size=16,
-                         threads=2, batch_wait_ms=30)) as live:
+    with Live(
+        create_app(
+            str(model),
+            max_total_tokens=2048,
+            max_concurrent_requests=64,
+            max_batch_size=16,
+            threads=2,
+            batch_wait_ms=30,
+        )
+    ) as live:
         _one(live.url, PROMPTS[0])  # warm-up
         for workers in (1, 4, 8, 16):
             out["levels"][workers] = concurrent(live.url, PROMPTS[: max(8, workers * 2)], workers)
@@ -87,8 +104,16 @@ def rows(result: dict) -> list[tuple[str, str, str, str]]:
     out = [("sequential model.generate (tok/s)", f"{base:.1f}", "", "1.00x")]
     for workers, r in result["levels"].items():
         target = "3x" if int(workers) == 8 else ""
-        out.append((f"server, concurrency {workers} (tok/s)", f"{r['tokens_per_s']:.1f}", target,
-                    f"{r['tokens_per_s'] / base:.2f}x"))
-        out.append((f"server, concurrency {workers} latency p50 / p95 (s)", f"{r['p50_s']:.2f} / {r['p95_s']:.2f}", "", ""))
+        out.append(
+            (
+                f"server, concurrency {workers} (tok/s)",
+                f"{r['tokens_per_s']:.1f}",
+                target,
+                f"{r['tokens_per_s'] / base:.2f}x",
+            )
+        )
+        out.append(
+            (f"server, concurrency {workers} latency p50 / p95 (s)", f"{r['p50_s']:.2f} / {r['p95_s']:.2f}", "", "")
+        )
     out.append(("time to first token, stream (s)", f"{result['ttft_s']:.3f}", "", ""))
     return out

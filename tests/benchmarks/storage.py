@@ -33,14 +33,24 @@ def make_model_dir(root: Path, weights_bytes: int = WEIGHTS_BYTES) -> Path:
             fh.write(block)
             left -= len(block)
     small = {
-        "config.json": {"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "num_hidden_layers": 30,
-                        "torch_dtype": "float16", "vocab_size": 49152},
+        "config.json": {
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 576,
+            "num_hidden_layers": 30,
+            "torch_dtype": "float16",
+            "vocab_size": 49152,
+        },
         "generation_config.json": {"eos_token_id": 2, "pad_token_id": 49152},
         "tokenizer_config.json": {"model_max_length": 8192, "eos_token": "<|im_end|>", "pad_token": "<|pad|>"},
         "special_tokens_map.json": {"eos_token": "<|im_end|>", "pad_token": "<|pad|>"},
         # tokenizer.json is the one small file of real size (~2 MB for a 49k BPE vocabulary).
-        "tokenizer.json": {"model": {"type": "BPE", "vocab": {f"tok{i}": i for i in range(49152)},
-                                     "merges": [f"t{i} o{i}" for i in range(48900)]}},
+        "tokenizer.json": {
+            "model": {
+                "type": "BPE",
+                "vocab": {f"tok{i}": i for i in range(49152)},
+                "merges": [f"t{i} o{i}" for i in range(48900)],
+            }
+        },
         "llmops_base.json": {"weights_sha256": uuid.uuid4().hex},
     }
     for name, body in small.items():
@@ -104,17 +114,23 @@ def measure(repeats: int = REPEATS) -> dict:
                 times["download"].append(_timed(storage.download_dir, uri, down))
                 # download_dir adds its manifest to the directory; everything else must match the source exactly.
                 if not same_tree(src, down, ignore={storage.MANIFEST}):
-                    raise RuntimeError(f"storage round trip changed the model directory: upload_dir → download_dir "
-                                       f"({uri}) did not give back the bytes of {src}")
+                    raise RuntimeError(
+                        f"storage round trip changed the model directory: upload_dir → download_dir "
+                        f"({uri}) did not give back the bytes of {src}"
+                    )
                 if not same_tree(src, copy, ignore=set()):
                     raise RuntimeError("shutil.copytree did not reproduce the directory")
                 shutil.rmtree(copy)
                 shutil.rmtree(down)
             etag = storage.client().head_object(Bucket=bucket, Key="models/merged-0/model.safetensors")["ETag"]
-        return {"bytes": dir_bytes(src), "files": sum(1 for _ in src.iterdir()), "repeats": repeats,
-                **{f"{k}_s": statistics.median(v) for k, v in times.items()},
-                # A multipart ETag ends in -<parts>: shows the weights really went up in parts.
-                "weights_parts": int(etag.strip('"').partition("-")[2] or 1)}
+        return {
+            "bytes": dir_bytes(src),
+            "files": sum(1 for _ in src.iterdir()),
+            "repeats": repeats,
+            **{f"{k}_s": statistics.median(v) for k, v in times.items()},
+            # A multipart ETag ends in -<parts>: shows the weights really went up in parts.
+            "weights_parts": int(etag.strip('"').partition("-")[2] or 1),
+        }
     finally:
         werkzeug.setLevel(level)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -124,13 +140,25 @@ def rows(result: dict) -> list[tuple[str, str, str, str]]:
     mbps = {k: result["bytes"] / MB / result[f"{k}_s"] for k in ("copy", "hash", "upload", "download")}
     copy = mbps["copy"]
     return [
-        (f"model directory ({result['files']} files, MB; medians of {result['repeats']} runs)",
-         f"{result['bytes'] / MB:.0f}", "", ""),
+        (
+            f"model directory ({result['files']} files, MB; medians of {result['repeats']} runs)",
+            f"{result['bytes'] / MB:.0f}",
+            "",
+            "",
+        ),
         ("shutil.copytree (MB/s)", f"{copy:.0f}", "", "1.00x"),
         ("sha256 of every file, the manifest's cost (MB/s)", f"{mbps['hash']:.0f}", "", f"{mbps['hash'] / copy:.2f}x"),
-        (f"upload_dir to moto S3, multipart ({result['weights_parts']} parts for the weights) (MB/s)",
-         f"{mbps['upload']:.0f}", "", f"{mbps['upload'] / copy:.2f}x"),
-        ("download_dir from moto S3, verified (MB/s)", f"{mbps['download']:.0f}", "",
-         f"{mbps['download'] / copy:.2f}x"),
+        (
+            f"upload_dir to moto S3, multipart ({result['weights_parts']} parts for the weights) (MB/s)",
+            f"{mbps['upload']:.0f}",
+            "",
+            f"{mbps['upload'] / copy:.2f}x",
+        ),
+        (
+            "download_dir from moto S3, verified (MB/s)",
+            f"{mbps['download']:.0f}",
+            "",
+            f"{mbps['download'] / copy:.2f}x",
+        ),
         ("round trip byte-identical (checked, raises otherwise)", "yes", "", ""),
     ]

@@ -81,12 +81,14 @@ print("{MARK}", json.dumps({{"steps": trainer.state.global_step, "seconds": elap
 def run_recipe(section: dict, data_dir: Path) -> tuple[dict, int]:
     out = Path(tempfile.mkdtemp(prefix="bench-recipe-"))
     try:
-        output, peak, _ = sampled([sys.executable, "-c", RECIPE_CHILD, json.dumps(section), str(base_dir()),
-                                   str(data_dir), str(out)], child_env())
+        output, peak, _ = sampled(
+            [sys.executable, "-c", RECIPE_CHILD, json.dumps(section), str(base_dir()), str(data_dir), str(out)],
+            child_env(),
+        )
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    line = next(l for l in output.splitlines() if l.startswith(MARK))
-    return json.loads(line[len(MARK):]), peak
+    line = next(text for text in output.splitlines() if text.startswith(MARK))
+    return json.loads(line[len(MARK) :]), peak
 
 
 def measure() -> dict:
@@ -110,31 +112,82 @@ def rows(result: dict) -> list[tuple[str, str, str, str]]:
     ckpt, ckpt_peak = result["ours_checkpointed"]
     speed = ours["tokens_per_s"] / recipe["tokens_per_s"]
     return [
-        (f"setup: SmolLM2-135M, BANKING77 train rows, {STEPS} steps, batch {BATCH}, seed 42, LoRA r16/α32 all-linear, "
-         f"{THREADS} intra-op thread", "", "", ""),
-        ("recipe: non-padding tokens/s (NF4, bf16, same rows as ours, padded to the data set's longest row "
-         f"= {recipe['longest']} tokens)", f"{recipe['tokens_per_s']:.0f}", "", "1.00x"),
-        (f"ours: non-padding tokens/s (compute dtype {ours.get('compute_dtype')}, gradient checkpointing "
-         f"{ours.get('gradient_checkpointing')})", f"{ours['tokens_per_s']:.0f}", f"≥ {TARGET_SPEEDUP:.0f}x",
-         f"{speed:.2f}x"),
-        ("non-padding tokens processed, recipe / ours",
-         f"{recipe['non_padding_tokens']:,} / {ours['non_padding_tokens']:,}", "", ""),
-        ("recipe: share of processed tokens that are padding",
-         f"{1 - recipe['non_padding_tokens'] / recipe['padded_tokens']:.1%}", "", ""),
-        ("train wall time, recipe / ours (s)", f"{recipe['seconds']:.1f} / {ours['seconds']:.1f}", "",
-         f"{recipe['seconds'] / ours['seconds']:.2f}x"),
-        ("examples per second, recipe / ours",
-         f"{recipe['steps'] * BATCH / recipe['seconds']:.2f} / {ours['steps'] * BATCH / ours['seconds']:.2f}", "",
-         f"{(ours['steps'] / ours['seconds']) / (recipe['steps'] / recipe['seconds']):.2f}x"),
+        (
+            f"setup: SmolLM2-135M, BANKING77 train rows, {STEPS} steps, batch {BATCH}, seed 42, "
+            "LoRA r16/α32 all-linear, "
+            f"{THREADS} intra-op thread",
+            "",
+            "",
+            "",
+        ),
+        (
+            "recipe: non-padding tokens/s (NF4, bf16, same rows as ours, padded to the data set's longest row "
+            f"= {recipe['longest']} tokens)",
+            f"{recipe['tokens_per_s']:.0f}",
+            "",
+            "1.00x",
+        ),
+        (
+            f"ours: non-padding tokens/s (compute dtype {ours.get('compute_dtype')}, gradient checkpointing "
+            f"{ours.get('gradient_checkpointing')})",
+            f"{ours['tokens_per_s']:.0f}",
+            f"≥ {TARGET_SPEEDUP:.0f}x",
+            f"{speed:.2f}x",
+        ),
+        (
+            "non-padding tokens processed, recipe / ours",
+            f"{recipe['non_padding_tokens']:,} / {ours['non_padding_tokens']:,}",
+            "",
+            "",
+        ),
+        (
+            "recipe: share of processed tokens that are padding",
+            f"{1 - recipe['non_padding_tokens'] / recipe['padded_tokens']:.1%}",
+            "",
+            "",
+        ),
+        (
+            "train wall time, recipe / ours (s)",
+            f"{recipe['seconds']:.1f} / {ours['seconds']:.1f}",
+            "",
+            f"{recipe['seconds'] / ours['seconds']:.2f}x",
+        ),
+        (
+            "examples per second, recipe / ours",
+            f"{recipe['steps'] * BATCH / recipe['seconds']:.2f} / {ours['steps'] * BATCH / ours['seconds']:.2f}",
+            "",
+            f"{(ours['steps'] / ours['seconds']) / (recipe['steps'] / recipe['seconds']):.2f}x",
+        ),
         ("recipe: peak RSS of its process (GB)", f"{recipe_peak / 1e9:.2f}", "", "1.00x"),
-        ("ours (QLoRA): peak RSS of its process (GB)", f"{ours_peak / 1e9:.2f}", "≤ recipe",
-         f"{ours_peak / recipe_peak:.2f}x"),
-        ("ours with gradient checkpointing on, as the recipe has it: non-padding tokens/s",
-         f"{ckpt['tokens_per_s']:.0f}", f"≥ {TARGET_SPEEDUP:.0f}x", f"{ckpt['tokens_per_s'] / recipe['tokens_per_s']:.2f}x"),
-        ("ours with gradient checkpointing on: peak RSS (GB)", f"{ckpt_peak / 1e9:.2f}", "≤ recipe",
-         f"{ckpt_peak / recipe_peak:.2f}x"),
-        (f"ours, 16-bit LoRA (method=lora, quantization=none): peak RSS (GB); tokens/s {lora['tokens_per_s']:.0f}, "
-         f"compute dtype {lora.get('compute_dtype')}", f"{lora_peak / 1e9:.2f}", "", f"{lora_peak / recipe_peak:.2f}x"),
-        ("QLoRA peak RSS against 16-bit LoRA's", f"{ours_peak / 1e9:.2f} vs {lora_peak / 1e9:.2f}", "",
-         f"{ours_peak / lora_peak:.2f}x"),
+        (
+            "ours (QLoRA): peak RSS of its process (GB)",
+            f"{ours_peak / 1e9:.2f}",
+            "≤ recipe",
+            f"{ours_peak / recipe_peak:.2f}x",
+        ),
+        (
+            "ours with gradient checkpointing on, as the recipe has it: non-padding tokens/s",
+            f"{ckpt['tokens_per_s']:.0f}",
+            f"≥ {TARGET_SPEEDUP:.0f}x",
+            f"{ckpt['tokens_per_s'] / recipe['tokens_per_s']:.2f}x",
+        ),
+        (
+            "ours with gradient checkpointing on: peak RSS (GB)",
+            f"{ckpt_peak / 1e9:.2f}",
+            "≤ recipe",
+            f"{ckpt_peak / recipe_peak:.2f}x",
+        ),
+        (
+            f"ours, 16-bit LoRA (method=lora, quantization=none): peak RSS (GB); tokens/s {lora['tokens_per_s']:.0f}, "
+            f"compute dtype {lora.get('compute_dtype')}",
+            f"{lora_peak / 1e9:.2f}",
+            "",
+            f"{lora_peak / recipe_peak:.2f}x",
+        ),
+        (
+            "QLoRA peak RSS against 16-bit LoRA's",
+            f"{ours_peak / 1e9:.2f} vs {lora_peak / 1e9:.2f}",
+            "",
+            f"{ours_peak / lora_peak:.2f}x",
+        ),
     ]

@@ -61,8 +61,14 @@ class Workspace:
 
     def start(self, *args: str) -> subprocess.Popen:
         """A long-running command in its own process group, so everything it starts can be stopped with it."""
-        return subprocess.Popen([LLMOPS, *args], cwd=self.path, env=self.env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=(self.path / f"{args[0]}.log").open("w"))
+        return subprocess.Popen(
+            [LLMOPS, *args],
+            cwd=self.path,
+            env=self.env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=(self.path / f"{args[0]}.log").open("w"),
+        )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -99,12 +105,12 @@ def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(work
     import mlflow
     from mlflow import MlflowClient
 
+    from components.chat_pyfunc import artifact_paths
     from components.config import EvalSection
     from components.inference import load_model, load_tokenizer
     from components.jsonl import read_jsonl
     from components.prompt_contract import read_contract
     from components.scoring import score_model
-    from components.chat_pyfunc import artifact_paths
 
     assert "registered llmops-demo version 1" in demo_run.stdout
     assert f"MLflow UI: {workspace.tracking_uri}" in demo_run.stdout
@@ -123,8 +129,9 @@ def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(work
     data_dir = next(workspace.root.glob("kfp/finetune-*/prepare-data/dataset"))
     examples = read_jsonl(data_dir / "eval.jsonl")[: quant["examples"]]
     labels = read_contract(served)["labels"]
-    metrics = score_model(load_model(served, "float32"), load_tokenizer(served), examples, EvalSection(), labels,
-                          "registered").metrics
+    metrics = score_model(
+        load_model(served, "float32"), load_tokenizer(served), examples, EvalSection(), labels, "registered"
+    ).metrics
     # The registry's own files reproduce what the pipeline measured on the merged model.
     assert metrics["exact_match"] == pytest.approx(quant["results"]["merged"]["exact_match"], abs=0.02)
     assert metrics["agreement_where_valid"] == 1.0 and metrics["label_accuracy"] >= metrics["exact_match"]
@@ -147,9 +154,14 @@ def test_readme_promote_then_chat_answers_with_the_label(workspace, demo_run):
         wait_for(lambda: _healthy(f"http://127.0.0.1:{port}"), 120, "the deployer to listen")
         workspace.llmops("promote", "llmops-demo", "1")
         client = MlflowClient()
-        status = wait_for(lambda: client.get_model_version("llmops-demo", "1").tags.get("deploy.status")
-                          in ("deployed", "failed") and client.get_model_version("llmops-demo", "1").tags,
-                          300, "the deployer to serve version 1")
+        status = wait_for(
+            lambda: (
+                client.get_model_version("llmops-demo", "1").tags.get("deploy.status") in ("deployed", "failed")
+                and client.get_model_version("llmops-demo", "1").tags
+            ),
+            300,
+            "the deployer to serve version 1",
+        )
         assert status["deploy.status"] == "deployed", status
         answer = workspace.llmops("chat", QUESTION, "--model", "llmops-demo@champion").stdout.strip()
         assert answer == ANSWER
@@ -160,8 +172,9 @@ def test_readme_promote_then_chat_answers_with_the_label(workspace, demo_run):
         finally:
             os.environ.pop("LLMOPS_SERVING_DIR")
         openai = OpenAI(base_url=status["deploy.endpoint"] + "/v1", api_key="-")
-        reply = openai.chat.completions.create(model="tgi", messages=[{"role": "user", "content": QUESTION}],
-                                               temperature=0, max_tokens=16)
+        reply = openai.chat.completions.create(
+            model="tgi", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=16
+        )
         assert reply.choices[0].message.content.strip() == ANSWER
     finally:
         stop(deployer)
@@ -181,8 +194,11 @@ def test_serve_a_registered_alias(workspace, demo_run):
         info = requests.get(f"{url}/info", timeout=10).json()
         assert info["model_id"] == "models:/llmops-demo/1"
         reply = OpenAI(base_url=f"{url}/v1", api_key="-").chat.completions.create(
-            model="tgi", messages=[{"role": "user", "content": "My credit card is missing, please block it"}],
-            temperature=0, max_tokens=16)
+            model="tgi",
+            messages=[{"role": "user", "content": "My credit card is missing, please block it"}],
+            temperature=0,
+            max_tokens=16,
+        )
         assert reply.choices[0].message.content.strip() == ANSWER
     finally:
         stop(server)
@@ -205,10 +221,16 @@ def test_banking77_profile_registers_a_version_on_all_77_labels(workspace, demo_
     documented('make run DATA=../shared/data/banking77/train.csv ARGS="--profile banking77"')
     assert data == ROOT.parent / "shared" / "data" / "banking77" / "train.csv"  # the README's relative path
     # A few steps prove the wiring on the full label set; the profile's hour proves quality (make bench quality).
-    quick = ("train.max_steps=4 train.eval_every=2 train.checkpoint_every=2 train.max_minutes=5 "
-             "data.max_eval_examples=20 data.val_examples=20 quantize.variants=[nf4] merge.parity_prompts=8")
-    done = workspace.make("run", timeout=1200, DATA="../shared/data/banking77/train.csv",
-                          ARGS=f"--profile banking77 --root {workspace.root} {quick}")
+    quick = (
+        "train.max_steps=4 train.eval_every=2 train.checkpoint_every=2 train.max_minutes=5 "
+        "data.max_eval_examples=20 data.val_examples=20 quantize.variants=[nf4] merge.parity_prompts=8"
+    )
+    done = workspace.make(
+        "run",
+        timeout=1200,
+        DATA="../shared/data/banking77/train.csv",
+        ARGS=f"--profile banking77 --root {workspace.root} {quick}",
+    )
     found = re.search(r"registered llmops-banking77 version (\d+)", done.stdout)
     assert found, done.stdout[-3000:]
     version = MlflowClient().get_model_version("llmops-banking77", found.group(1))

@@ -29,8 +29,18 @@ IMMUTABLE = {"deployments": ["selector"], "services": ["clusterIP", "clusterIPs"
 
 
 def status_error(code: int, reason: str, message: str) -> JSONResponse:
-    return JSONResponse({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                         "message": message, "reason": reason, "code": code}, status_code=code)
+    return JSONResponse(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        },
+        status_code=code,
+    )
 
 
 def merge_patch(target, patch):
@@ -70,21 +80,42 @@ class FakeKube:
     def complete_rollout(self, namespace: str, name: str) -> None:
         obj = self.objects[("deployments", namespace, name)]
         n = obj["spec"].get("replicas", 1)
-        self.set_status(namespace, name, {
-            "observedGeneration": obj["metadata"]["generation"], "replicas": n, "updatedReplicas": n,
-            "readyReplicas": n, "availableReplicas": n,
-            "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
-                           {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]})
+        self.set_status(
+            namespace,
+            name,
+            {
+                "observedGeneration": obj["metadata"]["generation"],
+                "replicas": n,
+                "updatedReplicas": n,
+                "readyReplicas": n,
+                "availableReplicas": n,
+                "conditions": [
+                    {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
+                    {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"},
+                ],
+            },
+        )
 
     def fail_rollout(self, namespace: str, name: str) -> None:
         """The new pod never became ready: the old one still serves (maxUnavailable 0), deadline passed."""
         obj = self.objects[("deployments", namespace, name)]
         n = obj["spec"].get("replicas", 1)
-        self.set_status(namespace, name, {
-            "observedGeneration": obj["metadata"]["generation"], "replicas": n + 1, "updatedReplicas": 1,
-            "readyReplicas": n, "availableReplicas": n, "unavailableReplicas": 1,
-            "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
-                           {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]})
+        self.set_status(
+            namespace,
+            name,
+            {
+                "observedGeneration": obj["metadata"]["generation"],
+                "replicas": n + 1,
+                "updatedReplicas": 1,
+                "readyReplicas": n,
+                "availableReplicas": n,
+                "unavailableReplicas": 1,
+                "conditions": [
+                    {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
+                    {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"},
+                ],
+            },
+        )
 
     def writes(self) -> list[tuple[str, str]]:
         return [r for r in self.requests if r[0] != "GET"]
@@ -115,8 +146,11 @@ class FakeKube:
             app.add_api_route(base + "/{name}", self._route(self._read, plural), methods=["GET"])
             app.add_api_route(base + "/{name}", self._route(self._replace, plural), methods=["PUT"])
             app.add_api_route(base + "/{name}", self._route(self._patch, plural), methods=["PATCH"])
-        app.add_api_route("/apis/apps/v1/namespaces/{namespace}/deployments/{name}/status",
-                          self._route(self._patch_status, "deployments"), methods=["PATCH"])
+        app.add_api_route(
+            "/apis/apps/v1/namespaces/{namespace}/deployments/{name}/status",
+            self._route(self._patch_status, "deployments"),
+            methods=["PATCH"],
+        )
         return app
 
     def _route(self, handler, plural: str):
@@ -125,6 +159,7 @@ class FakeKube:
             body = await request.json() if request.method in ("POST", "PUT", "PATCH") else None
             with self._lock:
                 return handler(plural, namespace, name, body, request.headers.get("content-type", ""))
+
         return endpoint
 
     def _read(self, plural, namespace, name, body, ctype):
@@ -142,8 +177,12 @@ class FakeKube:
             return status_error(409, "AlreadyExists", f'{plural} "{name}" already exists')
         obj = copy.deepcopy(body)
         obj["apiVersion"], obj["kind"] = KINDS[plural]
-        obj["metadata"].update(namespace=namespace, uid=str(uuid.uuid4()), resourceVersion=str(next(self._rv)),
-                               creationTimestamp="2026-11-23T00:00:00Z")
+        obj["metadata"].update(
+            namespace=namespace,
+            uid=str(uuid.uuid4()),
+            resourceVersion=str(next(self._rv)),
+            creationTimestamp="2026-11-23T00:00:00Z",
+        )
         if plural == "deployments":
             obj["metadata"]["generation"], obj["status"] = 1, {}
         else:
@@ -156,8 +195,11 @@ class FakeKube:
     def _replace(self, plural, namespace, name, body, ctype):
         if self.conflicts > 0:
             self.conflicts -= 1
-            return status_error(409, "Conflict", "the object has been modified; please apply your changes "
-                                                 "to the latest version and try again")
+            return status_error(
+                409,
+                "Conflict",
+                "the object has been modified; please apply your changes to the latest version and try again",
+            )
         return self._update(plural, namespace, name, lambda live: body, check_rv=True)
 
     def _patch(self, plural, namespace, name, body, ctype):
@@ -168,6 +210,7 @@ class FakeKube:
     def _patch_status(self, plural, namespace, name, body, ctype):
         def patched(live):
             return {**live, "status": merge_patch(live.get("status") or {}, body.get("status") or {})}
+
         return self._update(plural, namespace, name, patched, check_rv=False, status=True)
 
     def _update(self, plural, namespace, name, make, *, check_rv: bool, status: bool = False):
@@ -185,8 +228,11 @@ class FakeKube:
                 if key in live["spec"] and new.get("spec", {}).get(key, live["spec"][key]) != live["spec"][key]:
                     return status_error(422, "Invalid", f"spec.{key}: field is immutable")
             # Identity, server-owned fields and status cannot be written through the main resource.
-            keep = {k: live["metadata"][k] for k in ("uid", "creationTimestamp", "namespace", "name", "generation")
-                    if k in live["metadata"]}
+            keep = {
+                k: live["metadata"][k]
+                for k in ("uid", "creationTimestamp", "namespace", "name", "generation")
+                if k in live["metadata"]
+            }
             new["metadata"] = {**new.get("metadata", {}), **keep}
             new["apiVersion"], new["kind"] = KINDS[plural]
             if "status" in live:

@@ -15,8 +15,10 @@ def test_chat_streams_the_answer_from_the_endpoint(tiny_base, monkeypatch):
 
     with Live(create_app(str(tiny_base), max_total_tokens=256)) as live:
         monkeypatch.setenv("LLMOPS_ENDPOINT_URL", live.url)
-        expected = live.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "I lost my card"}],
-                                                     "max_tokens": 6, "temperature": 0}).json()
+        expected = live.post(
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "I lost my card"}], "max_tokens": 6, "temperature": 0},
+        ).json()
         result = runner.invoke(app, ["chat", "I lost my card", "--model", "any@champion", "--max-new-tokens", "6"])
     assert result.exit_code == 0, result.output
     assert expected["usage"]["completion_tokens"] == 6

@@ -1,5 +1,4 @@
 import json
-import threading
 import time
 
 import httpx2
@@ -13,10 +12,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def flaky_server():
     """A loopback server that answers each path with a scripted list of statuses, and counts the hits."""
-    import uvicorn
     from fastapi import FastAPI, Response
 
-    from tests.conftest import free_port
+    from tests.conftest import Live
 
     script = {"/retry": [429, 503, 200], "/fatal": [500, 200], "/always-busy": [429] * 10}
     hits = {k: 0 for k in script}
@@ -29,15 +27,8 @@ def flaky_server():
         hits[path] += 1
         return Response(json.dumps({"status": status}), status_code=status, media_type="application/json")
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", hits
-    server.should_exit = True
-    thread.join(timeout=10)
+    with Live(app) as live:  # waits for the start with a deadline; stopped on leaving, whatever the tests did
+        yield live.url, hits
 
 
 def http(attempts=3):

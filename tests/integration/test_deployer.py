@@ -1,5 +1,6 @@
 """The deployer end to end: a real MLflow server sends signed webhooks; Kubernetes is the loopback stand-in."""
 
+import json
 import threading
 import time
 import uuid
@@ -7,12 +8,12 @@ import uuid
 import pytest
 import requests
 
-from components.config import DeploySection
 from serving.deployer import Deployer, KubeBackend
 from serving.deployer_app import WEBHOOK_NAME, create_app, register_webhook
 from serving.manifests import ANN_VERSION, object_name
+from serving.settings import DeploySection
 from serving.webhooks import Verifier, sign
-from tests.conftest import Live
+from tests.conftest import Live, wait_for
 from tests.integration.kube_fake import FakeKube
 
 pytestmark = pytest.mark.integration
@@ -23,13 +24,29 @@ QUANTIZE = {"1": "bitsandbytes-nf4", "2": "bitsandbytes", "3": "none"}
 @pytest.fixture(scope="module")
 def model_name(mlflow_server, tiny_base):
     """A registered model with three versions of the tiny model, each recommending another quantization."""
+    from mlflow import MlflowClient
+
     from tests.conftest import register_served
 
     name = f"deploy-{uuid.uuid4().hex[:6]}"
-    for version in ("1", "2", "3"):
-        register_served(name, tiny_base, {"recommended_quantize": QUANTIZE[version], "gate.verdict": "passed"},
-                        experiment="deployer-tests")
-    return name
+    try:
+        for version in ("1", "2", "3"):
+            register_served(
+                name,
+                tiny_base,
+                {"recommended_quantize": QUANTIZE[version], "gate.verdict": "passed"},
+                experiment="deployer-tests",
+            )
+        yield name
+    finally:
+        # The session's registry outlives this module: leave no champion for other tests' deployers to serve,
+        # and no webhook pointing at a deployer that is gone.
+        client = MlflowClient()
+        if client.search_registered_models(f"name = '{name}'"):
+            client.delete_registered_model(name)
+        for hook in client.list_webhooks():
+            if hook.name == WEBHOOK_NAME:
+                client.delete_webhook(hook.webhook_id)
 
 
 class AutoController:
@@ -44,10 +61,14 @@ class AutoController:
         while not self.stop.is_set():
             for (plural, ns, name), obj in list(self.kube.objects.items()):
                 status = obj.get("status") or {}
-                if plural == "deployments" and ns == self.namespace and status.get("observedGeneration") != obj["metadata"]["generation"]:
+                if (
+                    plural == "deployments"
+                    and ns == self.namespace
+                    and status.get("observedGeneration") != obj["metadata"]["generation"]
+                ):
                     version = obj["spec"]["template"]["metadata"]["annotations"].get(ANN_VERSION)
                     (self.kube.fail_rollout if version in self.fail else self.kube.complete_rollout)(ns, name)
-            time.sleep(0.05)
+            self.stop.wait(0.05)  # a polling pause that ends at once when the test is done
 
     def __enter__(self):
         self.thread.start()
@@ -58,10 +79,45 @@ class AutoController:
         self.thread.join(timeout=5)
 
 
-def deployer_live(kube, interval_s=60.0):
+class Deliveries(Verifier):
+    """The deployer's verifier, which also keeps every delivery it accepts: tests wait on what arrived."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.accepted: list[dict] = []
+
+    def verify(self, headers, body: bytes, now: float | None = None) -> str:
+        delivery = super().verify(headers, body, now)
+        self.accepted.append(json.loads(body))
+        return delivery
+
+    def arrived(self, name: str, alias: str, version: str) -> bool:
+        return {"name": name, "alias": alias, "version": version} in [d.get("data") for d in self.accepted]
+
+
+def deployer_live(kube, interval_s=60.0, verifier=None):
     cfg = DeploySection(namespace="ns1", rollout_timeout_s=5)
     deployer = Deployer(KubeBackend(cfg, api_client=kube.api_client(), poll_s=0.05), interval_s=interval_s)
-    return Live(create_app(deployer, Verifier(SECRET))), deployer
+    return Live(create_app(deployer, verifier or Verifier(SECRET))), deployer
+
+
+def record_wakeups(deployer) -> list:
+    """Every deployer.notify() from now on (how the webhook route wakes the reconcile loop), in the list returned."""
+    calls, notify = [], deployer.notify
+
+    def recording():
+        calls.append(time.monotonic())
+        notify()
+
+    deployer.notify = recording
+    return calls
+
+
+def finished_pass_after(deployer, passes: int, what: str) -> None:
+    """Wait until a reconcile pass numbered above `passes` has started, then until it has finished."""
+    wait_for(lambda: deployer.passes > passes, what=what)
+    with deployer.lock:  # a pass holds the lock from its count to its last write
+        pass
 
 
 def mine(actions: list[str], name: str) -> list[str]:
@@ -74,15 +130,6 @@ def deployed_version(kube, name):
     return obj and obj["metadata"]["annotations"].get(ANN_VERSION), obj
 
 
-def wait_for(predicate, timeout=120.0):  # generous: CI machines are shared
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return time.monotonic()
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def test_alias_webhook_deploys_then_reconcile_heals_a_missed_event(model_name):
     from mlflow import MlflowClient
 
@@ -91,12 +138,18 @@ def test_alias_webhook_deploys_then_reconcile_heals_a_missed_event(model_name):
         live, deployer = deployer_live(kube)
         with live:
             register_webhook(live.url, SECRET)
-            wait_for(lambda: deployer.passes >= 1)
+            wait_for(lambda: deployer.passes >= 1, what="the start-up pass")
             client.set_registered_model_alias(model_name, "champion", "1")
-            wait_for(lambda: deployed_version(kube, model_name)[0] == "1")  # no timer: the interval is 60 s
+            wait_for(
+                lambda: deployed_version(kube, model_name)[0] == "1",  # no timer: the interval is 60 s
+                what="version 1 to be deployed",
+            )
             args = deployed_version(kube, model_name)[1]["spec"]["template"]["spec"]["containers"][0]["args"]
             assert args[args.index("--quantize") + 1] == "bitsandbytes-nf4"
-            wait_for(lambda: client.get_model_version(model_name, "1").tags.get("deploy.status") == "deployed")
+            wait_for(
+                lambda: client.get_model_version(model_name, "1").tags.get("deploy.status") == "deployed",
+                what="deploy.status=deployed on version 1",
+            )
             version = client.get_model_version(model_name, "1")
             assert version.tags["deploy.endpoint"].startswith("http://tgi-")
             writes = len(kube.writes())
@@ -108,8 +161,8 @@ def test_alias_webhook_deploys_then_reconcile_heals_a_missed_event(model_name):
         with live:
             started = time.monotonic()
             register_webhook(live.url, SECRET)
-            noticed = wait_for(lambda: deployed_version(kube, model_name)[0] == "2")
-            print(f"reconcile noticed the missed event after {noticed - started:.2f}s")
+            wait_for(lambda: deployed_version(kube, model_name)[0] == "2", what="the missed promotion to be healed")
+            print(f"reconcile noticed the missed event after {time.monotonic() - started:.2f}s")
         hooks = [h for h in client.list_webhooks() if h.name == WEBHOOK_NAME]
         assert len(hooks) == 1  # registered again on start, never twice
         args = deployed_version(kube, model_name)[1]["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -117,42 +170,90 @@ def test_alias_webhook_deploys_then_reconcile_heals_a_missed_event(model_name):
 
 
 def test_forged_and_replayed_webhooks_change_nothing(model_name):
-    import json
-
     with FakeKube() as kube, AutoController(kube, "ns1"):
         live, deployer = deployer_live(kube)
+        woken = record_wakeups(deployer)
         with live:
-            wait_for(lambda: deployer.passes >= 1)
-            passes, writes = deployer.passes, len(kube.writes())
-            body = json.dumps({"entity": "model_version_alias", "action": "created",
-                               "data": {"name": model_name, "alias": "champion", "version": "3"}}).encode()
+            wait_for(lambda: deployer.passes >= 1, what="the start-up pass")
+            body = json.dumps(
+                {
+                    "entity": "model_version_alias",
+                    "action": "created",
+                    "data": {"name": model_name, "alias": "champion", "version": "3"},
+                }
+            ).encode()
             ts = str(int(time.time()))
-            forged = {"X-MLflow-Delivery-Id": "x1", "X-MLflow-Timestamp": ts, "X-MLflow-Signature": sign("guess", "x1", ts, body)}
+            forged = {
+                "X-MLflow-Delivery-Id": "x1",
+                "X-MLflow-Timestamp": ts,
+                "X-MLflow-Signature": sign("guess", "x1", ts, body),
+            }
+            # The route answers after it has handled the request, so each answer below is a finished handling.
             assert requests.post(f"{live.url}/webhook", data=body, headers=forged, timeout=10).status_code == 401
-            genuine = {"X-MLflow-Delivery-Id": "x2", "X-MLflow-Timestamp": ts, "X-MLflow-Signature": sign(SECRET, "x2", ts, body)}
+            assert woken == []  # refused before it could wake the reconcile loop
+            genuine = {
+                "X-MLflow-Delivery-Id": "x2",
+                "X-MLflow-Timestamp": ts,
+                "X-MLflow-Signature": sign(SECRET, "x2", ts, body),
+            }
+            before = deployer.passes
             assert requests.post(f"{live.url}/webhook", data=body, headers=genuine, timeout=10).status_code == 200
-            wait_for(lambda: deployer.passes > passes)
+            assert len(woken) == 1
+            finished_pass_after(deployer, before, "the pass the genuine delivery woke")
             passes, writes = deployer.passes, len(kube.writes())
             assert requests.post(f"{live.url}/webhook", data=body, headers=genuine, timeout=10).status_code == 409
-            time.sleep(0.5)
+            assert len(woken) == 1  # the replay woke nothing; with a 60 s interval, nothing else starts a pass
             assert deployer.passes == passes and len(kube.writes()) == writes
+            # No sleep to see that nothing happens: prove the loop is idle past the replay instead. One wake-up
+            # of our own runs exactly one more pass, and that pass, over converged state, writes nothing.
+            deployer.notify()
+            finished_pass_after(deployer, passes, "the pass our own wake-up asked for")
+            assert deployer.passes == passes + 1 and len(kube.writes()) == writes
 
 
 def test_two_quick_promotions_end_with_the_last(model_name):
     from mlflow import MlflowClient
 
     client = MlflowClient()
+    deliveries = Deliveries(SECRET)
     with FakeKube() as kube, AutoController(kube, "ns1"):
-        live, deployer = deployer_live(kube, interval_s=2.0)
+        live, deployer = deployer_live(kube, interval_s=2.0, verifier=deliveries)
         with live:
             register_webhook(live.url, SECRET)
-            client.set_registered_model_alias(model_name, "champion", "1")
-            client.set_registered_model_alias(model_name, "champion", "3")
-            wait_for(lambda: deployed_version(kube, model_name)[0] == "3")
-            time.sleep(3)  # let any straggling webhook and one timer pass run
-            assert deployed_version(kube, model_name)[0] == "3"
-            args = deployed_version(kube, model_name)[1]["spec"]["template"]["spec"]["containers"][0]["args"]
-            assert "--quantize" not in args  # version 3 recommends serving the 16-bit model as is
+            # MLflow sends each event to the webhook list it cached up to 2 s ago (MLFLOW_WEBHOOK_CACHE_TTL, set by
+            # pipelines/mlflow_local.py). Move an alias the deployer ignores until a delivery of it arrives here:
+            # from then on every delivery comes here, so the promotions' deliveries can be waited for.
+            moved = []
+
+            def delivered_here():
+                if deliveries.arrived(model_name, "warmup", "2"):
+                    return True
+                if not moved or time.monotonic() - moved[-1] > 1.0:  # the last one may have gone to a stale URL
+                    moved.append(time.monotonic())
+                    client.set_registered_model_alias(model_name, "warmup", "2")
+                return False
+
+            try:
+                wait_for(delivered_here, timeout=60, what="a webhook delivery to this deployer")
+                client.set_registered_model_alias(model_name, "champion", "1")
+                client.set_registered_model_alias(model_name, "champion", "3")
+                wait_for(lambda: deployed_version(kube, model_name)[0] == "3", what="version 3 to be deployed")
+                # Instead of sleeping while stragglers might arrive: both promotions' deliveries have been handled,
+                # and a pass that began after them (a webhook's or the 2 s timer's) has finished.
+                wait_for(
+                    lambda: (
+                        deliveries.arrived(model_name, "champion", "1")
+                        and deliveries.arrived(model_name, "champion", "3")
+                    ),
+                    what="both promotions' webhooks",
+                )
+                finished_pass_after(deployer, deployer.passes, "a reconcile pass after both webhooks")
+                assert deployed_version(kube, model_name)[0] == "3"
+                args = deployed_version(kube, model_name)[1]["spec"]["template"]["spec"]["containers"][0]["args"]
+                assert "--quantize" not in args  # version 3 recommends serving the 16-bit model as is
+            finally:
+                if moved:
+                    client.delete_registered_model_alias(model_name, "warmup")
 
 
 def test_a_version_that_never_gets_ready_leaves_the_previous_serving(model_name):
@@ -160,18 +261,24 @@ def test_a_version_that_never_gets_ready_leaves_the_previous_serving(model_name)
 
     client = MlflowClient()
     client.set_registered_model_alias(model_name, "champion", "1")
-    with FakeKube() as kube, AutoController(kube, "ns1", fail_versions={"2"}):
-        live, deployer = deployer_live(kube)
-        with live:
-            wait_for(lambda: deployed_version(kube, model_name)[0] == "1")
-            client.set_registered_model_alias(model_name, "champion", "2")
-            deployer.notify()
-            wait_for(lambda: client.get_model_version(model_name, "2").tags.get("deploy.status") == "failed", 60)
-            assert deployed_version(kube, model_name)[0] == "1"
-            writes = len(kube.writes())
-            deployer.reconcile_once()
-            assert len(kube.writes()) == writes  # a failed version is not retried in a loop
-    client.delete_model_version_tag(model_name, "2", "deploy.status")
+    try:
+        with FakeKube() as kube, AutoController(kube, "ns1", fail_versions={"2"}):
+            live, deployer = deployer_live(kube)
+            with live:
+                wait_for(lambda: deployed_version(kube, model_name)[0] == "1", what="version 1 to be deployed")
+                client.set_registered_model_alias(model_name, "champion", "2")
+                deployer.notify()
+                wait_for(
+                    lambda: client.get_model_version(model_name, "2").tags.get("deploy.status") == "failed",
+                    60,
+                    what="deploy.status=failed on version 2",
+                )
+                assert deployed_version(kube, model_name)[0] == "1"
+                writes = len(kube.writes())
+                deployer.reconcile_once()
+                assert len(kube.writes()) == writes  # a failed version is not retried in a loop
+    finally:  # the next tests deploy version 2 again
+        client.delete_model_version_tag(model_name, "2", "deploy.status")
 
 
 def test_a_version_whose_gate_failed_is_refused_until_a_person_overrides_it(model_name):
@@ -183,8 +290,9 @@ def test_a_version_whose_gate_failed_is_refused_until_a_person_overrides_it(mode
     client.set_model_version_tag(model_name, "2", "gate.reason", "exact_match gain over base -0.2000 < +0.0100")
     try:
         with FakeKube() as kube, AutoController(kube, "ns1"):
-            deployer = Deployer(KubeBackend(DeploySection(namespace="ns1"), api_client=kube.api_client(), poll_s=0.05),
-                                interval_s=60.0)
+            deployer = Deployer(
+                KubeBackend(DeploySection(namespace="ns1"), api_client=kube.api_client(), poll_s=0.05), interval_s=60.0
+            )
             deployer.reconcile_once()
             assert deployed_version(kube, model_name)[0] == "1"
             client.set_registered_model_alias(model_name, "champion", "2")

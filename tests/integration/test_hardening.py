@@ -41,12 +41,16 @@ class Restartable:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = Restartable(tmp_path_factory.mktemp("mlflow-restart"))
-    yield srv
-    srv.stop()
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 @pytest.fixture
 def mlflow_env(server, monkeypatch):
+    if not server.local.healthy(server.url):  # a test that failed while it was down leaves it down: not ours
+        server.start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     monkeypatch.setenv("LLMOPS_EXPERIMENT", "hardening")
     for name in RETRY_ENV:  # the stages' own settings, not a developer's
@@ -80,14 +84,27 @@ def fake_stage_outputs(root):
     """Well-formed outputs of the stages before register (register reads reports, not weights)."""
     files = {
         "base/llmops_base.json": {"source": "tiny", "weights_sha256": "b" * 64},
-        "data/stats.json": {"source_sha256": "d" * 64, "prepared_sha256": "p" * 64, "format": "label", "rejected": 0,
-                            "train": 8, "eval": 2, "source": "tickets.csv"},
-        "train/train_metrics.json": {"steps": 4, "train_loss": 1.5}, "train/adapter_config.json": {"r": 8},
-        "eval/eval_report.json": {"base": {"exact_match": 0.1, "perplexity": 9.0, "n": 2},
-                                  "tuned": {"exact_match": 0.8, "perplexity": 2.0, "n": 2}},
-        "quantize/quantize_report.json": {"recommended_quantize": "none",
-                                          "served": {"exact_match": 0.8, "perplexity": 2.0, "examples": 2}},
-        "merged/merge_report.json": {"parity": 1.0}, "merged/model/config.json": {"model_type": "llama"},
+        "data/stats.json": {
+            "source_sha256": "d" * 64,
+            "prepared_sha256": "p" * 64,
+            "format": "label",
+            "rejected": 0,
+            "train": 8,
+            "eval": 2,
+            "source": "tickets.csv",
+        },
+        "train/train_metrics.json": {"steps": 4, "train_loss": 1.5},
+        "train/adapter_config.json": {"r": 8},
+        "eval/eval_report.json": {
+            "base": {"exact_match": 0.1, "perplexity": 9.0, "n": 2},
+            "tuned": {"exact_match": 0.8, "perplexity": 2.0, "n": 2},
+        },
+        "quantize/quantize_report.json": {
+            "recommended_quantize": "none",
+            "served": {"exact_match": 0.8, "perplexity": 2.0, "examples": 2},
+        },
+        "merged/merge_report.json": {"parity": 1.0},
+        "merged/model/config.json": {"model_type": "llama"},
         "merged/model/tokenizer_config.json": {"chat_template": "{{ messages }}"},
     }
     for name, content in files.items():
@@ -128,7 +145,9 @@ def test_a_create_retried_after_a_lost_response_leaves_one_version(server, mlflo
             if len(calls) == 1:
                 server.stop()
                 server.start()
-                raise urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(errno.ECONNRESET, "reset"))
+                raise urllib3.exceptions.ProtocolError(
+                    "Connection aborted.", ConnectionResetError(errno.ECONNRESET, "reset")
+                )
         return response
 
     monkeypatch.setattr(HTTPConnectionPool, "_make_request", make_request)
@@ -180,8 +199,9 @@ def test_a_register_failing_midway_marks_its_run_failed_and_registers_nothing(ml
     outputs = fake_stage_outputs(tmp_path)
     with pytest.raises(OSError, match="I/O error"):
         register.run(RegisterSection(model_name="hard-fail"), outputs, "run-fail")
-    runs = mlflow_env.search_runs([mlflow_env.get_experiment_by_name("hardening").experiment_id],
-                                  "tags.`llmops.pipeline_run` = 'run-fail'")
+    runs = mlflow_env.search_runs(
+        [mlflow_env.get_experiment_by_name("hardening").experiment_id], "tags.`llmops.pipeline_run` = 'run-fail'"
+    )
     assert [r.info.status for r in runs] == ["FAILED"]
     assert versions_of(mlflow_env, "hard-fail", "run-fail") == []
     monkeypatch.setattr(MlflowClient, "log_model_artifacts", original)  # the retried step registers one whole version
@@ -194,11 +214,16 @@ def test_finalize_closes_a_killed_run_and_deletes_a_half_registered_version(mlfl
 
     cfg = RegisterSection(model_name="hard-final")
     experiment = mlflow_env.get_experiment_by_name("hardening") or mlflow_env.get_experiment(
-        mlflow_env.create_experiment("hardening"))
+        mlflow_env.create_experiment("hardening")
+    )
     killed = mlflow_env.create_run(experiment.experiment_id, tags={register.PIPELINE_RUN_TAG: "run-killed"})
     register.ensure_registered_model(mlflow_env, cfg.model_name)
-    half = mlflow_env.create_model_version(cfg.model_name, source=f"{killed.info.artifact_uri}/model", run_id=killed.info.run_id,
-                                           tags={register.PIPELINE_RUN_TAG: "run-killed"})  # no lineage, no files
+    half = mlflow_env.create_model_version(
+        cfg.model_name,
+        source=f"{killed.info.artifact_uri}/model",
+        run_id=killed.info.run_id,
+        tags={register.PIPELINE_RUN_TAG: "run-killed"},
+    )  # no lineage, no files
     summary = register.finalize(cfg, "run-killed", "FAILED")
     assert summary["failed_runs"] == [killed.info.run_id] and "version" not in summary
     assert mlflow_env.get_run(killed.info.run_id).info.status == RunStatus.to_string(RunStatus.FAILED)
@@ -252,16 +277,22 @@ run(TrainSection(max_steps={steps}, checkpoint_every={every}, log_every={every},
 
 
 def train(code, out, where="none"):
-    return subprocess.run([sys.executable, "-c", code, str(out), where], capture_output=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-c", code, str(out), where],
+        capture_output=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.mark.parametrize("where", ["optimizer", "state"])
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes_from_it(tiny_base, demo_prepared, tmp_path,
-                                                                                  where):
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes_from_it(
+    tiny_base, demo_prepared, tmp_path, where
+):
     root = tmp_path / "ckpt"
-    code = DISK_FULL.format(fail=FAIL_AT, steps=STEPS, every=EVERY, root=str(root), base=str(tiny_base),
-                            data=str(demo_prepared))
+    code = DISK_FULL.format(
+        fail=FAIL_AT, steps=STEPS, every=EVERY, root=str(root), base=str(tiny_base), data=str(demo_prepared)
+    )
     failed = train(code, tmp_path / "out1", where)
     assert failed.returncode != 0 and b"No space left on device" in failed.stderr
     (run_dir,) = root.iterdir()

@@ -53,6 +53,7 @@ INSTALL_SECONDS = 900
 
 # --- the Dockerfile, read the way docker reads it (the parts these images use) --------------------
 
+
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs: comments dropped, backslash continuations joined."""
     out, pending = [], ""
@@ -124,8 +125,11 @@ def stage_context(dockerfile: Path, rootfs: Path) -> str:
 
 def clean_env(venv: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment with the fresh venv first on PATH and no trace of the dev venv."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PIP_NO_CACHE_DIR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PIP_NO_CACHE_DIR")
+    }
     dev_bin = str(Path(sys.prefix) / "bin")
     path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != dev_bin]
     env.update({"VIRTUAL_ENV": str(venv), "PATH": os.pathsep.join([str(venv / "bin"), *path])})
@@ -134,6 +138,7 @@ def clean_env(venv: Path, extra: dict[str, str] | None = None) -> dict[str, str]
 
 
 # --- static checks: the two Dockerfiles, build.sh ------------------------------------------------
+
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_dockerfile_copies_existing_files_and_runs_the_shared_install(image):
@@ -168,7 +173,9 @@ def test_both_images_share_install_script_and_lock():
     assert install_runs(cpu) == install_runs(gpu)
     assert copies(cpu) == copies(gpu), "both images must build from the same files (same requirements.lock)"
     assert (build_args(cpu)["TORCH_INDEX_URL"], build_args(gpu)["TORCH_INDEX_URL"]) == (
-        "", "https://download.pytorch.org/whl/cu128")
+        "",
+        "https://download.pytorch.org/whl/cu128",
+    )
     # Bases pinned to an exact release tag (the release process adds the digest), never a floating one.
     bases = {name: base_image(path) for name, path in DOCKERFILES.items()}
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", bases["cpu"]), bases
@@ -191,19 +198,22 @@ def run_build_script(tmp_path: Path, *args: str, docker_info_ok: bool, registry:
     """build.sh with a stand-in `docker` that records its calls (no engine, no image is built)."""
     log = tmp_path / "docker.log"
     fake = tmp_path / "docker"
-    fake.write_text(textwrap.dedent(f"""\
+    fake.write_text(
+        textwrap.dedent(f"""\
         #!/usr/bin/env bash
         printf '%s\\n' "$*" >> {shlex.quote(str(log))}
         if [[ "$1" == info ]]; then exit {0 if docker_info_ok else 1}; fi
         exit 0
-        """))
+        """)
+    )
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOPS_")}
     env["DOCKER"] = str(fake)
     if registry:
         env["LLMOPS_IMAGE_REGISTRY"] = registry
-    result = subprocess.run(["bash", str(IMAGES / "build.sh"), *args], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(IMAGES / "build.sh"), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     calls = log.read_text().splitlines() if log.exists() else []
     return result, calls
 
@@ -236,6 +246,7 @@ def test_build_script_explains_a_missing_docker_engine(tmp_path):
 
 # --- the install itself, in a fresh venv -----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory) -> Path:
     """A fresh venv with the project installed by Dockerfile.cpu's install RUN line."""
@@ -252,8 +263,9 @@ def image_venv(tmp_path_factory) -> Path:
     env = clean_env(venv, build_args(dockerfile))  # docker exposes build args to RUN as variables
     log = work / "install.log"
     with log.open("w") as out:
-        result = subprocess.run(["/bin/sh", "-c", command], env=env, cwd=cwd, stdout=out,
-                                stderr=subprocess.STDOUT, timeout=INSTALL_SECONDS)
+        result = subprocess.run(
+            ["/bin/sh", "-c", command], env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, timeout=INSTALL_SECONDS
+        )
     if result.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-60:])
         pytest.fail(f"install.sh failed in a clean venv (exit {result.returncode}); full log {log}:\n{tail}")
@@ -264,8 +276,7 @@ def image_venv(tmp_path_factory) -> Path:
 def in_venv(venv: Path, *argv: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run in the fresh venv from an empty directory, so nothing resolves to the source tree."""
     cwd = venv.parent / "cwd"
-    result = subprocess.run(list(argv), env=clean_env(venv), cwd=cwd, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(list(argv), env=clean_env(venv), cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, f"{' '.join(argv)} failed:\n{result.stdout}\n{result.stderr}"
     return result
@@ -273,9 +284,13 @@ def in_venv(venv: Path, *argv: str, check: bool = True, timeout: int = 300) -> s
 
 def test_clean_install_runs_the_components_and_the_cli(image_venv):
     python = str(image_venv / "bin" / "python")
-    in_venv(image_venv, python, "-c",
-            "import components.train, components.evaluate, pipelines.steps, serving.server, serving.deployer,"
-            " kfp.dsl.executor_main")
+    in_venv(
+        image_venv,
+        python,
+        "-c",
+        "import components.train, components.evaluate, pipelines.steps, serving.server, serving.deployer,"
+        " kfp.dsl.executor_main",
+    )
     # kfp's command line in the image is `python3 -m kfp.dsl.executor_main`: PATH's python3 is the venv's.
     found = in_venv(image_venv, "python3", "-c", "import sys, kfp; print(sys.prefix); print(kfp.__version__)")
     assert found.stdout.split() == [str(image_venv), "2.17.0"]
@@ -283,14 +298,19 @@ def test_clean_install_runs_the_components_and_the_cli(image_venv):
     result = in_venv(image_venv, "llmops", "--help")
     assert "Usage" in result.stdout
 
-    probe = in_venv(image_venv, python, "-c", textwrap.dedent("""\
+    probe = in_venv(
+        image_venv,
+        python,
+        "-c",
+        textwrap.dedent("""\
         import json
         from importlib.metadata import version
         import components, pipelines.images as images
         from components.base_model import packaged_gguf
         print(json.dumps({"version": version("llmops"), "cpu": images.CPU_IMAGE, "gpu": images.GPU_IMAGE,
                           "file": components.__file__, "gguf": str(packaged_gguf())}))
-        """))
+        """),
+    )
     facts = json.loads(probe.stdout)
     assert facts["version"] == VERSION
     assert facts["cpu"].endswith(f"/llmops-cpu:{VERSION}") and facts["gpu"].endswith(f"/llmops-gpu:{VERSION}")
@@ -343,24 +363,43 @@ def test_clean_install_has_every_module_the_code_imports(image_venv):
                         missing.append(f"from {module} import {name}: {type(exc).__name__}: {exc}")
         print(json.dumps(missing))
         """)
-    result = in_venv(image_venv, str(image_venv / "bin" / "python"), "-c", probe,
-                     json.dumps({m: sorted(n) for m, n in modules.items()}))
+    result = in_venv(
+        image_venv,
+        str(image_venv / "bin" / "python"),
+        "-c",
+        probe,
+        json.dumps({m: sorted(n) for m, n in modules.items()}),
+    )
     missing = json.loads(result.stdout.strip().splitlines()[-1])
     assert missing == [], "the clean install lacks what the code imports:\n" + "\n".join(missing)
 
     # Imported directly but only present through another package's requirements: not a failure
     # (the lock pins them), but worth declaring in pyproject.toml.
-    declared = {canonicalize_name(Requirement(r).name)
-                for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]} | NO_DEPS
-    owners = in_venv(image_venv, str(image_venv / "bin" / "python"), "-c",
-                     "import json, importlib.metadata as m; print(json.dumps(m.packages_distributions()))")
+    declared = {
+        canonicalize_name(Requirement(r).name)
+        for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    } | NO_DEPS
+    owners = in_venv(
+        image_venv,
+        str(image_venv / "bin" / "python"),
+        "-c",
+        "import json, importlib.metadata as m; print(json.dumps(m.packages_distributions()))",
+    )
     providers = json.loads(owners.stdout)
-    undeclared = sorted({f"{top} (from {', '.join(providers.get(top, ['?']))})"
-                         for top in {m.split(".")[0] for m in modules} - set(PACKAGES)
-                         if not {canonicalize_name(d) for d in providers.get(top, [])} & declared})
+    undeclared = sorted(
+        {
+            f"{top} (from {', '.join(providers.get(top, ['?']))})"
+            for top in {m.split(".")[0] for m in modules} - set(PACKAGES)
+            if not {canonicalize_name(d) for d in providers.get(top, [])} & declared
+        }
+    )
     if undeclared:
-        warnings.warn("imported by the code but not declared in pyproject.toml (installed transitively): "
-                      + "; ".join(undeclared), UserWarning, stacklevel=1)
+        warnings.warn(
+            "imported by the code but not declared in pyproject.toml (installed transitively): "
+            + "; ".join(undeclared),
+            UserWarning,
+            stacklevel=1,
+        )
 
 
 def test_clean_install_matches_the_lock(image_venv):
@@ -376,13 +415,16 @@ def test_clean_install_matches_the_lock(image_venv):
 
     for name in ("torch", *NO_DEPS):
         assert name in installed, f"{name} is not installed"
-    wrong = {n: (v, lock[n]) for n, v in installed.items() if n in lock and Version(v).public != Version(lock[n]).public}
+    wrong = {
+        n: (v, lock[n]) for n, v in installed.items() if n in lock and Version(v).public != Version(lock[n]).public
+    }
     assert wrong == {}, f"installed versions differ from requirements.lock: {wrong}"
     # pip is pinned by install.sh; setuptools comes with torch (and the venv) and `pip freeze` never lists it.
     unpinned = sorted(set(installed) - set(lock) - {"llmops", "pip", "setuptools", "wheel"})
     assert unpinned == [], f"installed but not pinned in requirements.lock: {unpinned}"
 
     check = in_venv(image_venv, str(image_venv / "bin" / "python"), "-m", "pip", "check", check=False)
-    problems = [line for line in check.stdout.splitlines()
-                if line.strip() and canonicalize_name(line.split()[0]) not in NO_DEPS]
+    problems = [
+        line for line in check.stdout.splitlines() if line.strip() and canonicalize_name(line.split()[0]) not in NO_DEPS
+    ]
     assert problems == [], "pip check:\n" + "\n".join(problems)

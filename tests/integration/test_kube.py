@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from serving.settings import DeploySection
 from serving import kube, manifests
+from serving.settings import DeploySection
 from tests.integration.kube_fake import FakeKube
 
 pytestmark = pytest.mark.integration
@@ -28,8 +28,9 @@ def kube_api():
 
 
 def objects(version: str, quantize: str = "bitsandbytes-nf4", cfg: DeploySection = CFG) -> list[dict]:
-    return manifests.render(cfg, name=MODEL, version=version, run_id=RUNS[version],
-                            tags={"recommended_quantize": quantize})
+    return manifests.render(
+        cfg, name=MODEL, version=version, run_id=RUNS[version], tags={"recommended_quantize": quantize}
+    )
 
 
 def apply(api_client, version: str, **kw) -> dict[str, kube.Applied]:
@@ -50,8 +51,10 @@ def test_apply_creates_then_is_idempotent(kube_api):
     assert {r.action for r in again.values()} == {"unchanged"}
     assert again["Deployment"].generation == 1
     assert len(fake.writes()) == writes  # not even a no-op PUT
-    after = (fake.get("deployments", NS, NAME)["metadata"]["resourceVersion"],
-             fake.get("services", NS, NAME)["metadata"]["resourceVersion"])
+    after = (
+        fake.get("deployments", NS, NAME)["metadata"]["resourceVersion"],
+        fake.get("services", NS, NAME)["metadata"]["resourceVersion"],
+    )
     assert after == rvs
 
 
@@ -77,7 +80,8 @@ def test_update_keeps_annotations_other_tools_own(kube_api):
     apply(api_client, "1")
     # What the Deployment controller does; goes through the fake's PATCH (merge patch) endpoint.
     client.AppsV1Api(api_client).patch_namespaced_deployment(
-        NAME, NS, {"metadata": {"annotations": {"deployment.kubernetes.io/revision": "1"}}})
+        NAME, NS, {"metadata": {"annotations": {"deployment.kubernetes.io/revision": "1"}}}
+    )
     assert fake.get("deployments", NS, NAME)["metadata"]["generation"] == 1  # metadata only: same generation
     apply(api_client, "2")
     annotations = fake.get("deployments", NS, NAME)["metadata"]["annotations"]
@@ -119,8 +123,9 @@ def test_status_patched_through_the_client_completes_the_rollout(kube_api):
 
     fake, api_client = kube_api
     gen = apply(api_client, "1")["Deployment"].generation
-    client.AppsV1Api(api_client).patch_namespaced_deployment_status(NAME, NS, {"status": {
-        "observedGeneration": gen, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}})
+    client.AppsV1Api(api_client).patch_namespaced_deployment_status(
+        NAME, NS, {"status": {"observedGeneration": gen, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}}
+    )
     assert kube.wait_for_rollout(NAME, NS, gen, 2, api_client=api_client, poll_s=0.05) is True
 
 
@@ -180,8 +185,14 @@ def test_current_version_and_missing_deployment(kube_api):
 
 def test_deploy_version_end_to_end(kube_api):
     fake, api_client = kube_api
-    args = dict(name=MODEL, run_id=RUNS["1"], tags={"recommended_quantize": "none"}, api_client=api_client,
-                timeout_s=5, poll_s=0.05)
+    args = dict(
+        name=MODEL,
+        run_id=RUNS["1"],
+        tags={"recommended_quantize": "none"},
+        api_client=api_client,
+        timeout_s=5,
+        poll_s=0.05,
+    )
     timer = threading.Timer(0.3, fake.complete_rollout, (NS, NAME))
     timer.start()
     assert kube.deploy_version(CFG, version="1", **args) is True

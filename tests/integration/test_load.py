@@ -13,7 +13,9 @@ PROMPTS = [f"ticket {i}: " + ("I lost my card " * (1 + i % 3)) for i in range(48
 
 
 def ask(url: str, prompt: str) -> tuple[int, str]:
-    response = requests.post(f"{url}/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 10}}, timeout=120)
+    response = requests.post(
+        f"{url}/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 10}}, timeout=120
+    )
     return response.status_code, response.json().get("generated_text") or response.json().get("error_type")
 
 

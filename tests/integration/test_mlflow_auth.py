@@ -77,8 +77,12 @@ def test_each_identity_does_its_job_and_an_anonymous_promotion_is_refused(auth_s
     alias = {"name": name, "alias": "champion", "version": version}
     anonymous = requests.post(f"{auth_server.url}/api/2.0/mlflow/registered-models/alias", json=alias, timeout=10)
     assert anonymous.status_code == 401
-    wrong = requests.post(f"{auth_server.url}/api/2.0/mlflow/registered-models/alias", json=alias, timeout=10,
-                          auth=("promoter", "not-the-password"))
+    wrong = requests.post(
+        f"{auth_server.url}/api/2.0/mlflow/registered-models/alias",
+        json=alias,
+        timeout=10,
+        auth=("promoter", "not-the-password"),
+    )
     assert wrong.status_code == 401
     with identity("promoter", USERS["promoter"]):
         MlflowClient().set_registered_model_alias(name, "champion", version)
@@ -87,8 +91,9 @@ def test_each_identity_does_its_job_and_an_anonymous_promotion_is_refused(auth_s
         assert deployer.get_model_version_by_alias(name, "champion").version == version
         deployer.set_model_version_tag(name, version, "deploy.status", "deployed")
     with identity("pipeline", USERS["pipeline"]), pytest.raises(MlflowException):
-        MlflowClient().create_webhook(name="not-for-the-pipeline", url="http://127.0.0.1:9/x",
-                                      events=["model_version_alias.created"])  # webhooks are the admin's
+        MlflowClient().create_webhook(
+            name="not-for-the-pipeline", url="http://127.0.0.1:9/x", events=["model_version_alias.created"]
+        )  # webhooks are the admin's
     with identity("admin", ADMIN["admin_password"]):
         tags = MlflowClient().get_model_version(name, version).tags
     assert tags["deploy.status"] == "deployed"

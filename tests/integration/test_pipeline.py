@@ -9,13 +9,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import load_config
+from pipelines.config import load_config
 
 pytestmark = pytest.mark.integration
 
 
-TINY = ["train.max_steps=4", "train.checkpoint_every=2", "train.learning_rate=0.005", "quantize.eval_examples=4",
-        "quantize.variants=[nf4]", "merge.parity_prompts=4", "eval.batch_size=8", "registry.model_name=tiny-pipeline"]
+TINY = [
+    "train.max_steps=4",
+    "train.checkpoint_every=2",
+    "train.learning_rate=0.005",
+    "quantize.eval_examples=4",
+    "quantize.variants=[nf4]",
+    "merge.parity_prompts=4",
+    "eval.batch_size=8",
+    "registry.model_name=tiny-pipeline",
+]
 
 
 class Checkout:
@@ -31,7 +39,7 @@ class Checkout:
         self.env = {**os.environ, "PYTHONPATH": str(self.tree), "COLUMNS": "300"}
 
     def run(self, *overrides: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "pipelines.cli", "run", "--root", str(self.runs), *self.base, *overrides]
+        command = [sys.executable, "-m", "llmops", "run", "--root", str(self.runs), *self.base, *overrides]
         return subprocess.run(command, cwd=self.tree, env=self.env, capture_output=True, text=True, timeout=900)
 
 
@@ -52,8 +60,9 @@ def registered_version(stdout: str) -> str:
     return found.group(1)
 
 
-def test_a_failed_stage_is_fixed_and_reruns_reuse_every_finished_stage(mlflow_server, tiny_source, llmops_cache,
-                                                                       tmp_path):
+def test_a_failed_stage_is_fixed_and_reruns_reuse_every_finished_stage(
+    mlflow_server, tiny_source, llmops_cache, tmp_path
+):
     """The user's path through `llmops run`: evaluate breaks after training, the code is fixed, the same
     command runs again; a later run with unchanged inputs comes from the cache. The gate is judged each time
     against the base and the champion. (tests/unit/test_code_digest.py shows which stages each file reaches.)"""
@@ -66,8 +75,11 @@ def test_a_failed_stage_is_fixed_and_reruns_reuse_every_finished_stage(mlflow_se
     broken = checkout.run("gate.min_gain_over_base=-1")
     assert broken.returncode == 1, broken.stdout[-3000:] + broken.stderr[-3000:]
     assert "a bug in evaluate" in broken.stdout + broken.stderr
-    assert ("evaluate failed" in broken.stderr and "(base-model, prepare-data, train)" in broken.stderr
-            and "only evaluate and the stages after it will run" in broken.stderr), broken.stderr[-2000:]
+    assert (
+        "evaluate failed" in broken.stderr
+        and "(base-model, prepare-data, train)" in broken.stderr
+        and "only evaluate and the stages after it will run" in broken.stderr
+    ), broken.stderr[-2000:]
 
     evaluate.write_text(fixed)  # the fix: a real edit to evaluate's code, which train never imports
     first = checkout.run("gate.min_gain_over_base=-1")
@@ -76,15 +88,37 @@ def test_a_failed_stage_is_fixed_and_reruns_reuse_every_finished_stage(mlflow_se
     assert {"evaluate", "merge", "quantize", "register", "gate"} <= set(outcome_lines(first.stdout)["ran"])
     client = MlflowClient()
     version = client.get_model_version("tiny-pipeline", registered_version(first.stdout))
-    assert version.tags["recommended_quantize"] in ("bitsandbytes-nf4", "none")  # nf4 is the only variant measured
+    # The flag the measured numbers imply, recomputed from the quantize report the register run keeps and the
+    # thresholds of the config this run used: nf4 (the only variant measured) if it is within both, else none.
+    import mlflow
+
+    limits = load_config("local", [*checkout.base, "gate.min_gain_over_base=-1"]).quantize
+    report = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/reports/quantize_report.json")
+    assert set(report["results"]) == {"merged", "nf4"} and report["thresholds"] == {
+        "max_accuracy_drop": limits.max_accuracy_drop,
+        "max_perplexity_increase": limits.max_perplexity_increase,
+    }
+    merged, nf4 = report["results"]["merged"], report["results"]["nf4"]
+    metric = "label_accuracy" if "label_accuracy" in merged else "exact_match"  # a label task judges labels
+    within = (
+        merged[metric] - nf4[metric] <= limits.max_accuracy_drop
+        and nf4["perplexity"] / merged["perplexity"] - 1.0 <= limits.max_perplexity_increase
+    )
+    assert version.tags["recommended_quantize"] == ("bitsandbytes-nf4" if within else "none"), report["results"]
     assert version.tags["gate.verdict"] == "passed" and version.tags["gate.champion_version"] == "none"
     assert client.get_model_version_by_alias("tiny-pipeline", "challenger").version == version.version
 
     client.set_registered_model_alias("tiny-pipeline", "champion", version.version)
     second = checkout.run("gate.min_gain_over_base=1.0")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert set(outcome_lines(second.stdout)["cached"]) == {"base-model", "prepare-data", "train", "evaluate", "merge",
-                                                          "quantize"}
+    assert set(outcome_lines(second.stdout)["cached"]) == {
+        "base-model",
+        "prepare-data",
+        "train",
+        "evaluate",
+        "merge",
+        "quantize",
+    }
     failed = client.get_model_version("tiny-pipeline", registered_version(second.stdout))
     assert failed.version != version.version  # register is never cached: each pipeline run gets its version
     assert failed.tags["gate.verdict"] == "failed" and "gain over base" in failed.tags["gate.reason"]
@@ -99,21 +133,44 @@ def test_compiled_pipeline_is_documented_and_wired(tmp_path):
     path = compile_pipeline(load_config("cluster"), str(tmp_path / "finetune.yaml"))
     spec = next(yaml.safe_load_all(open(path)))
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(params) == {"model_cfg", "data_cfg", "train_cfg", "eval_cfg", "merge_cfg", "quantize_cfg", "register_cfg",
-                           "gate_cfg", "challenger_alias", "accelerator_type", "accelerator_count",
-                           "node_selector_json", "tolerations_json"}
+    assert set(params) == {
+        "model_cfg",
+        "data_cfg",
+        "train_cfg",
+        "eval_cfg",
+        "merge_cfg",
+        "quantize_cfg",
+        "register_cfg",
+        "gate_cfg",
+        "challenger_alias",
+        "accelerator_type",
+        "accelerator_count",
+        "node_selector_json",
+        "tolerations_json",
+    }
     assert all(p.get("description") for p in params.values())
     assert json.loads(params["train_cfg"]["defaultValue"])["use_gpu"] is True
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"base-model", "prepare-data", "train", "evaluate", "merge", "quantize", "exit-handler-1",
-                          "finalize"}
+    assert set(tasks) == {
+        "base-model",
+        "prepare-data",
+        "train",
+        "evaluate",
+        "merge",
+        "quantize",
+        "exit-handler-1",
+        "finalize",
+    }
     assert tasks["finalize"]["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}  # runs however it ends
     assert tasks["finalize"]["dependentTasks"] == ["exit-handler-1"]
     assert "status" in spec["components"]["comp-finalize"]["inputDefinitions"]["parameters"]  # PipelineTaskFinalStatus
     assert spec["root"]["outputDefinitions"]["artifacts"].keys() == {"Output"}  # the summary, from the exit task
     registry = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     assert set(registry) == {"register", "gate", "condition-2"}
-    assert registry["condition-2"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
+    assert (
+        registry["condition-2"]["triggerPolicy"]["condition"]
+        == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
+    )
     tasks = {**tasks, **registry}
     assert tasks["register"]["cachingOptions"] == {} == tasks["gate"]["cachingOptions"]  # caching off is empty
     assert tasks["train"]["cachingOptions"] == {"enableCache": True}

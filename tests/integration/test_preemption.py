@@ -20,9 +20,11 @@ STEPS, EVERY = 40, 4
 
 
 def script(base, data, root):
-    return ("import sys; from components.train import run; from components.config import TrainSection; "
-            f"run(TrainSection(max_steps={STEPS}, checkpoint_every={EVERY}, log_every=4, checkpoint_root={root!r}), "
-            f"{str(base)!r}, {str(data)!r}, sys.argv[1])")
+    return (
+        "import sys; from components.train import run; from components.config import TrainSection; "
+        f"run(TrainSection(max_steps={STEPS}, checkpoint_every={EVERY}, log_every=4, checkpoint_root={root!r}), "
+        f"{str(base)!r}, {str(data)!r}, sys.argv[1])"
+    )
 
 
 # One intra-op thread: with two, CPU reductions follow the thread schedule and two identical runs
@@ -31,8 +33,13 @@ DETERMINISTIC = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def start(code, out):
-    return subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, env=DETERMINISTIC)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=DETERMINISTIC,
+    )
 
 
 def wait_for_checkpoint(root, proc, at_least=EVERY, timeout=180):
@@ -50,8 +57,12 @@ def adapter(path):
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny_base, demo_prepared, tmp_path):
-    whole = subprocess.run([sys.executable, "-c", script(tiny_base, demo_prepared, str(tmp_path / "a")), str(tmp_path / "whole")],
-                           capture_output=True, timeout=600, env=DETERMINISTIC)
+    whole = subprocess.run(
+        [sys.executable, "-c", script(tiny_base, demo_prepared, str(tmp_path / "a")), str(tmp_path / "whole")],
+        capture_output=True,
+        timeout=600,
+        env=DETERMINISTIC,
+    )
     assert whole.returncode == 0, whole.stderr.decode()[-2000:]
 
     code = script(tiny_base, demo_prepared, str(tmp_path / "b"))
@@ -60,8 +71,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny_base, demo_pre
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = int(last_complete_checkpoint(run_dir).name.split("-")[1])
-    resumed = subprocess.run([sys.executable, "-c", code, str(tmp_path / "resumed")], capture_output=True, timeout=600,
-                             env=DETERMINISTIC)
+    resumed = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "resumed")], capture_output=True, timeout=600, env=DETERMINISTIC
+    )
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     metrics = json.loads((tmp_path / "resumed" / "train_metrics.json").read_text())
     assert metrics["resumed_from_step"] == killed_at < STEPS and metrics["steps"] == STEPS
@@ -90,14 +102,22 @@ def test_checkpoints_on_s3_restore_on_a_fresh_machine(tiny_base, demo_prepared, 
     monkeypatch.setenv("TMPDIR", str(tmp_path / "machine1"))
     (tmp_path / "machine1").mkdir()
     code = script(tiny_base, demo_prepared, f"s3://{bucket}/checkpoints")
-    first = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o1")], capture_output=True, timeout=600,
-                           env={**os.environ, "TMPDIR": str(tmp_path / "machine1")})
+    first = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "o1")],
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "TMPDIR": str(tmp_path / "machine1")},
+    )
     assert first.returncode == 0, first.stderr.decode()[-2000:]
     keys = [o["Key"] for o in storage.client().list_objects_v2(Bucket=bucket)["Contents"]]
     assert any(k.endswith(f"checkpoint-{STEPS}/{storage.MANIFEST}") for k in keys)
     (tmp_path / "machine2").mkdir()  # an empty local disk: everything must come from S3
-    second = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o2")], capture_output=True, timeout=600,
-                            env={**os.environ, "TMPDIR": str(tmp_path / "machine2")})
+    second = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "o2")],
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "TMPDIR": str(tmp_path / "machine2")},
+    )
     assert second.returncode == 0, second.stderr.decode()[-2000:]
     assert json.loads((tmp_path / "o2" / "train_metrics.json").read_text())["resumed_from_step"] == STEPS
     a, b = adapter(tmp_path / "o1"), adapter(tmp_path / "o2")
@@ -121,8 +141,9 @@ def test_validation_state_and_best_adapter_follow_the_checkpoints_to_s3(moto_url
         (first.local / name / "adapter_model.safetensors").write_bytes(os.urandom(4096))
         first.push(name)
         if record:
-            (first.local / VALIDATION).write_text(json.dumps({"best": {"step": step, "accuracy": accuracy,
-                                                                       "dir": name}, "curve": []}))
+            (first.local / VALIDATION).write_text(
+                json.dumps({"best": {"step": step, "accuracy": accuracy, "dir": name}, "curve": []})
+            )
             first.push(VALIDATION)
         return (first.local / name / "adapter_model.safetensors").read_bytes()
 
@@ -138,8 +159,11 @@ def test_validation_state_and_best_adapter_follow_the_checkpoints_to_s3(moto_url
     assert restored("machine2") == ("best-50", weights_50)
     weights_100 = best(100, 0.8, record=False)  # killed before the record went up
     assert restored("machine3") == ("best-50", weights_50)
-    (first.local / VALIDATION).write_text(json.dumps({"best": {"step": 100, "accuracy": 0.8, "dir": "best-100"},
-                                                      "curve": []}))
+    (first.local / VALIDATION).write_text(
+        json.dumps({"best": {"step": 100, "accuracy": 0.8, "dir": "best-100"}, "curve": []})
+    )
     first.push(VALIDATION)
     assert restored("machine4") == ("best-100", weights_100)
-    CheckpointStore(tmp_path / "local-only").push(VALIDATION)  # a PVC root is durable as is: nothing to upload, no error
+    CheckpointStore(tmp_path / "local-only").push(
+        VALIDATION
+    )  # a PVC root is durable as is: nothing to upload, no error

@@ -9,6 +9,21 @@ from components.config import RegisterSection
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module", autouse=True)
+def registered_here(mlflow_server):
+    """The session's registry outlives this module: the models its tests register are deleted at its end."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    before = {m.name for m in client.search_registered_models(max_results=1000)}
+    try:
+        yield
+    finally:
+        for model in client.search_registered_models(max_results=1000):
+            if model.name not in before:
+                client.delete_registered_model(model.name)
+
+
 @pytest.fixture(scope="module")
 def stage_outputs(tiny_base, demo_prepared, tiny_adapter, tmp_path_factory):
     from components import evaluate, merge, quantize
@@ -18,8 +33,14 @@ def stage_outputs(tiny_base, demo_prepared, tiny_adapter, tmp_path_factory):
     evaluate.run(EvalSection(batch_size=8), tiny_base, tiny_adapter, demo_prepared, root / "eval")
     merge.run(MergeSection(parity_prompts=8), tiny_base, tiny_adapter, demo_prepared, root / "merged")
     quantize.run(QuantizeSection(variants=["nf4"]), root / "merged" / "model", demo_prepared, root / "quant")
-    return {"base": tiny_base, "data": demo_prepared, "train": tiny_adapter, "eval": root / "eval",
-            "merged": root / "merged", "quantize": root / "quant"}
+    return {
+        "base": tiny_base,
+        "data": demo_prepared,
+        "train": tiny_adapter,
+        "eval": root / "eval",
+        "merged": root / "merged",
+        "quantize": root / "quant",
+    }
 
 
 def test_version_is_an_mlflow_model_with_lineage_metrics_params_and_data(mlflow_server, stage_outputs, tmp_path):
@@ -27,22 +48,35 @@ def test_version_is_an_mlflow_model_with_lineage_metrics_params_and_data(mlflow_
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from components.prompt_contract import read_contract
     from components.chat_pyfunc import artifact_paths
+    from components.prompt_contract import read_contract
 
     client = MlflowClient()
     result = register.run(RegisterSection(model_name="tiny-reg"), stage_outputs, "pipeline-run-1")
     version = client.get_model_version("tiny-reg", result["version"])
-    for tag in ("base_model", "base_model_sha256", "dataset_sha256", "config_sha256", "git_commit",
-                "llmops.pipeline_run", "recommended_quantize", "chat_template_sha256", "eval.tuned.exact_match",
-                "weights.manifest_sha256", "llmops.adapter_model_id"):
+    for tag in (
+        "base_model",
+        "base_model_sha256",
+        "dataset_sha256",
+        "config_sha256",
+        "git_commit",
+        "llmops.pipeline_run",
+        "recommended_quantize",
+        "chat_template_sha256",
+        "eval.tuned.exact_match",
+        "weights.manifest_sha256",
+        "llmops.adapter_model_id",
+    ):
         assert version.tags.get(tag), tag
     assert version.tags["llmops.pipeline_run"] == "pipeline-run-1" and len(version.tags["config_sha256"]) == 64
     model_id = version.tags["llmops.model_id"]
     assert version.source == f"models:/{model_id}"  # created from the LoggedModel, not from a folder
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/tiny-reg/{result['version']}",
-                                                     dst_path=str(tmp_path)))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/tiny-reg/{result['version']}", dst_path=str(tmp_path)
+        )
+    )
     served, manifest = artifact_paths(local)
     assert (local / "MLmodel").is_file() and manifest.is_file()
     assert AutoModelForCausalLM.from_pretrained(served).config.model_type == "llama"
@@ -60,7 +94,10 @@ def test_version_is_an_mlflow_model_with_lineage_metrics_params_and_data(mlflow_
     assert contexts == {"train": "training", "eval": "eval"}
     assert all(len(i.dataset.digest) >= 8 for i in inputs)
     adapter = client.get_logged_model(version.tags["llmops.adapter_model_id"])
-    assert adapter.source_run_id == result["run_id"] and adapter.tags["base_model_sha256"] == version.tags["base_model_sha256"]
+    assert (
+        adapter.source_run_id == result["run_id"]
+        and adapter.tags["base_model_sha256"] == version.tags["base_model_sha256"]
+    )
     assert {a.path for a in client.list_logged_model_artifacts(adapter.model_id)} >= {"adapter_config.json"}
     # One copy of the weights: the run holds the reports, not the model files again.
     assert {a.path for a in client.list_artifacts(result["run_id"])} == {"reports"}
@@ -104,8 +141,11 @@ def test_stage_runs_log_to_mlflow(mlflow_server, tiny_base, tmp_path):
 
     stats = prepare_data.run(DataSection(), tiny_base, tmp_path / "data")
     runs = MlflowClient().search_runs(
-        [e.experiment_id for e in MlflowClient().search_experiments()], "tags.`llmops.stage` = 'prepare_data'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+        [e.experiment_id for e in MlflowClient().search_experiments()],
+        "tags.`llmops.stage` = 'prepare_data'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     assert runs and runs[0].data.metrics["data.rejected"] == stats["rejected"] == 3
     assert runs[0].data.metrics["data.reject_reasons.duplicate"] == 1
     names = {a.path for a in MlflowClient().list_artifacts(runs[0].info.run_id)}
@@ -133,20 +173,29 @@ def test_labels_with_any_characters_pass_evaluate_and_register(mlflow_server, ti
         writer = csv.DictWriter(fh, fieldnames=["text", "label"])
         writer.writeheader()
         writer.writerows({"text": text, "label": AWKWARD[i % len(AWKWARD)]} for i, text in enumerate(texts))
-    stages = {"base": tiny_base, "train": tiny_adapter, "data": tmp_path / "data", "eval": tmp_path / "eval",
-              "merged": tmp_path / "merged", "quantize": tmp_path / "quant"}
+    stages = {
+        "base": tiny_base,
+        "train": tiny_adapter,
+        "data": tmp_path / "data",
+        "eval": tmp_path / "eval",
+        "merged": tmp_path / "merged",
+        "quantize": tmp_path / "quant",
+    }
     prepare_data.run(DataSection(path=str(source), eval_fraction=0.5), tiny_base, stages["data"])
     report = evaluate.run(EvalSection(batch_size=8), tiny_base, tiny_adapter, stages["data"], stages["eval"])
-    merge.run(MergeSection(parity_prompts=4, parity_threshold=0.0), tiny_base, tiny_adapter, stages["data"],
-              stages["merged"])
-    quantize.run(QuantizeSection(variants=["nf4"]), stages["merged"] / "model", stages["data"],
-                 stages["quantize"])
+    merge.run(
+        MergeSection(parity_prompts=4, parity_threshold=0.0), tiny_base, tiny_adapter, stages["data"], stages["merged"]
+    )
+    quantize.run(QuantizeSection(variants=["nf4"]), stages["merged"] / "model", stages["data"], stages["quantize"])
     result = register.run(RegisterSection(model_name="awkward-labels"), stages, "pipeline-awkward")
 
     assert set(report["tuned"]["per_class"]) == set(AWKWARD)  # the report keeps every label exactly
     client = MlflowClient()
-    run = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                             "tags.`llmops.stage` = 'evaluate'", order_by=["attributes.start_time DESC"])[0]
+    run = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`llmops.stage` = 'evaluate'",
+        order_by=["attributes.start_time DESC"],
+    )[0]
     f1 = {name: value for name, value in run.data.metrics.items() if name.startswith("eval.tuned.f1.")}
     assert len(f1) == len(AWKWARD)  # one metric per label: the two that collide did not overwrite each other
     renamed = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/metric_names.json")

@@ -4,16 +4,25 @@ schemathesis run, SSE framing, the concurrency limit, batching parity, LoRA adap
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from tests.conftest import Live, shared_path
+from tests.conftest import Live, shared_path, wait_for
 
-PROMPTS = ["I lost my card", "how do I top up my account with a transfer", "card", "where is my refund please",
-           "exchange rate", "my PIN is blocked", "Classify the message: I want to cancel", "hello"]
+PROMPTS = [
+    "I lost my card",
+    "how do I top up my account with a transfer",
+    "card",
+    "where is my refund please",
+    "exchange rate",
+    "my PIN is blocked",
+    "Classify the message: I want to cancel",
+    "hello",
+]
 CHAT = [{"role": "user", "content": "I lost my card"}]
 
 
@@ -50,9 +59,10 @@ def adapter_dir(tiny_base, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
-                           LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"],
-                                      init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base),
+        LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False),
+    )
     out = tmp_path_factory.mktemp("lora-a")
     model.save_pretrained(out)
     return out
@@ -62,8 +72,14 @@ def adapter_dir(tiny_base, tmp_path_factory):
 def server(tiny_base, adapter_dir):
     from serving.server import create_app
 
-    app = create_app(str(tiny_base), model_id="tiny-llama", max_input_tokens=96, max_total_tokens=128,
-                     max_concurrent_requests=16, adapters={"lora-a": str(adapter_dir)})
+    app = create_app(
+        str(tiny_base),
+        model_id="tiny-llama",
+        max_input_tokens=96,
+        max_total_tokens=128,
+        max_concurrent_requests=16,
+        adapters={"lora-a": str(adapter_dir)},
+    )
     with Live(app) as live:
         yield live
 
@@ -82,13 +98,14 @@ def sse_data(body: str) -> list[str]:
     events = body.split("\n\n")
     assert events[-1] == "", "the body must end with a blank line"
     assert all(event.startswith("data: ") and "\n" not in event for event in events[:-1]), body
-    return [event[len("data: "):] for event in events[:-1]]
+    return [event[len("data: ") :] for event in events[:-1]]
 
 
 def conforms(spec: dict, path: str, method: str, response: requests.Response) -> list:
     """Validate a response against the spec's schema for its route, status and media type; return its bodies.
 
-    A stream's events are validated one by one; error events, which TGI sends inside a 200 stream, against ErrorResponse.
+    A stream's events are validated one by one; error events, which TGI sends inside a 200 stream, against
+    ErrorResponse.
     """
     from openapi_schema_validator import OAS30ReadValidator, oas30_format_checker
 
@@ -113,26 +130,57 @@ def conforms(spec: dict, path: str, method: str, response: requests.Response) ->
         if isinstance(error, dict):  # OpenAI-style streams carry TGI's OpenaiErrorEvent, which the spec omits
             assert set(error) == {"message", "http_status_code"} and isinstance(error["message"], str)
         else:
-            validator({"$ref": "#/components/schemas/ErrorResponse"} if error else content[media]["schema"]
-                      ).validate(body)
+            validator({"$ref": "#/components/schemas/ErrorResponse"} if error else content[media]["schema"]).validate(
+                body
+            )
     return bodies
 
 
 GENERATE = {"inputs": "I lost my card", "parameters": {"max_new_tokens": 6, "details": True}}
 ROUTES = [
-    ("get", "/info", None), ("get", "/health", None), ("get", "/metrics", None), ("get", "/v1/models", None),
-    ("post", "/", GENERATE), ("post", "/", {**GENERATE, "stream": True}),
-    ("post", "/generate", {"inputs": "I lost my card", "parameters": {
-        "max_new_tokens": 6, "details": True, "decoder_input_details": True, "top_n_tokens": 3, "do_sample": True,
-        "seed": 7, "top_k": 20, "top_p": 0.9, "typical_p": 0.95, "temperature": 0.8, "repetition_penalty": 1.2,
-        "frequency_penalty": 0.3, "stop": ["zz"], "truncate": 3, "return_full_text": True}}),
-    ("post", "/generate_stream", {"inputs": "I lost my card", "parameters": {"max_new_tokens": 6, "details": True,
-                                                                              "top_n_tokens": 2}}),
+    ("get", "/info", None),
+    ("get", "/health", None),
+    ("get", "/metrics", None),
+    ("get", "/v1/models", None),
+    ("post", "/", GENERATE),
+    ("post", "/", {**GENERATE, "stream": True}),
+    (
+        "post",
+        "/generate",
+        {
+            "inputs": "I lost my card",
+            "parameters": {
+                "max_new_tokens": 6,
+                "details": True,
+                "decoder_input_details": True,
+                "top_n_tokens": 3,
+                "do_sample": True,
+                "seed": 7,
+                "top_k": 20,
+                "top_p": 0.9,
+                "typical_p": 0.95,
+                "temperature": 0.8,
+                "repetition_penalty": 1.2,
+                "frequency_penalty": 0.3,
+                "stop": ["zz"],
+                "truncate": 3,
+                "return_full_text": True,
+            },
+        },
+    ),
+    (
+        "post",
+        "/generate_stream",
+        {"inputs": "I lost my card", "parameters": {"max_new_tokens": 6, "details": True, "top_n_tokens": 2}},
+    ),
     ("post", "/tokenize", {"inputs": "I lost my cärd"}),
     ("post", "/chat_tokenize", {"messages": CHAT}),
     ("post", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 6, "logprobs": True, "top_logprobs": 2}),
-    ("post", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 6, "stream": True,
-                                      "stream_options": {"include_usage": True}}),
+    (
+        "post",
+        "/v1/chat/completions",
+        {"messages": CHAT, "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}},
+    ),
     ("post", "/v1/completions", {"prompt": ["I lost", "my card"], "max_tokens": 6}),
     ("post", "/v1/completions", {"prompt": ["I lost", "my card"], "max_tokens": 6, "stream": True}),
 ]
@@ -147,20 +195,23 @@ def test_routes_answer_as_the_spec_says(server, spec, method, path, body):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("path", "body", "message"), [
-    ("/generate", {"inputs": "card", "parameters": {"max_new_tokens": 500}}, "`max_new_tokens` must be <= 128"),
-    ("/generate", {"inputs": "", "parameters": {}}, "`inputs` cannot be empty"),
-    ("/generate", {"inputs": "card", "parameters": {"temperature": 0}}, "`temperature` must be strictly positive"),
-    ("/generate", {"inputs": "card", "parameters": {"stop": list("abcde")}}, "supports up to 4 stop sequences"),
-    ("/generate", {"inputs": "card", "parameters": {"adapter_id": "nope"}}, "adapter `nope` is not loaded"),
-    ("/generate", {"inputs": "card", "parameters": {"best_of": 2}}, "`best_of` != 1 is not allowed"),
-    ("/generate", {"parameters": {}}, "Failed to deserialize the JSON body"),
-    ("/generate", {"inputs": 3}, "Failed to deserialize the JSON body"),
-    ("/", {"inputs": "card " * 200}, "must be <= 128"),
-    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "Failed to deserialize the JSON body"),
-    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json", "value": {}}}, "grammar"),
-    ("/v1/completions", {"prompt": "card", "suffix": "x"}, "Suffix is not supported"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/generate", {"inputs": "card", "parameters": {"max_new_tokens": 500}}, "`max_new_tokens` must be <= 128"),
+        ("/generate", {"inputs": "", "parameters": {}}, "`inputs` cannot be empty"),
+        ("/generate", {"inputs": "card", "parameters": {"temperature": 0}}, "`temperature` must be strictly positive"),
+        ("/generate", {"inputs": "card", "parameters": {"stop": list("abcde")}}, "supports up to 4 stop sequences"),
+        ("/generate", {"inputs": "card", "parameters": {"adapter_id": "nope"}}, "adapter `nope` is not loaded"),
+        ("/generate", {"inputs": "card", "parameters": {"best_of": 2}}, "`best_of` != 1 is not allowed"),
+        ("/generate", {"parameters": {}}, "Failed to deserialize the JSON body"),
+        ("/generate", {"inputs": 3}, "Failed to deserialize the JSON body"),
+        ("/", {"inputs": "card " * 200}, "must be <= 128"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "Failed to deserialize the JSON body"),
+        ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json", "value": {}}}, "grammar"),
+        ("/v1/completions", {"prompt": "card", "suffix": "x"}, "Suffix is not supported"),
+    ],
+)
 def test_invalid_requests_get_422_with_tgi_error_bodies(server, spec, path, body, message):
     response = server.post(path, body)
     assert response.status_code == 422
@@ -173,7 +224,8 @@ def test_streams_report_errors_as_events_like_tgi(server, spec):
     response = server.post("/generate_stream", {"inputs": "card", "parameters": {"top_p": 1.0}})
     assert response.status_code == 200
     assert conforms(spec, "/generate_stream", "post", response) == [
-        {"error": "Input validation error: `top_p` must be > 0.0 and < 1.0", "error_type": "validation"}]
+        {"error": "Input validation error: `top_p` must be > 0.0 and < 1.0", "error_type": "validation"}
+    ]
     chat = server.post("/v1/chat/completions", {"messages": CHAT, "max_tokens": 1000, "stream": True})
     first, done = sse_data(chat.text)
     assert json.loads(first)["error"]["http_status_code"] == 422 and done == "[DONE]"
@@ -188,7 +240,8 @@ def test_a_failing_generation_is_a_424_and_the_server_lives_on(server, spec, mon
     response = server.post("/generate", GENERATE)
     assert response.status_code == 424
     assert conforms(spec, "/generate", "post", response) == [
-        {"error": "Request failed during generation: simulated device failure", "error_type": "generation"}]
+        {"error": "Request failed during generation: simulated device failure", "error_type": "generation"}
+    ]
     [event] = conforms(spec, "/generate_stream", "post", server.post("/generate_stream", GENERATE))
     assert event["error_type"] == "generation"
     assert server.post("/v1/chat/completions", {"messages": CHAT, "max_tokens": 4}).status_code == 424
@@ -197,8 +250,19 @@ def test_a_failing_generation_is_a_424_and_the_server_lives_on(server, spec, mon
     assert server.post("/generate", GENERATE).status_code == 200
 
 
-IMPLEMENTED = {"/", "/chat_tokenize", "/generate", "/generate_stream", "/health", "/info", "/metrics", "/tokenize",
-               "/v1/chat/completions", "/v1/completions", "/v1/models"}
+IMPLEMENTED = {
+    "/",
+    "/chat_tokenize",
+    "/generate",
+    "/generate_stream",
+    "/health",
+    "/info",
+    "/metrics",
+    "/tokenize",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+}
 
 
 @pytest.mark.integration
@@ -207,8 +271,11 @@ def test_schemathesis_finds_no_server_error_or_contract_breach(server, spec):
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                                   status_code_conformance)
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     operations = [result.ok() for result in schemathesis.openapi.from_dict(spec).get_all_operations()]
@@ -216,8 +283,10 @@ def test_schemathesis_finds_no_server_error_or_contract_breach(server, spec):
     assert len(operations) == len(IMPLEMENTED)
     started = time.monotonic()
     for operation in operations:
-        @settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+
+        @settings(
+            max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+        )
         @given(case=operation.as_strategy())
         def run(case):
             response = case.call(base_url=server.url, timeout=60)
@@ -237,16 +306,26 @@ def test_schemathesis_finds_no_server_error_or_contract_breach(server, spec):
 def test_generate_stream_frames_are_tgis(server):
     params = {"max_new_tokens": 8, "details": True}
     whole = server.post("/generate", {"inputs": "I lost my card", "parameters": params}).json()
-    frames = [json.loads(data) for data in sse_data(server.post(
-        "/generate_stream", {"inputs": "I lost my card", "parameters": params}).text)]
+    frames = [
+        json.loads(data)
+        for data in sse_data(server.post("/generate_stream", {"inputs": "I lost my card", "parameters": params}).text)
+    ]
     assert [frame["index"] for frame in frames] == list(range(1, 9))
     assert [frame["token"] for frame in frames] == whole["details"]["tokens"]
     assert all(frame["generated_text"] is None and frame["details"] is None for frame in frames[:-1])
     assert frames[-1]["generated_text"] == whole["generated_text"]
-    assert frames[-1]["details"] == {"finish_reason": "length", "generated_tokens": 8, "seed": None,
-                                     "input_length": len(server.post("/tokenize", {"inputs": "I lost my card"}).json())}
-    compat = [json.loads(data) for data in sse_data(server.post(
-        "/", {"inputs": "I lost my card", "parameters": {"max_new_tokens": 8}, "stream": True}).text)]
+    assert frames[-1]["details"] == {
+        "finish_reason": "length",
+        "generated_tokens": 8,
+        "seed": None,
+        "input_length": len(server.post("/tokenize", {"inputs": "I lost my card"}).json()),
+    }
+    compat = [
+        json.loads(data)
+        for data in sse_data(
+            server.post("/", {"inputs": "I lost my card", "parameters": {"max_new_tokens": 8}, "stream": True}).text
+        )
+    ]
     assert compat[-1]["generated_text"] == "I lost my card" + whole["generated_text"]  # TGI's default for "/"
     assert compat[-1]["details"] is None
 
@@ -255,8 +334,9 @@ def test_generate_stream_frames_are_tgis(server):
 def test_chat_stream_is_openai_chunks_ending_in_done(server):
     body = {"model": "tgi", "messages": CHAT, "max_tokens": 8, "temperature": 0}
     whole = server.post("/v1/chat/completions", body).json()
-    events = sse_data(server.post("/v1/chat/completions", {
-        **body, "stream": True, "stream_options": {"include_usage": True}}).text)
+    events = sse_data(
+        server.post("/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}).text
+    )
     assert events[-1] == "[DONE]"
     chunks = [json.loads(event) for event in events[:-1]]
     assert all(chunk["object"] == "chat.completion.chunk" and chunk["model"] == "tiny-llama" for chunk in chunks)
@@ -268,19 +348,34 @@ def test_chat_stream_is_openai_chunks_ending_in_done(server):
 
 @pytest.mark.integration
 def test_parameters_behave_as_in_tgi(server):
-    greedy = server.post("/generate", {"inputs": "I lost my card", "parameters": {
-        "max_new_tokens": 12, "details": True}}).json()
+    greedy = server.post(
+        "/generate", {"inputs": "I lost my card", "parameters": {"max_new_tokens": 12, "details": True}}
+    ).json()
     assert greedy["details"]["seed"] is None
     stop = greedy["details"]["tokens"][2]["text"]
-    stopped = server.post("/generate", {"inputs": "I lost my card", "parameters": {
-        "max_new_tokens": 12, "stop": [stop], "details": True}}).json()
+    stopped = server.post(
+        "/generate", {"inputs": "I lost my card", "parameters": {"max_new_tokens": 12, "stop": [stop], "details": True}}
+    ).json()
     assert stopped["details"]["finish_reason"] == "stop_sequence" and stopped["details"]["generated_tokens"] <= 3
     assert stopped["generated_text"].endswith(stop)  # TGI keeps the stop sequence in the text
-    sampled = [server.post("/generate", {"inputs": "I lost my card", "parameters": {
-        "max_new_tokens": 12, "do_sample": True, "seed": seed, "details": True}}).json() for seed in (5, 5, 6)]
+    sampled = [
+        server.post(
+            "/generate",
+            {
+                "inputs": "I lost my card",
+                "parameters": {"max_new_tokens": 12, "do_sample": True, "seed": seed, "details": True},
+            },
+        ).json()
+        for seed in (5, 5, 6)
+    ]
     assert sampled[0] == sampled[1] != sampled[2] and sampled[0]["details"]["seed"] == 5
-    truncated = server.post("/generate", {"inputs": "where is my refund please", "parameters": {
-        "max_new_tokens": 2, "truncate": 3, "decoder_input_details": True}}).json()
+    truncated = server.post(
+        "/generate",
+        {
+            "inputs": "where is my refund please",
+            "parameters": {"max_new_tokens": 2, "truncate": 3, "decoder_input_details": True},
+        },
+    ).json()
     assert len(truncated["details"]["prefill"]) == 3 and truncated["details"]["prefill"][0]["logprob"] is None
     assert server.text("I lost my card", return_full_text=True) == "I lost my card" + server.text("I lost my card")
 
@@ -293,18 +388,19 @@ def test_batched_greedy_outputs_equal_sequential_ones(server, monkeypatch):
         return answer.json()["generated_text"], [t["id"] for t in tokens], [t["logprob"] for t in tokens]
 
     sequential = [greedy(prompt) for prompt in PROMPTS]
-    sizes, run_batch, forward = [], server.engine.run_batch, server.engine.model.forward
+    sizes, run_batch, batcher = [], server.engine.run_batch, server.app.state.runtime.batcher
 
-    def recording(jobs):
+    def recording(jobs):  # in the worker thread: the first batch starts only once the rest has queued behind it
+        if not sizes:
+            wait_for(
+                lambda: batcher.queued() == len(PROMPTS) - len(jobs),
+                timeout=60,
+                what="the other requests to queue behind the first batch",
+            )
         sizes.append(len(jobs))
         return run_batch(jobs)
 
-    def slow(*args, **kwargs):  # keeps a batch busy long enough for the other requests to queue behind it
-        time.sleep(0.03)
-        return forward(*args, **kwargs)
-
     monkeypatch.setattr(server.engine, "run_batch", recording)
-    monkeypatch.setattr(server.engine.model, "forward", slow)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         concurrent = list(pool.map(greedy, PROMPTS))
     assert [c[:2] for c in concurrent] == [s[:2] for s in sequential]
@@ -315,49 +411,72 @@ def test_batched_greedy_outputs_equal_sequential_ones(server, monkeypatch):
 
 @pytest.mark.integration
 def test_over_the_limit_answers_429_and_health_stays_up(plain_server, spec, monkeypatch):
-    forward = plain_server.engine.model.forward
+    forward, runtime, release = plain_server.engine.model.forward, plain_server.app.state.runtime, threading.Event()
 
-    def slow(*args, **kwargs):
-        time.sleep(0.02)
+    def held(*args, **kwargs):  # the admitted requests stay in flight until the test lets them go
+        release.wait(60)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(plain_server.engine.model, "forward", slow)
-    body = {"inputs": "I lost my card", "parameters": {"max_new_tokens": 100}}  # 2 s at least
+    monkeypatch.setattr(plain_server.engine.model, "forward", held)
+    body = {"inputs": "I lost my card", "parameters": {"max_new_tokens": 100}}
     with ThreadPoolExecutor(8) as pool:
         pending = [pool.submit(plain_server.post, "/generate", body) for _ in range(8)]
-        time.sleep(0.3)
-        health = requests.get(plain_server.url + "/health", timeout=5)
+        try:
+            wait_for(
+                lambda: sum(future.done() for future in pending) == 6 and runtime.in_flight == 2,
+                timeout=60,
+                what="six requests answered while two hold both slots",
+            )
+            health = requests.get(plain_server.url + "/health", timeout=5)
+            assert runtime.in_flight == 2  # health answered while the limit was full
+        finally:
+            release.set()
         responses = [future.result() for future in pending]
     assert health.status_code == 200
     assert sorted(r.status_code for r in responses) == [200] * 2 + [429] * 6
     for response in responses:
         if response.status_code == 429:
             assert conforms(spec, "/generate", "post", response) == [
-                {"error": "Model is overloaded", "error_type": "overloaded"}]
+                {"error": "Model is overloaded", "error_type": "overloaded"}
+            ]
     monkeypatch.undo()
     assert plain_server.post("/generate", body).status_code == 200
     metrics = requests.get(plain_server.url + "/metrics", timeout=5).text
-    for line in ['tgi_request_failure_total{err="overloaded"} 6.0', "tgi_request_count_total", "tgi_queue_size 0.0",
-                 "tgi_request_generated_tokens_bucket", "tgi_request_duration_bucket"]:
+    for line in [
+        'tgi_request_failure_total{err="overloaded"} 6.0',
+        "tgi_request_count_total",
+        "tgi_queue_size 0.0",
+        "tgi_request_generated_tokens_bucket",
+        "tgi_request_duration_bucket",
+    ]:
         assert line in metrics
 
 
 @pytest.mark.integration
 def test_a_client_that_leaves_a_stream_frees_its_slot_and_row(plain_server, monkeypatch):
-    forward, runtime = plain_server.engine.model.forward, plain_server.app.state.runtime
+    forward, runtime, calls, missed = plain_server.engine.model.forward, plain_server.app.state.runtime, [], []
 
-    def slow(*args, **kwargs):  # 400 tokens would now take 8 s
-        time.sleep(0.02)
+    def held(*args, **kwargs):  # after the prefill, each step waits until the server has seen the client go
+        calls.append(1)
+        if len(calls) > 1:
+            try:
+                wait_for(lambda: runtime.in_flight == 0, timeout=30, what="the server to release the abandoned request")
+            except AssertionError as err:  # raised in the worker thread: the test must still fail
+                missed.append(err)
+                raise
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(plain_server.engine.model, "forward", slow)
+    monkeypatch.setattr(plain_server.engine.model, "forward", held)
     body = {"inputs": "I lost my card", "parameters": {"max_new_tokens": 400}}
     with requests.post(plain_server.url + "/generate_stream", json=body, stream=True, timeout=30) as response:
         assert next(response.iter_lines()).startswith(b"data: ")
-    deadline = time.monotonic() + 3
-    while runtime.in_flight or runtime.batcher.running:
-        assert time.monotonic() < deadline, "the abandoned request still holds its slot or its batch row"
-        time.sleep(0.05)
+    wait_for(
+        lambda: not runtime.in_flight and not runtime.batcher.running,
+        timeout=30,
+        what="the abandoned request to free its slot and its batch row",
+    )
+    # Its row stopped at the first step after the client left: the prefill and one held step, not 400 steps.
+    assert not missed and len(calls) == 2
 
 
 @pytest.mark.integration
@@ -371,8 +490,9 @@ def test_lora_adapter_changes_outputs_and_leaves_the_base_alone(server, plain_se
         assert list(pool.map(lambda pa: server.text(pa[0], adapter_id=pa[1]), mixed)) == expected
 
     def chat(model: str) -> str:
-        answer = server.post("/v1/chat/completions", {"model": model, "messages": CHAT, "max_tokens": 8,
-                                                      "temperature": 0}).json()
+        answer = server.post(
+            "/v1/chat/completions", {"model": model, "messages": CHAT, "max_tokens": 8, "temperature": 0}
+        ).json()
         return answer["choices"][0]["message"]["content"]
 
     assert chat("lora-a") != chat("tgi") == chat("anything-else")

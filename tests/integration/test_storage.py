@@ -14,6 +14,8 @@ import requests
 from components import storage
 
 MIB = 1024 * 1024
+
+
 @pytest.fixture
 def bucket(moto_url) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
@@ -33,8 +35,11 @@ def model_dir(tmp_path) -> Path:
 
 
 def digests(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != storage.MANIFEST}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != storage.MANIFEST
+    }
 
 
 @pytest.mark.integration
@@ -125,8 +130,14 @@ def iam_auth(moto_url):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("case, code", [("unknown key", "InvalidAccessKeyId"),
-                                        ("wrong secret", "SignatureDoesNotMatch"), ("no permission", "AccessDenied")])
+@pytest.mark.parametrize(
+    "case, code",
+    [
+        ("unknown key", "InvalidAccessKeyId"),
+        ("wrong secret", "SignatureDoesNotMatch"),
+        ("no permission", "AccessDenied"),
+    ],
+)
 def test_bad_credentials_raise_permission_error(case, code, bucket, model_dir, iam_auth, tmp_path, monkeypatch):
     key_id, secret = iam_auth
     key_id = "AKIAUNKNOWNKEY000000" if case == "unknown key" else key_id
@@ -134,9 +145,12 @@ def test_bad_credentials_raise_permission_error(case, code, bucket, model_dir, i
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     uri = f"s3://{bucket}/models/tiny"
-    calls = [lambda: storage.s3_etags(uri), lambda: storage.download_dir(uri, tmp_path / "m"),
-             lambda: storage.upload_file(model_dir / "config.json", f"{uri}/config.json"),
-             lambda: storage.download_file(f"{uri}/config.json", tmp_path / "c.json")]
+    calls = [
+        lambda: storage.s3_etags(uri),
+        lambda: storage.download_dir(uri, tmp_path / "m"),
+        lambda: storage.upload_file(model_dir / "config.json", f"{uri}/config.json"),
+        lambda: storage.download_file(f"{uri}/config.json", tmp_path / "c.json"),
+    ]
     for call in calls:
         with pytest.raises(PermissionError) as err:
             call()
@@ -162,8 +176,7 @@ def test_etags_are_stable_and_track_content(bucket, model_dir, moto_url, monkeyp
     uri = f"s3://{bucket}/models/tiny"
     storage.upload_dir(model_dir, uri, threshold=5 * MIB, chunk=5 * MIB)
     first = storage.s3_etags(uri)
-    assert set(first) == {"config.json", "tokenizer/tokenizer.json", "empty.txt", "model.safetensors",
-                          storage.MANIFEST}
+    assert set(first) == {"config.json", "tokenizer/tokenizer.json", "empty.txt", "model.safetensors", storage.MANIFEST}
     storage.upload_dir(model_dir, uri, threshold=5 * MIB, chunk=5 * MIB)  # same bytes again
     assert storage.s3_etags(uri) == first
 

@@ -5,7 +5,6 @@ It needs huggingface-hub < 1.0, which cannot live beside transformers 5, so it r
 
 import json
 import subprocess
-
 import textwrap
 import venv
 
@@ -33,8 +32,9 @@ def tg_python(tmp_path_factory):
     env_dir = tmp_path_factory.mktemp("tg-venv")
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
-    subprocess.run([python, "-m", "pip", "install", "-q", "text-generation==0.7.0", "huggingface-hub<1.0"],
-                   check=True, timeout=600)
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "text-generation==0.7.0", "huggingface-hub<1.0"], check=True, timeout=600
+    )
     return python
 
 

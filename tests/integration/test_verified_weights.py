@@ -41,12 +41,15 @@ def test_fetch_model_places_exactly_the_registered_files(registered, tiny_base, 
     assert fetch_model.main([f"models:/{name}/99", str(tmp_path / "none")]) == 1  # no such version
 
 
-@pytest.mark.parametrize("tamper, named", [
-    (lambda d: flip_a_byte(d / "model.safetensors"), "model.safetensors differs"),
-    (lambda d: flip_a_byte(d / "tokenizer_config.json"), "tokenizer_config.json differs"),
-    (lambda d: (d / "config.json").unlink(), "config.json is missing"),
-    (lambda d: (d / "extra.safetensors").write_bytes(b"\0" * 8), "extra.safetensors is not among the registered"),
-])
+@pytest.mark.parametrize(
+    "tamper, named",
+    [
+        (lambda d: flip_a_byte(d / "model.safetensors"), "model.safetensors differs"),
+        (lambda d: flip_a_byte(d / "tokenizer_config.json"), "tokenizer_config.json differs"),
+        (lambda d: (d / "config.json").unlink(), "config.json is missing"),
+        (lambda d: (d / "extra.safetensors").write_bytes(b"\0" * 8), "extra.safetensors is not among the registered"),
+    ],
+)
 def test_a_tampered_store_is_refused_by_fetch_model_and_by_serve(registered, tmp_path, capsys, tamper, named):
     name, version, stored = registered
     tamper(stored)
@@ -55,8 +58,11 @@ def test_a_tampered_store_is_refused_by_fetch_model_and_by_serve(registered, tmp
     assert named in capsys.readouterr().err
     assert not dest.exists()  # nothing reached the directory TGI loads
 
-    result = CliRunner().invoke(app, ["serve", f"models:/{name}/{version.version}", "--port", "1"],
-                                env={"LLMOPS_SERVING_DIR": str(tmp_path / "serving")})
+    result = CliRunner().invoke(
+        app,
+        ["serve", f"models:/{name}/{version.version}", "--port", "1"],
+        env={"LLMOPS_SERVING_DIR": str(tmp_path / "serving")},
+    )
     assert result.exit_code == 3 and named in result.output
 
 
@@ -71,8 +77,9 @@ def test_a_changed_manifest_is_refused(registered, tmp_path, capsys):
     assert "weights_manifest.json has sha256" in capsys.readouterr().err
 
 
-def test_the_deployer_marks_a_tampered_version_failed_and_keeps_the_previous_one(mlflow_server, tiny_base, tmp_path,
-                                                                               monkeypatch):
+def test_the_deployer_marks_a_tampered_version_failed_and_keeps_the_previous_one(
+    mlflow_server, tiny_base, tmp_path, monkeypatch
+):
     from mlflow import MlflowClient
 
     from serving.deployer import Deployer, LocalBackend

@@ -18,7 +18,11 @@ from components.jsonl import read_jsonl
 
 pytestmark = pytest.mark.unit
 LABELS = ["card_lost", "refund_request"]
-GOOD = [("I lost my card", "card_lost"), ("refund my order", "refund_request"), ("where is my refund", "refund_request")]
+GOOD = [
+    ("I lost my card", "card_lost"),
+    ("refund my order", "refund_request"),
+    ("where is my refund", "refund_request"),
+]
 HUGE = " ".join(f"word{i % 997}" for i in range(200_000))  # ~1.7 MB in one field
 
 
@@ -42,51 +46,143 @@ def chat(*turns) -> dict:
     return {"messages": [{"role": role, "content": content} for role, content in turns]}
 
 
-GOOD_CHAT = [chat(("user", "hi"), ("assistant", "hello")), chat(("user", "card gone"), ("assistant", "card_lost")),
-             chat(("user", "refund"), ("assistant", "refund_request"))]
-GOOD_ALPACA = [{"instruction": "Say yes", "input": "", "output": "yes"}, {"instruction": "Say no", "output": "no"},
-               {"instruction": "Count", "input": "1 2", "output": "2"}]
+GOOD_CHAT = [
+    chat(("user", "hi"), ("assistant", "hello")),
+    chat(("user", "card gone"), ("assistant", "card_lost")),
+    chat(("user", "refund"), ("assistant", "refund_request")),
+]
+GOOD_ALPACA = [
+    {"instruction": "Say yes", "input": "", "output": "yes"},
+    {"instruction": "Say no", "output": "no"},
+    {"instruction": "Count", "input": "1 2", "output": "2"},
+]
 
 # id, file name, bytes, rows in the file, expected rejects [(row, field, kind)]
 CASES = [
     ("csv-empty-text", "d.csv", csv_bytes(*good_csv(), ",card_lost"), 4, [(4, "text", "empty")]),
     ("csv-empty-label", "d.csv", csv_bytes(*good_csv(), "my card is gone,"), 4, [(4, "label", "empty")]),
-    ("csv-unknown-label", "d.csv", csv_bytes(*good_csv(), "my card is gone,gift_cards"), 4, [(4, "label", "unknown-label")]),
-    ("csv-over-length", "d.csv", csv_bytes(*good_csv(), "card " * 400 + ",card_lost"), 4, [(4, "<rendered>", "over-length")]),
+    (
+        "csv-unknown-label",
+        "d.csv",
+        csv_bytes(*good_csv(), "my card is gone,gift_cards"),
+        4,
+        [(4, "label", "unknown-label")],
+    ),
+    (
+        "csv-over-length",
+        "d.csv",
+        csv_bytes(*good_csv(), "card " * 400 + ",card_lost"),
+        4,
+        [(4, "<rendered>", "over-length")],
+    ),
     ("csv-duplicate", "d.csv", csv_bytes(*good_csv(), good_csv()[0]), 4, [(4, "<row>", "duplicate")]),
     ("csv-blank-row", "d.csv", csv_bytes(good_csv()[0], "", *good_csv()[1:]), 4, [(2, "<row>", "blank")]),
     ("csv-field-count", "d.csv", csv_bytes(*good_csv(), "a,b,c"), 4, [(4, "<row>", "malformed")]),
-    ("csv-stray-quote", "d.csv", csv_bytes(good_csv()[0], '"x"y,card_lost', *good_csv()[1:]), 4, [(2, "<row>", "malformed")]),
-    ("csv-undecodable", "d.csv", csv_bytes(*good_csv(), b"bad \xff\xfe bytes,card_lost"), 4, [(4, "text", "undecodable")]),
-    ("csv-huge-row", "d.csv", csv_bytes(good_csv()[0], f"{HUGE},card_lost", *good_csv()[1:]), 4,
-     [(2, "<rendered>", "over-length")]),
-    ("csv-quoted-newlines", "d.csv", csv_bytes('"line one\nline two",card_lost', *good_csv(), '"a\nb",gift_cards'), 5,
-     [(5, "label", "unknown-label")]),  # rows are records, not lines: the bad one is row 5 on lines 7-8
+    (
+        "csv-stray-quote",
+        "d.csv",
+        csv_bytes(good_csv()[0], '"x"y,card_lost', *good_csv()[1:]),
+        4,
+        [(2, "<row>", "malformed")],
+    ),
+    (
+        "csv-undecodable",
+        "d.csv",
+        csv_bytes(*good_csv(), b"bad \xff\xfe bytes,card_lost"),
+        4,
+        [(4, "text", "undecodable")],
+    ),
+    (
+        "csv-huge-row",
+        "d.csv",
+        csv_bytes(good_csv()[0], f"{HUGE},card_lost", *good_csv()[1:]),
+        4,
+        [(2, "<rendered>", "over-length")],
+    ),
+    (
+        "csv-quoted-newlines",
+        "d.csv",
+        csv_bytes('"line one\nline two",card_lost', *good_csv(), '"a\nb",gift_cards'),
+        5,
+        [(5, "label", "unknown-label")],
+    ),  # rows are records, not lines: the bad one is row 5 on lines 7-8
     ("jsonl-blank-line", "d.jsonl", jsonl_bytes(good_json()[0], b"", *good_json()[1:]), 4, [(2, "<row>", "blank")]),
     ("jsonl-invalid-json", "d.jsonl", jsonl_bytes(*good_json(), b"{not json"), 4, [(4, "<row>", "malformed")]),
     ("jsonl-not-an-object", "d.jsonl", jsonl_bytes(*good_json(), b"[1, 2]"), 4, [(4, "<row>", "malformed")]),
-    ("jsonl-undecodable", "d.jsonl", jsonl_bytes(*good_json(), b'{"text": "\xc3\x28", "label": "card_lost"}'), 4,
-     [(4, "<row>", "undecodable")]),
-    ("jsonl-lone-surrogate", "d.jsonl", jsonl_bytes(*good_json(), b'{"text": "bad \\ud800", "label": "card_lost"}'), 4,
-     [(4, "text", "undecodable")]),
-    ("jsonl-null-label", "d.jsonl", jsonl_bytes(*good_json(), {"text": "lost it", "label": None}), 4, [(4, "label", "empty")]),
+    (
+        "jsonl-undecodable",
+        "d.jsonl",
+        jsonl_bytes(*good_json(), b'{"text": "\xc3\x28", "label": "card_lost"}'),
+        4,
+        [(4, "<row>", "undecodable")],
+    ),
+    (
+        "jsonl-lone-surrogate",
+        "d.jsonl",
+        jsonl_bytes(*good_json(), b'{"text": "bad \\ud800", "label": "card_lost"}'),
+        4,
+        [(4, "text", "undecodable")],
+    ),
+    (
+        "jsonl-null-label",
+        "d.jsonl",
+        jsonl_bytes(*good_json(), {"text": "lost it", "label": None}),
+        4,
+        [(4, "label", "empty")],
+    ),
     ("jsonl-missing-text", "d.jsonl", jsonl_bytes(*good_json(), {"label": "card_lost"}), 4, [(4, "text", "empty")]),
-    ("jsonl-huge-line", "d.jsonl", jsonl_bytes(*good_json(), {"text": HUGE, "label": "card_lost"}), 4,
-     [(4, "<rendered>", "over-length")]),
+    (
+        "jsonl-huge-line",
+        "d.jsonl",
+        jsonl_bytes(*good_json(), {"text": HUGE, "label": "card_lost"}),
+        4,
+        [(4, "<rendered>", "over-length")],
+    ),
     ("chat-not-a-list", "c.jsonl", jsonl_bytes(*GOOD_CHAT, {"messages": "hi"}), 4, [(4, "messages", "malformed")]),
-    ("chat-bad-role", "c.jsonl", jsonl_bytes(*GOOD_CHAT, chat(("user", "q"), ("bot", "a"))), 4,
-     [(4, "messages[1].role", "malformed")]),
-    ("chat-empty-content", "c.jsonl", jsonl_bytes(*GOOD_CHAT, chat(("user", "q"), ("assistant", " "))), 4,
-     [(4, "messages[1].content", "empty")]),
-    ("chat-no-answer", "c.jsonl", jsonl_bytes(*GOOD_CHAT, chat(("user", "q"), ("user", "again"))), 4,
-     [(4, "messages[1].role", "malformed")]),
-    ("chat-surrogate-deep", "c.jsonl", jsonl_bytes(*GOOD_CHAT, b'{"messages": [{"role": "user", "content": "\\udc80"}, '
-                                                               b'{"role": "assistant", "content": "a"}]}'), 4,
-     [(4, "messages[0].content", "undecodable")]),
-    ("alpaca-empty-instruction", "a.jsonl", jsonl_bytes(*GOOD_ALPACA, {"instruction": "", "output": "x"}), 4,
-     [(4, "instruction", "empty")]),
-    ("alpaca-empty-output", "a.jsonl", jsonl_bytes(*GOOD_ALPACA, {"instruction": "Say", "output": None}), 4,
-     [(4, "output", "empty")]),
+    (
+        "chat-bad-role",
+        "c.jsonl",
+        jsonl_bytes(*GOOD_CHAT, chat(("user", "q"), ("bot", "a"))),
+        4,
+        [(4, "messages[1].role", "malformed")],
+    ),
+    (
+        "chat-empty-content",
+        "c.jsonl",
+        jsonl_bytes(*GOOD_CHAT, chat(("user", "q"), ("assistant", " "))),
+        4,
+        [(4, "messages[1].content", "empty")],
+    ),
+    (
+        "chat-no-answer",
+        "c.jsonl",
+        jsonl_bytes(*GOOD_CHAT, chat(("user", "q"), ("user", "again"))),
+        4,
+        [(4, "messages[1].role", "malformed")],
+    ),
+    (
+        "chat-surrogate-deep",
+        "c.jsonl",
+        jsonl_bytes(
+            *GOOD_CHAT, b'{"messages": [{"role": "user", "content": "\\udc80"}, {"role": "assistant", "content": "a"}]}'
+        ),
+        4,
+        [(4, "messages[0].content", "undecodable")],
+    ),
+    (
+        "alpaca-empty-instruction",
+        "a.jsonl",
+        jsonl_bytes(*GOOD_ALPACA, {"instruction": "", "output": "x"}),
+        4,
+        [(4, "instruction", "empty")],
+    ),
+    (
+        "alpaca-empty-output",
+        "a.jsonl",
+        jsonl_bytes(*GOOD_ALPACA, {"instruction": "Say", "output": None}),
+        4,
+        [(4, "output", "empty")],
+    ),
 ]
 
 
@@ -126,22 +222,35 @@ def test_many_bad_rows_mixed_with_good_ones(tmp_path, tiny_base):
     source, out = prep(tmp_path, tiny_base, "mixed.csv", csv_bytes(*lines))
     stats, rejects = assert_every_row_accounted(source, out, 16)
     assert stats["examples"] == 4  # the three good rows and the first "lost again" (its repeats are duplicates)
-    assert stats["reject_reasons"] == {"blank": 1, "empty": 2, "unknown-label": 1, "malformed": 2, "duplicate": 5,
-                                       "over-length": 1}
+    assert stats["reject_reasons"] == {
+        "blank": 1,
+        "empty": 2,
+        "unknown-label": 1,
+        "malformed": 2,
+        "duplicate": 5,
+        "over-length": 1,
+    }
 
 
 def test_unterminated_quote_is_one_rejection_that_names_the_swallowed_lines(tmp_path, tiny_base):
-    source, out = prep(tmp_path, tiny_base, "q.csv", csv_bytes(*good_csv(), '"never closed,card_lost', "more,card_lost",
-                                                              "and more,refund_request"))
+    source, out = prep(
+        tmp_path,
+        tiny_base,
+        "q.csv",
+        csv_bytes(*good_csv(), '"never closed,card_lost', "more,card_lost", "and more,refund_request"),
+    )
     _, rejects = assert_every_row_accounted(source, out, 4)
     assert [(r["row"], r["field"], r["kind"]) for r in rejects] == [(4, "<row>", "malformed")]
     assert "unterminated quoted field from line 5 to the end of the file (3 lines)" in rejects[0]["reason"]
 
 
-@pytest.mark.parametrize("name, raw, rows", [
-    ("bad.csv", csv_bytes(",card_lost", "x,gift_cards", ",", "a,b,c", b"\xff,card_lost"), 5),
-    ("bad.jsonl", jsonl_bytes(b"{nope", b"[]", {"text": "", "label": "card_lost"}, b"\xfe\xff"), 4),
-])
+@pytest.mark.parametrize(
+    "name, raw, rows",
+    [
+        ("bad.csv", csv_bytes(",card_lost", "x,gift_cards", ",", "a,b,c", b"\xff,card_lost"), 5),
+        ("bad.jsonl", jsonl_bytes(b"{nope", b"[]", {"text": "", "label": "card_lost"}, b"\xfe\xff"), 4),
+    ],
+)
 def test_all_bad_file_stops_with_a_summary_and_writes_every_reject(tmp_path, tiny_base, name, raw, rows):
     with pytest.raises(DataError) as err:
         prep(tmp_path, tiny_base, name, raw)
@@ -156,13 +265,16 @@ def binary_lines(n: int) -> bytes:
     return b"\n".join(bytes(b for b in rng.randbytes(300) if b not in b"\r\n") for _ in range(n)) + b"\n"
 
 
-@pytest.mark.parametrize("name, raw, message", [
-    ("random.csv", binary_lines(8), "row 0 (header)"),
-    ("gzipped.csv", gzip.compress(csv_bytes(*good_csv()), mtime=0), "row 0 (header)"),
-    ("utf16.csv", csv_bytes(*good_csv()).decode().encode("utf-16"), "row 0 (header), column 1: undecodable bytes"),
-    ("random.parquet", binary_lines(8), "not a readable Parquet file"),
-    ("random.jsonl", binary_lines(8), "nothing usable: 8 rows read, 0 kept, 8 rejected"),
-])
+@pytest.mark.parametrize(
+    "name, raw, message",
+    [
+        ("random.csv", binary_lines(8), "row 0 (header)"),
+        ("gzipped.csv", gzip.compress(csv_bytes(*good_csv()), mtime=0), "row 0 (header)"),
+        ("utf16.csv", csv_bytes(*good_csv()).decode().encode("utf-16"), "row 0 (header), column 1: undecodable bytes"),
+        ("random.parquet", binary_lines(8), "not a readable Parquet file"),
+        ("random.jsonl", binary_lines(8), "nothing usable: 8 rows read, 0 kept, 8 rejected"),
+    ],
+)
 def test_binary_file_is_a_clear_error_naming_the_file(tmp_path, tiny_base, name, raw, message):
     with pytest.raises(DataError) as err:
         prep(tmp_path, tiny_base, name, raw)
@@ -180,7 +292,9 @@ def test_binary_jsonl_rejects_every_line_with_a_reason(tmp_path, tiny_base):
 
 
 def test_binary_rows_inside_a_text_csv_are_rejected_alone(tmp_path, tiny_base):
-    source, out = prep(tmp_path, tiny_base, "d.csv", csv_bytes(*good_csv(), binary_lines(1).rstrip(b"\n") + b",card_lost"))
+    source, out = prep(
+        tmp_path, tiny_base, "d.csv", csv_bytes(*good_csv(), binary_lines(1).rstrip(b"\n") + b",card_lost")
+    )
     _, rejects = assert_every_row_accounted(source, out, 4)
     assert [(r["row"], r["kind"]) for r in rejects] in ([(4, "undecodable")], [(4, "malformed")])
 

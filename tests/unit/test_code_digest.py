@@ -9,8 +9,13 @@ from pipelines import steps
 from pipelines.code_digest import PACKAGES, ROOT, module_closure, task_digest
 
 pytestmark = pytest.mark.unit
-STAGES = {"train": steps.train, "evaluate": steps.evaluate, "merge": steps.merge, "quantize": steps.quantize,
-          "prepare_data": steps.prepare_data}
+STAGES = {
+    "train": steps.train,
+    "evaluate": steps.evaluate,
+    "merge": steps.merge,
+    "quantize": steps.quantize,
+    "prepare_data": steps.prepare_data,
+}
 
 
 @pytest.fixture
@@ -49,8 +54,13 @@ def test_shared_toolkit_code_reaches_every_stage_that_imports_it(tree):
 
 def test_closure_follows_imports_inside_functions():
     files = {str(p.relative_to(ROOT)) for p in module_closure(inspect.getsource(steps.train.python_func))}
-    assert {"components/train.py", "components/validation.py", "components/parallel.py", "pipelines/kfp_io.py",
-            "components/__init__.py"} <= files
+    assert {
+        "components/train.py",
+        "components/validation.py",
+        "components/parallel.py",
+        "pipelines/kfp_io.py",
+        "components/__init__.py",
+    } <= files
     assert "components/evaluate.py" not in files
 
 
@@ -61,7 +71,9 @@ def test_every_task_of_the_compiled_pipeline_carries_its_own_digest(tmp_path):
     from pipelines.finetune import compile_pipeline
 
     spec = next(yaml.safe_load_all(open(compile_pipeline(load_config("cluster"), str(tmp_path / "f.yaml")))))
-    env = {name.removeprefix("exec-"): {e["name"]: e["value"] for e in ex["container"]["env"]}["LLMOPS_CODE_DIGEST"]
-           for name, ex in spec["deploymentSpec"]["executors"].items()}
+    env = {
+        name.removeprefix("exec-"): {e["name"]: e["value"] for e in ex["container"]["env"]}["LLMOPS_CODE_DIGEST"]
+        for name, ex in spec["deploymentSpec"]["executors"].items()
+    }
     assert env["train"] == task_digest(steps.train) and env["evaluate"] == task_digest(steps.evaluate)
     assert len(set(env.values())) == len(env)  # no two tasks share a key: each covers different code

@@ -15,18 +15,23 @@ def test_profiles_load_and_differ():
 
 
 def test_overrides_are_typed_like_yaml():
-    cfg = load_config("local", ["train.max_steps=7", "train.learning_rate=1e-3", "data.labels=[a, b]",
-                                "train.gradient_checkpointing=false"])
+    cfg = load_config(
+        "local",
+        ["train.max_steps=7", "train.learning_rate=1e-3", "data.labels=[a, b]", "train.gradient_checkpointing=false"],
+    )
     assert cfg.train.max_steps == 7 and cfg.train.learning_rate == pytest.approx(1e-3)
     assert cfg.data.labels == ["a", "b"] and cfg.train.gradient_checkpointing is False
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.max_step=3", "max_step"),            # typo in a key
-    ("trian.max_steps=3", "trian"),              # typo in a section
-    ("train.max_steps=0", "greater than 0"),
-    ("train.max_steps", "key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_step=3", "max_step"),  # typo in a key
+        ("trian.max_steps=3", "trian"),  # typo in a section
+        ("train.max_steps=0", "greater than 0"),
+        ("train.max_steps", "key=value"),
+    ],
+)
 def test_bad_overrides_are_named(override, message):
     with pytest.raises((ValidationError, ValueError), match=message):
         load_config("local", [override])
@@ -77,3 +82,42 @@ def test_validation_during_training_needs_a_validation_slice():
         load_config("local", ["train.target_accuracy=0.8", "data.val_examples=50"])
     cfg = load_config("banking77", ["data.path=elsewhere.csv"])
     assert cfg.train.eval_every and cfg.data.val_examples and cfg.data.label_list_in_prompt == "auto"
+
+
+def test_every_setting_describes_itself_and_the_schema_command_lists_it():
+    from typer.testing import CliRunner
+
+    from components.config import describe
+    from llmops.cli import app
+    from serving.settings import DeployerConfig
+
+    rows = describe(PipelineConfig) + describe(DeployerConfig)
+    undescribed = [key for key, _, _, meaning in rows if not meaning]
+    assert not undescribed, undescribed
+    assert {"train.learning_rate", "data.path", "placement.accelerator_type", "deploy.tgi_image"} <= {
+        r[0] for r in rows
+    }
+    listed = CliRunner().invoke(app, ["config", "--schema"], env={"COLUMNS": "400"})
+    assert listed.exit_code == 0, listed.output
+    for key, _, _, meaning in describe(PipelineConfig):
+        line = next(line for line in listed.output.splitlines() if f" {key} " in line)
+        assert meaning.split()[0] in line  # the meaning sits on the setting's own row
+
+
+def test_compiled_parameters_are_described_by_the_same_text(tmp_path):
+    import yaml
+
+    from components.config import TrainSection
+    from pipelines.finetune import compile_pipeline
+
+    spec = next(yaml.safe_load_all(open(compile_pipeline(load_config("cluster"), str(tmp_path / "f.yaml")))))
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert all(p.get("description") for p in params.values()), [
+        k for k, p in params.items() if not p.get("description")
+    ]
+    lr = TrainSection.model_fields["learning_rate"].description
+    assert f"learning_rate: {lr}" in params["train_cfg"]["description"]
+    assert (
+        params["accelerator_count"]["description"]
+        == PipelineConfig.model_fields["placement"].annotation.model_fields["accelerator_count"].description
+    )

@@ -66,27 +66,40 @@ def test_merge_fails_below_the_parity_threshold(tiny_base, tiny_adapter, demo_pr
     # Simulate a lossy merge (the classic bug: merging into a 4-bit base) by corrupting the saved weights.
     real = merge.merge_adapter
 
-    def lossy(base_dir, adapter_dir, out_dir, dtype, contract=None):
-        real(base_dir, adapter_dir, out_dir, dtype, contract)
+    def lossy(base_dir, adapter_dir, out_dir, dtype, contract=None, base="16bit"):
+        real(base_dir, adapter_dir, out_dir, dtype, contract, base)
         from safetensors.torch import load_file, save_file
 
         weights = load_file(out_dir / "model.safetensors")
-        save_file({k: torch.randn_like(v.float()).to(v.dtype) for k, v in weights.items()}, out_dir / "model.safetensors",
-                  metadata={"format": "pt"})
+        save_file(
+            {k: torch.randn_like(v.float()).to(v.dtype) for k, v in weights.items()},
+            out_dir / "model.safetensors",
+            metadata={"format": "pt"},
+        )
 
     monkeypatch.setattr(merge, "merge_adapter", lossy)
     with pytest.raises(merge.ParityError, match="below merge.parity_threshold"):
-        merge.run(MergeSection(parity_prompts=8, parity_threshold=0.9), tiny_base, tiny_adapter, demo_prepared, tmp_path)
+        merge.run(
+            MergeSection(parity_prompts=8, parity_threshold=0.9), tiny_base, tiny_adapter, demo_prepared, tmp_path
+        )
 
 
-@pytest.mark.parametrize("nf4, int8, expected", [
-    ((0.0, 0.05), (0.0, 0.01), "bitsandbytes-nf4"),
-    ((0.10, 0.05), (0.0, 0.01), "bitsandbytes"),
-    ((0.0, 0.50), (0.01, 0.20), "none"),
-])
+@pytest.mark.parametrize(
+    "nf4, int8, expected",
+    [
+        ((0.0, 0.05), (0.0, 0.01), "bitsandbytes-nf4"),
+        ((0.10, 0.05), (0.0, 0.01), "bitsandbytes"),
+        ((0.0, 0.50), (0.01, 0.20), "none"),
+    ],
+)
 def test_recommended_quantize_flag_follows_the_thresholds(nf4, int8, expected):
-    results = {name: {"delta": {"accuracy_drop": d[0], "perplexity_increase": d[1]}} for name, d in (("nf4", nf4), ("int8", int8))}
-    assert quantize.recommend(results, QuantizeSection(max_accuracy_drop=0.02, max_perplexity_increase=0.10)) == expected
+    results = {
+        name: {"delta": {"accuracy_drop": d[0], "perplexity_increase": d[1]}}
+        for name, d in (("nf4", nf4), ("int8", int8))
+    }
+    assert (
+        quantize.recommend(results, QuantizeSection(max_accuracy_drop=0.02, max_perplexity_increase=0.10)) == expected
+    )
 
 
 def test_quantize_stage_measures_variants(tiny_base, demo_prepared, tmp_path):
@@ -94,5 +107,21 @@ def test_quantize_stage_measures_variants(tiny_base, demo_prepared, tmp_path):
     merged, nf4, int8 = (report["results"][k] for k in ("merged", "nf4", "int8"))
     assert nf4["memory_bytes"] < merged["memory_bytes"] and int8["memory_bytes"] < merged["memory_bytes"]
     assert (tmp_path / "nf4" / "model.safetensors").exists() and (tmp_path / "int8" / "model.safetensors").exists()
-    assert report["recommended_quantize"] in ("bitsandbytes-nf4", "bitsandbytes", "none")
+    # The flag the report's own numbers imply: the smallest variant (nf4, then int8) whose accuracy drop and
+    # perplexity rise against the merge are both within the configured thresholds; "none" when neither is.
+    limits = QuantizeSection(eval_examples=8)
+    assert report["thresholds"] == {
+        "max_accuracy_drop": limits.max_accuracy_drop,
+        "max_perplexity_increase": limits.max_perplexity_increase,
+    }
+    metric = "label_accuracy" if "label_accuracy" in merged else "exact_match"  # a label task judges labels
+    within = {}
+    for name, variant in (("nf4", nf4), ("int8", int8)):
+        drop, rise = merged[metric] - variant[metric], variant["perplexity"] / merged["perplexity"] - 1.0
+        assert variant["delta"]["accuracy_drop"] == pytest.approx(drop, abs=1e-12)
+        within[name] = drop <= limits.max_accuracy_drop and rise <= limits.max_perplexity_increase
+    expected = "bitsandbytes-nf4" if within["nf4"] else "bitsandbytes" if within["int8"] else "none"
+    assert report["recommended_quantize"] == expected, (within, report["results"])
+    served_as = {"bitsandbytes-nf4": nf4, "bitsandbytes": int8}.get(expected, merged)  # what the gate judges
+    assert report["served"]["quantize"] == expected and report["served"]["perplexity"] == served_as["perplexity"]
     assert nf4["delta"]["perplexity_increase"] == pytest.approx(nf4["perplexity"] / merged["perplexity"] - 1)

@@ -6,12 +6,15 @@ from components.gate import decide
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize("candidate, base, champion, passed, reason", [
-    (0.80, 0.10, None, True, "beats the base"),
-    (0.80, 0.10, 0.70, True, "beats the base and the champion"),
-    (0.80, 0.10, 0.85, False, "gain over champion -0.0500"),
-    (0.105, 0.10, None, False, "gain over base +0.0050 < +0.0100"),
-])
+@pytest.mark.parametrize(
+    "candidate, base, champion, passed, reason",
+    [
+        (0.80, 0.10, None, True, "beats the base"),
+        (0.80, 0.10, 0.70, True, "beats the base and the champion"),
+        (0.80, 0.10, 0.85, False, "gain over champion -0.0500"),
+        (0.105, 0.10, None, False, "gain over base +0.0050 < +0.0100"),
+    ],
+)
 def test_exact_match_gate(candidate, base, champion, passed, reason):
     verdict = decide(GateSection(), candidate, base, champion)
     assert verdict["passed"] is passed and reason in verdict["reason"]

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.settings import DeploySection, load_deployer_config
 from serving import manifests
+from serving.settings import DeploySection, load_deployer_config
 
 pytestmark = pytest.mark.unit
 
@@ -37,11 +37,24 @@ NAMESPACE = "llmops"
 # keys are all that kubectl 1.20's embedded kustomize (v2.0.3) supports among the ones we would want.
 # --------------------------------------------------------------------------------------------------------------
 SUPPORTED_KEYS = {"apiVersion", "kind", "namespace", "resources", "bases", "patchesStrategicMerge", "images"}
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
-                  "CustomResourceDefinition", "PriorityClass", "IngressClass"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PersistentVolume",
+    "StorageClass",
+    "CustomResourceDefinition",
+    "PriorityClass",
+    "IngressClass",
+}
 # Strategic-merge keys of the lists a patch may touch; any other list is replaced, as the API's SMP does.
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
-              "volumeMounts": "mountPath"}
+MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+}
 # Lists whose SMP merge key this renderer does not model: a patch touching them is refused.
 UNMODELLED_LISTS = {"ports", "imagePullSecrets", "envFrom", "ephemeralContainers", "hostAliases"}
 
@@ -127,9 +140,13 @@ def _render(directory: Path) -> tuple[dict, ...]:
         objects += load_docs(path)
     for entry in kustomization.get("patchesStrategicMerge", []):
         for patch in load_docs(directory / entry):
-            matches = [i for i, o in enumerate(objects) if o["kind"] == patch["kind"]
-                       and o["metadata"]["name"] == patch["metadata"]["name"]
-                       and o["apiVersion"].split("/")[0] == patch["apiVersion"].split("/")[0]]
+            matches = [
+                i
+                for i, o in enumerate(objects)
+                if o["kind"] == patch["kind"]
+                and o["metadata"]["name"] == patch["metadata"]["name"]
+                and o["apiVersion"].split("/")[0] == patch["apiVersion"].split("/")[0]
+            ]
             assert len(matches) == 1, f"{directory}/{entry}: patch matches {len(matches)} objects"
             objects[matches[0]] = strategic_merge(objects[matches[0]], patch)
     if "namespace" in kustomization:
@@ -191,12 +208,22 @@ def manifest_files() -> list[Path]:
 def test_overlay_renders_the_whole_stack(overlay):
     objects = render(overlay)
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
-    for expected in [("Namespace", NAMESPACE), ("Deployment", "mlflow"), ("Service", "mlflow"),
-                     ("StatefulSet", "postgres"), ("Service", "postgres"), ("StatefulSet", "minio"),
-                     ("Service", "minio"), ("Job", "minio-bucket"), ("Deployment", "llmops-deployer"),
-                     ("Service", "llmops-deployer"), ("ServiceAccount", "llmops-deployer"),
-                     ("Role", "llmops-deployer"), ("RoleBinding", "llmops-deployer"),
-                     ("NetworkPolicy", "default-deny-ingress")]:
+    for expected in [
+        ("Namespace", NAMESPACE),
+        ("Deployment", "mlflow"),
+        ("Service", "mlflow"),
+        ("StatefulSet", "postgres"),
+        ("Service", "postgres"),
+        ("StatefulSet", "minio"),
+        ("Service", "minio"),
+        ("Job", "minio-bucket"),
+        ("Deployment", "llmops-deployer"),
+        ("Service", "llmops-deployer"),
+        ("ServiceAccount", "llmops-deployer"),
+        ("Role", "llmops-deployer"),
+        ("RoleBinding", "llmops-deployer"),
+        ("NetworkPolicy", "default-deny-ingress"),
+    ]:
         assert expected in kinds, f"{overlay}: {expected} missing"
     for obj in objects:
         if obj["kind"] != "Namespace":
@@ -207,7 +234,10 @@ def test_kustomizations_stay_within_kustomize_v2_0_3():
     """kubectl 1.20 (Debian's kubernetes-client) embeds kustomize v2.0.3: no `patches`, `labels`, `components`,
     `replacements`; and `resources:` takes files only (directories go in `bases:`)."""
     assert {p.parent.relative_to(K8S).as_posix() for p in kustomizations()} == {
-        "base", "overlays/local", "overlays/production"}
+        "base",
+        "overlays/local",
+        "overlays/production",
+    }
     for path in kustomizations():
         kustomization = yaml.safe_load(path.read_text())
         assert set(kustomization) <= SUPPORTED_KEYS, path
@@ -226,10 +256,13 @@ def kubectl_binary() -> str | None:
 def test_kubectl_kustomize_agrees_with_the_test_renderer(overlay):
     kubectl = kubectl_binary()
     if not kubectl:
-        pytest.skip("kubectl is not on PATH (apt-get install kubernetes-client, or set LLMOPS_KUBECTL); "
-                    "rendering is still covered by the pure-Python renderer")
-    result = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
-                            text=True, timeout=120)
+        pytest.skip(
+            "kubectl is not on PATH (apt-get install kubernetes-client, or set LLMOPS_KUBECTL); "
+            "rendering is still covered by the pure-Python renderer"
+        )
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
     rendered = [d for d in yaml.safe_load_all(result.stdout) if d]
     ours = render(overlay)
@@ -247,8 +280,10 @@ def test_every_rendered_object_is_schema_valid(overlay):
         try:
             kubernetes_validate.validate(obj, "1.30", strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{overlay}: {obj['kind']}/{obj['metadata']['name']} is invalid: {exc.message} "
-                        f"at {list(exc.absolute_path)}")
+            pytest.fail(
+                f"{overlay}: {obj['kind']}/{obj['metadata']['name']} is invalid: {exc.message} "
+                f"at {list(exc.absolute_path)}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -282,8 +317,9 @@ def test_no_manifest_carries_a_secret_value():
                 if isinstance(node, dict) and "name" in node and len(where) >= 2 and where[-2] == "env":
                     is_path = node["name"].endswith("_FILE") and str(node.get("value", "")).startswith("/")
                     if SECRETISH.search(node["name"]) and not is_path:  # *_FILE: where a mounted Secret is
-                        assert "value" not in node and "valueFrom" in node, \
+                        assert "value" not in node and "valueFrom" in node, (
                             f"{path}: env {node['name']} has a literal value; use secretKeyRef"
+                        )
 
 
 def secret_references(objects: list[dict]) -> dict[str, set[str]]:
@@ -303,16 +339,19 @@ def secret_references(objects: list[dict]) -> dict[str, set[str]]:
 def test_every_referenced_secret_and_key_is_created_in_the_readme(overlay):
     readme = (K8S / "README.md").read_text()
     # One command per Secret, continued over lines ending in a backslash.
-    created = {m.group(1): m.group(0) for m in re.finditer(
-        r"kubectl -n llmops create secret generic ([a-z0-9-]+)((?:[^\n]*\\\n)*[^\n]*)", readme)}
+    created = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"kubectl -n llmops create secret generic ([a-z0-9-]+)((?:[^\n]*\\\n)*[^\n]*)", readme)
+    }
     refs = secret_references(render(overlay))
     cfg = DeploySection()
     assert cfg.s3_secret in refs and "llmops-webhook" in refs
     for name, keys in refs.items():
         assert name in created, f"README does not create Secret {name}"
         for key in keys:
-            assert f"--from-literal={key}=" in created[name] or f"--from-file={key}=" in created[name], \
+            assert f"--from-literal={key}=" in created[name] or f"--from-file={key}=" in created[name], (
                 f"README's command for {name} does not set key {key}"
+            )
     # The TGI pods the deployer renders read these Secrets too (serving/manifests.py).
     for name in (cfg.s3_secret, cfg.mlflow_secret):
         assert name in created
@@ -393,7 +432,9 @@ def test_mlflow_server_settings(overlay):
 
     variables = env(container)
     assert variables["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"]["valueFrom"]["secretKeyRef"] == {
-        "name": "llmops-mlflow-server", "key": "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"}
+        "name": "llmops-mlflow-server",
+        "key": "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY",
+    }
     assert set(variables["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"]["value"].split(",")) == {"https", "http"}
     assert variables["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"]["value"] == "true"
     assert variables["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://minio.llmops.svc.cluster.local:9000"
@@ -407,7 +448,8 @@ def test_mlflow_server_settings(overlay):
     service = find(objects, "Service", "mlflow")
     assert DeploySection().mlflow_tracking_uri == (
         f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:"
-        f"{service['spec']['ports'][0]['port']}")
+        f"{service['spec']['ports'][0]['port']}"
+    )
     assert service["spec"]["selector"].items() <= spec_labels(objects, "Deployment", "mlflow").items()
     assert container["ports"][0]["containerPort"] == 5000
     probes = [container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")]
@@ -456,12 +498,26 @@ def test_deployer_runs_the_cli_against_mlflow(overlay):
     (container,) = spec["containers"]
     assert container["image"].startswith("ghcr.io/llmops/llmops-cpu:")
     assert container["command"] == ["llmops"]
-    assert container["args"][:11] == ["deployer", "--mode", "kubernetes", "--host", "0.0.0.0", "--port", "8700",
-                                      "--public-url", "http://llmops-deployer.llmops.svc.cluster.local:8700",
-                                      "--profile", "cluster"]
+    assert container["args"][:11] == [
+        "deployer",
+        "--mode",
+        "kubernetes",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8700",
+        "--public-url",
+        "http://llmops-deployer.llmops.svc.cluster.local:8700",
+        "--profile",
+        "cluster",
+    ]
     params = deployer_cli_params(container["args"])
-    assert (params["mode"], params["host"], params["port"], params["profile"]) == ("kubernetes", "0.0.0.0", 8700,
-                                                                                   "cluster")
+    assert (params["mode"], params["host"], params["port"], params["profile"]) == (
+        "kubernetes",
+        "0.0.0.0",
+        8700,
+        "cluster",
+    )
     cfg = load_deployer_config(params["profile"], params["overrides"]).deploy  # the overrides are valid config
     assert cfg.namespace == NAMESPACE
 
@@ -479,8 +535,10 @@ def test_deployer_runs_the_cli_against_mlflow(overlay):
 
     state = [m for m in mounts.values() if m["mountPath"] == f"{container['workingDir']}/.llmops"]
     assert state and "emptyDir" in volumes[state[0]["name"]]
-    assert all(container[p]["httpGet"] == {"path": "/health", "port": "http"}
-               for p in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert all(
+        container[p]["httpGet"] == {"path": "/health", "port": "http"}
+        for p in ("startupProbe", "readinessProbe", "livenessProbe")
+    )
     assert container["ports"] == [{"name": "http", "containerPort": 8700, "protocol": "TCP"}]
 
     service = find(objects, "Service", "llmops-deployer")
@@ -496,8 +554,9 @@ def test_local_overlay_renders_tgi_without_gpu_and_production_with():
         (container,) = find(render(overlay), "Deployment", "llmops-deployer")["spec"]["template"]["spec"]["containers"]
         params = deployer_cli_params(container["args"])
         cfg = load_deployer_config(params["profile"], params["overrides"]).deploy
-        return manifests.render_deployment(cfg, name="llmops", version="1", run_id="r", tags={})["spec"][
-            "template"]["spec"]
+        return manifests.render_deployment(cfg, name="llmops", version="1", run_id="r", tags={})["spec"]["template"][
+            "spec"
+        ]
 
     local, production = tgi_pod("local"), tgi_pod("production")
     assert "tolerations" not in local and "nodeSelector" not in local
@@ -515,11 +574,13 @@ def test_production_is_bigger_than_local():
     for key, obj in production.items():
         if obj["kind"] == "StatefulSet":
             for a, b in zip(local[key]["spec"]["volumeClaimTemplates"], obj["spec"]["volumeClaimTemplates"]):
-                assert memory(b["spec"]["resources"]["requests"]["storage"]) > \
-                    memory(a["spec"]["resources"]["requests"]["storage"]), key
+                assert memory(b["spec"]["resources"]["requests"]["storage"]) > memory(
+                    a["spec"]["resources"]["requests"]["storage"]
+                ), key
         if obj["kind"] in ("Deployment", "StatefulSet"):
-            for a, b in zip(local[key]["spec"]["template"]["spec"]["containers"],
-                            obj["spec"]["template"]["spec"]["containers"]):
+            for a, b in zip(
+                local[key]["spec"]["template"]["spec"]["containers"], obj["spec"]["template"]["spec"]["containers"]
+            ):
                 assert memory(b["resources"]["limits"]["memory"]) > memory(a["resources"]["limits"]["memory"]), key
     assert find(list(production.values()), "Deployment", "mlflow")["spec"]["replicas"] >= 2
 
@@ -533,8 +594,10 @@ PIPELINE_NAMESPACE = {"llmops.io/pipelines": "true"}
 
 
 def peer(pods: dict | None, namespaces: dict | None = None) -> tuple:
-    return (tuple(sorted((namespaces or {}).items())) if namespaces is not None else None,
-            tuple(sorted(pods.items())) if pods is not None else None)
+    return (
+        tuple(sorted((namespaces or {}).items())) if namespaces is not None else None,
+        tuple(sorted(pods.items())) if pods is not None else None,
+    )
 
 
 def named(value: str) -> dict:
@@ -546,8 +609,11 @@ EXPECTED_POLICIES = {
     # policy: (pods it selects, allowed peers, port)
     "mlflow-ingress": (named("mlflow"), {peer(named("llmops-deployer")), peer(TGI)} | PIPELINE_PEERS, 5000),
     "postgres-ingress": (named("postgres"), {peer(named("mlflow"))}, 5432),
-    "minio-ingress": (named("minio"), {peer(named("mlflow")), peer(TGI), peer(named("minio-bucket"))} | PIPELINE_PEERS,
-                      9000),
+    "minio-ingress": (
+        named("minio"),
+        {peer(named("mlflow")), peer(TGI), peer(named("minio-bucket"))} | PIPELINE_PEERS,
+        9000,
+    ),
     "deployer-ingress": (named("llmops-deployer"), {peer(named("mlflow"))}, 8700),
     "tgi-ingress": (TGI, {peer({})}, manifests.CONTAINER_PORT),
 }
@@ -566,16 +632,19 @@ def test_network_policies_deny_by_default_and_name_their_peers(overlay):
         assert spec["podSelector"] == {"matchLabels": selects}, policy
         assert spec["policyTypes"] == ["Ingress"]
         (rule,) = spec["ingress"]
-        found = {peer(p["podSelector"].get("matchLabels", {}) if "podSelector" in p else None,
-                      p["namespaceSelector"].get("matchLabels", {}) if "namespaceSelector" in p else None)
-                 for p in rule["from"]}
+        found = {
+            peer(
+                p["podSelector"].get("matchLabels", {}) if "podSelector" in p else None,
+                p["namespaceSelector"].get("matchLabels", {}) if "namespaceSelector" in p else None,
+            )
+            for p in rule["from"]
+        }
         assert found == peers, policy
         assert rule["ports"] == [{"protocol": "TCP", "port": port}], policy
         # The policy's target exists here (or is the TGI pod the deployer renders) and listens on that port.
         if selects != TGI:
             (target,) = [o for labels, o in workloads.items() if selects.items() <= dict(labels).items()]
-            ports = [p["containerPort"] for c in target["spec"]["template"]["spec"]["containers"]
-                     for p in c["ports"]]
+            ports = [p["containerPort"] for c in target["spec"]["template"]["spec"]["containers"] for p in c["ports"]]
             assert port in ports, policy
         # Every in-namespace peer label names a pod that exists here or one the deployer/pipeline creates.
         for p in rule["from"]:
@@ -588,6 +657,8 @@ def test_tgi_pods_carry_the_label_the_policies_select():
     deployment = manifests.render_deployment(DeploySection(), name="llmops", version="1", run_id="r", tags={})
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert TGI.items() <= pod_labels.items()
-    assert deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == \
-        EXPECTED_POLICIES["tgi-ingress"][2]
+    assert (
+        deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+        == EXPECTED_POLICIES["tgi-ingress"][2]
+    )
     assert DeploySection().namespace == NAMESPACE

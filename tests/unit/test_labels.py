@@ -18,9 +18,18 @@ TARGET = 0.9
 
 def learner(checkpoint_root, **kw) -> TrainSection:
     """16-bit LoRA: NF4 rounding of a 64-wide random model leaves it too little signal to learn the mapping."""
-    settings = dict(batch_size=8, learning_rate=3e-3, lora_r=32, lora_alpha=64, lora_dropout=0.0, method="lora",
-                    quantization="none", compute_dtype="float32", checkpoint_every=1000,
-                    checkpoint_root=str(checkpoint_root))
+    settings = dict(
+        batch_size=8,
+        learning_rate=3e-3,
+        lora_r=32,
+        lora_alpha=64,
+        lora_dropout=0.0,
+        method="lora",
+        quantization="none",
+        compute_dtype="float32",
+        checkpoint_every=1000,
+        checkpoint_root=str(checkpoint_root),
+    )
     return TrainSection(**{**settings, **kw})
 
 
@@ -92,7 +101,9 @@ def test_constrained_scoring_of_a_trained_model(mapping_base, with_validation, e
     # Greedy decoding that follows the free path while it spells a label must choose that same label.
     # (This small model often runs on past the label instead of stopping, so the free answers are
     # compared by the label they start with; the end-to-end test on SmolLM2 checks whole answers.)
-    started = [(max((n for n in names if f.startswith(n)), key=len, default=None), c) for f, c in zip(free, constrained)]
+    started = [
+        (max((n for n in names if f.startswith(n)), key=len, default=None), c) for f, c in zip(free, constrained)
+    ]
     spelled = [(n, c) for n, c in started if n is not None]
     assert len(spelled) >= 0.8 * len(free) and all(n == c for n, c in spelled)
 

@@ -41,9 +41,12 @@ def modules(package: str) -> list[Path]:
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_each_layer_imports_only_the_layers_below_it(package):
-    wrong = {f"{path.relative_to(ROOT)} imports {name}"
-             for path in modules(package) for name in project_imports(path)
-             if name.split(".")[0] not in ALLOWED[package]}
+    wrong = {
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in modules(package)
+        for name in project_imports(path)
+        if name.split(".")[0] not in ALLOWED[package]
+    }
     assert not wrong, sorted(wrong)
 
 
@@ -63,23 +66,36 @@ def test_no_stage_imports_another_and_no_toolkit_module_imports_a_stage():
 def test_components_read_nothing_from_the_layers_above():
     """Not by import, and not by path: no `pipelines/...` or `serving/...` file is opened from components."""
     pattern = re.compile(r"""["'](pipelines|serving)["'/]""")  # ("llmops" is also the project's name)
-    wrong = [f"{path.relative_to(ROOT)}:{n}" for path in modules("components")
-             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    wrong = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in modules("components")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not wrong, wrong
 
 
 def test_stage_outputs_are_named_only_in_the_artifacts_module():
     from components import artifacts
 
-    names = {value.name for cls in vars(artifacts).values() if isinstance(cls, type)
-             for value in vars(cls).values() if isinstance(value, artifacts.File)}
+    names = {
+        value.name
+        for cls in vars(artifacts).values()
+        if isinstance(cls, type)
+        for value in vars(cls).values()
+        if isinstance(value, artifacts.File)
+    }
     names |= {artifacts.STAGE_CONFIG, artifacts.REGISTRATION_SUMMARY}
     assert {"stats.json", "labels.json", "eval_report.json", "train.jsonl"} <= names
-    wrong = [f"{path.relative_to(ROOT)}:{n}: {name}"
-             for package in ("components", "pipelines", "serving", "llmops") for path in modules(package)
-             if path.name not in ("artifacts.py", "prompt_contract.py")
-             for n, line in enumerate(path.read_text().splitlines(), 1)
-             for name in names if f'"{name}"' in line or f"'{name}'" in line]
+    wrong = [
+        f"{path.relative_to(ROOT)}:{n}: {name}"
+        for package in ("components", "pipelines", "serving", "llmops")
+        for path in modules(package)
+        if path.name not in ("artifacts.py", "prompt_contract.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        for name in names
+        if f'"{name}"' in line or f"'{name}'" in line
+    ]
     assert not wrong, wrong
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.settings import DeploySection
 from serving import fetch_model, manifests
+from serving.settings import DeploySection
 
 pytestmark = pytest.mark.unit
 
@@ -27,8 +27,9 @@ def tags(quantize: str = "bitsandbytes-nf4") -> dict:
 
 
 def deployment(cfg: DeploySection | None = None, quantize: str = "bitsandbytes-nf4", version: str = "3") -> dict:
-    return manifests.render_deployment(cfg or DeploySection(), name="llmops-demo", version=version, run_id=RUN_ID,
-                                       tags=tags(quantize))
+    return manifests.render_deployment(
+        cfg or DeploySection(), name="llmops-demo", version=version, run_id=RUN_ID, tags=tags(quantize)
+    )
 
 
 def tgi(dep: dict) -> dict:
@@ -111,8 +112,13 @@ def test_env_probes_grace_and_strategy():
 
 
 def test_gpu_node_selector_tolerations_and_volumes():
-    cfg = DeploySection(gpu_resource="nvidia.com/gpu", gpu_count=2, shm_size="2Gi",
-                        node_selector={"pool": "a100"}, tolerations=[{"key": "gpu", "operator": "Exists"}])
+    cfg = DeploySection(
+        gpu_resource="nvidia.com/gpu",
+        gpu_count=2,
+        shm_size="2Gi",
+        node_selector={"pool": "a100"},
+        tolerations=[{"key": "gpu", "operator": "Exists"}],
+    )
     dep = deployment(cfg)
     pod, container = dep["spec"]["template"]["spec"], tgi(dep)
     assert container["resources"] == {"requests": {"nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "2"}}
@@ -133,8 +139,10 @@ def test_init_container_fetches_the_version_with_secret_refs_only():
     assert init["image"] == cfg.fetch_image
     assert init["command"] == ["python", "-m", "serving.fetch_model", "models:/llmops-demo/7", "/data/model"]
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in init["env"]
-    assert init["envFrom"] == [{"secretRef": {"name": "s3-creds"}},
-                               {"secretRef": {"name": "ml-creds", "optional": True}}]
+    assert init["envFrom"] == [
+        {"secretRef": {"name": "s3-creds"}},
+        {"secretRef": {"name": "ml-creds", "optional": True}},
+    ]
     assert {"name": "data", "mountPath": "/data"} in init["volumeMounts"]
 
 
@@ -143,15 +151,20 @@ def test_no_secret_material_in_any_manifest():
     text = json.dumps(objs)
     assert SECRET_VALUE not in text and "secretKeyRef" not in text
     for obj in objs:
-        for c in obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []) + \
-                obj.get("spec", {}).get("template", {}).get("spec", {}).get("initContainers", []):
+        for c in obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []) + obj.get(
+            "spec", {}
+        ).get("template", {}).get("spec", {}).get("initContainers", []):
             for e in c.get("env", []):
                 assert not any(word in e["name"].upper() for word in ("SECRET", "PASSWORD", "TOKEN", "KEY"))
 
 
 def test_labels_annotations_and_stable_identity():
-    v3, v4 = deployment(version="3"), manifests.render_deployment(
-        DeploySection(), name="llmops-demo", version="4", run_id="f" * 32, tags=tags("none"))
+    v3, v4 = (
+        deployment(version="3"),
+        manifests.render_deployment(
+            DeploySection(), name="llmops-demo", version="4", run_id="f" * 32, tags=tags("none")
+        ),
+    )
     for meta in (v3["metadata"], v3["spec"]["template"]["metadata"]):
         assert meta["annotations"][manifests.ANN_NAME] == "llmops-demo"
         assert meta["annotations"][manifests.ANN_VERSION] == "3"
@@ -208,8 +221,11 @@ def test_fetch_model_reports_download_failures(tmp_path, monkeypatch, capsys):
     def broken(artifact_uri, dst_path):
         raise OSError("connection refused")
 
-    monkeypatch.setattr(verified_model, "model_version",
-                        lambda name, version, alias: SimpleNamespace(name=name, version=version, run_id="r", tags={}))
+    monkeypatch.setattr(
+        verified_model,
+        "model_version",
+        lambda name, version, alias: SimpleNamespace(name=name, version=version, run_id="r", tags={}),
+    )
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", broken)
     assert fetch_model.main(["models:/m/1", str(tmp_path / "model")]) == 1
     err = capsys.readouterr().err

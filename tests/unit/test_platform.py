@@ -29,7 +29,9 @@ def test_each_gpu_stage_is_placed_the_same_way(compiled, stage):
     placed = k8s[f"exec-{stage}"]
     assert placed["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter": "node_selector_json"}}
     assert placed["tolerations"] == [{"tolerationJson": {"componentInputParameter": "tolerations_json"}}]
-    assert placed["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "8Gi", "volumeName": "dshm"}]
+    assert placed["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "8Gi", "volumeName": "dshm"}
+    ]
     assert {s["secretName"] for s in placed["secretAsEnv"]} == set(SECRETS)
     assert placed["podMetadata"]["labels"] == {"llmops.io/role": "pipeline"}  # what the NetworkPolicies admit
 
@@ -48,7 +50,9 @@ def test_placement_is_a_pipeline_parameter_and_train_retries(compiled):
     assert params["node_selector_json"]["parameterType"] == "STRUCT"
     assert params["tolerations_json"]["defaultValue"][0]["key"] == "nvidia.com/gpu"
     assert spec["root"]["dag"]["tasks"]["train"]["retryPolicy"]["maxRetryCount"] == 3
-    assert spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]["register"]["cachingOptions"] == {}  # inside the exit handler
+    assert (
+        spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]["register"]["cachingOptions"] == {}
+    )  # inside the exit handler
 
 
 def test_no_secret_value_in_the_yaml(compiled):

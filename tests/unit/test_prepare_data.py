@@ -36,14 +36,21 @@ def test_demo_data_is_deterministic_and_mostly_clean(tmp_path):
     assert len(rows) == 363 and len({r["text"] for r in rows}) == 362  # 360 distinct + 2 flawed, + 1 duplicate
 
 
-@pytest.mark.parametrize("row, field, kind", [
-    (["", "card_lost"], "text", "empty"),
-    (["my card is gone", ""], "label", "empty"),
-    (["my card is gone", "gift_cards"], "label", "unknown-label"),
-    (["card " * 400, "card_lost"], "<rendered>", "over-length"),
-])
+@pytest.mark.parametrize(
+    "row, field, kind",
+    [
+        (["", "card_lost"], "text", "empty"),
+        (["my card is gone", ""], "label", "empty"),
+        (["my card is gone", "gift_cards"], "label", "unknown-label"),
+        (["card " * 400, "card_lost"], "<rendered>", "over-length"),
+    ],
+)
 def test_each_rejection_reason_names_row_and_field(tmp_path, tiny_base, row, field, kind):
-    good = [["I lost my card", "card_lost"], ["refund my order", "refund_request"], ["where is my refund", "refund_request"]]
+    good = [
+        ["I lost my card", "card_lost"],
+        ["refund my order", "refund_request"],
+        ["where is my refund", "refund_request"],
+    ]
     source = write_csv(tmp_path / "d.csv", good + [row])
     stats, rejects, _ = prep(tmp_path, tiny_base, source, labels=LABELS, max_tokens=256)
     assert [(r["row"], r["field"], r["kind"]) for r in rejects] == [(4, field, kind)]
@@ -53,25 +60,40 @@ def test_each_rejection_reason_names_row_and_field(tmp_path, tiny_base, row, fie
 
 def test_undecodable_bytes_reject_only_their_row(tmp_path, tiny_base):
     source = tmp_path / "bytes.csv"
-    source.write_bytes(b"text,label\nI lost my card,card_lost\nbad \xff\xfe bytes,card_lost\nrefund me,refund_request\n")
+    source.write_bytes(
+        b"text,label\nI lost my card,card_lost\nbad \xff\xfe bytes,card_lost\nrefund me,refund_request\n"
+    )
     stats, rejects, _ = prep(tmp_path, tiny_base, source, labels=LABELS)
     assert [(r["row"], r["field"], r["kind"]) for r in rejects] == [(2, "text", "undecodable")]
     assert stats["examples"] == 2
 
 
 def test_quoted_newlines_stay_one_row(tmp_path, tiny_base):
-    source = write_csv(tmp_path / "q.csv", [["line one\nline two", "card_lost"], ["refund me", "refund_request"],
-                                           ["card gone", "card_lost"]])
+    source = write_csv(
+        tmp_path / "q.csv",
+        [["line one\nline two", "card_lost"], ["refund me", "refund_request"], ["card gone", "card_lost"]],
+    )
     stats, rejects, out = prep(tmp_path, tiny_base, source, labels=LABELS)
     assert stats["rows_read"] == 3 and not rejects
-    assert any("line one\nline two" in ex["prompt"] for ex in read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl"))
+    assert any(
+        "line one\nline two" in ex["prompt"] for ex in read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl")
+    )
 
 
 def test_duplicates_are_dropped_counted_and_written(tmp_path, tiny_base):
-    source = write_csv(tmp_path / "dup.csv", [["I lost my card", "card_lost"], ["refund me", "refund_request"],
-                                             ["I lost my card", "card_lost"], ["card gone", "card_lost"]])
+    source = write_csv(
+        tmp_path / "dup.csv",
+        [
+            ["I lost my card", "card_lost"],
+            ["refund me", "refund_request"],
+            ["I lost my card", "card_lost"],
+            ["card gone", "card_lost"],
+        ],
+    )
     stats, rejects, _ = prep(tmp_path, tiny_base, source, labels=LABELS)
-    assert rejects == [{"file": str(source), "row": 3, "field": "<row>", "kind": "duplicate", "reason": "duplicate of row 1"}]
+    assert rejects == [
+        {"file": str(source), "row": 3, "field": "<row>", "kind": "duplicate", "reason": "duplicate of row 1"}
+    ]
     assert stats["reject_reasons"] == {"duplicate": 1}
 
 
@@ -82,12 +104,15 @@ def test_all_bad_file_fails_with_a_summary(tmp_path, tiny_base):
     assert len(read_jsonl(tmp_path / "out" / "rejects.jsonl")) == 3  # written even though the stage fails
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p / "missing.csv", "no such file"),
-    (lambda p: write_csv(p / "cols.csv", [["a", "b"]], header=("body", "intent_x")), "cannot tell the format"),
-    (lambda p: (p / "x.txt").write_text("hi") and p / "x.txt", "unsupported file type"),
-    (lambda p: (p / "dir").mkdir() or p / "dir", "not a saved Hugging Face dataset"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "missing.csv", "no such file"),
+        (lambda p: write_csv(p / "cols.csv", [["a", "b"]], header=("body", "intent_x")), "cannot tell the format"),
+        (lambda p: (p / "x.txt").write_text("hi") and p / "x.txt", "unsupported file type"),
+        (lambda p: (p / "dir").mkdir() or p / "dir", "not a saved Hugging Face dataset"),
+    ],
+)
 def test_file_level_problems_name_the_file(tmp_path, tiny_base, make, message):
     source = make(tmp_path)
     with pytest.raises(DataError, match=message) as err:
@@ -104,7 +129,9 @@ def test_missing_required_field_names_file_row_and_field(tmp_path, tiny_base):
 
 def test_binary_file_is_rejected_row_by_row_not_silently(tmp_path, tiny_base):
     source = tmp_path / "blob.csv"
-    source.write_bytes(b"text,label\n" + bytes(range(256)) * 4 + b"\nok card,card_lost\nrefund,refund_request\nlost,card_lost\n")
+    source.write_bytes(
+        b"text,label\n" + bytes(range(256)) * 4 + b"\nok card,card_lost\nrefund,refund_request\nlost,card_lost\n"
+    )
     stats, rejects, _ = prep(tmp_path, tiny_base, source, labels=LABELS)
     assert stats["examples"] + stats["rejected"] == stats["rows_read"]
     assert stats["rejected"] >= 1 and stats["examples"] == 3
@@ -112,8 +139,13 @@ def test_binary_file_is_rejected_row_by_row_not_silently(tmp_path, tiny_base):
 
 def test_jsonl_bad_lines_and_chat_format(tmp_path, tiny_base):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-    lines = [json.dumps(good), "{not json", json.dumps({"messages": [{"role": "user", "content": "only a question"}, {"role": "user", "content": "x"}]}),
-             json.dumps({"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}), "[1, 2]"]
+    lines = [
+        json.dumps(good),
+        "{not json",
+        json.dumps({"messages": [{"role": "user", "content": "only a question"}, {"role": "user", "content": "x"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}),
+        "[1, 2]",
+    ]
     source = tmp_path / "chat.jsonl"
     source.write_text("\n".join(lines) + "\n")
     stats, rejects, _ = prep(tmp_path, tiny_base, source)
@@ -122,7 +154,10 @@ def test_jsonl_bad_lines_and_chat_format(tmp_path, tiny_base):
 
 
 def test_alpaca_seed_tasks_expand_instances(tmp_path, tiny_base):
-    record = {"instruction": "Add the numbers", "instances": [{"input": "1 2", "output": "3"}, {"input": "2 2", "output": "4"}]}
+    record = {
+        "instruction": "Add the numbers",
+        "instances": [{"input": "1 2", "output": "3"}, {"input": "2 2", "output": "4"}],
+    }
     plain = {"instruction": "Say yes", "input": "", "output": "yes"}
     source = tmp_path / "seed.jsonl"
     source.write_text(json.dumps(record) + "\n" + json.dumps(plain) + "\n")
@@ -136,7 +171,10 @@ def test_parquet_and_saved_hf_dataset(tmp_path, tiny_base):
     import pandas as pd
     from datasets import Dataset
 
-    rows = {"text": ["lost card", "refund please", "card stolen"], "label": ["card_lost", "refund_request", "card_lost"]}
+    rows = {
+        "text": ["lost card", "refund please", "card stolen"],
+        "label": ["card_lost", "refund_request", "card_lost"],
+    }
     pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
     Dataset.from_dict(rows).save_to_disk(str(tmp_path / "hf"))
     for source in (tmp_path / "d.parquet", tmp_path / "hf"):
@@ -200,10 +238,14 @@ def test_an_empty_label_instruction_leaves_the_message_alone_in_the_user_turn(tm
     labels = [f"intent_{i:02d}" for i in range(30)]
     source = write_csv(tmp_path / "many.csv", [[f"text {i}", labels[i % 30]] for i in range(60)])
     with_ask, _, out_a = prep(tmp_path / "a", tiny_base, source, labels=labels)
-    bare, _, out_b = prep(tmp_path / "b", tiny_base, source, labels=labels, label_instruction="",
-                          system_prompt="Label the intent.")
+    bare, _, out_b = prep(
+        tmp_path / "b", tiny_base, source, labels=labels, label_instruction="", system_prompt="Label the intent."
+    )
     ids = {e["id"]: e for e in read_jsonl(out_a / "train.jsonl")}
     for e in read_jsonl(out_b / "train.jsonl"):
-        assert "Message:" not in e["prompt"] and "Message: " + e["prompt"].split("user\n")[1].split("\n")[0] in ids[e["id"]]["prompt"]
+        assert (
+            "Message:" not in e["prompt"]
+            and "Message: " + e["prompt"].split("user\n")[1].split("\n")[0] in ids[e["id"]]["prompt"]
+        )
         assert "Label the intent." in e["prompt"] and e["completion"] == ids[e["id"]]["completion"]
     assert bare["prompt_tokens"]["mean"] < with_ask["prompt_tokens"]["mean"] - 5

@@ -30,20 +30,28 @@ def test_wrapped_template_frames_a_bare_message_exactly_like_training(tiny_base,
     tok.chat_template = wrap_template(plain, contract)
     for example in read_jsonl(demo_prepared / "eval.jsonl")[:20]:
         message = example["prompt"].split(contract["user_prefix"], 1)[1].split("<|im_end|>", 1)[0]
-        served = tok.apply_chat_template([{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
+        served = tok.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        )
         assert served == example["prompt"]
         # A client that already sends the trained frame is not framed twice.
-        framed = [{"role": "system", "content": contract["system_prompt"]},
-                  {"role": "user", "content": contract["user_prefix"] + message}]
+        framed = [
+            {"role": "system", "content": contract["system_prompt"]},
+            {"role": "user", "content": contract["user_prefix"] + message},
+        ]
         assert tok.apply_chat_template(framed, tokenize=False, add_generation_prompt=True) == example["prompt"]
     # A client's own system prompt wins; the user turn is still framed.
-    own = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
-                                  tokenize=False, add_generation_prompt=True)
+    own = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert own.startswith("<|im_start|>system\nBe brief.<|im_end|>") and contract["user_prefix"] + "hi" in own
 
 
-@pytest.mark.parametrize("system, prefix", [("Say \"x\" {{ not jinja }}\\n", "Étiquette : {% raw %}\n\n"),
-                                            ("", "Only a prefix: ")])
+@pytest.mark.parametrize(
+    "system, prefix", [('Say "x" {{ not jinja }}\\n', "Étiquette : {% raw %}\n\n"), ("", "Only a prefix: ")]
+)
 def test_contract_strings_are_literal_text_in_the_template(tiny_base, system, prefix):
     from transformers import AutoTokenizer
 

@@ -9,8 +9,20 @@ from components.tracking import Tracker, safe_name, safe_names
 pytestmark = pytest.mark.unit
 
 # BANKING77's own label, and the characters users' labels carry: "/", ":", spaces, non-ASCII letters, dots.
-LABELS = ["reverted_card_payment?", "card/lost", "fx:rate", "top up failed", "carte_perdue_é", "card?", "card!",
-          "card_", "..", ".hidden", "a" * 300, "ünïcode ∑ sign"]
+LABELS = [
+    "reverted_card_payment?",
+    "card/lost",
+    "fx:rate",
+    "top up failed",
+    "carte_perdue_é",
+    "card?",
+    "card!",
+    "card_",
+    "..",
+    ".hidden",
+    "a" * 300,
+    "ünïcode ∑ sign",
+]
 
 
 @pytest.mark.parametrize("validate", [_validate_metric_name, _validate_param_name, _validate_tag_name])
@@ -62,5 +74,8 @@ def test_tracker_sanitises_metrics_params_and_tags_and_keeps_the_originals():
     tracker.log_renames()
     assert logged["metrics"] == {"f1.card_": 0.5} and logged["params"] == {"labels.fx_rate": "x"}
     assert logged["tags"] == {"label.top up_": "yes"}
-    assert logged["metric_names.json"] == {"f1.card_": "f1.card?", "labels.fx_rate": "labels.fx:rate",
-                                           "label.top up_": "label.top up?"}
+    assert logged["metric_names.json"] == {
+        "f1.card_": "f1.card?",
+        "labels.fx_rate": "labels.fx:rate",
+        "label.top up_": "label.top up?",
+    }

@@ -32,8 +32,9 @@ def test_config_becomes_library_objects():
     lora = train.lora_config(cfg)
     assert lora.r == 4 and lora.lora_alpha == 8 and set(lora.target_modules) == {"q_proj"}
     assert train.bnb_config(TrainSection(method="lora", quantization="none")) is None
-    args = train.training_args(TrainSection(max_steps=9, checkpoint_every=3, compute_dtype="bfloat16",
-                                            gradient_checkpointing=False), "/tmp/x")
+    args = train.training_args(
+        TrainSection(max_steps=9, checkpoint_every=3, compute_dtype="bfloat16", gradient_checkpointing=False), "/tmp/x"
+    )
     assert args.max_steps == 9 and args.save_steps == 3 and args.train_sampling_strategy == "group_by_length"
     assert args.bf16 and not args.activation_checkpointing
 
@@ -72,7 +73,9 @@ def test_base_weights_unchanged_by_training(tiny_base, tiny_adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16), tiny_adapter)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16), tiny_adapter
+    )
     merged = model.merge_and_unload()
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged.state_dict()[name], base[name])  # the adapter does change q_proj...
@@ -103,8 +106,10 @@ def test_answer_window_gives_the_full_sequence_loss_and_gradients(tiny_base, dem
     rows = list(answer_batches.tokenize(read_jsonl(demo_prepared / "train.jsonl")[:6], tok))
     assert len({len(r["input_ids"]) for r in rows}) > 1  # the batch needs padding for the test to mean anything
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
-                           train.lora_config(TrainSection(lora_r=4, lora_alpha=8)))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+        train.lora_config(TrainSection(lora_r=4, lora_alpha=8)),
+    )
     model.eval()  # no dropout: both passes must see the same network; gradients flow all the same
     for name, p in model.named_parameters():  # B starts at zero; non-zero B makes A's gradients non-trivial too
         if "lora_B" in name:
@@ -115,7 +120,9 @@ def test_answer_window_gives_the_full_sequence_loss_and_gradients(tiny_base, dem
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    plain = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=answer_batches.IGNORE_INDEX)([dict(r) for r in rows])
+    plain = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=answer_batches.IGNORE_INDEX)(
+        [dict(r) for r in rows]
+    )
     full, full_grads = loss_and_grads(model(**plain).loss)
     batch = answer_batches.AnswerBatches(AutoTokenizer.from_pretrained(tiny_base))([dict(r) for r in rows])
     labels = batch.pop("labels")

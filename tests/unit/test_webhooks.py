@@ -11,7 +11,11 @@ SECRET = "s3cr3t-value"
 
 def headers(delivery="d-1", ts=None, body=b"{}", secret=SECRET):
     ts = str(int(time.time()) if ts is None else ts)
-    return {"x-mlflow-delivery-id": delivery, "x-mlflow-timestamp": ts, "x-mlflow-signature": sign(secret, delivery, ts, body)}
+    return {
+        "x-mlflow-delivery-id": delivery,
+        "x-mlflow-timestamp": ts,
+        "x-mlflow-signature": sign(secret, delivery, ts, body),
+    }
 
 
 def test_genuine_delivery_is_accepted_once():
@@ -22,12 +26,15 @@ def test_genuine_delivery_is_accepted_once():
     assert err.value.status == 409
 
 
-@pytest.mark.parametrize("make, status", [
-    (lambda: (headers(secret="wrong"), b"{}"), 401),                      # forged
-    (lambda: (headers(), b'{"tampered": 1}'), 401),                       # body changed after signing
-    (lambda: (headers(ts=int(time.time()) - 301), b"{}"), 401),           # older than 5 minutes
-    (lambda: ({"x-mlflow-delivery-id": "x"}, b"{}"), 400),                # headers missing
-])
+@pytest.mark.parametrize(
+    "make, status",
+    [
+        (lambda: (headers(secret="wrong"), b"{}"), 401),  # forged
+        (lambda: (headers(), b'{"tampered": 1}'), 401),  # body changed after signing
+        (lambda: (headers(ts=int(time.time()) - 301), b"{}"), 401),  # older than 5 minutes
+        (lambda: ({"x-mlflow-delivery-id": "x"}, b"{}"), 400),  # headers missing
+    ],
+)
 def test_bad_deliveries_are_rejected(make, status):
     hdrs, body = make()
     with pytest.raises(Rejected) as err:

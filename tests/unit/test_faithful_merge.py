@@ -1,0 +1,64 @@
+"""The merge reproduces the model that was trained: a QLoRA adapter goes onto the NF4 weights it learned
+against (dequantized), and the parity check compares the merge with that trained condition."""
+
+import pytest
+import torch
+
+from components import merge
+from components.config import MergeSection
+
+pytestmark = pytest.mark.unit
+
+
+def logits(model, tok, prompts):
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        return model(**enc).logits.float()
+
+
+@pytest.fixture(scope="module")
+def prompts(demo_prepared):
+    from components.artifacts import PreparedData
+
+    return [e["prompt"] for e in PreparedData(demo_prepared).examples("eval")][:8]
+
+
+def test_merge_into_the_dequantized_base_reproduces_the_trained_logits(tiny_base, tiny_adapter, prompts, tmp_path):
+    from components.inference import load_model, load_tokenizer
+
+    assert merge.trained_base(tiny_adapter) == {"double_quant": True}  # the fixture is a QLoRA adapter
+    assert merge.merge_base(MergeSection(), tiny_adapter) == "dequantized-nf4"
+    tok = load_tokenizer(tiny_base)
+    trained = logits(merge.trained_condition(tiny_base, tiny_adapter), tok, prompts)
+    scale = trained.abs().max().item()
+    found = {}
+    for base in ("dequantized-nf4", "16bit"):
+        merge.merge_adapter(tiny_base, tiny_adapter, tmp_path / base, "float32", base=base)
+        found[base] = (logits(load_model(tmp_path / base, "float32"), tok, prompts) - trained).abs().max().item()
+    # Stated tolerance, 0.5% of the largest logit: bitsandbytes' CPU 4-bit matmul casts activations to
+    # bfloat16 whatever the compute dtype (backends/cpu/ops.py), the merge computes in float32. Measured: 0.15%.
+    assert found["dequantized-nf4"] < 5e-3 * scale, (found, scale)
+    # The 16-bit base is another model: the NF4 rounding the adapter learned to correct is gone (measured: 35x).
+    assert found["16bit"] > 10 * found["dequantized-nf4"], found
+
+
+def test_the_parity_check_fails_when_the_merge_is_not_the_trained_model(
+    tiny_base, tiny_adapter, demo_prepared, tmp_path, monkeypatch
+):
+    cfg = MergeSection(parity_threshold=0.9, parity_prompts=16)
+    report = merge.run(cfg, tiny_base, tiny_adapter, demo_prepared, tmp_path / "good")
+    assert report["parity"] >= 0.9 and report["reference"] == "nf4 base + adapter"
+    assert report["merged_into"] == "dequantized-nf4"
+
+    faithful = merge.dequantized_nf4
+
+    def scrambled(base_dir, double_quant=True):  # the wrong weights under the adapter
+        model = faithful(base_dir, double_quant)
+        torch.manual_seed(0)
+        for param in model.parameters():
+            param.data += torch.randn_like(param) * 0.5
+        return model
+
+    monkeypatch.setattr(merge, "dequantized_nf4", scrambled)
+    with pytest.raises(merge.ParityError, match="trained model"):
+        merge.run(cfg, tiny_base, tiny_adapter, demo_prepared, tmp_path / "bad")
