@@ -14,6 +14,7 @@ from components.prompt_contract import CONTRACT_FILE
 from components.util import read_json, write_json
 
 STAGE_CONFIG = "stage_config.json"  # in every stage's output: the section it ran with
+TIMING = "timing.json"  # in every stage's output under kfp: how long the stage took (pipelines/kfp_io.py)
 
 
 def record_config(out_dir: Path, stage: str, section) -> None:

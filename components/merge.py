@@ -22,10 +22,16 @@ class ParityError(RuntimeError):
 
 
 def trained_base(adapter_dir: Path) -> dict | None:
-    """How the train stage quantized the base under this adapter ({"double_quant": ...} for NF4), else None."""
-    record = TrainedAdapter(adapter_dir).stage_config()
+    """How the train stage quantized the base under this adapter, for NF4 (else None): double_quant, and the
+    dtype the base was loaded in. The NF4 codes depend on it: quantized from float32 rather than bfloat16,
+    the tiny model's dequantized weights differ by up to 2e-4."""
+    adapter = TrainedAdapter(adapter_dir)
+    record = adapter.stage_config()
     train = record["config"] if record else {}
-    return {"double_quant": train.get("double_quant", True)} if train.get("quantization") == "nf4" else None
+    if train.get("quantization") != "nf4":
+        return None
+    resolved = adapter.metrics().get("compute_dtype") if adapter.metrics_file.exists() else None
+    return {"double_quant": train.get("double_quant", True), "dtype": resolved or "bfloat16"}
 
 
 def merge_base(cfg: MergeSection, adapter_dir: Path) -> str:
@@ -34,14 +40,15 @@ def merge_base(cfg: MergeSection, adapter_dir: Path) -> str:
     return "dequantized-nf4" if trained_base(adapter_dir) else "16bit"
 
 
-def dequantized_nf4(base_dir: Path, double_quant: bool = True):
+def dequantized_nf4(base_dir: Path, double_quant: bool = True, dtype: str = "bfloat16"):
     """The base in float32 with every linear weight replaced by its NF4 rounding (what QLoRA trained against).
 
-    NF4 quantization is deterministic, so quantizing the same 16-bit base again gives the training's codes."""
+    NF4 quantization is deterministic: quantizing the same 16-bit base again, loaded in the same dtype as
+    training loaded it, gives the training's codes."""
     from peft.utils.integrations import dequantize_bnb_weight
 
     plain = load_model(base_dir, "float32")
-    quantized = load_model(base_dir, "float32", quantization=bnb_config("nf4", "float32", double_quant))
+    quantized = load_model(base_dir, dtype, quantization=bnb_config("nf4", dtype, double_quant))
     targets = dict(plain.named_modules())
     for name, module in quantized.named_modules():
         if type(getattr(module, "weight", None)).__name__ == "Params4bit":
@@ -51,10 +58,13 @@ def dequantized_nf4(base_dir: Path, double_quant: bool = True):
 
 
 def trained_condition(base_dir: Path, adapter_dir: Path, dtype: str = "float32"):
-    """The adapter on the base it was trained on: NF4 for QLoRA (computing in `dtype`), else the 16-bit base."""
+    """The adapter on the base it was trained on: for QLoRA the NF4 base, loaded as training loaded it; else
+    the 16-bit base, computing in `dtype`."""
     nf4 = trained_base(adapter_dir)
-    quant = bnb_config("nf4", dtype, nf4["double_quant"]) if nf4 else None
-    return load_model(base_dir, dtype, adapter_dir=adapter_dir, quantization=quant)
+    if nf4 is None:
+        return load_model(base_dir, dtype, adapter_dir=adapter_dir)
+    quant = bnb_config("nf4", nf4["dtype"], nf4["double_quant"])
+    return load_model(base_dir, nf4["dtype"], adapter_dir=adapter_dir, quantization=quant)
 
 
 def merge_adapter(
@@ -70,8 +80,8 @@ def merge_adapter(
     from peft import PeftModel
 
     if base == "dequantized-nf4":
-        nf4 = trained_base(adapter_dir) or {"double_quant": True}
-        weights = dequantized_nf4(base_dir, nf4["double_quant"])
+        nf4 = trained_base(adapter_dir) or {"double_quant": True, "dtype": "bfloat16"}
+        weights = dequantized_nf4(base_dir, nf4["double_quant"], nf4["dtype"])
     else:
         weights = load_model(base_dir, "float32")
     model = PeftModel.from_pretrained(weights, adapter_dir)

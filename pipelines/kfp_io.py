@@ -6,9 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from components.artifacts import TIMING
 from components.tracking import numeric, safe_names
-
-TIMING_FILE = "timing.json"
 
 
 def publish(metrics, values: dict, out_dir: str, stage: str, started: float) -> None:
@@ -23,7 +22,7 @@ def publish(metrics, values: dict, out_dir: str, stage: str, started: float) -> 
     Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / TIMING_FILE).write_text(json.dumps({"stage": stage, "seconds": seconds, "finished": time.time()}))
+    (Path(out_dir) / TIMING).write_text(json.dumps({"stage": stage, "seconds": seconds, "finished": time.time()}))
 
 
 def publish_confusion(artifact, report: dict) -> None:
@@ -38,7 +37,7 @@ def stage_timings(paths: dict[str, str], run_root: Path) -> dict:
     """Seconds per stage, and whether its output came from the kfp cache (it lives in another run)."""
     out = {}
     for name, path in paths.items():
-        timing = Path(path) / TIMING_FILE
+        timing = Path(path) / TIMING
         if timing.exists():
             record = json.loads(timing.read_text())
             out[record["stage"]] = {

@@ -88,7 +88,7 @@ def merge(
     merged: Output[Model],
     metrics: Output[Metrics],
 ):
-    """Merge the adapter into the 16-bit base and check greedy parity."""
+    """Merge the adapter into a 16-bit copy of the base it trained on (NF4 dequantized for QLoRA); check parity."""
     import time
 
     from components import merge as stage
@@ -110,13 +110,13 @@ def quantize(
     import time
 
     from components import quantize as stage
+    from components.artifacts import MergedModel
     from components.config import QuantizeSection
     from pipelines.kfp_io import publish
 
     started = time.time()
-    result = stage.run(
-        QuantizeSection.model_validate_json(quantize_cfg), f"{merged.path}/model", dataset.path, quantized.path
-    )
+    merged_dir = MergedModel(merged.path).model_dir
+    result = stage.run(QuantizeSection.model_validate_json(quantize_cfg), merged_dir, dataset.path, quantized.path)
     publish(metrics, result["results"], quantized.path, "quantize", started)
 
 

