@@ -1,13 +1,15 @@
 """Merge the adapter into a 16-bit copy of the base and check greedy parity with the model that was trained.
 
-A QLoRA adapter learned to correct the NF4-rounded base, so it is added to those weights, dequantized, and
-the parity reference is that trained condition (NF4 base + adapter); a 16-bit LoRA adapter goes onto the
+A QLoRA adapter learned to correct the NF4-rounded base, so it is added to those weights, dequantized; the
+parity reference is the adapter unmerged on that same base, which is the trained model's arithmetic in
+float32 (bitsandbytes' own 4-bit kernel computes in bfloat16 on CPU). A 16-bit LoRA adapter goes onto the
 16-bit base. The output is what TGI serves: 16-bit safetensors, config.json, and a tokenizer whose chat
 template lives in tokenizer_config.json.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from components.artifacts import MergedModel, PreparedData, TrainedAdapter, record_config
@@ -67,16 +69,10 @@ def trained_condition(base_dir: Path, adapter_dir: Path, dtype: str = "float32")
     return load_model(base_dir, nf4["dtype"], adapter_dir=adapter_dir, quantization=quant)
 
 
-def merge_adapter(
-    base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str, contract: dict | None = None, base: str = "16bit"
-):
-    """Merge in float32 (no rounding inside the sum), then store in the 16-bit dtype.
-
-    `base` is "dequantized-nf4" (the adapter's own training base) or "16bit". The tokenizer's chat template
-    gets the data's prompt contract, so a bare message is served the prompt the model was trained on; the
-    contract itself is kept beside the weights.
-    """
-    import torch
+def adapter_on_base(base_dir: Path, adapter_dir: Path, base: str = "16bit"):
+    """The adapter, unmerged, on a float32 copy of `base`: "dequantized-nf4" (the NF4 weights a QLoRA adapter
+    trained against) or "16bit". On the dequantized base this is the trained model's arithmetic without
+    bitsandbytes' bfloat16 kernel, so it serves both as the parity reference and as what gets merged."""
     from peft import PeftModel
 
     if base == "dequantized-nf4":
@@ -84,7 +80,27 @@ def merge_adapter(
         weights = dequantized_nf4(base_dir, nf4["double_quant"], nf4["dtype"])
     else:
         weights = load_model(base_dir, "float32")
-    model = PeftModel.from_pretrained(weights, adapter_dir)
+    return PeftModel.from_pretrained(weights, adapter_dir).eval()
+
+
+def merge_adapter(
+    base_dir: Path,
+    adapter_dir: Path,
+    out_dir: Path,
+    dtype: str,
+    contract: dict | None = None,
+    base: str = "16bit",
+    model=None,
+):
+    """Merge in float32 (no rounding inside the sum), then store in the 16-bit dtype.
+
+    `model` is `adapter_on_base(base_dir, adapter_dir, base)` when the caller has it already. The tokenizer's
+    chat template gets the data's prompt contract, so a bare message is served the prompt the model was
+    trained on; the contract itself is kept beside the weights.
+    """
+    import torch
+
+    model = model if model is not None else adapter_on_base(base_dir, adapter_dir, base)
     merged = model.merge_and_unload().to(getattr(torch, dtype))
     merged.save_pretrained(out_dir, safe_serialization=True)
     tok = load_tokenizer(base_dir, padding_side="right")
@@ -100,6 +116,8 @@ def parity(reference: list[str], candidate: list[str]) -> float:
 
 
 def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    import torch
+
     from components.tracking import stage_run
 
     quiet_libraries()
@@ -111,15 +129,19 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
     tok = load_tokenizer(base_dir)
     with stage_run("merge", cfg.model_dump()) as tracker:
         base = merge_base(cfg, adapter_dir)
-        trained = trained_condition(base_dir, adapter_dir, cfg.compare_dtype)
-        reference = generate(trained, tok, prompts, cfg.max_new_tokens, 16, progress="trained model")
-        del trained
+        # One float32 model is both the reference (unmerged) and, afterwards, what is merged.
+        unmerged = adapter_on_base(base_dir, adapter_dir, base)
+        compare = getattr(torch, cfg.compare_dtype)
+        scored = unmerged if compare == torch.float32 else copy.deepcopy(unmerged).to(compare)
+        reference = generate(scored, tok, prompts, cfg.max_new_tokens, 16, progress="trained model")
+        del scored
         contract = read_contract(data_dir)
-        merge_adapter(base_dir, adapter_dir, out.model_dir, cfg.base_precision, contract, base)
+        merge_adapter(base_dir, adapter_dir, out.model_dir, cfg.base_precision, contract, base, model=unmerged)
+        del unmerged
         merged = load_model(out.model_dir, cfg.compare_dtype)
         candidate = generate(merged, tok, prompts, cfg.max_new_tokens, 16, progress="merged")
         agreement = parity(reference, candidate)
-        reference_name = "nf4 base + adapter" if trained_base(adapter_dir) else "16-bit base + adapter"
+        reference_name = {"dequantized-nf4": "dequantized NF4 base + adapter", "16bit": "16-bit base + adapter"}[base]
         report = {
             "parity": agreement,
             "reference": reference_name,

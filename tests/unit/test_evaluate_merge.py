@@ -66,8 +66,8 @@ def test_merge_fails_below_the_parity_threshold(tiny_base, tiny_adapter, demo_pr
     # Simulate a lossy merge (the classic bug: merging into a 4-bit base) by corrupting the saved weights.
     real = merge.merge_adapter
 
-    def lossy(base_dir, adapter_dir, out_dir, dtype, contract=None, base="16bit"):
-        real(base_dir, adapter_dir, out_dir, dtype, contract, base)
+    def lossy(base_dir, adapter_dir, out_dir, dtype, contract=None, base="16bit", model=None):
+        real(base_dir, adapter_dir, out_dir, dtype, contract, base, model)
         from safetensors.torch import load_file, save_file
 
         weights = load_file(out_dir / "model.safetensors")

@@ -64,23 +64,13 @@ def test_merge_into_the_dequantized_base_reproduces_the_trained_logits(tiny_base
     assert found["16bit"] > 10 * found["dequantized-nf4"], found
 
 
-def test_the_parity_check_fails_when_the_merge_is_not_the_trained_model(
-    tiny_base, tiny_adapter, demo_prepared, tmp_path, monkeypatch
+def test_the_merge_stage_judges_parity_against_the_adapter_on_the_dequantized_base(
+    tiny_base, tiny_adapter, demo_prepared, tmp_path
 ):
+    """(A merge whose saved weights lose the adapter fails this check: test_evaluate_merge.py.)"""
     cfg = MergeSection(parity_threshold=0.9, parity_prompts=16)
-    report = merge.run(cfg, tiny_base, tiny_adapter, demo_prepared, tmp_path / "good")
-    assert report["parity"] >= 0.9 and report["reference"] == "nf4 base + adapter"
-    assert report["merged_into"] == "dequantized-nf4"
-
-    faithful = merge.dequantized_nf4
-
-    def scrambled(base_dir, double_quant=True, dtype="bfloat16"):  # the wrong weights under the adapter
-        model = faithful(base_dir, double_quant, dtype)
-        torch.manual_seed(0)
-        for param in model.parameters():
-            param.data += torch.randn_like(param) * 0.5
-        return model
-
-    monkeypatch.setattr(merge, "dequantized_nf4", scrambled)
-    with pytest.raises(merge.ParityError, match="trained model"):
-        merge.run(cfg, tiny_base, tiny_adapter, demo_prepared, tmp_path / "bad")
+    report = merge.run(cfg, tiny_base, tiny_adapter, demo_prepared, tmp_path / "merged")
+    assert report["reference"] == "dequantized NF4 base + adapter" and report["merged_into"] == "dequantized-nf4"
+    assert report["parity"] >= 0.9 and report["prompts"] == 16
+    forced = merge.run(cfg.model_copy(update={"base": "16bit"}), tiny_base, tiny_adapter, demo_prepared, tmp_path / "b")
+    assert forced["reference"] == "16-bit base + adapter" and forced["merged_into"] == "16bit"
