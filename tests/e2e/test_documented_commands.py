@@ -129,11 +129,12 @@ def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(work
     data_dir = next(workspace.root.glob("kfp/finetune-*/prepare-data/dataset"))
     examples = read_jsonl(data_dir / "eval.jsonl")[: quant["examples"]]
     labels = read_contract(served)["labels"]
+    # Scored as the quantize stage scored the merge (its default dtype, its eval settings, the same rows):
+    # the registry's own files reproduce what the pipeline measured, to the example.
     metrics = score_model(
-        load_model(served, "float32"), load_tokenizer(served), examples, EvalSection(), labels, "registered"
+        load_model(served), load_tokenizer(served), examples, EvalSection(), labels, "registered"
     ).metrics
-    # The registry's own files reproduce what the pipeline measured on the merged model.
-    assert metrics["exact_match"] == pytest.approx(quant["results"]["merged"]["exact_match"], abs=0.02)
+    assert metrics["exact_match"] == pytest.approx(quant["results"]["merged"]["exact_match"], abs=1e-9)
     assert metrics["agreement_where_valid"] == 1.0 and metrics["label_accuracy"] >= metrics["exact_match"]
     assert float(version.tags["eval.tuned.exact_match"]) == pytest.approx(quant["served"]["exact_match"], abs=1e-4)
 
