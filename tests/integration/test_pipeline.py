@@ -33,7 +33,7 @@ class Checkout:
         from pipelines.code_digest import PACKAGES, ROOT
 
         self.tree, self.runs = root / "checkout", root / "runs"
-        for package in PACKAGES:
+        for package in (*PACKAGES, "llmops"):  # llmops: the entry point `python -m llmops` runs
             shutil.copytree(ROOT / package, self.tree / package, ignore=shutil.ignore_patterns("__pycache__"))
         self.base = [f"model.base_model={tiny_source}", *TINY]
         self.env = {**os.environ, "PYTHONPATH": str(self.tree), "COLUMNS": "300"}
