@@ -234,6 +234,14 @@ class GateSection(Section):
     alias_on_pass: str = Field("challenger", description="alias set on a version that passes")
 
 
+class Profiled(BaseModel):
+    """A settings object loaded from a profile (`load_settings`): pipelines.config and serving.settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: str = Field("local", description="the profile this config was loaded from")
+
+
 def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, description) for every field of a settings object, sections expanded."""
     rows = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from components.config import (
     DataSection,
@@ -17,6 +17,7 @@ from components.config import (
     GateSection,
     MergeSection,
     ModelSection,
+    Profiled,
     QuantizeSection,
     RegisterSection,
     Section,
@@ -41,10 +42,7 @@ class PlacementSection(Section):
     )
 
 
-class PipelineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    profile: str = Field("local", description="the profile this config was loaded from")
+class PipelineConfig(Profiled):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()

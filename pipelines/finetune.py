@@ -105,11 +105,9 @@ def parameter_docs(cfg: PipelineConfig) -> str:
         keys = "; ".join(f"{key.split('.', 1)[1]}: {meaning}" for key, _, _, meaning in describe(kind, f"{section}."))
         lines.append(f"    {parameter}: JSON of the {section} section ({kind.__doc__.strip()}) {keys}")
     lines.append(f"    challenger_alias: {fields['gate'].annotation.model_fields['alias_on_pass'].description}")
-    placement = {
-        key.split(".", 1)[1]: meaning for key, _, _, meaning in describe(fields["placement"].annotation, "placement.")
-    }
+    placement = fields["placement"].annotation.model_fields
     for parameter, field in PLACEMENT_PARAMETERS.items():
-        lines.append(f"    {parameter}: {placement[field]}")
+        lines.append(f"    {parameter}: {placement[field].description}")
     return "\n".join(lines)
 
 

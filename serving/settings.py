@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from components.config import Section, load_settings
+from components.config import Profiled, Section, load_settings
 
 PROFILE_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -61,10 +61,7 @@ class DeploySection(Section):
         return self
 
 
-class DeployerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    profile: str = Field("local", description="the profile this config was loaded from")
+class DeployerConfig(Profiled):
     deploy: DeploySection = DeploySection()
 
 
