@@ -163,15 +163,19 @@ class StopOnSigterm(TrainerCallback):
     """
 
     def __init__(self):
-        self.signalled = False
+        self.received = False  # written by the handler only
+        self.signalled = False  # every rank's agreed decision
         signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         console.print("SIGTERM: saving a checkpoint after this step, then stopping")
-        self.signalled = True
+        self.received = True
 
     def on_step_end(self, args, state, control, **kw):
-        self.signalled = any_rank(self.signalled, args.device)  # every rank stops at the same step
+        # The handler's flag is kept apart from the agreed one: a signal landing during the all-reduce runs its
+        # handler just before the result is assigned, and one shared flag would lose it to that assignment
+        # (both ranks then trained on until torchrun's SIGKILL). Kept, it counts at the next step.
+        self.signalled = any_rank(self.received, args.device)  # every rank stops at the same step
         if self.signalled:
             control.should_save = True
             control.should_training_stop = True

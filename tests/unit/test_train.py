@@ -133,3 +133,35 @@ def test_answer_window_gives_the_full_sequence_loss_and_gradients(tiny_base, dem
     assert windowed == pytest.approx(full, rel=1e-5)
     for name, grad in full_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.unit
+def test_a_sigterm_during_the_ranks_vote_stops_training_at_the_next_step(monkeypatch):
+    """The handler runs at the first bytecode after the all-reduce returns, before its result is stored: a
+    signal landing then must still stop training (one shared flag lost it, and both ranks trained on)."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop = checkpoints.StopOnSigterm()
+        votes = []
+
+        def vote_while_signalled(flag, device):  # this rank's vote is already cast when the signal lands
+            votes.append(flag)
+            if len(votes) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before this function returns
+            return flag
+
+        monkeypatch.setattr(checkpoints, "any_rank", vote_while_signalled)
+        args, control = SimpleNamespace(device="cpu"), SimpleNamespace(should_save=False, should_training_stop=False)
+        stop.on_step_end(args, None, control)
+        assert votes == [False] and not control.should_training_stop  # this step's vote was cast before
+        stop.on_step_end(args, None, control)
+        assert votes == [False, True] and control.should_save and control.should_training_stop
+        with pytest.raises(SystemExit) as leaving:
+            stop.exit_if_signalled()
+        assert leaving.value.code == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
