@@ -200,7 +200,9 @@ class QuantizeSection(Section):
         description="eval rows each variant is scored on; null: all of "
         "them, the rows evaluate scored, so the gate compares like with like",
     )
-    max_accuracy_drop: float = Field(0.02, ge=0, description="largest accuracy loss a recommended variant may have")
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, description="largest accuracy loss (1 point) a recommended variant may have against the merge"
+    )
     max_perplexity_increase: float = Field(0.10, ge=0, description="largest relative perplexity rise, 0.10 = +10%")
 
 

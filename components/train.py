@@ -94,6 +94,13 @@ def load_model(cfg: TrainSection, base_dir: Path):
         base_dir, quantization_config=quant, device_map=device_map, dtype=getattr(torch, cfg.compute_dtype)
     )
     if quant is not None:
+        # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 kernel at the first forward in eval mode
+        # without grad (validation), and never back: later training steps then run that kernel, which has no
+        # autograd, so gradients stop flowing through every base matmul (silently; torch only warns). It also
+        # rounds the scales to bfloat16, away from the codes the merge reconstructs. Training keeps the plain path.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.gradient_checkpointing,

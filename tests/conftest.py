@@ -183,6 +183,63 @@ def tiny_adapter(tiny_base, demo_prepared, tmp_path_factory) -> Path:
     return out
 
 
+# --- a tiny model that learns the demo's text -> label mapping (label tasks, unit and integration) ---
+LABEL_TARGET = 0.9
+
+
+def learner(checkpoint_root, **kw):
+    """16-bit LoRA: NF4 rounding of a 64-wide random model leaves it too little signal to learn the mapping."""
+    settings = dict(
+        batch_size=8,
+        learning_rate=3e-3,
+        lora_r=32,
+        lora_alpha=64,
+        lora_dropout=0.0,
+        method="lora",
+        quantization="none",
+        compute_dtype="float32",
+        checkpoint_every=1000,
+        checkpoint_root=str(checkpoint_root),
+    )
+    from components.config import TrainSection
+
+    return TrainSection(**{**settings, **kw})
+
+
+@pytest.fixture(scope="session")
+def mapping_base(llmops_cache, tmp_path_factory):
+    """A tiny Llama initialised with larger weights: with the default 0.02 its tied output embedding
+    cannot make any logit stand out, so no adapter could make it answer confidently."""
+    from components import base_model
+    from components.config import ModelSection
+
+    source = build_tiny_llama(tmp_path_factory.mktemp("mapping-src"), initializer_range=0.2)
+    out = tmp_path_factory.mktemp("mapping-base") / "model"
+    base_model.resolve(ModelSection(base_model=str(source)), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def with_validation(mapping_base, tmp_path_factory):
+    """The demo intents (a known text → label mapping) with 40 rows held out of train for validation."""
+    from components import prepare_data
+    from components.config import DataSection
+
+    out = tmp_path_factory.mktemp("demo-val")
+    prepare_data.run(DataSection(val_examples=40), mapping_base, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def early_stopped(mapping_base, with_validation, tmp_path_factory):
+    """Trained on the mapping until validation reaches LABEL_TARGET: a model that answers with labels."""
+    from components import train
+
+    out = tmp_path_factory.mktemp("early")
+    cfg = learner(out / "ck", max_steps=600, eval_every=25, target_accuracy=LABEL_TARGET)
+    return cfg, train.run(cfg, mapping_base, with_validation, out / "adapter"), out
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real mlflow server on loopback with a SQLite store; stopped at the end of the session."""

@@ -10,7 +10,13 @@ constrained to the labels:
 - the merge into the 16-bit base, and the merge into the dequantized NF4 base, each stored as float16;
 - each merge loaded the way TGI loads it under `--quantize bitsandbytes` (int8) and `bitsandbytes-nf4`.
 
-Agreement is the share of rows where a condition picks the same label as the trained model.
+Agreement is the share of rows where a condition picks the same label as the trained model. With
+LLMOPS_MERGE_FROM=dir (a directory holding `data/` and `adapter/`, as the time-to-quality benchmark leaves
+in the benchmark work directory) the adapter that benchmark trained is measured instead of a new one.
+
+The prompt contract is checked on the same rows: each row's bare user message, rendered through the
+merged model's own chat template (no system prompt, no prefix), must give the token ids training saw.
+Identical ids mean identical answers, so accuracy on a bare message equals accuracy with the system prompt.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ HELD_OUT = int(os.environ.get("LLMOPS_MERGE_ROWS", "300"))
 
 def trained_adapter(work: Path) -> tuple[Path, Path]:
     from components import prepare_data, train
+
+    if os.environ.get("LLMOPS_MERGE_FROM"):
+        reused = Path(os.environ["LLMOPS_MERGE_FROM"])
+        return reused / "data", reused / "adapter"
     from pipelines.config import load_config
 
     cfg = load_config(
@@ -48,13 +58,13 @@ def trained_adapter(work: Path) -> tuple[Path, Path]:
     return work / "data", work / "adapter"
 
 
-def conditions(base: Path, adapter: Path, work: Path) -> dict:
+def conditions(base: Path, adapter: Path, work: Path, contract: dict | None) -> dict:
     """Name -> a function that loads that model."""
     from components import merge
     from components.inference import bnb_config, load_model
 
     for kind in ("16bit", "dequantized-nf4"):
-        merge.merge_adapter(base, adapter, work / kind, "float16", base=kind)
+        merge.merge_adapter(base, adapter, work / kind, "float16", contract=contract, base=kind)
     found = {
         "trained: NF4 base + adapter": lambda: merge.trained_condition(base, adapter, "float32"),
         "adapter on the 16-bit base": lambda: load_model(base, "float32", adapter_dir=adapter),
@@ -71,11 +81,30 @@ def conditions(base: Path, adapter: Path, work: Path) -> dict:
     return found
 
 
+def bare_messages_as_trained(merged: Path, rows: list[dict]) -> int:
+    """Rows whose bare user message renders, through the merged template, to the prompt training used."""
+    from components.inference import load_tokenizer
+
+    tok = load_tokenizer(merged)
+    same = 0
+    for row in rows:
+        message = row["prompt"].split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
+        )
+        same += (
+            tok(rendered, add_special_tokens=False)["input_ids"]
+            == tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        )
+    return same
+
+
 def measure() -> dict:
     import gc
 
-    from components.artifacts import PreparedData
+    from components.artifacts import PreparedData, TrainedAdapter
     from components.inference import LabelTrie, load_tokenizer, predict_labels
+    from components.prompt_contract import read_contract
     from components.scoring import accuracy
 
     evaluation.pin_threads()
@@ -90,7 +119,7 @@ def measure() -> dict:
         tok = load_tokenizer(evaluation.base_dir())
         trie = LabelTrie(tok, data.labels())
         results, reference = {}, None
-        for name, load in conditions(evaluation.base_dir(), adapter, work).items():
+        for name, load in conditions(evaluation.base_dir(), adapter, work, read_contract(data_dir)).items():
             model = load()
             predicted = predict_labels(model, tok, prompts, trie, 32, progress=name)
             reference = reference or predicted  # the trained condition comes first
@@ -100,7 +129,18 @@ def measure() -> dict:
             }
             del model
             gc.collect()
-        return {"results": results, "rows": len(rows), "steps": STEPS, "train_minutes": train_minutes}
+        trained = TrainedAdapter(adapter)
+        steps = trained.metrics()["steps"] if trained.metrics_file.exists() else STEPS
+        if os.environ.get("LLMOPS_MERGE_FROM") and trained.metrics_file.exists():
+            train_minutes = trained.metrics()["stage_seconds"] / 60  # the reused run's own training time
+        bare = bare_messages_as_trained(work / "dequantized-nf4", rows)
+        return {
+            "results": results,
+            "rows": len(rows),
+            "steps": steps,
+            "train_minutes": train_minutes,
+            "bare_same": bare,
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -117,6 +157,15 @@ def rows(result: dict) -> list[tuple[str, str, str, str]]:
             "",
         )
     ]
+    if "bare_same" in result:
+        out.append(
+            (
+                "bare user message through the merged chat template: rows rendered to the trained prompt's token ids",
+                f"{result['bare_same']} / {result['rows']}",
+                "all",
+                "accuracy identical" if result["bare_same"] == result["rows"] else "-",
+            )
+        )
     for name, r in result["results"].items():
         out.append(
             (

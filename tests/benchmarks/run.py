@@ -131,7 +131,7 @@ SECTIONS = [
     ),
     Section(
         "quality",
-        "time to quality: BANKING77 to 80% held-out accuracy on this machine (profile banking77)",
+        "time to quality: BANKING77 to 90% held-out accuracy in 45 minutes on this machine (profile banking77)",
         "against the target",
         time_to_quality,
         time_to_quality.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),

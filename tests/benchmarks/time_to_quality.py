@@ -1,15 +1,17 @@
-"""Benchmark: wall-clock from start to 80% label accuracy on a held-out slice of BANKING77 train.
+"""Benchmark: BANKING77 to 90% label accuracy on held-out rows within 45 minutes of train-stage wall time.
 
 Ours is the `banking77` profile, run the way `llmops run --profile banking77` runs its first stages:
 the data stage (no label list in the prompt, a 200-row validation slice held out of train), then the
-train stage, which validates every eval_every steps and stops at the target accuracy or after
-max_minutes. The clock starts before the data stage; the base-model conversion (cached, ~20 s cold)
-is not counted. After training, the adapter it hands on is scored on the eval split, which neither
-training nor early stopping saw.
+train stage, which validates every eval_every steps, keeps the best adapter, and stops at its target or
+after max_minutes; its cosine schedule is sized to end inside that budget. The clock starts before the
+data stage; the base-model conversion (cached, ~20 s cold) is not counted. The adapter the stage hands
+on is then scored on the eval split (LLMOPS_TTQ_EVAL rows, default 500), which neither training nor
+early stopping saw. The curve goes to MLflow as a metric series (MLFLOW_TRACKING_URI, else a sqlite
+store beside the benchmark's models), timestamped so the UI's relative-time axis reads minutes.
 
 The recipe (all 77 labels in every prompt, dataset padded to its longest row, plain collator) cannot be
-run to 80% here: one epoch is ~15 hours on this machine. It is measured for a few steps, and its time
-to 80% is estimated as the examples ours needed divided by the recipe's measured examples per second
+run to the target here: one epoch is ~15 hours on this machine. It is measured for a few steps, and its
+time is estimated as the examples ours trained on divided by the recipe's measured examples per second
 (its first steps, warm-up included): what a recipe that learned as fast per example as ours would need.
 `LLMOPS_TTQ_RESULT=path/to/result.json` renders the rows again from a finished run's saved result.
 """
@@ -19,15 +21,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from tests.benchmarks import evaluation, training
 
-TARGET_MINUTES = 60
+TARGET_MINUTES, TARGET_ACCURACY = 45, 0.90
 RECIPE_STEPS, RECIPE_BATCH = int(os.environ.get("LLMOPS_TTQ_RECIPE_STEPS", "2")), 8
-EVAL_EXAMPLES = int(os.environ.get("LLMOPS_TTQ_EVAL", "300"))
+EVAL_EXAMPLES = int(os.environ.get("LLMOPS_TTQ_EVAL", "500"))
 
 
 def ours(work: Path) -> dict:
@@ -83,76 +84,104 @@ def measure() -> dict:
     if os.environ.get("LLMOPS_TTQ_RESULT"):
         from pipelines.config import load_config
 
-        saved = json.loads(Path(os.environ["LLMOPS_TTQ_RESULT"]).read_text())
+        path = Path(os.environ["LLMOPS_TTQ_RESULT"])
+        saved = json.loads(path.read_text())
+        if "mlflow" not in saved:  # a result saved before its curve was logged
+            saved["mlflow"] = log_curve(saved)
+            path.write_text(json.dumps(saved, indent=1, default=str))
         return {**saved, "cfg": load_config("banking77", [f"data.path={evaluation.BANKING77}"])}
-    work = Path(tempfile.mkdtemp(prefix="bench-ttq-"))
+    work = evaluation.WORK / "time_to_quality"  # kept: the merge benchmark can reuse its adapter
+    shutil.rmtree(work, ignore_errors=True)
     result = ours(work)
     result["held_out"] = held_out_accuracy(work, result["cfg"])
     result["recipe"] = recipe()
     saved = {k: v for k, v in result.items() if k != "cfg"}
+    saved["mlflow"] = result["mlflow"] = log_curve(saved)
     kept = evaluation.WORK / "time_to_quality.json"  # kept for LLMOPS_TTQ_RESULT, and if rows() fails
     kept.write_text(json.dumps(saved, indent=1, default=str))
-    shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def log_curve(result: dict) -> str:
+    """The validation curve as an MLflow metric series, with the held-out score and the recipe's estimate."""
+    import mlflow
+
+    from pipelines.config import load_config
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{evaluation.WORK / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(os.environ.get("LLMOPS_BENCH_EXPERIMENT", "llmops-bench"))
+    cfg = load_config("banking77", [f"data.path={evaluation.BANKING77}"])
+    started_ms = int(time.time() * 1000) - int(1000 * (result["prep_seconds"] + result["curve"][-1]["seconds"]))
+    with mlflow.start_run(run_name="time-to-quality") as run:
+        mlflow.log_params({f"train.{k}": v for k, v in cfg.train.model_dump().items()})
+        for point in result["curve"]:  # step = optimizer step; the timestamp puts it at its wall-clock minute
+            at = started_ms + int(1000 * (result["prep_seconds"] + point["seconds"]))
+            mlflow.log_metric("validation_accuracy", point["accuracy"], step=point["step"], timestamp=at)
+            mlflow.log_metric(
+                "validation_minute", (result["prep_seconds"] + point["seconds"]) / 60, step=point["step"], timestamp=at
+            )
+        mlflow.log_metrics(
+            {
+                "held_out_label_accuracy": result["held_out"]["label_accuracy"],
+                "held_out_exact_match": result["held_out"]["exact_match"],
+                "train_stage_minutes": result["train"]["stage_seconds"] / 60,
+                "recipe_examples_per_s": result["recipe"]["examples_per_s"],
+            }
+        )
+        return f"{uri} run {run.info.run_id}"
 
 
 def rows(result: dict) -> list[tuple[str, str, str, str]]:
     cfg, train, curve, rec = result["cfg"], result["train"], result["curve"], result["recipe"]
-    target = cfg.train.target_accuracy
-    prep = result["prep_seconds"]
-    hit = next((p for p in curve if p["accuracy"] >= target), None)
-    minutes = (prep + hit["seconds"]) / 60 if hit else None
-    examples_needed = (hit["step"] if hit else train["steps"]) * cfg.train.batch_size
-    recipe_minutes = examples_needed / rec["examples_per_s"] / 60
-    within = [p for p in curve if (prep + p["seconds"]) / 60 <= TARGET_MINUTES]
+    prep, held = result["prep_seconds"], result["held_out"]
+    best = max(curve, key=lambda p: p["accuracy"])  # the adapter the stage hands on
+    stage_minutes = train["stage_seconds"] / 60
+    examples = train["steps"] * cfg.train.batch_size
+    recipe_minutes = examples / rec["examples_per_s"] / 60
+    ours_rate = examples / curve[-1]["seconds"]
     ours_tokens = result["stats"]["total_tokens"]["mean"]
     return [
         (
             "setup",
-            f"SmolLM2-135M QLoRA, profile banking77: {cfg.data.val_examples} validation rows, validated every "
-            f"{cfg.train.eval_every} steps of batch {cfg.train.batch_size}, lr {cfg.train.learning_rate} "
-            f"{cfg.train.lr_scheduler}, compute {train['compute_dtype']}, gradient checkpointing "
-            f"{train['gradient_checkpointing']}, {os.cpu_count()} cores",
+            f"SmolLM2-135M QLoRA, profile banking77: {train['steps']} steps of batch {cfg.train.batch_size} "
+            f"(schedule {cfg.train.max_steps}), lr {cfg.train.learning_rate} {cfg.train.lr_scheduler}, LoRA r "
+            f"{cfg.train.lora_r} on {cfg.train.target_modules}; {cfg.data.val_examples} validation rows every "
+            f"{cfg.train.eval_every} steps; compute {train['compute_dtype']}, {os.cpu_count()} cores",
             "",
             "",
         ),
         (
-            f"ours: minutes from start to {target:.0%} validation accuracy",
-            f"{minutes:.1f}" if minutes else f"not reached in {(prep + curve[-1]['seconds']) / 60:.1f}",
-            f"< {TARGET_MINUTES}",
-            f"{TARGET_MINUTES / minutes:.2f}x" if minutes else "-",
-        ),
-        (
-            (
-                f"recipe: minutes to {target:.0%}, estimated"
-                if hit
-                else "recipe: minutes to train on as many examples as ours did, estimated"
-            )
-            + f" ({examples_needed} examples at its measured {rec['examples_per_s']:.3f} "
-            "examples/s)",
-            f"~{recipe_minutes:.0f}",
-            "",
-            f"~{recipe_minutes / minutes:.0f}x slower" if minutes else "-",
-        ),
-        (
-            f"best validation accuracy within {TARGET_MINUTES} minutes"
-            + (f" (the run stops once it reaches {target:.0%})" if hit else ""),
-            f"{max(p['accuracy'] for p in within):.3f}" if within else "-",
-            "",
-            "",
-        ),
-        ("validation accuracy of the base model (step 0)", f"{curve[0]['accuracy']:.3f}", "", ""),
-        (
-            f"held-out eval split ({result['held_out']['n']} rows): label accuracy, constrained decoding",
-            f"{result['held_out']['label_accuracy']:.3f}",
-            "",
-            "",
+            f"held-out eval split ({held['n']} rows): label accuracy of the handed-on adapter, constrained decoding",
+            f"{held['label_accuracy']:.3f}",
+            f"≥ {TARGET_ACCURACY:.2f}",
+            f"{held['label_accuracy'] - TARGET_ACCURACY:+.3f}",
         ),
         (
             "held-out eval split: exact match of free generation / share of free answers not a label",
-            f"{result['held_out']['exact_match']:.3f} / {result['held_out']['invalid_rate']:.3f}",
+            f"{held['exact_match']:.3f} / {held['invalid_rate']:.3f}",
             "",
             "",
+        ),
+        (
+            "train-stage wall time, minutes (data stage before it: "
+            f"{prep / 60:.1f}; the handed-on adapter was validated at minute {best['seconds'] / 60:.1f})",
+            f"{stage_minutes:.1f}",
+            f"≤ {TARGET_MINUTES}",
+            f"{TARGET_MINUTES / stage_minutes:.2f}x",
+        ),
+        (
+            f"best validation accuracy (step {best['step']}) / at step 0 (the base model)",
+            f"{best['accuracy']:.3f} / {curve[0]['accuracy']:.3f}",
+            "",
+            "",
+        ),
+        (
+            f"recipe: minutes to train on as many examples ({examples}) at its measured "
+            f"{rec['examples_per_s']:.3f} examples/s, estimated",
+            f"~{recipe_minutes:.0f}",
+            "",
+            f"~{recipe_minutes / stage_minutes:.0f}x slower",
         ),
         (
             "tokens per example, ours / recipe (mean, prompt + answer)",
@@ -162,14 +191,15 @@ def rows(result: dict) -> list[tuple[str, str, str, str]]:
         ),
         (
             "training examples per second, ours (validation time included) / recipe",
-            f"{examples_needed / (hit or curve[-1])['seconds']:.2f} / {rec['examples_per_s']:.3f}",
+            f"{ours_rate:.2f} / {rec['examples_per_s']:.3f}",
             "",
-            f"{examples_needed / (hit or curve[-1])['seconds'] / rec['examples_per_s']:.1f}x",
+            f"{ours_rate / rec['examples_per_s']:.1f}x",
         ),
         (
-            "curve (minutes: accuracy)",
+            "curve (minutes since start: validation accuracy)",
             ", ".join(f"{(prep + p['seconds']) / 60:.0f}: {p['accuracy']:.2f}" for p in curve),
             "",
             "",
         ),
+        ("curve in MLflow", result.get("mlflow", "-"), "", ""),
     ]

@@ -204,3 +204,51 @@ def test_labels_with_any_characters_pass_evaluate_and_register(mlflow_server, ti
     assert f1["eval.tuned.f1.reverted_card_payment_"] == report["tuned"]["per_class"]["reverted_card_payment?"]["f1"]
     version = client.get_model_version("awkward-labels", result["version"])
     assert version.tags["prompt.labels"] == str(len(AWKWARD))
+
+
+LABELS_SHARE = 0.9  # measured below; see the test
+
+
+def test_a_registered_label_version_answers_a_bare_message_with_a_label(
+    mlflow_server, mapping_base, with_validation, early_stopped, tmp_path
+):
+    """What an application sends: the customer's message alone, with no system prompt and no label list.
+    The registered version frames it as training did and answers with one of its labels."""
+    from mlflow import MlflowClient
+
+    from components import evaluate, merge, quantize
+    from components.config import EvalSection, MergeSection, QuantizeSection
+    from components.jsonl import read_jsonl
+    from components.prompt_contract import read_contract
+    from serving.resolve import resolve_model
+    from serving.server import create_app
+    from tests.conftest import Live
+
+    adapter = early_stopped[2] / "adapter"
+    outputs = {"base": mapping_base, "data": with_validation, "train": adapter}
+    outputs["eval"], outputs["merged"], outputs["quantize"] = tmp_path / "eval", tmp_path / "merged", tmp_path / "q"
+    evaluate.run(EvalSection(batch_size=8), mapping_base, adapter, with_validation, outputs["eval"])
+    merge.run(MergeSection(parity_prompts=8), mapping_base, adapter, with_validation, outputs["merged"])
+    quantize.run(QuantizeSection(variants=[]), outputs["merged"] / "model", with_validation, outputs["quantize"])
+    result = register.run(RegisterSection(model_name="tiny-labels"), outputs, "pipeline-labels")
+    MlflowClient().set_registered_model_alias("tiny-labels", "champion", result["version"])
+
+    served = resolve_model("models:/tiny-labels@champion").path
+    labels = read_contract(served)["labels"]
+    rows = read_jsonl(with_validation / "eval.jsonl")
+    with Live(create_app(str(served), max_total_tokens=512)) as live:
+        bare, framed = [], []
+        for row in rows:
+            message = row["prompt"].split("Message: ")[1].split("<|im_end|>")[0]  # the text the user typed
+            assert message and "Classify" not in message
+            reply = live.post(
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": message}], "max_tokens": 12, "temperature": 0},
+            )
+            bare.append(reply.json()["choices"][0]["message"]["content"])
+            as_trained = live.post("/generate", {"inputs": row["prompt"], "parameters": {"max_new_tokens": 12}})
+            framed.append(as_trained.json()["generated_text"])
+    assert bare == framed  # the bare message reached the model as the prompt it was trained on
+    assert sum(answer in labels for answer in bare) / len(rows) >= LABELS_SHARE, bare
+    exact = sum(answer == row["answer"] for answer, row in zip(bare, rows)) / len(rows)
+    assert exact == pytest.approx(result["eval.tuned.exact_match"], abs=1e-9), "the endpoint scores as evaluate did"

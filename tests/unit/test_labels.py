@@ -8,60 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from components import inference, scoring, train
-from components.config import DataSection, EvalSection, TrainSection
+from components.config import EvalSection
 from components.jsonl import read_jsonl
 from components.util import read_json
+from tests.conftest import LABEL_TARGET, learner
 
 pytestmark = pytest.mark.unit
-TARGET = 0.9
-
-
-def learner(checkpoint_root, **kw) -> TrainSection:
-    """16-bit LoRA: NF4 rounding of a 64-wide random model leaves it too little signal to learn the mapping."""
-    settings = dict(
-        batch_size=8,
-        learning_rate=3e-3,
-        lora_r=32,
-        lora_alpha=64,
-        lora_dropout=0.0,
-        method="lora",
-        quantization="none",
-        compute_dtype="float32",
-        checkpoint_every=1000,
-        checkpoint_root=str(checkpoint_root),
-    )
-    return TrainSection(**{**settings, **kw})
-
-
-@pytest.fixture(scope="module")
-def mapping_base(llmops_cache, tmp_path_factory):
-    """A tiny Llama initialised with larger weights: with the default 0.02 its tied output embedding
-    cannot make any logit stand out, so no adapter could make it answer confidently."""
-    from components import base_model
-    from components.config import ModelSection
-    from tests.conftest import build_tiny_llama
-
-    source = build_tiny_llama(tmp_path_factory.mktemp("mapping-src"), initializer_range=0.2)
-    out = tmp_path_factory.mktemp("mapping-base") / "model"
-    base_model.resolve(ModelSection(base_model=str(source)), out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def with_validation(mapping_base, tmp_path_factory):
-    """The demo intents (a known text → label mapping) with 40 rows held out of train for validation."""
-    from components import prepare_data
-
-    out = tmp_path_factory.mktemp("demo-val")
-    prepare_data.run(DataSection(val_examples=40), mapping_base, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def early_stopped(mapping_base, with_validation, tmp_path_factory):
-    out = tmp_path_factory.mktemp("early")
-    cfg = learner(out / "ck", max_steps=600, eval_every=25, target_accuracy=TARGET)
-    return cfg, train.run(cfg, mapping_base, with_validation, out / "adapter"), out
 
 
 def test_the_trie_admits_exactly_the_labels_followed_by_eos(tiny_base):
@@ -111,8 +63,8 @@ def test_constrained_scoring_of_a_trained_model(mapping_base, with_validation, e
 def test_validation_stops_at_the_target_and_keeps_the_best_adapter(early_stopped):
     cfg, metrics, out = early_stopped
     curve = json.loads((out / "adapter" / "validation_curve.json").read_text())
-    assert curve[0]["step"] == 0 and curve[0]["accuracy"] < TARGET  # the base model starts the curve
-    assert curve[-1]["accuracy"] >= TARGET > max(p["accuracy"] for p in curve[:-1])  # stopped at the first hit
+    assert curve[0]["step"] == 0 and curve[0]["accuracy"] < LABEL_TARGET  # the base model starts the curve
+    assert curve[-1]["accuracy"] >= LABEL_TARGET > max(p["accuracy"] for p in curve[:-1])  # stopped at the first hit
     assert metrics["steps"] == curve[-1]["step"] < cfg.max_steps and metrics["steps"] % cfg.eval_every == 0
     assert metrics["val_best_accuracy"] == curve[-1]["accuracy"] and metrics["val_seconds_to_target"] > 0
     root = next((out / "ck").iterdir())

@@ -165,3 +165,36 @@ def test_a_sigterm_during_the_ranks_vote_stops_training_at_the_next_step(monkeyp
         assert leaving.value.code == 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.unit
+def test_validation_in_eval_mode_leaves_the_training_gradients_intact(tiny_base, demo_prepared):
+    """Validation runs the QLoRA model in eval mode without grad; the next training step must compute the
+    same gradients as a model that never validated (bitsandbytes' CPU inference repacking cut them)."""
+    from transformers import AutoTokenizer
+
+    cfg = TrainSection(lora_r=4, lora_alpha=8, lora_dropout=0.0, compute_dtype="bfloat16", gradient_checkpointing=False)
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    rows = list(answer_batches.tokenize(read_jsonl(demo_prepared / "train.jsonl")[:4], tok))
+    batch = answer_batches.AnswerBatches(AutoTokenizer.from_pretrained(tiny_base))([dict(r) for r in rows])
+    labels = batch.pop("labels")
+
+    def grads_after(validate: bool) -> dict:
+        torch.manual_seed(0)
+        model = train.load_model(cfg, tiny_base)
+        for name, p in model.named_parameters():  # non-zero B: gradients reach A and the layers below
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+        if validate:
+            model.eval()
+            with torch.no_grad():
+                model(**batch)
+        model.train()
+        answer_batches.answer_loss(model(**batch), labels).backward()
+        return {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh, validated = grads_after(False), grads_after(True)
+    first = next(n for n in fresh if "layers.0." in n and "lora_A" in n)  # the farthest from the loss
+    assert fresh[first].abs().sum() > 0
+    for name, grad in fresh.items():
+        torch.testing.assert_close(validated[name], grad, rtol=1e-3, atol=1e-6, msg=name)
