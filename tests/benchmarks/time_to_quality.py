@@ -86,32 +86,30 @@ def measure() -> dict:
 
         path = Path(os.environ["LLMOPS_TTQ_RESULT"])
         saved = json.loads(path.read_text())
+        cfg = load_config("banking77", [f"data.path={evaluation.BANKING77}"])
         if "mlflow" not in saved:  # a result saved before its curve was logged
-            saved["mlflow"] = log_curve(saved)
+            saved["mlflow"] = log_curve(saved, cfg)
             path.write_text(json.dumps(saved, indent=1, default=str))
-        return {**saved, "cfg": load_config("banking77", [f"data.path={evaluation.BANKING77}"])}
+        return {**saved, "cfg": cfg}
     work = evaluation.WORK / "time_to_quality"  # kept: the merge benchmark can reuse its adapter
     shutil.rmtree(work, ignore_errors=True)
     result = ours(work)
     result["held_out"] = held_out_accuracy(work, result["cfg"])
     result["recipe"] = recipe()
     saved = {k: v for k, v in result.items() if k != "cfg"}
-    saved["mlflow"] = result["mlflow"] = log_curve(saved)
+    saved["mlflow"] = result["mlflow"] = log_curve(saved, result["cfg"])
     kept = evaluation.WORK / "time_to_quality.json"  # kept for LLMOPS_TTQ_RESULT, and if rows() fails
     kept.write_text(json.dumps(saved, indent=1, default=str))
     return result
 
 
-def log_curve(result: dict) -> str:
+def log_curve(result: dict, cfg) -> str:
     """The validation curve as an MLflow metric series, with the held-out score and the recipe's estimate."""
     import mlflow
-
-    from pipelines.config import load_config
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{evaluation.WORK / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(os.environ.get("LLMOPS_BENCH_EXPERIMENT", "llmops-bench"))
-    cfg = load_config("banking77", [f"data.path={evaluation.BANKING77}"])
     started_ms = int(time.time() * 1000) - int(1000 * (result["prep_seconds"] + result["curve"][-1]["seconds"]))
     with mlflow.start_run(run_name="time-to-quality") as run:
         mlflow.log_params({f"train.{k}": v for k, v in cfg.train.model_dump().items()})

@@ -24,23 +24,27 @@ def registered_here(mlflow_server):
                 client.delete_registered_model(model.name)
 
 
-@pytest.fixture(scope="module")
-def stage_outputs(tiny_base, demo_prepared, tiny_adapter, tmp_path_factory):
+def run_stages(base: Path, data: Path, adapter: Path, root: Path, variants: list[str]) -> dict:
+    """evaluate, merge and quantize on a trained adapter: the stage outputs register reads."""
     from components import evaluate, merge, quantize
     from components.config import EvalSection, MergeSection, QuantizeSection
 
-    root = tmp_path_factory.mktemp("stages")
-    evaluate.run(EvalSection(batch_size=8), tiny_base, tiny_adapter, demo_prepared, root / "eval")
-    merge.run(MergeSection(parity_prompts=8), tiny_base, tiny_adapter, demo_prepared, root / "merged")
-    quantize.run(QuantizeSection(variants=["nf4"]), root / "merged" / "model", demo_prepared, root / "quant")
+    evaluate.run(EvalSection(batch_size=8), base, adapter, data, root / "eval")
+    merge.run(MergeSection(parity_prompts=8), base, adapter, data, root / "merged")
+    quantize.run(QuantizeSection(variants=variants), root / "merged" / "model", data, root / "quant")
     return {
-        "base": tiny_base,
-        "data": demo_prepared,
-        "train": tiny_adapter,
+        "base": base,
+        "data": data,
+        "train": adapter,
         "eval": root / "eval",
         "merged": root / "merged",
         "quantize": root / "quant",
     }
+
+
+@pytest.fixture(scope="module")
+def stage_outputs(tiny_base, demo_prepared, tiny_adapter, tmp_path_factory):
+    return run_stages(tiny_base, demo_prepared, tiny_adapter, tmp_path_factory.mktemp("stages"), ["nf4"])
 
 
 def test_version_is_an_mlflow_model_with_lineage_metrics_params_and_data(mlflow_server, stage_outputs, tmp_path):
@@ -217,20 +221,13 @@ def test_a_registered_label_version_answers_a_bare_message_with_a_label(
     The registered version frames it as training did and answers with one of its labels."""
     from mlflow import MlflowClient
 
-    from components import evaluate, merge, quantize
-    from components.config import EvalSection, MergeSection, QuantizeSection
     from components.jsonl import read_jsonl
     from components.prompt_contract import read_contract
     from serving.resolve import resolve_model
     from serving.server import create_app
     from tests.conftest import Live
 
-    adapter = early_stopped[2] / "adapter"
-    outputs = {"base": mapping_base, "data": with_validation, "train": adapter}
-    outputs["eval"], outputs["merged"], outputs["quantize"] = tmp_path / "eval", tmp_path / "merged", tmp_path / "q"
-    evaluate.run(EvalSection(batch_size=8), mapping_base, adapter, with_validation, outputs["eval"])
-    merge.run(MergeSection(parity_prompts=8), mapping_base, adapter, with_validation, outputs["merged"])
-    quantize.run(QuantizeSection(variants=[]), outputs["merged"] / "model", with_validation, outputs["quantize"])
+    outputs = run_stages(mapping_base, with_validation, early_stopped[2] / "adapter", tmp_path, variants=[])
     result = register.run(RegisterSection(model_name="tiny-labels"), outputs, "pipeline-labels")
     MlflowClient().set_registered_model_alias("tiny-labels", "champion", result["version"])
 
