@@ -32,10 +32,14 @@ def serve(
     max_input_tokens: Optional[int] = None,
     max_total_tokens: Optional[int] = None,
     max_concurrent_requests: int = 128,
-    max_batch_size: int = 8,
+    max_batch_size: Annotated[int, typer.Option(help="rows decoded together; new requests join between steps")] = 16,
     dtype: Annotated[
-        str, typer.Option(help="float32 keeps batched greedy outputs identical to single ones")
-    ] = "float32",
+        str, typer.Option(help="auto: bfloat16 checkpoints in bfloat16 where the CPU has native bfloat16, else float32")
+    ] = "auto",
+    threads: Annotated[int, typer.Option(help="torch intra-op threads of the decode loop")] = 1,
+    payload_limit: Annotated[
+        int, typer.Option(help="largest request body in bytes (TGI's --payload-limit)")
+    ] = 2_000_000,
 ):
     """Serve a model over TGI's HTTP protocol (the local stand-in for TGI on Kubernetes)."""
     from components.weights_manifest import VerificationError
@@ -63,6 +67,8 @@ def serve(
         max_concurrent_requests=max_concurrent_requests,
         max_batch_size=max_batch_size,
         dtype=dtype,
+        threads=threads,
+        max_body_bytes=payload_limit,
     )
 
 

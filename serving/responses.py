@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from serving.engine import Generated, Step
+from serving.decoding import Generated, Step
 from serving.schemas import ApiError, GenerateParameters
 
 

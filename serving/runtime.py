@@ -1,6 +1,7 @@
-"""What the server's routes share: the engine, its batcher, the limits and TGI's Prometheus metrics.
+"""What the server's routes share: the engine, its scheduler, the limits and TGI's Prometheus metrics.
 
-`Runtime` turns a request into validated jobs and hands their steps back to the routes in `serving.server`.
+`Runtime` turns a request into validated jobs and hands their steps back to the routes in `serving.server`. Every
+request, `/tokenize` included, holds one of `max_concurrent_requests` slots until it ends or its client leaves.
 """
 
 from __future__ import annotations
@@ -8,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from typing import AsyncIterator
+from contextlib import contextmanager
+from typing import AsyncIterator, Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from serving import schemas
-from serving.batcher import Batcher
-from serving.engine import Engine, Job, Step
+from serving.decoding import Job, Step
+from serving.engine import Engine
+from serving.scheduler import Scheduler
 from serving.schemas import ApiError, ChatRequest, GenerateParameters, invalid
 
 TGI_VERSION = "3.3.6-dev0"  # the protocol version of the spec this server follows
@@ -24,7 +27,7 @@ TGI_VERSION = "3.3.6-dev0"  # the protocol version of the spec this server follo
 class Metrics:
     """TGI's metric names, in a registry of the app's own so several apps can live in one process."""
 
-    def __init__(self, batcher: Batcher, max_total_tokens: int):
+    def __init__(self, scheduler: Scheduler, max_total_tokens: int):
         self.registry = r = CollectorRegistry()
         token_buckets = [2**i for i in range(max_total_tokens.bit_length() + 1)]
         self.requests = Counter("tgi_request_count", "Total number of requests", registry=r)
@@ -37,25 +40,31 @@ class Metrics:
         self.input_length = Histogram(
             "tgi_request_input_length", "Input token length per request", buckets=token_buckets, registry=r
         )
-        Gauge("tgi_queue_size", "Current queue size", registry=r).set_function(batcher.queued)
-        Gauge("tgi_batch_current_size", "Current batch size", registry=r).set_function(lambda: len(batcher.running))
+        Gauge("tgi_queue_size", "Current queue size", registry=r).set_function(scheduler.queued)
+        Gauge("tgi_batch_current_size", "Current batch size", registry=r).set_function(scheduler.running)
 
 
 class Runtime:
-    """What the routes share: engine, batcher, limits, metrics; turns a request into validated jobs and steps."""
+    """What the routes share: engine, scheduler, limits, metrics; turns a request into validated jobs and steps."""
 
-    def __init__(self, engine: Engine, info: dict, *, max_batch_size: int, batch_wait_ms: float, threads: int):
+    def __init__(self, engine: Engine, info: dict, *, max_batch_size: int, threads: int):
         self.engine, self.info, self.in_flight = engine, info, 0
-        self.batcher = Batcher(
-            engine,
-            max_batch_size=max_batch_size,
-            capacity=info["max_concurrent_requests"],
-            wait_s=batch_wait_ms / 1000,
-            threads=threads,
-        )
-        self.metrics = Metrics(self.batcher, info["max_total_tokens"])
+        self.scheduler = Scheduler(engine, max_batch_size=max_batch_size, threads=threads)
+        self.metrics = Metrics(self.scheduler, info["max_total_tokens"])
         self.fingerprint = f"{TGI_VERSION}-{info['docker_label']}"
-        self.worker: asyncio.Task | None = None
+
+    @contextmanager
+    def slot(self):
+        """One of the `max_concurrent_requests` slots, or TGI's 429; freed however the request ends."""
+        self.metrics.requests.inc()
+        if self.in_flight >= self.info["max_concurrent_requests"]:
+            self.metrics.failure.labels("overloaded").inc()
+            raise ApiError(429, "Model is overloaded", "overloaded")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     def encode(self, text: str, special: bool, *, offsets: bool = False) -> dict:
         try:
@@ -64,8 +73,17 @@ class Runtime:
             raise invalid(f"tokenizer error {err}") from err
 
     def tokens(self, text: str, special: bool) -> list[dict]:
-        """TGI's /tokenize answer, whose offsets count UTF-8 bytes where Python's tokenizers count characters."""
+        """TGI's /tokenize answer, whose offsets count UTF-8 bytes where Python's tokenizers count characters.
+
+        The input limit applies here as to generation, so tokenizing cannot be used to make the server do
+        unbounded work; the body cap bounds the text itself.
+        """
         encoding = self.encode(text, special, offsets=True)
+        if len(encoding["input_ids"]) > self.info["max_input_tokens"]:
+            raise invalid(
+                f"`inputs` must have less than {self.info['max_input_tokens']} tokens. "
+                f"Given: {len(encoding['input_ids'])}"
+            )
         byte_at = list(itertools.accumulate((len(char.encode()) for char in text), initial=0))
         return [
             {"id": i, "text": text[a:b], "start": byte_at[a], "stop": byte_at[b]}
@@ -96,7 +114,7 @@ class Runtime:
             raise ApiError(422, f"Template error: {err}", "template_error") from err
 
     def job(self, inputs: str, params: GenerateParameters, *, stream: bool, special: bool, emit) -> Job:
-        """TGI's validation, in its order, ending in a job the batcher can run."""
+        """TGI's validation, in its order, ending in a job the scheduler can run."""
         max_input, max_total = self.info["max_input_tokens"], self.info["max_total_tokens"]
         params.check(inputs, stream=stream, max_input_tokens=max_input)
         ids = self.encode(inputs, special)["input_ids"][-params.truncate if params.truncate else 0 :]
@@ -113,33 +131,29 @@ class Runtime:
     ) -> AsyncIterator[Step]:
         """The steps of one request; raises ApiError when overloaded, invalid, or when generation fails."""
         start, job = time.perf_counter(), None
-        self.metrics.requests.inc()
-        if self.in_flight >= self.info["max_concurrent_requests"]:
-            self.metrics.failure.labels("overloaded").inc()
-            raise ApiError(429, "Model is overloaded", "overloaded")
-        self.in_flight += 1
         out: asyncio.Queue[Step | Exception] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         try:
-            job = self.job(
-                inputs,
-                params,
-                stream=stream,
-                special=special,
-                emit=lambda item: loop.call_soon_threadsafe(out.put_nowait, item),
-            )
-            self.batcher.submit(job)
-            while not (step := await self._next(out)).end:
+            with self.slot():
+                job = self.job(
+                    inputs,
+                    params,
+                    stream=stream,
+                    special=special,
+                    emit=lambda item: loop.call_soon_threadsafe(out.put_nowait, item),
+                )
+                self.scheduler.submit(job)
+                while not (step := await self._next(out)).end:
+                    yield step
+                self.metrics.success.inc()
+                self.metrics.generated.observe(step.end.generated_tokens)
+                self.metrics.duration.observe(time.perf_counter() - start)
                 yield step
-            self.metrics.success.inc()
-            self.metrics.generated.observe(step.end.generated_tokens)
-            self.metrics.duration.observe(time.perf_counter() - start)
-            yield step
         except ApiError as err:
-            self.metrics.failure.labels(err.error_type).inc()
+            if err.error_type != "overloaded":  # counted where the slot was refused
+                self.metrics.failure.labels(err.error_type).inc()
             raise
         finally:
-            self.in_flight -= 1
             if job is not None:
                 job.cancelled = True  # a client that went away frees its row at the next step
 
@@ -150,5 +164,27 @@ class Runtime:
             raise ApiError(424, f"Request failed during generation: {item}", "generation")
         return item
 
-    async def complete(self, inputs: str, params: GenerateParameters, **kw) -> list[Step]:
-        return [step async for step in self.generate(inputs, params, **kw)]
+    async def complete(self, gone: Callable[[], Awaitable[None]], *runs: AsyncIterator[Step]) -> list[list[Step]]:
+        """Every step of each run (`generate` iterators), unless `gone` (awaiting the client's disconnect) returns
+        first: then the request is abandoned, its slots freed at once and its rows at the scheduler's next step."""
+        work = asyncio.ensure_future(asyncio.gather(*(self._collect(run) for run in runs)))
+        left = asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+            abandoned = not work.done()
+            if abandoned:
+                work.cancel()  # closes the generators: their slots are freed and their jobs marked cancelled
+                await asyncio.gather(work, return_exceptions=True)
+        if abandoned:
+            raise ClientGone()
+        return work.result()
+
+    @staticmethod
+    async def _collect(steps: AsyncIterator[Step]) -> list[Step]:
+        return [step async for step in steps]
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its answer was ready."""

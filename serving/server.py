@@ -7,20 +7,20 @@ SSE frames, finish reasons. Streaming routes answer 200 and report errors as an 
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-from contextlib import aclosing, asynccontextmanager
-from typing import AsyncIterator, Callable
+from contextlib import asynccontextmanager, contextmanager
+from typing import AsyncIterator
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from serving import responses
-from serving.engine import Engine, Step
-from serving.runtime import TGI_VERSION, Runtime
+from serving import responses, sse
+from serving.body_limit import BodyLimit
+from serving.engine import Engine
+from serving.runtime import TGI_VERSION, ClientGone, Runtime
 from serving.schemas import (
     MAX_CLIENT_BATCH_SIZE,
     MAX_STOP_SEQUENCES,
@@ -31,9 +31,6 @@ from serving.schemas import (
     GenerateRequest,
 )
 
-DONE = "data: [DONE]\n\n"  # OpenAI-style streams end so; clients need the space
-
-
 router = APIRouter()
 
 
@@ -41,30 +38,20 @@ def _rt(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+def _gone(request: Request):
+    """Awaits the client's disconnect: after the body, the next ASGI message is `http.disconnect`, sent when the
+    client leaves (or once the response is complete, by which time nobody awaits this any more)."""
 
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
-async def _events(
-    steps: AsyncIterator[Step], frames: Callable[[Step], list[dict]], error: Callable[[ApiError], dict], tail: str = ""
-) -> AsyncIterator[str]:
-    """An SSE body: the frames of each step; a failure becomes one last event, as TGI reports it in streams."""
-    try:
-        async with aclosing(steps):
-            async for step in steps:
-                for frame in frames(step):
-                    yield responses.sse(frame)
-    except ApiError as err:
-        yield responses.sse(error(err))
-    if tail:
-        yield tail
+    return disconnected
 
 
 def _generate_events(rt: Runtime, req: GenerateRequest) -> AsyncIterator[str]:
     index = itertools.count(1)
-    return _events(
+    return sse.events(
         rt.generate(req.inputs, req.parameters, stream=True),
         lambda step: [responses.stream_frame(next(index), step, req.inputs, req.parameters)],
         ApiError.body,
@@ -73,12 +60,14 @@ def _generate_events(rt: Runtime, req: GenerateRequest) -> AsyncIterator[str]:
 
 @router.post("/generate")
 async def generate(req: GenerateRequest, request: Request):
-    return responses.generated(req.inputs, req.parameters, await _rt(request).complete(req.inputs, req.parameters))
+    rt = _rt(request)
+    [steps] = await rt.complete(_gone(request), rt.generate(req.inputs, req.parameters))
+    return responses.generated(req.inputs, req.parameters, steps)
 
 
 @router.post("/generate_stream")
 async def generate_stream(req: GenerateRequest, request: Request):
-    return _sse(_generate_events(_rt(request), req))
+    return sse.response(_generate_events(_rt(request), req))
 
 
 @router.post("/")
@@ -86,7 +75,7 @@ async def compat_generate(req: CompatGenerateRequest, request: Request):
     if req.parameters.return_full_text is None:
         req.parameters.return_full_text = True  # TGI's default for a model without a hub pipeline tag
     if req.stream:
-        return _sse(_generate_events(_rt(request), req))
+        return sse.response(_generate_events(_rt(request), req))
     return [await generate(req, request)]
 
 
@@ -97,15 +86,15 @@ async def chat_completions(chat: ChatRequest, request: Request):
     head = rt.head(rt.info["model_id"] if chat.model in (None, "tgi") else chat.model)
     if chat.stream:
         usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        return _sse(
-            _events(
+        return sse.response(
+            sse.events(
                 rt.generate(inputs, params, stream=True, special=False),
                 lambda step: responses.chat_chunks(head, step, bool(chat.logprobs), usage),
                 responses.openai_error,
-                tail=DONE,
+                tail=sse.DONE,
             )
         )
-    steps = await rt.complete(inputs, params, special=False)
+    [steps] = await rt.complete(_gone(request), rt.generate(inputs, params, special=False))
     return responses.chat_completion(head, steps, bool(chat.logprobs))
 
 
@@ -125,10 +114,10 @@ async def completions(req: CompletionRequest, request: Request):
     params = req.parameters(adapter_id=rt.adapter_for(req.model))
     head = rt.head(rt.info["model_id"])
     if req.stream:
-        return _sse(
-            _merged(
+        return sse.response(
+            sse.merged(
                 [
-                    _events(
+                    sse.events(
                         rt.generate(prompt, params, stream=True),
                         lambda step, i=i: [responses.completion_chunk(head, i, step)],
                         responses.openai_error,
@@ -137,49 +126,34 @@ async def completions(req: CompletionRequest, request: Request):
                 ]
             )
         )
-    runs = await asyncio.gather(*(rt.complete(prompt, params) for prompt in prompts))
+    runs = await rt.complete(_gone(request), *(rt.generate(prompt, params) for prompt in prompts))
     return responses.completion(head, [steps[-1].end for steps in runs])
-
-
-async def _merged(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
-    """Interleave the prompts' streams as their events come, then close with [DONE], as TGI does."""
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
-
-    async def pump(stream: AsyncIterator[str]) -> None:
-        try:
-            async for event in stream:
-                await queue.put(event)
-        finally:
-            await queue.put(None)
-
-    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
-    try:
-        open_streams = len(tasks)
-        while open_streams:
-            if (event := await queue.get()) is None:
-                open_streams -= 1
-            else:
-                yield event
-        yield DONE
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 @router.post("/tokenize")
 async def tokenize(req: GenerateRequest, request: Request):
-    return _rt(request).tokens(req.inputs, special=True)
+    rt = _rt(request)
+    with rt.slot(), _as_not_found():
+        return rt.tokens(req.inputs, special=True)
 
 
 @router.post("/chat_tokenize")
 async def chat_tokenize(chat: ChatRequest, request: Request):
     rt = _rt(request)
-    rt.metrics.requests.inc()
-    try:
+    with rt.slot(), _as_not_found():
         inputs = rt.chat_prompt(chat)
-    except ApiError as err:  # the spec's status for a chat that cannot be tokenized (TGI itself answers 422)
+        return {"tokenize_response": rt.tokens(inputs, special=False), "templated_text": inputs}
+
+
+@contextmanager
+def _as_not_found():
+    """The spec's only error status for the tokenize routes is 404, with TGI's error body (TGI itself answers 422)."""
+    try:
+        yield
+    except ApiError as err:
+        if err.status != 422:
+            raise
         raise ApiError(404, err.message, err.error_type) from err
-    return {"tokenize_response": rt.tokens(inputs, special=False), "templated_text": inputs}
 
 
 @router.get("/info")
@@ -189,8 +163,7 @@ async def info(request: Request):
 
 @router.get("/health")
 async def health(request: Request):
-    worker = _rt(request).worker
-    if worker is None or worker.done():
+    if not _rt(request).scheduler.alive():
         return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
     return Response(status_code=200)
 
@@ -208,6 +181,10 @@ async def models(request: Request):
 
 async def _api_error(_: Request, err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
+
+
+async def _client_gone(_: Request, err: ClientGone) -> Response:
+    return Response(status_code=499)  # nobody reads it; access logs show nginx's "client closed request"
 
 
 def _location(error: dict) -> str:
@@ -232,17 +209,17 @@ def create_app(
     max_input_tokens: int | None = None,
     max_total_tokens: int | None = None,
     max_concurrent_requests: int = 128,
-    max_batch_size: int = 8,
+    max_batch_size: int = 16,
     adapters: dict[str, str] | None = None,
-    dtype: str = "float32",
-    batch_wait_ms: float = 5.0,
+    dtype: str = "auto",
     threads: int = 1,
+    max_body_bytes: int = 2_000_000,
 ) -> FastAPI:
-    """Load the model (and adapters) now and return the app; the batch worker starts with the app.
+    """Load the model (and adapters) now and return the app; the scheduler's thread starts with the app.
 
-    float32 keeps greedy outputs the same whether a request is batched or alone. bfloat16 decoded batches twice as
-    fast here, but its rounding depends on the batch's padded shape: with SmolLM2, 2 of 8 greedy answers changed
-    when served together.
+    `dtype="auto"` serves a bfloat16 checkpoint in bfloat16 where the CPU computes it natively (see
+    `serving.engine.compute_dtype`). In any dtype a greedy answer is the same alone or in a batch, because each row
+    attends only to its own columns (`serving.decode_batch`). `max_body_bytes` is TGI's `--payload-limit`.
     """
     engine = Engine(str(model_dir), dtype=dtype, adapters=adapters)
     positions = engine.config.max_position_embeddings
@@ -269,20 +246,21 @@ def create_app(
         "sha": None,
         "docker_label": "llmops",
     }
-    runtime = Runtime(engine, info, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, threads=threads)
+    runtime = Runtime(engine, info, max_batch_size=max_batch_size, threads=threads)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        runtime.worker = asyncio.create_task(runtime.batcher.run())
+        runtime.scheduler.start()
         yield
-        runtime.worker.cancel()
-        runtime.batcher.close()
+        runtime.scheduler.close()
 
     app = FastAPI(title="llmops TGI-protocol server", lifespan=lifespan)
     app.state.runtime = runtime
     app.include_router(router)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _body_error)
+    app.add_exception_handler(ClientGone, _client_gone)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     return app
 
 

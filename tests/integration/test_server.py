@@ -4,6 +4,7 @@ schemathesis run, SSE framing, the concurrency limit, batching parity, LoRA adap
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,34 +52,37 @@ def spec() -> dict:
     return as_tgi_means(json.loads(shared_path("specs", "tgi-openapi.json").read_text()))
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_base, tmp_path_factory):
+def random_adapter(base, out, seed: int, targets: list[str]):
     """A LoRA adapter with random non-zero A and B, so it certainly moves greedy outputs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_base),
-        LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False),
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=8, lora_alpha=32, target_modules=targets, init_lora_weights=False),
     )
-    out = tmp_path_factory.mktemp("lora-a")
     model.save_pretrained(out)
     return out
 
 
 @pytest.fixture(scope="module")
-def server(tiny_base, adapter_dir):
+def server(tiny_base, tmp_path_factory):
     from serving.server import create_app
 
+    adapters = {
+        "lora-a": random_adapter(tiny_base, tmp_path_factory.mktemp("lora-a"), 1, ["q_proj", "v_proj", "o_proj"]),
+        "lora-b": random_adapter(tiny_base, tmp_path_factory.mktemp("lora-b"), 2, ["k_proj", "up_proj", "down_proj"]),
+    }
     app = create_app(
         str(tiny_base),
         model_id="tiny-llama",
         max_input_tokens=96,
         max_total_tokens=128,
-        max_concurrent_requests=16,
-        adapters={"lora-a": str(adapter_dir)},
+        max_concurrent_requests=32,
+        adapters={name: str(path) for name, path in adapters.items()},
+        dtype="bfloat16",  # what `auto` picks on CPUs with native bfloat16; emulated elsewhere, same bits
     )
     with Live(app) as live:
         yield live
@@ -381,32 +385,72 @@ def test_parameters_behave_as_in_tgi(server):
 
 
 @pytest.mark.integration
-def test_batched_greedy_outputs_equal_sequential_ones(server, monkeypatch):
-    def greedy(prompt: str) -> tuple[str, list[int], list[float]]:
-        answer = server.post("/generate", {"inputs": prompt, "parameters": {"max_new_tokens": 12, "details": True}})
-        tokens = answer.json()["details"]["tokens"]
-        return answer.json()["generated_text"], [t["id"] for t in tokens], [t["logprob"] for t in tokens]
+def test_answers_are_the_same_alone_and_in_a_batch_of_mixed_adapters_and_settings(server, monkeypatch):
+    """Greedy rows on three adapters (the base among them) and seeded or penalised rows, decoded in one batch."""
+    settings = [{}, {"adapter_id": "lora-a"}, {"adapter_id": "lora-b"}]
+    requests_ = [(prompt, extra) for prompt in PROMPTS[:4] for extra in settings] + [
+        (PROMPTS[4], {"do_sample": True, "seed": 3}),
+        (PROMPTS[5], {"temperature": 0.7, "seed": 4, "stop": ["a"], "adapter_id": "lora-a"}),
+        (PROMPTS[6], {"repetition_penalty": 1.3, "adapter_id": "lora-b"}),
+        (PROMPTS[7], {"top_k": 5, "seed": 5, "frequency_penalty": 0.5}),
+    ]
 
-    sequential = [greedy(prompt) for prompt in PROMPTS]
-    sizes, run_batch, batcher = [], server.engine.run_batch, server.app.state.runtime.batcher
+    def answer(prompt: str, extra: dict) -> tuple[str, list[int], list[float]]:
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": 10, "details": True, **extra}}
+        details = server.post("/generate", body).json()["details"]
+        return details["finish_reason"], [t["id"] for t in details["tokens"]], [t["logprob"] for t in details["tokens"]]
 
-    def recording(jobs):  # in the worker thread: the first batch starts only once the rest has queued behind it
+    alone = [answer(*request) for request in requests_]
+    scheduler, prefill, decode, sizes = (
+        server.app.state.runtime.scheduler,
+        server.engine.prefill,
+        server.engine.decode,
+        [],
+    )
+
+    def gathered(job):  # in the scheduler's thread: the first prefill waits until every other request is queued
         if not sizes:
-            wait_for(
-                lambda: batcher.queued() == len(PROMPTS) - len(jobs),
-                timeout=60,
-                what="the other requests to queue behind the first batch",
-            )
-        sizes.append(len(jobs))
-        return run_batch(jobs)
+            sizes.append(0)
+            wait_for(lambda: scheduler.queued() == len(requests_) - 1, timeout=60, what="the rest to queue")
+        return prefill(job)
 
-    monkeypatch.setattr(server.engine, "run_batch", recording)
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        concurrent = list(pool.map(greedy, PROMPTS))
-    assert [c[:2] for c in concurrent] == [s[:2] for s in sequential]
-    # padding moves numbers only by rounding; wrong positions or masks would move them by far more
-    assert [c[2] for c in concurrent] == [pytest.approx(s[2], abs=1e-3) for s in sequential]
-    assert max(sizes) > 1 and sum(sizes) == len(PROMPTS)
+    def recording(batch):
+        sizes.append(len(batch))
+        return decode(batch)
+
+    monkeypatch.setattr(server.engine, "prefill", gathered)
+    monkeypatch.setattr(server.engine, "decode", recording)
+    with ThreadPoolExecutor(len(requests_)) as pool:
+        together = list(pool.map(lambda request: answer(*request), requests_))
+    assert max(sizes) == len(requests_)  # all sixteen rows decoded together
+    assert together == alone  # tokens and logprobs to the bit: each row attends only to its own columns
+
+
+@pytest.mark.integration
+def test_a_request_that_arrives_mid_batch_finishes_before_the_longest_row(server, monkeypatch):
+    long_body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 80, "details": True}}
+    assert server.post("/generate", long_body).json()["details"]["finish_reason"] == "length"  # no early EOS
+    scheduler, decode, answered, seen = server.app.state.runtime.scheduler, server.engine.decode, threading.Event(), []
+
+    def paced(batch):  # in the scheduler's thread, one call per decode step
+        seen.append(len(batch))
+        if len(batch) == 1 and 2 in seen:  # the short row has left: the long one waits until its client has the answer
+            answered.wait(60)
+        elif len(seen) == 5:  # five steps into the long row, let the short request arrive
+            wait_for(lambda: scheduler.queued() == 1, timeout=60, what="the short request to queue")
+        return decode(batch)
+
+    monkeypatch.setattr(server.engine, "decode", paced)
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(server.post, "/generate", long_body)
+        wait_for(lambda: len(seen) >= 5, timeout=60, what="the long request to be decoding")
+        short = server.post("/generate", {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 3, "details": True}})
+        still_running = not long.done()
+        answered.set()
+        finished = long.result()
+    assert short.json()["details"]["generated_tokens"] == 3 and still_running
+    assert finished.json()["details"]["generated_tokens"] == 80
+    assert seen.count(2) == 2  # the short row shared the long row's steps (its first token came from its prefill)
 
 
 @pytest.mark.integration
@@ -471,12 +515,178 @@ def test_a_client_that_leaves_a_stream_frees_its_slot_and_row(plain_server, monk
     with requests.post(plain_server.url + "/generate_stream", json=body, stream=True, timeout=30) as response:
         assert next(response.iter_lines()).startswith(b"data: ")
     wait_for(
-        lambda: not runtime.in_flight and not runtime.batcher.running,
+        lambda: not runtime.in_flight and not runtime.scheduler.running(),
         timeout=30,
         what="the abandoned request to free its slot and its batch row",
     )
     # Its row stopped at the first step after the client left: the prefill and one held step, not 400 steps.
     assert not missed and len(calls) == 2
+
+
+def raw_post(url: str, path: str, body: dict) -> socket.socket:
+    """Send a request on a bare socket and return it unread, so the test decides when the client goes away."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}"
+    sock.sendall(head.encode() + b"\r\n\r\n" + payload)
+    return sock
+
+
+@pytest.mark.integration
+def test_an_abandoned_request_frees_its_slot_at_once_and_its_row_within_a_step(plain_server, monkeypatch):
+    forward, runtime, calls, missed = plain_server.engine.model.forward, plain_server.app.state.runtime, [], []
+
+    def held(*args, **kwargs):  # after the prefill, each step waits until the server has seen the client go
+        calls.append(1)
+        if len(calls) > 1:
+            try:
+                wait_for(lambda: runtime.in_flight == 0, timeout=30, what="the server to release the abandoned request")
+            except AssertionError as err:  # raised in the scheduler's thread: the test must still fail
+                missed.append(err)
+                raise
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(plain_server.engine.model, "forward", held)
+    client = raw_post(
+        plain_server.url, "/generate", {"inputs": "I lost my card", "parameters": {"max_new_tokens": 400}}
+    )
+    wait_for(lambda: len(calls) == 2, timeout=30, what="the request to be decoding")
+    client.close()  # a non-streaming client that gives up
+    wait_for(
+        lambda: not runtime.in_flight and not runtime.scheduler.running(),
+        timeout=30,
+        what="the abandoned request to free its slot and its batch row",
+    )
+    assert not missed and len(calls) == 2  # the prefill and the one step under way, not 400 steps
+
+
+@pytest.mark.integration
+def test_overload_is_429_never_500_while_clients_disconnect_mid_flight(plain_server, spec, monkeypatch):
+    """Two slots: clients that leave free theirs although the model is stuck; the next ones get them or a 429."""
+    forward, runtime, release = plain_server.engine.model.forward, plain_server.app.state.runtime, threading.Event()
+
+    def stuck(*args, **kwargs):
+        release.wait(60)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(plain_server.engine.model, "forward", stuck)
+    body = {"inputs": "I lost my card", "parameters": {"max_new_tokens": 5}}
+    statuses = []
+    try:
+        for _ in range(3):  # leavers take both slots, then go
+            leavers = [
+                raw_post(plain_server.url, "/generate", body),
+                raw_post(plain_server.url, "/generate_stream", body),
+            ]
+            wait_for(lambda: runtime.in_flight == 2, timeout=30, what="the leavers to hold both slots")
+            statuses.append(plain_server.post("/generate", body).status_code)
+            for client in leavers:
+                client.close()
+            wait_for(lambda: runtime.in_flight == 0, timeout=30, what="the leavers' slots to be freed")
+        with ThreadPoolExecutor(2) as pool:
+            stayers = [pool.submit(plain_server.post, "/generate", body) for _ in range(2)]
+            wait_for(lambda: runtime.in_flight == 2, timeout=30, what="two patient clients to hold both slots")
+            refused = plain_server.post("/generate", body)
+            release.set()
+            statuses += [refused.status_code] + [future.result().status_code for future in stayers]
+    finally:
+        release.set()
+    assert statuses == [429, 429, 429, 429, 200, 200]
+    assert conforms(spec, "/generate", "post", refused) == [
+        {"error": "Model is overloaded", "error_type": "overloaded"}
+    ]
+
+
+@pytest.mark.integration
+def test_body_and_token_limits_answer_with_tgi_error_bodies(server, spec):
+    from openapi_schema_validator import OAS30ReadValidator
+
+    def error_body(response: requests.Response) -> dict:
+        body = response.json()
+        OAS30ReadValidator(
+            {**spec["components"]["schemas"]["ErrorResponse"], "components": spec["components"]}
+        ).validate(body)
+        return body
+
+    too_big = server.post("/generate", {"inputs": "a" * 2_000_001})
+    chunked = requests.post(  # no Content-Length: the limit counts the bytes as they come
+        server.url + "/generate", data=(b"x" * 500_000 for _ in range(5)), timeout=60
+    )
+    for response in (too_big, chunked):
+        assert response.status_code == 413
+        assert error_body(response) == {
+            "error": "Request body is larger than the payload limit of 2000000 bytes",
+            "error_type": "payload_too_large",
+        }
+    tokenizer, words = server.engine.tokenizer, "card"
+    while len(tokenizer(words)["input_ids"]) <= 96:  # over max_input_tokens, yet inside max_total_tokens with 1 new
+        words += " card"
+    n = len(tokenizer(words)["input_ids"])
+    long_input = server.post("/generate", {"inputs": words, "parameters": {"max_new_tokens": 1}})
+    assert long_input.status_code == 422
+    assert conforms(spec, "/generate", "post", long_input) == [
+        {
+            "error": f"Input validation error: `inputs` must have less than 96 tokens. Given: {n}",
+            "error_type": "validation",
+        }
+    ]
+    tokenized = server.post("/tokenize", {"inputs": words})
+    assert tokenized.status_code == 404  # the spec's error status for /tokenize
+    assert conforms(spec, "/tokenize", "post", tokenized)[0]["error"].endswith(f"less than 96 tokens. Given: {n}")
+    assert server.post("/tokenize", {"inputs": "card"}).status_code == 200
+
+
+@pytest.mark.integration
+def test_prefill_details_are_each_prompt_tokens_logprob_however_they_are_chunked(server, monkeypatch):
+    import torch
+
+    from serving import engine
+
+    prompt = "where is my refund please, I lost my card"
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 1, "decoder_input_details": True}}
+    whole = server.post("/generate", body).json()["details"]["prefill"]
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 3)
+    chunked = server.post("/generate", body).json()["details"]["prefill"]
+    ids = server.engine.tokenizer(prompt)["input_ids"]
+    server.engine.lora.select([None])  # the bare base
+    with torch.inference_mode():  # the reference: every position's logits at once
+        logits = server.engine.model(input_ids=torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert [t["id"] for t in whole] == ids and whole[0]["logprob"] is None
+    assert [t["logprob"] for t in whole[1:]] == pytest.approx(expected, abs=1e-5)
+    assert chunked == whole
+
+
+@pytest.mark.integration
+def test_stacked_adapters_compute_what_peft_computes(server, tiny_base):
+    """The engine adds each row's adapter itself (serving.multi_lora); PEFT's own layers are the reference."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    engine, ids = server.engine, torch.tensor([server.engine.tokenizer(PROMPTS[1])["input_ids"]] * 3)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_base, dtype=engine.dtype),
+        engine.lora_paths["lora-a"],
+        adapter_name="lora-a",
+        autocast_adapter_dtype=False,
+    )
+    reference.load_adapter(engine.lora_paths["lora-b"], adapter_name="lora-b", autocast_adapter_dtype=False)
+    reference.eval()
+    engine.lora.select([engine.adapter_names[name] for name in ("lora-a", "lora-b")] + [None])
+    with torch.inference_mode():
+        ours = engine.model(input_ids=ids).logits.float()
+        expected = []
+        for i, name in enumerate(["lora-a", "lora-b"]):
+            reference.set_adapter(name)
+            expected.append(reference(input_ids=ids[i : i + 1]).logits.float()[0])
+        with reference.disable_adapter():
+            expected.append(reference(input_ids=ids[2:]).logits.float()[0])
+    for mine, theirs in zip(ours, expected):
+        assert (mine - theirs).abs().max() < 0.05 * theirs.abs().max()  # bfloat16 rounding, not another model
+        assert mine[-1].argmax() == theirs[-1].argmax()
+    assert (ours[0] - ours[2]).abs().max() > 0.1  # the adapters do move the logits
 
 
 @pytest.mark.integration
@@ -497,7 +707,7 @@ def test_lora_adapter_changes_outputs_and_leaves_the_base_alone(server, plain_se
 
     assert chat("lora-a") != chat("tgi") == chat("anything-else")
     listed = requests.get(server.url + "/v1/models", timeout=5).json()
-    assert [m["id"] for m in listed["data"]] == ["tiny-llama", "lora-a"]
+    assert [m["id"] for m in listed["data"]] == ["tiny-llama", "lora-a", "lora-b"]
 
 
 @pytest.mark.integration

@@ -1,0 +1,102 @@
+"""Continuous batching: one thread that admits waiting jobs into the running batch between decode steps.
+
+Each turn of the loop (1) drops rows whose clients have gone, (2) prefills waiting jobs while the batch has room,
+each alone, and lets them join, (3) decodes one token for every row, (4) lets finished rows leave. A request that
+arrives mid-generation therefore starts at the next step instead of waiting for the longest row of a static batch,
+and a row whose client left stops within one step. The thread is apart from the event loop, so the server keeps
+answering (health, 429s, streams) while the model computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+import torch
+
+from serving.decode_batch import DecodeBatch
+from serving.decoding import Job
+from serving.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Runs jobs on `engine`, at most `max_batch_size` rows at a time; `submit` may be called from any thread."""
+
+    def __init__(self, engine: Engine, *, max_batch_size: int, threads: int = 1):
+        self.engine, self.max_batch_size, self.threads = engine, max_batch_size, threads
+        self.waiting: deque[Job] = deque()
+        self.batch = DecodeBatch()
+        self.wake = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="generate", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def submit(self, job: Job) -> None:
+        with self.wake:
+            self.waiting.append(job)
+            self.wake.notify()
+
+    def queued(self) -> int:
+        return sum(not job.cancelled for job in list(self.waiting))
+
+    def running(self) -> int:
+        return len(self.batch)
+
+    def close(self) -> None:
+        """Stop after the current step; rows in flight are abandoned (their clients are gone with the server)."""
+        with self.wake:
+            self.stopped = True
+            self.wake.notify()
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        # On a shared CPU an OpenMP team stalls whenever one of its cores is busy elsewhere: measured here, a
+        # decode step took 100 ms with 2 threads and 1 ms with 1. Batching, not intra-op threads, buys throughput.
+        torch.set_num_threads(self.threads)
+        while (jobs := self._admit()) is not None:
+            for job in jobs:
+                self._start(job)
+            if len(self.batch):
+                self._decode()
+
+    def _admit(self) -> list[Job] | None:
+        """Jobs to start now, as many as the batch has room for; waits while there is nothing to do."""
+        with self.wake:
+            while not self.stopped and not self.waiting and not len(self.batch):
+                self.wake.wait()
+            if self.stopped:
+                return None
+            self.waiting = deque(job for job in self.waiting if not job.cancelled)
+            room = self.max_batch_size - len(self.batch)
+            return [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+
+    def _start(self, job: Job) -> None:
+        try:
+            row, cache = self.engine.prefill(job)
+            if not row.done:
+                self.batch.join(row, cache)
+        except Exception as err:  # noqa: BLE001 - this client gets a generation error, the others go on
+            log.exception("prefill failed")
+            job.emit(err)
+
+    def _decode(self) -> None:
+        self.batch.keep([i for i, row in enumerate(self.batch.rows) if not row.job.cancelled])
+        if not len(self.batch):
+            return
+        try:
+            self.engine.decode(self.batch)
+        except Exception as err:  # noqa: BLE001 - the batch's clients get a generation error, the server lives
+            log.exception("decode step of %d rows failed", len(self.batch))
+            for row in self.batch.rows:
+                row.job.emit(err)
+            self.batch.keep([])
+            return
+        self.batch.keep([i for i, row in enumerate(self.batch.rows) if not row.done])
