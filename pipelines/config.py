@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from components.config import (
     DataSection,
@@ -28,6 +28,23 @@ from components.config import (
 PROFILE_DIR = Path(__file__).resolve().parent / "configs"
 
 
+# Per task: a 1B model's needs with headroom. Host memory covers loading the 16-bit weights (base model, train's
+# quantization on load) and the merge's float32 copies (two of the model, 8 GB for 1B).
+TASK_RESOURCES = {
+    "resolve-config": {"cpu": "500m", "memory": "512Mi"},
+    "base-model": {"cpu": "2", "memory": "16Gi"},
+    "prepare-data": {"cpu": "2", "memory": "8Gi"},
+    "train": {"cpu": "8", "memory": "32Gi"},
+    "evaluate": {"cpu": "4", "memory": "24Gi"},
+    "merge": {"cpu": "4", "memory": "32Gi"},
+    "quantize": {"cpu": "4", "memory": "24Gi"},
+    "register": {"cpu": "2", "memory": "16Gi"},
+    "gate": {"cpu": "1", "memory": "2Gi"},
+    "set-alias": {"cpu": "500m", "memory": "512Mi"},
+    "finalize": {"cpu": "500m", "memory": "1Gi"},
+}
+
+
 class PlacementSection(Section):
     """Where the GPU stages (train, evaluate, merge, quantize) run in a cluster; kfp.local ignores it."""
 
@@ -40,6 +57,27 @@ class PlacementSection(Section):
         [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         description="tolerations of the GPU pods (Kubernetes toleration objects)",
     )
+    resources: dict[str, dict[str, str]] = Field(
+        default_factory=lambda: dict(TASK_RESOURCES),
+        description="CPU and memory of each task, by task name ({cpu, memory}); requests equal limits, so the "
+        "pods are Guaranteed. Sized for a 1B model; see the README for 8B",
+    )
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _over_the_defaults(cls, given: dict) -> dict:
+        """`placement.resources.merge.memory=80Gi` changes that one value; the other tasks keep their sizes."""
+        merged = {task: dict(sizes) for task, sizes in TASK_RESOURCES.items()}
+        for task, sizes in (given or {}).items():
+            merged.setdefault(task, {}).update(sizes)
+        return merged
+
+    @model_validator(mode="after")
+    def _every_task_sized(self) -> PlacementSection:
+        for task, sizes in self.resources.items():
+            if set(sizes) != {"cpu", "memory"}:
+                raise ValueError(f"placement.resources.{task} needs exactly cpu and memory, got {sorted(sizes)}")
+        return self
 
 
 class PipelineConfig(Profiled):

@@ -4,10 +4,55 @@ The bodies import the project's own package, which the component images carry (a
 installed in the local venv for kfp.local), so nothing is pip-installed at run time.
 """
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 from pipelines.images import CPU_IMAGE, GPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def resolve_config(
+    profile_json: str,
+    config_overrides: str,
+    pipeline_root: str,
+    base_model: str,
+    data_uri: str,
+    data_format: str,
+    label_field: str,
+    registered_model_name: str,
+    max_steps: int,
+    learning_rate: float,
+    batch_size: int,
+    lora_rank: int,
+    eval_examples: int,
+    gate_min_gain: float,
+    accelerator_type: str,
+    accelerator_count: int,
+) -> NamedTuple(  # written out here: kfp runs this function's source alone, without this module
+    "Sections",
+    model_cfg=str,
+    data_cfg=str,
+    train_cfg=str,
+    eval_cfg=str,
+    merge_cfg=str,
+    quantize_cfg=str,
+    register_cfg=str,
+    gate_cfg=str,
+    challenger_alias=str,
+):
+    """The run form laid over the compiled profile, validated; each stage's own section as JSON."""
+    form = dict(locals())  # first: exactly the parameters
+    from typing import NamedTuple
+
+    from pipelines.run_form import SECTION_OUTPUTS, resolve
+
+    profile, overrides, root = form.pop("profile_json"), form.pop("config_overrides"), form.pop("pipeline_root")
+    cfg = resolve(profile, form, overrides, root)  # a wrong value fails here, before any GPU pod is scheduled
+    out = {output: getattr(cfg, section).to_json() for output, section in SECTION_OUTPUTS.items()}
+    sections = NamedTuple("Sections", [(name, str) for name in [*out, "challenger_alias"]])
+    return sections(**out, challenger_alias=cfg.gate.alias_on_pass)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -196,13 +241,23 @@ def set_alias(alias: str, registration: Input[Artifact]):
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def finalize(register_cfg: str, pipeline_run: str, status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact]):
-    """Exit task: mark this run's unfinished MLflow runs FAILED, drop incomplete versions, publish the summary."""
+def finalize(
+    profile_json: str,
+    registered_model_name: str,
+    config_overrides: str,
+    pipeline_run: str,
+    status: dsl.PipelineTaskFinalStatus,
+    summary: Output[Artifact],
+):
+    """Exit task: mark this run's unfinished MLflow runs FAILED, drop incomplete versions, publish the summary.
+
+    kfp lets an exit task depend on no other task, so it resolves the registry section itself."""
     import json
     from pathlib import Path
 
     from components import register as stage
-    from components.config import RegisterSection
+    from pipelines.run_form import resolve
 
-    result = stage.finalize(RegisterSection.model_validate_json(register_cfg), pipeline_run, status.state)
+    form = {"registered_model_name": registered_model_name}
+    result = stage.finalize(resolve(profile_json, form, config_overrides).registry, pipeline_run, status.state)
     Path(summary.path).write_text(json.dumps(result, indent=2))

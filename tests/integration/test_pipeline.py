@@ -133,25 +133,20 @@ def test_compiled_pipeline_is_documented_and_wired(tmp_path):
     path = compile_pipeline(load_config("cluster"), str(tmp_path / "finetune.yaml"))
     spec = next(yaml.safe_load_all(open(path)))
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(params) == {
-        "model_cfg",
-        "data_cfg",
-        "train_cfg",
-        "eval_cfg",
-        "merge_cfg",
-        "quantize_cfg",
-        "register_cfg",
-        "gate_cfg",
-        "challenger_alias",
-        "accelerator_type",
-        "accelerator_count",
-        "node_selector_json",
-        "tolerations_json",
-    }
+    from pipelines.run_form import FORM
+
+    assert list(params) == sorted([*FORM, "config_overrides"])  # flat: no section JSON in the run form
     assert all(p.get("description") for p in params.values())
-    assert json.loads(params["train_cfg"]["defaultValue"])["use_gpu"] is True
+    assert {params[name]["parameterType"] for name in ("max_steps", "lora_rank", "accelerator_count")} == {
+        "NUMBER_INTEGER"
+    }
+    assert params["learning_rate"]["parameterType"] == "NUMBER_DOUBLE"
+    resolve_inputs = spec["root"]["dag"]["tasks"]["resolve-config"]["inputs"]["parameters"]
+    profile = json.loads(resolve_inputs["profile_json"]["runtimeValue"]["constant"])
+    assert profile["train"]["use_gpu"] is True  # the compiled profile travels as the resolve task's constant
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {
+        "resolve-config",
         "base-model",
         "prepare-data",
         "train",
@@ -181,3 +176,19 @@ def test_compiled_pipeline_is_documented_and_wired(tmp_path):
     assert "llmops-gpu" in images["exec-train"] and "llmops-cpu" in images["exec-prepare-data"]
     for executor in spec["deploymentSpec"]["executors"].values():
         assert "pip install" not in " ".join(executor["container"].get("command", []))
+
+
+def test_a_wrong_form_value_fails_the_first_task_and_no_stage_starts(tmp_path, capfd, caplog):
+    """The Kubeflow run form through kfp.local: the resolve task refuses the value, naming the parameter."""
+    from kfp import local
+
+    from pipelines.finetune import build_pipeline
+    from pipelines.run import watch_tasks
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    with watch_tasks() as outcomes, pytest.raises(RuntimeError):
+        build_pipeline(load_config("local"))(data_format="xls")
+    output = "".join(capfd.readouterr()) + caplog.text  # kfp.local passes the task's output through logging
+    assert "data_format (data.format): Input should be 'auto', 'alpaca', 'chat' or 'label'. Given: 'xls'" in output
+    assert outcomes.tasks["resolve-config"] == "failed"
+    assert not set(outcomes.tasks) & {"base-model", "prepare-data", "train", "evaluate", "merge", "quantize"}

@@ -116,8 +116,7 @@ def test_compiled_parameters_are_described_by_the_same_text(tmp_path):
         k for k, p in params.items() if not p.get("description")
     ]
     lr = TrainSection.model_fields["learning_rate"].description
-    assert f"learning_rate: {lr}" in params["train_cfg"]["description"]
-    assert (
-        params["accelerator_count"]["description"]
-        == PipelineConfig.model_fields["placement"].annotation.model_fields["accelerator_count"].description
-    )
+    assert params["learning_rate"]["description"] == f"{lr} [train.learning_rate]"
+    assert "one of auto, alpaca, chat, label" in params["data_format"]["description"]
+    count = PipelineConfig.model_fields["placement"].annotation.model_fields["accelerator_count"].description
+    assert params["accelerator_count"]["description"] == f"{count} [placement.accelerator_count]"
