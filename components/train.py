@@ -112,12 +112,16 @@ def load_model(cfg: TrainSection, base_dir: Path):
 
 
 class ReportProgress(TrainerCallback):
-    """A rich progress bar, plus loss, learning rate and non-padding tokens/s to MLflow."""
+    """Training progress: a live bar on a terminal, a plain line every PLAIN_EVERY_S seconds in a pipe (kfp.local,
+    a cluster pod's log), plus loss, learning rate and non-padding tokens/s to MLflow."""
+
+    PLAIN_EVERY_S = 15.0
 
     def __init__(self, tracker, total_steps: int):
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.tracker = tracker
+        self.live = console.is_terminal
         self.bar = Progress(
             TextColumn("train"),
             BarColumn(),
@@ -129,14 +133,24 @@ class ReportProgress(TrainerCallback):
         self.total_steps = total_steps
         self.task = None
         self.mark = (time.perf_counter(), 0)
+        self.started, self.printed, self.info = time.perf_counter(), time.perf_counter(), ""
 
     def on_train_begin(self, args, state, control, **kw):
-        self.bar.start()
+        if self.live:
+            self.bar.start()
         self.task = self.bar.add_task("train", total=self.total_steps, completed=state.global_step, info="")
         self.mark = (time.perf_counter(), state.num_input_tokens_seen)
+        self.first_step, self.started = state.global_step, time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
         self.bar.update(self.task, completed=state.global_step)
+        now = time.perf_counter()
+        if not self.live and (now - self.printed >= self.PLAIN_EVERY_S or state.global_step == self.total_steps):
+            self.printed = now
+            done = state.global_step - self.first_step
+            left = (now - self.started) / max(done, 1) * (self.total_steps - state.global_step)
+            eta = time.strftime("%H:%M:%S", time.gmtime(left))
+            console.print(f"train step {state.global_step}/{self.total_steps}{self.info} · ETA {eta}", soft_wrap=True)
 
     def on_log(self, args, state, control, logs=None, **kw):
         now, seen = time.perf_counter(), state.num_input_tokens_seen
@@ -145,11 +159,13 @@ class ReportProgress(TrainerCallback):
         metrics = {k: v for k, v in (logs or {}).items() if k in ("loss", "learning_rate", "grad_norm")}
         if "loss" in metrics:
             metrics["tokens_per_s"] = tps
-            self.bar.update(self.task, info=f"loss {metrics['loss']:.3f} · {tps:.0f} tok/s")
+            self.info = f" · loss {metrics['loss']:.3f} · {tps:.0f} tok/s"
+            self.bar.update(self.task, info=self.info.removeprefix(" · "))
         self.tracker.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=state.global_step)
 
     def on_train_end(self, args, state, control, **kw):
-        self.bar.stop()
+        if self.live:
+            self.bar.stop()
 
 
 def validation_callback(

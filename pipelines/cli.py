@@ -31,12 +31,13 @@ def run(
     profile: Profile = "local",
     data: Annotated[Optional[str], typer.Option(help="data file or directory (default: generated demo data)")] = None,
     root: Annotated[Path, typer.Option(help="where runs, caches and the local MLflow store live")] = Path(".llmops"),
+    verbose: Annotated[bool, typer.Option(help="also show kfp's executor input JSON and task output listings")] = False,
 ):
     """Run the finetune pipeline locally (kfp.local, cached), ending in a registered model version."""
     from pipelines.run import PipelineFailed, print_summary, run_local
 
     try:
-        print_summary(run_local(_config(profile, overrides, data), root))
+        print_summary(run_local(_config(profile, overrides, data), root, verbose))
     except PipelineFailed as err:
         typer.secho(f"llmops run: {err}", fg="red", err=True)
         raise typer.Exit(1) from None

@@ -99,7 +99,7 @@ def failure_message(outcomes: TaskOutcomes) -> str:
     return f"the pipeline stopped: {failed} failed (its log is above). {kept}"
 
 
-def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT) -> dict:
+def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT, verbose: bool = False) -> dict:
     """Run every stage as a kfp.local subprocess task; returns the registration summary.
 
     A failed stage raises PipelineFailed, naming the stages that finished; they are cached, so the same
@@ -108,6 +108,7 @@ def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT) -> dict:
     from kfp import local
 
     from pipelines.finetune import build_pipeline
+    from pipelines.run_output import quiet_kfp
 
     root = Path(root).resolve()
     uri = ensure_tracking(root)
@@ -124,7 +125,7 @@ def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT) -> dict:
         cache_root=str(root / "kfp-cache"),
     )
     started = time.time()
-    with watch_tasks() as outcomes:
+    with watch_tasks() as outcomes, quiet_kfp(verbose):
         try:
             task = build_pipeline(cfg)()
         except RuntimeError as err:
@@ -174,6 +175,30 @@ def print_summary(summary: dict) -> None:
         names = [name for name, value in summary.get("tasks", {}).items() if value == outcome]
         console.print(f"{label}: {', '.join(names) or 'none'}", soft_wrap=True)
     console.print(
-        f"pipeline wall time {summary['wall_seconds']:.0f}s · MLflow UI {summary['tracking_uri']} · "
-        f"model: models:/{summary['name']}/{summary['version']} · artifacts in {summary['artifacts']}"
+        f"pipeline wall time {summary['wall_seconds']:.0f}s · model: models:/{summary['name']}/{summary['version']}"
+        f" · artifacts in {summary['artifacts']}",
+        soft_wrap=True,
     )
+    for line in next_steps(summary):
+        console.print(line, soft_wrap=True)
+
+
+def next_steps(summary: dict) -> list[str]:
+    """MLflow links to the registration run and the version, and the commands that deploy it and ask it."""
+    uri, name, version = summary["tracking_uri"], summary["name"], summary["version"]
+    lines = []
+    if uri.startswith("http"):
+        from mlflow import MlflowClient
+
+        experiment = MlflowClient().get_run(summary["run_id"]).info.experiment_id if summary.get("run_id") else None
+        if experiment:
+            lines.append(f"MLflow run:     {uri}/#/experiments/{experiment}/runs/{summary['run_id']}")
+        lines.append(f"model version:  {uri}/#/models/{name}/versions/{version}")
+    passed = str(summary.get("gate", "")).startswith("passed")
+    lines.append(
+        "next: "
+        + ("" if passed else "the gate did not pass, so the deployer would refuse it; to try it anyway, ")
+        + f"`llmops deployer &` then `llmops promote {name} {version}` (alias champion) and "
+        + f'`llmops chat "your question" --model {name}@champion`; or `llmops serve models:/{name}/{version}`'
+    )
+    return lines

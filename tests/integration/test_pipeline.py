@@ -85,6 +85,12 @@ def test_a_failed_stage_is_fixed_and_reruns_reuse_every_finished_stage(
     first = checkout.run("gate.min_gain_over_base=-1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert outcome_lines(first.stdout)["cached"] == ["base-model", "prepare-data", "train"]
+    # What a person reads: no executor JSON, kfp task headings, training progress, the verdict, the next steps.
+    assert "executor_input" not in first.stdout + first.stderr and "[KFP Executor" not in first.stdout
+    assert "Executing task" in first.stdout + first.stderr
+    assert re.search(r"^\s*train step 4/4\b", broken.stdout, re.M)  # the run that trained (the first one caches it)
+    assert "Gate: passed" in first.stdout and "model version:  http" in first.stdout
+    assert first.stdout.rstrip().splitlines()[-1].startswith("next: `llmops deployer &` then `llmops promote")
     assert {"evaluate", "merge", "quantize", "register", "gate"} <= set(outcome_lines(first.stdout)["ran"])
     client = MlflowClient()
     version = client.get_model_version("tiny-pipeline", registered_version(first.stdout))
