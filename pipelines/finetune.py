@@ -17,20 +17,7 @@ from pipelines.run_form import FORM, OVERRIDES_HELP, describe_parameter, form_va
 PIPELINE_NAME = "finetune"
 # Tasks kfp may take from its cache; resolve, register, gate, the alias step and finalize always run.
 CACHED_TASKS = ("base-model", "prepare-data", "train", "evaluate", "merge", "quantize")
-# Each task's name in the compiled pipeline, and the component behind it, in the order build_pipeline lists them.
-TASK_NAMES = (
-    "resolve-config",
-    "base-model",
-    "prepare-data",
-    "train",
-    "evaluate",
-    "merge",
-    "quantize",
-    "register",
-    "gate",
-    "set-alias",
-    "finalize",
-)
+# The component behind each task, in the order build_pipeline lists its tasks.
 COMPONENTS = (
     steps.resolve_config,
     steps.base_model,
@@ -44,6 +31,7 @@ COMPONENTS = (
     steps.set_alias,
     steps.finalize,
 )
+TASK_NAMES = tuple(component.name for component in COMPONENTS)  # kfp names a task after its component
 
 
 def build_pipeline(cfg: PipelineConfig):
@@ -66,23 +54,12 @@ def build_pipeline(cfg: PipelineConfig):
         accelerator_count: int = form["accelerator_count"],
         config_overrides: str = "",
     ) -> dsl.Artifact:
+        form_arguments = {name: value for name, value in locals().items() if name in FORM}  # as passed to the run
         resolved = steps.resolve_config(
             profile_json=profile_json,
             config_overrides=config_overrides,
             pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER,
-            base_model=base_model,
-            data_uri=data_uri,
-            data_format=data_format,
-            label_field=label_field,
-            registered_model_name=registered_model_name,
-            max_steps=max_steps,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            lora_rank=lora_rank,
-            eval_examples=eval_examples,
-            gate_min_gain=gate_min_gain,
-            accelerator_type=accelerator_type,
-            accelerator_count=accelerator_count,
+            **form_arguments,
         ).set_display_name("resolve config")
         resolved.set_caching_options(False)  # a second of work; the stages after it cache on their own sections
         sections = resolved.outputs

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import types
 import typing
 from typing import Any, Literal
 
@@ -61,19 +60,11 @@ def _field(dotted: str):
     return PipelineConfig.model_fields[section].annotation.model_fields[name]
 
 
-def form_type(parameter: str) -> type:
-    """The scalar type kfp shows: an optional string is a string where "" means unset; a choice is a string."""
-    kind = _field(FORM[parameter]).annotation
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-    return str if typing.get_origin(kind) is Literal else kind
-
-
 def describe_parameter(parameter: str) -> str:
     field = _field(FORM[parameter])
     choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is Literal else ()
     extra = f" (one of {', '.join(map(str, choices))})" if choices else ""
-    unset = ' ("" for none)' if form_type(parameter) is str and field.default is None else ""
+    unset = ' ("" for none)' if field.default is None else ""  # an optional field is a string where "" unsets it
     return f"{field.description}{extra}{unset} [{FORM[parameter]}]"
 
 

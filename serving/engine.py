@@ -45,7 +45,6 @@ class Engine:
         self.config = model.config
         # peft keys adapters by module name, where ids such as "org/name.v2" are not allowed
         self.adapter_names = {adapter_id: f"adapter_{i}" for i, adapter_id in enumerate(adapters or {})}
-        self.lora_paths = dict(adapters or {})
         self.model = self._with_adapters(model, adapters or {}).eval()
         self.lora = MultiLora(self.model, list(self.adapter_names.values())) if adapters else None
         eos = {self.tokenizer.eos_token_id, model.generation_config.eos_token_id, model.config.eos_token_id}

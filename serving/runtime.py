@@ -55,16 +55,20 @@ class Runtime:
 
     @contextmanager
     def slot(self):
-        """One of the `max_concurrent_requests` slots, or TGI's 429; freed however the request ends."""
+        """One of the `max_concurrent_requests` slots, or TGI's 429; freed however the request ends. Every
+        request is counted here, and every error it answers with, the 429 included."""
         self.metrics.requests.inc()
-        if self.in_flight >= self.info["max_concurrent_requests"]:
-            self.metrics.failure.labels("overloaded").inc()
-            raise ApiError(429, "Model is overloaded", "overloaded")
-        self.in_flight += 1
         try:
-            yield
-        finally:
-            self.in_flight -= 1
+            if self.in_flight >= self.info["max_concurrent_requests"]:
+                raise ApiError(429, "Model is overloaded", "overloaded")
+            self.in_flight += 1
+            try:
+                yield
+            finally:
+                self.in_flight -= 1
+        except ApiError as err:
+            self.metrics.failure.labels(err.error_type).inc()
+            raise
 
     def encode(self, text: str, special: bool, *, offsets: bool = False) -> dict:
         try:
@@ -79,11 +83,7 @@ class Runtime:
         unbounded work; the body cap bounds the text itself.
         """
         encoding = self.encode(text, special, offsets=True)
-        if len(encoding["input_ids"]) > self.info["max_input_tokens"]:
-            raise invalid(
-                f"`inputs` must have less than {self.info['max_input_tokens']} tokens. "
-                f"Given: {len(encoding['input_ids'])}"
-            )
+        schemas.check_input_length(len(encoding["input_ids"]), self.info["max_input_tokens"])
         byte_at = list(itertools.accumulate((len(char.encode()) for char in text), initial=0))
         return [
             {"id": i, "text": text[a:b], "start": byte_at[a], "stop": byte_at[b]}
@@ -149,10 +149,6 @@ class Runtime:
                 self.metrics.generated.observe(step.end.generated_tokens)
                 self.metrics.duration.observe(time.perf_counter() - start)
                 yield step
-        except ApiError as err:
-            if err.error_type != "overloaded":  # counted where the slot was refused
-                self.metrics.failure.labels(err.error_type).inc()
-            raise
         finally:
             if job is not None:
                 job.cancelled = True  # a client that went away frees its row at the next step

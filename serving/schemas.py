@@ -137,9 +137,13 @@ def token_budget(n: int, max_new_tokens: int | None, max_input_tokens: int, max_
             f"`inputs` tokens + `max_new_tokens` must be <= {max_total_tokens}. "
             f"Given: {n} `inputs` tokens and {max_new} `max_new_tokens`"
         )
+    check_input_length(n, max_input_tokens)
+    return max_new
+
+
+def check_input_length(n: int, max_input_tokens: int) -> None:
     if n > max_input_tokens:
         raise invalid(f"`inputs` must have less than {max_input_tokens} tokens. Given: {n}")
-    return max_new
 
 
 class GenerateRequest(Strict):

@@ -1,29 +1,16 @@
 """Benchmark: transformers' own continuous batching (`ContinuousBatchingManager`, from `model.init_continuous_batching`)
 on CPU, driven by the same closed-loop load as the server benchmark (concurrency 1, 4, 8 and 16 over
-`prompts[: max(8, 2 * c)]`, greedy, fixed `max_new_tokens`), against a sequential `model.generate` loop in the same
-process, so our own scheduler can be compared with the upstream one: throughput, latency percentiles and time to
-first token (from the manager's token streaming)."""
+`prompts[: max(8, 2 * c)]`, greedy, fixed `max_new_tokens`), so our own scheduler can be compared with the upstream
+one: throughput, latency percentiles and time to first token (from the manager's token streaming). The sequential
+baseline both are judged against is the server benchmark's (`tests.benchmarks.serving.sequential`)."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 LEVEL_TIMEOUT_S = 900.0  # bound on one concurrency level; nothing in here waits forever
-
-
-def _sequential(model, tok, prompts: list[str], max_new_tokens: int) -> float:
-    import torch
-
-    tokens, started = 0, time.perf_counter()
-    with torch.inference_mode():
-        for prompt in prompts:
-            enc = tok(prompt, return_tensors="pt")
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-            tokens += out.shape[1] - enc["input_ids"].shape[1]
-    return tokens / (time.perf_counter() - started)
 
 
 def _closed_loop(manager, inputs: list[list[int]], concurrency: int, max_new_tokens: int, tag: str) -> dict:
@@ -79,7 +66,6 @@ def measure(
     levels: tuple[int, ...] = (1, 4, 8, 16),
     dtype: str = "bfloat16",
     threads: int = 1,
-    baseline: bool = True,
 ) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
@@ -92,8 +78,6 @@ def measure(
         model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa"
     ).eval()
     result: dict = {"levels": {}}
-    if baseline:
-        result["sequential_tokens_per_s"] = _sequential(model, tok, prompts[:8], max_new_tokens)
 
     eos = tok.eos_token_id
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos)
@@ -116,9 +100,3 @@ def measure(
     finally:
         manager.stop(block=True, timeout=60, hard_stop=True)  # hard: fail in-flight requests on error
     return result
-
-
-if __name__ == "__main__":
-    topics = ["banking", "travel", "cooking", "music", "weather", "sports", "cards", "refunds"]
-    prompts = [f"Write one sentence about topic number {i}: " + topics[i % len(topics)] for i in range(32)]
-    print(json.dumps(measure("/tmp/llmops-bench-models/smollm2", prompts, max_new_tokens=32), indent=2))

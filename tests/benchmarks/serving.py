@@ -171,19 +171,20 @@ def measure() -> dict:
     from serving.engine import compute_dtype
 
     model, (server_cores, client_cores) = base_dir(), cores()
-    texts, dtype = prompts(model), compute_dtype(str(base_dir()), "auto")
+    texts, dtype = prompts(model), compute_dtype(str(model), "auto")
     out: dict = {"dtype": str(dtype).removeprefix("torch."), "server_cores": len(server_cores), "levels": {}}
     os.sched_setaffinity(0, server_cores)  # the baselines run where the server will
     out["sequential_tokens_per_s"] = sequential(model, texts[:8], dtype, len(server_cores))
-    cbm = cb_manager.measure(model, texts, MAX_NEW, LEVELS, out["dtype"], len(server_cores), baseline=False)
+    cbm = cb_manager.measure(model, texts, MAX_NEW, LEVELS, out["dtype"], len(server_cores))
     out["manager"] = cbm["levels"]
     os.sched_setaffinity(0, client_cores)
     with served(model, server_cores) as url:
         streamed(url, texts[0], None)  # warm-up
         for workers in LEVELS:
             out["levels"][workers] = load(url, texts[: max(8, 2 * workers)], workers, [None])
-    names = list(adapters(model, model.parent / "serving-adapters"))
-    with served(model, server_cores, adapters(model, model.parent / "serving-adapters")) as url:
+    paths = adapters(model, model.parent / "serving-adapters")
+    names = list(paths)
+    with served(model, server_cores, paths) as url:
         streamed(url, texts[0], names[0])
         out["single_adapter"] = load(url, texts[:16], 8, [names[0]])
         out["mixed_adapters"] = load(url, texts[:16], 8, [*names, None])

@@ -68,13 +68,17 @@ def random_adapter(base, out, seed: int, targets: list[str]):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_base, tmp_path_factory):
-    from serving.server import create_app
-
-    adapters = {
+def adapters(tiny_base, tmp_path_factory) -> dict:
+    return {
         "lora-a": random_adapter(tiny_base, tmp_path_factory.mktemp("lora-a"), 1, ["q_proj", "v_proj", "o_proj"]),
         "lora-b": random_adapter(tiny_base, tmp_path_factory.mktemp("lora-b"), 2, ["k_proj", "up_proj", "down_proj"]),
     }
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, adapters):
+    from serving.server import create_app
+
     app = create_app(
         str(tiny_base),
         model_id="tiny-llama",
@@ -401,23 +405,24 @@ def test_answers_are_the_same_alone_and_in_a_batch_of_mixed_adapters_and_setting
         return details["finish_reason"], [t["id"] for t in details["tokens"]], [t["logprob"] for t in details["tokens"]]
 
     alone = [answer(*request) for request in requests_]
-    scheduler, prefill, decode, sizes = (
-        server.app.state.runtime.scheduler,
-        server.engine.prefill,
-        server.engine.decode,
-        [],
-    )
+    scheduler, prefill, decode = server.app.state.runtime.scheduler, server.engine.prefill, server.engine.decode
+    submit, submitted, sizes = scheduler.submit, [], []
 
-    def gathered(job):  # in the scheduler's thread: the first prefill waits until every other request is queued
+    def counted(job):  # on the event loop: this test's own jobs, whatever else the module's server holds
+        submitted.append(job)
+        return submit(job)
+
+    def gathered(job):  # in the scheduler's thread: the first prefill waits until every request has been submitted
         if not sizes:
             sizes.append(0)
-            wait_for(lambda: scheduler.queued() == len(requests_) - 1, timeout=60, what="the rest to queue")
+            wait_for(lambda: len(submitted) == len(requests_), timeout=60, what="every request to be submitted")
         return prefill(job)
 
     def recording(batch):
         sizes.append(len(batch))
         return decode(batch)
 
+    monkeypatch.setattr(scheduler, "submit", counted)
     monkeypatch.setattr(server.engine, "prefill", gathered)
     monkeypatch.setattr(server.engine, "decode", recording)
     with ThreadPoolExecutor(len(requests_)) as pool:
@@ -496,21 +501,27 @@ def test_over_the_limit_answers_429_and_health_stays_up(plain_server, spec, monk
         assert line in metrics
 
 
-@pytest.mark.integration
-def test_a_client_that_leaves_a_stream_frees_its_slot_and_row(plain_server, monkeypatch):
-    forward, runtime, calls, missed = plain_server.engine.model.forward, plain_server.app.state.runtime, [], []
+def hold_steps_until_released(server, monkeypatch) -> tuple[list, list]:
+    """After the prefill, every model call waits until the server has released the request: (calls, missed)."""
+    forward, runtime, calls, missed = server.engine.model.forward, server.app.state.runtime, [], []
 
-    def held(*args, **kwargs):  # after the prefill, each step waits until the server has seen the client go
+    def held(*args, **kwargs):
         calls.append(1)
         if len(calls) > 1:
             try:
                 wait_for(lambda: runtime.in_flight == 0, timeout=30, what="the server to release the abandoned request")
-            except AssertionError as err:  # raised in the worker thread: the test must still fail
+            except AssertionError as err:  # raised in the scheduler's thread: the test must still fail
                 missed.append(err)
                 raise
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(plain_server.engine.model, "forward", held)
+    monkeypatch.setattr(server.engine.model, "forward", held)
+    return calls, missed
+
+
+@pytest.mark.integration
+def test_a_client_that_leaves_a_stream_frees_its_slot_and_row(plain_server, monkeypatch):
+    runtime, (calls, missed) = plain_server.app.state.runtime, hold_steps_until_released(plain_server, monkeypatch)
     body = {"inputs": "I lost my card", "parameters": {"max_new_tokens": 400}}
     with requests.post(plain_server.url + "/generate_stream", json=body, stream=True, timeout=30) as response:
         assert next(response.iter_lines()).startswith(b"data: ")
@@ -535,19 +546,7 @@ def raw_post(url: str, path: str, body: dict) -> socket.socket:
 
 @pytest.mark.integration
 def test_an_abandoned_request_frees_its_slot_at_once_and_its_row_within_a_step(plain_server, monkeypatch):
-    forward, runtime, calls, missed = plain_server.engine.model.forward, plain_server.app.state.runtime, [], []
-
-    def held(*args, **kwargs):  # after the prefill, each step waits until the server has seen the client go
-        calls.append(1)
-        if len(calls) > 1:
-            try:
-                wait_for(lambda: runtime.in_flight == 0, timeout=30, what="the server to release the abandoned request")
-            except AssertionError as err:  # raised in the scheduler's thread: the test must still fail
-                missed.append(err)
-                raise
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(plain_server.engine.model, "forward", held)
+    runtime, (calls, missed) = plain_server.app.state.runtime, hold_steps_until_released(plain_server, monkeypatch)
     client = raw_post(
         plain_server.url, "/generate", {"inputs": "I lost my card", "parameters": {"max_new_tokens": 400}}
     )
@@ -659,7 +658,7 @@ def test_prefill_details_are_each_prompt_tokens_logprob_however_they_are_chunked
 
 
 @pytest.mark.integration
-def test_stacked_adapters_compute_what_peft_computes(server, tiny_base):
+def test_stacked_adapters_compute_what_peft_computes(server, tiny_base, adapters):
     """The engine adds each row's adapter itself (serving.multi_lora); PEFT's own layers are the reference."""
     import torch
     from peft import PeftModel
@@ -668,11 +667,11 @@ def test_stacked_adapters_compute_what_peft_computes(server, tiny_base):
     engine, ids = server.engine, torch.tensor([server.engine.tokenizer(PROMPTS[1])["input_ids"]] * 3)
     reference = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_base, dtype=engine.dtype),
-        engine.lora_paths["lora-a"],
+        adapters["lora-a"],
         adapter_name="lora-a",
         autocast_adapter_dtype=False,
     )
-    reference.load_adapter(engine.lora_paths["lora-b"], adapter_name="lora-b", autocast_adapter_dtype=False)
+    reference.load_adapter(adapters["lora-b"], adapter_name="lora-b", autocast_adapter_dtype=False)
     reference.eval()
     engine.lora.select([engine.adapter_names[name] for name in ("lora-a", "lora-b")] + [None])
     with torch.inference_mode():
