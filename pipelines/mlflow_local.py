@@ -2,15 +2,20 @@
 
 SQLite store and artifacts live in a git-ignored folder. The server outlives `make run` so the
 UI can be opened afterwards; its pid file lets the next run reuse it and `llmops mlflow-stop` end it.
+A record per port outside that folder (in the llmops cache) names the store each server was started on,
+so a server whose store was deleted (`rm -rf .llmops`) is replaced rather than reused, and a server that
+is not ours is never mistaken for one.
 The webhook settings let the deployer's loopback receiver get registry events.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +25,12 @@ import requests
 DEFAULT_PORT = 5077
 
 
+def record_path(port: int) -> Path:
+    """Which store the server on `port` was started on. Kept outside the store, which a user may delete, and
+    in the temp directory, which a reboot clears along with the processes the records name."""
+    return Path(tempfile.gettempdir()) / f"llmops-mlflow-{os.getuid()}" / f"{port}.json"
+
+
 @dataclass
 class LocalServer:
     url: str
@@ -27,8 +38,15 @@ class LocalServer:
     process: subprocess.Popen | None = None
 
     def stop(self) -> None:
-        stop_pid(self.process.pid if self.process else _read_pid(self.root))
+        """Stop this store's server, found by its pid file or, when the store was deleted, by its record."""
+        records = {path: _read_record(path) for path in record_path(0).parent.glob("*.json")}
+        pid = self.process.pid if self.process else _read_pid(self.root)
+        pid = pid or next((r.get("pid") for r in records.values() if r.get("root") == str(self.root)), None)
+        stop_pid(pid)
         (self.root / "server.pid").unlink(missing_ok=True)
+        for path, record in records.items():
+            if pid and record.get("pid") == pid:
+                path.unlink(missing_ok=True)
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
@@ -43,6 +61,46 @@ def _read_pid(root: Path) -> int | None:
         return int((root / "server.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid: int | None) -> bool:
+    try:
+        return bool(pid) and os.kill(pid, 0) is None
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _ours(url: str, root: Path, port: int) -> bool:
+    """Whether the server answering on `url` serves this store. A server llmops started on a store that has
+    since been deleted is stopped (it would write into files nobody can see, then fail); any other server
+    is refused with what to do."""
+    record = _read_record(record_path(port))
+    if not _alive(record.get("pid")) and _read_pid(root) and _alive(_read_pid(root)):
+        record = {"pid": _read_pid(root), "root": str(root)}  # started before records existed
+    if not _alive(record.get("pid")):
+        raise RuntimeError(
+            f"{url} answers, but it is no MLflow server llmops started here; set LLMOPS_MLFLOW_PORT to a free "
+            "port, or MLFLOW_TRACKING_URI to use that server"
+        )
+    theirs = Path(record["root"])
+    if (theirs / "mlflow.db").exists():
+        if theirs == root:
+            return True
+        raise RuntimeError(
+            f"{url} is the local MLflow server of another store ({theirs}); stop it with `llmops mlflow-stop "
+            f"--root {theirs.parent}`, or set LLMOPS_MLFLOW_PORT to a free port"
+        )
+    print(f"stopping the local MLflow server on {url}: its store {theirs} was deleted", file=sys.stderr)
+    stop_pid(record["pid"])
+    record_path(port).unlink(missing_ok=True)
+    return False
 
 
 def stop_pid(pid: int | None) -> None:
@@ -92,7 +150,7 @@ def start(
     """
     root = Path(root).resolve()
     url = f"http://127.0.0.1:{port}"
-    if healthy(url):
+    if healthy(url) and _ours(url, root, port):
         return LocalServer(url, root)
     (root / "artifacts").mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -129,6 +187,8 @@ def start(
     log = open(root / "server.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     (root / "server.pid").write_text(f"{proc.pid} {port}\n")
+    record_path(port).parent.mkdir(parents=True, exist_ok=True)
+    record_path(port).write_text(json.dumps({"pid": proc.pid, "root": str(root)}))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
