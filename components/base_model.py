@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from components import chat_templates
 from components.artifacts import BaseModelDir, record_config
 from components.config import PACKAGED_MODEL, ModelSection
 from components.util import console, file_sha256, heading, tree_sha256, write_json
@@ -53,7 +54,7 @@ def source_key(cfg: ModelSection) -> tuple[str, dict]:
         info = {"kind": "dir", "path": str(Path(src).resolve()), "sha256": tree_sha256(Path(src))}
     else:
         info = {"kind": "hub", "id": src, "sha256": hashlib.sha256(f"{src}@{cfg.revision}".encode()).hexdigest()}
-    key = hashlib.sha256(f"{info['sha256']}|{cfg.dtype}|{FORMAT_VERSION}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{info['sha256']}|{cfg.dtype}|{cfg.chat_template}|{FORMAT_VERSION}".encode()).hexdigest()[:20]
     return key, info
 
 
@@ -135,6 +136,11 @@ def resolve(cfg: ModelSection, out_dir: Path) -> dict:
     if not hit:
         console.print(f"converting {cfg.base_model} to {cfg.dtype} safetensors (cache key {key})")
         model, tok = _load(cfg, info)
+        had_template = bool(tok.chat_template)
+        template = chat_templates.choose(tok, cfg.chat_template)  # before the pad choice, which avoids its tokens
+        if template != chat_templates.OWN:
+            why = "replacing the model's own" if had_template else "the model ships none"
+            console.print(f"chat template: {template} ({why}; model.chat_template={cfg.chat_template})")
         pad = ensure_distinct_pad(model, tok)
         tmp = cached.with_name(cached.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,6 +151,7 @@ def resolve(cfg: ModelSection, out_dir: Path) -> dict:
             "cache_key": key,
             "dtype": cfg.dtype,
             "pad_token": pad,
+            "chat_template": template,
             "eos_token": tok.eos_token,
             "parameters": model.num_parameters(),
         }

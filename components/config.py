@@ -39,6 +39,12 @@ class ModelSection(Section):
     )
     revision: str | None = Field(None, description="Hugging Face revision (branch, tag or commit) of base_model")
     dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="16-bit dtype the base weights are stored in")
+    chat_template: Literal["auto", "chatml", "llama2", "alpaca"] = Field(
+        "auto",
+        description="the chat format data is rendered in, saved into the merged tokenizer and served: auto keeps "
+        "the base model's own template and gives one without a template ChatML; chatml, llama2 ([INST]) or "
+        "alpaca (### Instruction) replace it",
+    )
 
 
 class DataSection(Section):

@@ -97,6 +97,7 @@ def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
         PIPELINE_RUN_TAG: pipeline_run,
         "recommended_quantize": quant["recommended_quantize"],
         "chat_template_sha256": chat_template_hash(MergedModel(paths["merged"]).model_dir),
+        "chat_template": base.get("chat_template", "own"),  # the format trained and served (model.chat_template)
         "task_format": data["format"],
         **contract_tags(MergedModel(paths["merged"]).model_dir),
     }

@@ -76,7 +76,7 @@ def wait_for(condition, timeout: float = 120.0, what: str = "the condition", pol
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def build_tiny_llama(out: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
+def build_tiny_llama(out: Path, seed: int = 0, initializer_range: float = 0.02, chat_template=CHATML) -> Path:
     """A 2-layer Llama and a byte-level BPE tokenizer trained on the demo data, saved as an HF directory.
 
     Its pad token equals EOS, as SmolLM2's does, so the base-model stage has to fix it.
@@ -101,7 +101,7 @@ def build_tiny_llama(out: Path, seed: int = 0, initializer_range: float = 0.02) 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token=None, unk_token=None
     )
-    tok.chat_template = CHATML
+    tok.chat_template = chat_template  # None: a base model that ships no template
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok),

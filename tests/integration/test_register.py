@@ -67,12 +67,14 @@ def test_version_is_an_mlflow_model_with_lineage_metrics_params_and_data(mlflow_
         "llmops.pipeline_run",
         "recommended_quantize",
         "chat_template_sha256",
+        "chat_template",
         "eval.tuned.exact_match",
         "weights.manifest_sha256",
         "llmops.adapter_model_id",
     ):
         assert version.tags.get(tag), tag
     assert version.tags["llmops.pipeline_run"] == "pipeline-run-1" and len(version.tags["config_sha256"]) == 64
+    assert version.tags["chat_template"] == "own"  # the tiny base ships ChatML, which model.chat_template=auto keeps
     model_id = version.tags["llmops.model_id"]
     assert version.source == f"models:/{model_id}"  # created from the LoggedModel, not from a folder
 
