@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from components.util import console
+from components.progress import StageProgress
 
 
 def normalize(text: str) -> str:
@@ -78,12 +78,11 @@ def _greedy_batches(
     little is padding; padding is on the left, so every row's new tokens start at the same column.
     `allowed(new_ids) -> token ids` constrains each step (label decoding)."""
     import torch
-    from rich.progress import Progress
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    # transient bar, and none at all inside another live display (validation runs under training's bar)
-    with Progress(console=console, transient=True, disable=progress is None) as bar, torch.inference_mode():
-        task = bar.add_task(progress or "", total=len(prompts))
+    # none at all inside another live display (validation runs under training's bar)
+    shown = StageProgress(progress or "", len(prompts), "prompts", quiet=progress is None)
+    with shown, torch.inference_mode():
         for idx in _batches(order, batch_size):
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = enc.to(model.device)
@@ -103,7 +102,7 @@ def _greedy_batches(
                 **constraint,
             )
             yield idx, out[:, width:]
-            bar.advance(task, len(idx))
+            shown.advance(len(idx))
 
 
 def generate(
@@ -165,12 +164,13 @@ def predict_labels(
     return [out[i] for i in range(len(prompts))]
 
 
-def response_nll(model, tok, examples: list[dict], batch_size: int) -> tuple[float, int]:
+def response_nll(model, tok, examples: list[dict], batch_size: int, progress: str | None = None) -> tuple[float, int]:
     """Summed negative log-likelihood of the responses given the prompts, and the token count."""
     import torch
 
     total, count = 0.0, 0
-    with torch.inference_mode():
+    shown = StageProgress(progress or "", len(examples), "examples", quiet=progress is None)
+    with shown, torch.inference_mode():
         for batch in _batches(examples, batch_size):
             p = tok([e["prompt"] for e in batch], add_special_tokens=False)["input_ids"]
             c = tok([e["completion"] for e in batch], add_special_tokens=False)["input_ids"]
@@ -189,4 +189,5 @@ def response_nll(model, tok, examples: list[dict], batch_size: int) -> tuple[flo
             )
             total += float(nll)
             count += int((target != -100).sum())
+            shown.advance(len(batch))
     return total, count

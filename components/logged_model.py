@@ -10,10 +10,13 @@ so later work can serve registered adapters on a shared base.
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 from components import chat_pyfunc, weights_manifest
 from components.artifacts import PreparedData
+from components.progress import megabytes
+from components.util import console
 
 ADAPTER_MODEL_TAG = "llmops.adapter_model_id"
 DATASET_COLUMNS = ("id", "answer", "prompt", "completion")
@@ -49,6 +52,7 @@ def log_chat_model(model_dir: Path, params: dict[str, str]):
 
     import mlflow
 
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         manifest = Path(scratch) / weights_manifest.MANIFEST_FILE
         manifest_sha = weights_manifest.write(model_dir, manifest)
@@ -65,6 +69,10 @@ def log_chat_model(model_dir: Path, params: dict[str, str]):
             pip_requirements=requirements(),
             params=params,
         )
+    files = [p for p in Path(model_dir).rglob("*") if p.is_file()]
+    size = megabytes(sum(p.stat().st_size for p in files))
+    elapsed = time.perf_counter() - started
+    console.print(f"uploaded the served model to MLflow: {len(files)} files ({size}) in {elapsed:.1f} s")
     return info, manifest_sha
 
 

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError, NoCredentialsError
 
-from components.util import file_sha256
+from components.progress import StageProgress, megabytes
+from components.util import console, file_sha256
 
 MANIFEST = "MANIFEST.sha256.json"
 MIB = 1024 * 1024
@@ -122,9 +124,9 @@ def upload_dir(local_dir: str | Path, uri: str, threshold: int = 64 * MIB, chunk
     bucket, prefix = parse_uri(uri)
     manifest = build_manifest(root)
     s3, config = client(), TransferConfig(multipart_threshold=threshold, multipart_chunksize=chunk)
-    with _errors(uri):
+    with _errors(uri), _transfer("upload", uri, manifest) as shown:
         for rel in manifest:
-            s3.upload_file(str(root / rel), bucket, _join(prefix, rel), Config=config)
+            s3.upload_file(str(root / rel), bucket, _join(prefix, rel), Config=config, Callback=shown.advance)
         # Written last: a crash mid-upload leaves no manifest, so nobody downloads a partial model.
         s3.put_object(
             Bucket=bucket,
@@ -133,6 +135,17 @@ def upload_dir(local_dir: str | Path, uri: str, threshold: int = 64 * MIB, chunk
             ContentType="application/json",
         )
     return manifest
+
+
+@contextmanager
+def _transfer(verb: str, uri: str, manifest: dict[str, dict]):
+    """Bytes moved so far as they move (boto3 calls back from its threads), then one line with the size."""
+    total, started = sum(m["size"] for m in manifest.values()), time.perf_counter()
+    with StageProgress(f"{verb} {uri}", total, show=megabytes) as shown:
+        yield shown
+    elapsed = time.perf_counter() - started
+    where = "to" if verb == "upload" else "from"
+    console.print(f"{verb}ed {len(manifest)} files ({megabytes(total)}) {where} {uri} in {elapsed:.1f} s")
 
 
 def _remote_manifest(s3, bucket: str, prefix: str, uri: str) -> dict[str, dict]:
@@ -162,10 +175,10 @@ def _matches(local_dir: Path, manifest: dict[str, dict]) -> bool:
     )
 
 
-def _fetch(s3, bucket: str, key: str, dest: Path, expected: dict, uri: str, config: TransferConfig) -> None:
+def _fetch(s3, bucket: str, key: str, dest: Path, expected: dict, uri: str, config: TransferConfig, done) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _errors(uri):
-        s3.download_file(bucket, key, str(dest), Config=config)
+        s3.download_file(bucket, key, str(dest), Config=config, Callback=done)
     size, digest = dest.stat().st_size, file_sha256(dest)
     if (size, digest) != (expected["size"], expected["sha256"]):
         raise IntegrityError(
@@ -188,8 +201,10 @@ def download_dir(uri: str, local_dir: str | Path, threshold: int = 64 * MIB, chu
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     try:
-        for rel, expected in manifest.items():
-            _fetch(s3, bucket, _join(prefix, rel), tmp / rel, expected, f"{uri.rstrip('/')}/{rel}", config)
+        with _transfer("download", uri, manifest) as shown:
+            for rel, expected in manifest.items():
+                where = f"{uri.rstrip('/')}/{rel}"
+                _fetch(s3, bucket, _join(prefix, rel), tmp / rel, expected, where, config, shown.advance)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         # Move a stale target aside first: two renames are as close to an atomic directory swap as POSIX gets.
         if target.exists():

@@ -19,6 +19,7 @@ from components.answer_batches import AnswerBatches, answer_loss, tokenize
 from components.artifacts import PreparedData, TrainedAdapter, record_config
 from components.checkpoints import CheckpointStore, StopOnSigterm, UploadCheckpoints, last_complete_checkpoint
 from components.config import TrainSection
+from components.progress import StageProgress
 from components.storage import MANIFEST
 from components.util import console, heading, quiet_libraries, write_json
 
@@ -112,45 +113,20 @@ def load_model(cfg: TrainSection, base_dir: Path):
 
 
 class ReportProgress(TrainerCallback):
-    """Training progress: a live bar on a terminal, a plain line every PLAIN_EVERY_S seconds in a pipe (kfp.local,
-    a cluster pod's log), plus loss, learning rate and non-padding tokens/s to MLflow."""
-
-    PLAIN_EVERY_S = 15.0
+    """Training progress (components.progress: a bar on a terminal, a plain line every 15 s in a pipe), plus
+    loss, learning rate and non-padding tokens/s to MLflow."""
 
     def __init__(self, tracker, total_steps: int):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.tracker = tracker
-        self.live = console.is_terminal
-        self.bar = Progress(
-            TextColumn("train"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} steps"),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        self.total_steps = total_steps
-        self.task = None
+        self.tracker, self.progress = tracker, StageProgress("train step", total_steps, end_line=True)
         self.mark = (time.perf_counter(), 0)
-        self.started, self.printed, self.info = time.perf_counter(), time.perf_counter(), ""
 
     def on_train_begin(self, args, state, control, **kw):
-        if self.live:
-            self.bar.start()
-        self.task = self.bar.add_task("train", total=self.total_steps, completed=state.global_step, info="")
+        self.progress.__enter__()
+        self.progress.start_at(state.global_step)  # a resumed run: the ETA counts only the steps left
         self.mark = (time.perf_counter(), state.num_input_tokens_seen)
-        self.first_step, self.started = state.global_step, time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
-        self.bar.update(self.task, completed=state.global_step)
-        now = time.perf_counter()
-        if not self.live and (now - self.printed >= self.PLAIN_EVERY_S or state.global_step == self.total_steps):
-            self.printed = now
-            done = state.global_step - self.first_step
-            left = (now - self.started) / max(done, 1) * (self.total_steps - state.global_step)
-            eta = time.strftime("%H:%M:%S", time.gmtime(left))
-            console.print(f"train step {state.global_step}/{self.total_steps}{self.info} · ETA {eta}", soft_wrap=True)
+        self.progress.update(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kw):
         now, seen = time.perf_counter(), state.num_input_tokens_seen
@@ -159,13 +135,11 @@ class ReportProgress(TrainerCallback):
         metrics = {k: v for k, v in (logs or {}).items() if k in ("loss", "learning_rate", "grad_norm")}
         if "loss" in metrics:
             metrics["tokens_per_s"] = tps
-            self.info = f" · loss {metrics['loss']:.3f} · {tps:.0f} tok/s"
-            self.bar.update(self.task, info=self.info.removeprefix(" · "))
+            self.progress.update(info=f"loss {metrics['loss']:.3f} · {tps:.0f} tok/s")
         self.tracker.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=state.global_step)
 
     def on_train_end(self, args, state, control, **kw):
-        if self.live:
-            self.bar.stop()
+        self.progress.__exit__(None, None, None)
 
 
 def validation_callback(
