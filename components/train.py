@@ -273,9 +273,8 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
         write_json(out.history_file, trainer.state.log_history)
         write_json(out.metrics_file, metrics)
         tracker.log_stats(metrics, prefix="train_summary")
-    console.print(
-        f"trained {metrics['steps']} steps in {elapsed:.0f}s, loss {metrics['first_loss']} → {metrics['last_loss']}"
-    )
+    first, last = (f"{v:.3f}" if v is not None else "n/a" for v in (metrics["first_loss"], metrics["last_loss"]))
+    console.print(f"trained {metrics['steps']} steps in {elapsed:.0f}s, loss {first} → {last}")
     return metrics
 
 
