@@ -140,10 +140,9 @@ def deployer(
         )
     app = create_app(Deployer(backend, alias=cfg.alias, interval_s=interval, models=cfg.models), Verifier(secret))
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        uvicorn.run(app, host=host, port=port, log_level="info")  # its shutdown closes the backend
     finally:
-        if isinstance(backend, LocalBackend):
-            backend.stop_all()
+        backend.close()  # when uvicorn never started (the port taken); a second close stops nothing more
 
 
 @app.command()

@@ -76,6 +76,9 @@ class KubeBackend:
             return None  # annotations say one thing, the server serves another: redo it
         return current
 
+    def close(self) -> None:
+        """What this backend deployed keeps serving: the cluster owns it."""
+
     def deploy(self, target: Target) -> tuple[bool, str]:
         from serving import kube
 
@@ -107,6 +110,8 @@ class LocalBackend:
         self.base_port, self.host, self.startup_s = base_port, host, startup_s
         self.log_dir = Path(log_dir or Path(".llmops") / "serving")
         self.servers: dict[str, tuple[subprocess.Popen, int]] = {}
+        self.starting: set[subprocess.Popen] = set()  # not yet answering; close() stops these too
+        self.closing = threading.Event()
 
     def actual(self, name: str) -> dict | None:
         if name not in self.servers:
@@ -149,26 +154,32 @@ class LocalBackend:
             stdout=logfile,
             stderr=subprocess.STDOUT,
         )
+        self.starting.add(proc)
         deadline = time.monotonic() + self.startup_s
-        while time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline and proc.poll() is None and not self.closing.is_set():
             if server_info(url, timeout=1.0):
                 break
-            time.sleep(0.3)
+            self.closing.wait(0.3)
         else:
+            self.starting.discard(proc)
             proc.kill()
             logfile.close()
             # the previous server, if any, keeps serving; the reason is the server's last word
             return False, last_line(self.log_dir / f"{target.name}-{target.version}.log") or f"no answer from {url}"
         old = self.servers.get(target.name)
         self.servers[target.name] = (proc, port)
+        self.starting.discard(proc)
         if old:
             _stop(old[0])
         return True, url
 
-    def stop_all(self) -> None:
-        for proc, _ in self.servers.values():
+    def close(self) -> None:
+        """Stop every server this backend started, those still starting included."""
+        self.closing.set()
+        for proc in [*self.starting, *(proc for proc, _ in self.servers.values())]:
             _stop(proc)
         self.servers.clear()
+        self.starting.clear()
 
 
 def last_line(path: Path) -> str:

@@ -10,11 +10,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from serving.body_limit import BodyLimit
 from serving.deployer import Deployer
 from serving.webhooks import Rejected, Verifier
 
 log = logging.getLogger("llmops.deployer")
 WEBHOOK_NAME = "llmops-deployer"
+WEBHOOK_MAX_BYTES = 64 * 1024
 
 
 def create_app(deployer: Deployer, verifier: Verifier) -> FastAPI:
@@ -28,8 +30,13 @@ def create_app(deployer: Deployer, verifier: Verifier) -> FastAPI:
         stop.set()
         deployer.notify()
         loop.join(timeout=30)
+        # Here, not after uvicorn.run returns: uvicorn re-raises SIGTERM once it has shut down, which ends the
+        # process before any code after it runs, and the local servers it started would outlive it.
+        deployer.backend.close()
 
     app = FastAPI(title="llmops deployer", lifespan=lifespan)
+    # MLflow's deliveries are a few hundred bytes; a larger body is refused before it is read.
+    app.add_middleware(BodyLimit, max_bytes=WEBHOOK_MAX_BYTES)
 
     @app.post("/webhook")
     async def webhook(request: Request):
@@ -39,8 +46,13 @@ def create_app(deployer: Deployer, verifier: Verifier) -> FastAPI:
         except Rejected as err:
             log.warning("webhook rejected: %s", err.reason)
             return JSONResponse({"error": err.reason}, status_code=err.status)
-        event = json.loads(body)
-        data = event.get("data") or {}
+        try:
+            event = json.loads(body)
+        except ValueError:
+            event = None
+        data = event.get("data") or {} if isinstance(event, dict) else None
+        if not isinstance(data, dict):  # signed, yet not an MLflow event: nothing to act on
+            return JSONResponse({"error": "the body is not an MLflow webhook event"}, status_code=400)
         relevant = event.get("entity") == "model_version_alias" and data.get("alias") == deployer.alias
         log.info("webhook %s: %s.%s %s", delivery, event.get("entity"), event.get("action"), data)
         if relevant:

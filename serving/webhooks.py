@@ -28,11 +28,18 @@ class Rejected(Exception):
 
 
 def load_secret() -> str:
+    """The signing secret; an empty one would make every signature a guessable constant, so it stops the start."""
     if os.environ.get(SECRET_FILE_ENV):
-        return Path(os.environ[SECRET_FILE_ENV]).read_text().strip()
-    if os.environ.get(SECRET_ENV):
-        return os.environ[SECRET_ENV]
-    raise RuntimeError(f"set {SECRET_ENV} or {SECRET_FILE_ENV} (the webhook signing secret)")
+        where, secret = os.environ[SECRET_FILE_ENV], Path(os.environ[SECRET_FILE_ENV]).read_text().strip()
+    else:
+        where, secret = SECRET_ENV, os.environ.get(SECRET_ENV, "").strip()
+    if not secret:
+        raise RuntimeError(
+            f"the webhook signing secret is empty or unset ({where}): set {SECRET_ENV}, or {SECRET_FILE_ENV} to "
+            "a mounted Secret's file, to a random value MLflow will sign with "
+            '(python3 -c "import secrets; print(secrets.token_hex(16))")'
+        )
+    return secret
 
 
 def sign(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
@@ -47,6 +54,8 @@ class Verifier:
     remembered: int = 10_000
 
     def __post_init__(self):
+        if not self.secret.strip():
+            raise ValueError("the webhook signing secret is empty")
         self._seen: OrderedDict[str, float] = OrderedDict()
 
     def __repr__(self) -> str:  # never let the secret reach a log line
@@ -59,7 +68,9 @@ class Verifier:
         signature = headers.get("x-mlflow-signature", "")
         if not (delivery_id and timestamp and signature):
             raise Rejected(400, "missing X-MLflow-Delivery-Id, X-MLflow-Timestamp or X-MLflow-Signature")
-        if not hmac.compare_digest(sign(self.secret, delivery_id, timestamp, body), signature):
+        # compare_digest raises on non-ASCII text: a malformed header is a bad signature, never a 500
+        expected = sign(self.secret, delivery_id, timestamp, body)
+        if not signature.isascii() or not hmac.compare_digest(expected, signature):
             raise Rejected(401, "bad signature")
         try:
             age = (now or time.time()) - int(timestamp)

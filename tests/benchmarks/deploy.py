@@ -75,7 +75,7 @@ def measure() -> dict:
             "interval_s": INTERVAL_S,
         }
     finally:
-        backend.stop_all()
+        backend.close()
         server.stop()
 
 

@@ -211,6 +211,30 @@ def test_forged_and_replayed_webhooks_change_nothing(model_name):
             assert deployer.passes == passes + 1 and len(kube.writes()) == writes
 
 
+def test_oversized_and_malformed_webhook_bodies_are_refused_before_they_are_acted_on():
+    from serving.deployer_app import WEBHOOK_MAX_BYTES
+
+    with FakeKube() as kube:
+        live, deployer = deployer_live(kube)
+        woken = record_wakeups(deployer)
+        with live:
+            ts = str(int(time.time()))
+            for n, (body, status) in enumerate(
+                [(b"x" * (WEBHOOK_MAX_BYTES + 1), 413), (b"not json", 400), (b"[1, 2]", 400), (b'{"data": 7}', 400)]
+            ):
+                signed = {
+                    "X-MLflow-Delivery-Id": f"m{n}",
+                    "X-MLflow-Timestamp": ts,
+                    "X-MLflow-Signature": sign(SECRET, f"m{n}", ts, body),
+                }
+                answer = requests.post(f"{live.url}/webhook", data=body, headers=signed, timeout=10)
+                assert answer.status_code == status, answer.text
+                # and streamed without a length, the oversized body is counted as it arrives
+            chunks = (b"x" * 4096 for _ in range(WEBHOOK_MAX_BYTES // 4096 + 2))
+            assert requests.post(f"{live.url}/webhook", data=chunks, timeout=10).status_code == 413
+            assert woken == []  # (the shutdown wakes the loop to end it, so this is checked before)
+
+
 def test_two_quick_promotions_end_with_the_last(model_name):
     from mlflow import MlflowClient
 
@@ -312,3 +336,64 @@ def test_a_version_whose_gate_failed_is_refused_until_a_person_overrides_it(mode
         for tag in ("gate.override", "deploy.status", "deploy.reason", "deploy.gate_override"):
             client.delete_model_version_tag(model_name, "2", tag)
         client.set_model_version_tag(model_name, "2", "gate.verdict", "passed")
+
+
+def serving_processes(model_uri: str) -> list[int]:
+    """Pids of live `llmops serve <model_uri>` processes (read from /proc)."""
+    from pathlib import Path
+
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # gone while we looked
+            continue
+        if b"serve" in args and model_uri.encode() in args:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_a_local_deployer_stopped_with_sigterm_stops_the_servers_it_started(mlflow_server, tiny_base, tmp_path):
+    """`llmops deployer &` then `kill %1`, as a user stops it: the model server it started goes with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from tests.conftest import free_port, register_served
+
+    name = f"sigterm-{uuid.uuid4().hex[:6]}"
+    version = register_served(name, tiny_base, {"gate.verdict": "passed"}).version
+    client = MlflowClient()
+    env = {**os.environ, "LLMOPS_WEBHOOK_SECRET": SECRET, "LLMOPS_SERVING_DIR": str(tmp_path / "records")}
+    llmops = str(Path(sys.executable).with_name("llmops"))
+    args = ["deployer", "--mode", "local", "--port", str(free_port()), "--interval", "1", f"deploy.models=[{name}]"]
+    log = (tmp_path / "deployer.log").open("w")
+    deployer = subprocess.Popen([llmops, *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client.set_registered_model_alias(name, "champion", version)
+        wait_for(
+            lambda: client.get_model_version(name, version).tags.get("deploy.status") in ("deployed", "failed"),
+            timeout=180,
+            what="the local server to be deployed",
+        )
+        tags = client.get_model_version(name, version).tags
+        assert tags["deploy.status"] == "deployed", (tags, (tmp_path / "deployer.log").read_text()[-3000:])
+        endpoint = tags["deploy.endpoint"]
+        assert requests.get(f"{endpoint}/health", timeout=5).status_code == 200
+        assert serving_processes(f"models:/{name}/{version}")
+
+        deployer.send_signal(signal.SIGTERM)  # to the deployer alone, not its process group
+        deployer.wait(timeout=90)
+        assert serving_processes(f"models:/{name}/{version}") == []
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{endpoint}/health", timeout=5)
+    finally:
+        if deployer.poll() is None:
+            deployer.kill()
+        for pid in serving_processes(f"models:/{name}/{version}"):
+            os.kill(pid, signal.SIGKILL)
+        client.delete_registered_model(name)

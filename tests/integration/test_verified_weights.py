@@ -103,5 +103,5 @@ def test_the_deployer_marks_a_tampered_version_failed_and_keeps_the_previous_one
         assert tags["deploy.status"] == "failed" and "model.safetensors differs" in tags["deploy.reason"]
         assert backend.actual(name)["version"] == good.version  # the previous version keeps serving
     finally:
-        backend.stop_all()
+        backend.close()
         client.delete_registered_model_alias(name, "champion")

@@ -55,3 +55,32 @@ def test_secret_never_reaches_a_log(caplog):
     verifier = Verifier(SECRET)
     logging.getLogger("llmops.deployer").warning("verifier %r %s", verifier, verifier)
     assert SECRET not in caplog.text and SECRET not in repr(verifier)
+
+
+@pytest.mark.parametrize("signature", ["v1,é-not-ascii", "garbage", "v1,", "v1,\x00\x01"])
+def test_a_malformed_or_non_ascii_signature_is_a_401(signature):
+    hdrs = {**headers(), "x-mlflow-signature": signature}
+    with pytest.raises(Rejected) as err:
+        Verifier(SECRET).verify(hdrs, b"{}")
+    assert err.value.status == 401
+
+
+def test_an_empty_or_missing_secret_stops_the_start_with_what_to_set(monkeypatch, tmp_path):
+    from serving.webhooks import SECRET_ENV, SECRET_FILE_ENV, load_secret
+
+    monkeypatch.delenv(SECRET_FILE_ENV, raising=False)
+    for value in (None, "", "   "):
+        if value is None:
+            monkeypatch.delenv(SECRET_ENV, raising=False)
+        else:
+            monkeypatch.setenv(SECRET_ENV, value)
+        with pytest.raises(RuntimeError, match=f"empty or unset \\({SECRET_ENV}\\).*token_hex"):
+            load_secret()
+    (tmp_path / "secret").write_text("\n")
+    monkeypatch.setenv(SECRET_FILE_ENV, str(tmp_path / "secret"))
+    with pytest.raises(RuntimeError, match=f"empty or unset \\({tmp_path / 'secret'}\\)"):
+        load_secret()
+    (tmp_path / "secret").write_text("from-the-mounted-secret\n")
+    assert load_secret() == "from-the-mounted-secret"
+    with pytest.raises(ValueError, match="empty"):
+        Verifier("")
