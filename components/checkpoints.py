@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -30,6 +31,31 @@ PREFIX = "checkpoint-"
 # the best adapter it has seen, or it could hand on a worse one. Each best goes to a new best-<step>
 # directory; the record names it only once it is complete, so the record is the commit point.
 BEST, VALIDATION = "best", "validation.json"
+# Names read back from storage are checked before they touch the disk: a step number only, never a path.
+CHECKPOINT_NAME, BEST_NAME = re.compile(rf"{PREFIX}(\d+)"), re.compile(rf"{BEST}-(\d+)")
+
+
+def trusted_name(name, pattern: re.Pattern, source: str) -> str | None:
+    """`name` when it is exactly a name this code writes; otherwise a warning, and None (skipped, never followed)."""
+    if isinstance(name, str) and pattern.fullmatch(name):
+        return name
+    console.print(f"warning: skipping {name!r} from {source}: not a {pattern.pattern} name", soft_wrap=True)
+    return None
+
+
+def read_validation(path: Path) -> dict:
+    """Validation's saved state; a best adapter whose directory name is not `best-<step>` is dropped."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except ValueError:
+        console.print(f"warning: {path} is not JSON; validation starts afresh")
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    best = saved.get("best")
+    if best is not None and not (isinstance(best, dict) and trusted_name(best.get("dir"), BEST_NAME, str(path))):
+        saved["best"] = None
+    return saved
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -61,7 +87,7 @@ def _step(path: Path | str) -> int:
 
 
 def last_complete_checkpoint(root: Path) -> Path | None:
-    found = [p for p in Path(root).glob(f"{PREFIX}*") if p.name[len(PREFIX) :].isdigit() and is_complete(p)]
+    found = [p for p in Path(root).glob(f"{PREFIX}*") if CHECKPOINT_NAME.fullmatch(p.name) and is_complete(p)]
     return max(found, key=_step, default=None)
 
 
@@ -106,12 +132,13 @@ class CheckpointStore:
 
         bucket, prefix = parse_uri(self.remote)
         pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{PREFIX}")
-        finished = {
-            key.rsplit("/", 2)[-2]
+        listed = {
+            key[len(prefix) + 1 : -len(MANIFEST) - 1]
             for page in pages
             for key in (o["Key"] for o in page.get("Contents", []))
             if key.endswith(f"/{MANIFEST}")
         }  # the manifest is uploaded last: its presence means complete
+        finished = {name for name in listed if trusted_name(name, CHECKPOINT_NAME, self.remote)}
         if finished:
             newest = max(finished, key=_step)
             console.print(f"restoring {newest} from {self.remote}")
@@ -120,7 +147,7 @@ class CheckpointStore:
             download_file(f"{self.remote}/{VALIDATION}", self.local / VALIDATION)
         except FileNotFoundError:
             return  # no validation in this run, or none recorded yet
-        best = json.loads((self.local / VALIDATION).read_text()).get("best")
+        best = read_validation(self.local / VALIDATION).get("best")
         if best:
             download_dir(f"{self.remote}/{best['dir']}", self.local / best["dir"])
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from components.artifacts import TrainedAdapter
-from components.checkpoints import BEST, VALIDATION, CheckpointStore, any_rank
+from components.checkpoints import BEST, VALIDATION, CheckpointStore, any_rank, read_validation
 from components.config import TrainSection
 from components.inference import LabelTrie, load_tokenizer, predict_labels
 from components.scoring import accuracy
-from components.util import console, read_json, write_json
+from components.util import console, write_json
 
 
 def plot_curve(curve: list[dict], path: Path, target: float | None) -> Path:
@@ -63,7 +63,7 @@ class ValidateAndStop(TrainerCallback):
         self.trie = LabelTrie(self.tok, labels)
         self.prompts, self.answers = [e["prompt"] for e in examples], [e["answer"] for e in examples]
         self.state_file = store.local / VALIDATION
-        saved = read_json(self.state_file) if self.state_file.exists() else {}
+        saved = read_validation(self.state_file) if self.state_file.exists() else {}
         self.curve: list[dict] = saved.get("curve", [])
         self.best: dict | None = saved.get("best")
         self.offset = self.curve[-1]["seconds"] if self.curve else 0.0  # wall-clock of earlier attempts

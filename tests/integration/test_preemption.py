@@ -167,3 +167,38 @@ def test_validation_state_and_best_adapter_follow_the_checkpoints_to_s3(moto_url
     CheckpointStore(tmp_path / "local-only").push(
         VALIDATION
     )  # a PVC root is durable as is: nothing to upload, no error
+
+
+@pytest.mark.parametrize(
+    "best_dir", ["../../outside", "/tmp/absolute", "best-12/../../outside", "best-x", 7, None, "checkpoint-4"]
+)
+def test_names_read_back_from_s3_are_checked_before_they_touch_the_disk(moto_url, tmp_path, capsys, best_dir):
+    """Object keys and validation's best.dir come from storage anyone with bucket access can write: a name that is
+    not one this code writes is skipped with a warning, never followed, and the restore still finds what is whole."""
+    from components import storage
+    from components.checkpoints import VALIDATION, CheckpointStore
+
+    bucket = f"names-{uuid.uuid4().hex[:8]}"
+    s3 = storage.client()
+    s3.create_bucket(Bucket=bucket)
+    remote = f"s3://{bucket}/checkpoints/run"
+    good = tmp_path / "src" / "checkpoint-3"
+    good.mkdir(parents=True)
+    (good / "trainer_state.json").write_text("{}")
+    (good / "adapter_model.safetensors").write_bytes(os.urandom(64))
+    storage.upload_dir(good, f"{remote}/checkpoint-3")
+    for name in ("checkpoint-abc", "checkpoint-9/../../escape", "checkpoint-12/nested"):  # each would win or crash
+        s3.put_object(Bucket=bucket, Key=f"checkpoints/run/{name}/{storage.MANIFEST}", Body=b"{}")
+    record = {"best": {"step": 12, "accuracy": 0.9, "dir": best_dir}, "curve": []}
+    s3.put_object(Bucket=bucket, Key=f"checkpoints/run/{VALIDATION}", Body=json.dumps(record).encode())
+
+    machine = tmp_path / "machine" / "ckpt"
+    restored = CheckpointStore(machine, remote).restore()
+    assert restored == machine / "checkpoint-3"
+    said = capsys.readouterr().out
+    assert "skipping 'checkpoint-abc'" in said and "skipping 'checkpoint-9/../../escape'" in said
+    assert f"skipping {best_dir!r}" in said or best_dir is None
+    # nothing was written outside the checkpoint directory
+    assert sorted(p.name for p in (tmp_path / "machine").iterdir()) == ["ckpt"]
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "escape").exists()
+    assert sorted(p.name for p in machine.iterdir()) == ["checkpoint-3", VALIDATION]
