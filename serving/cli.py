@@ -118,7 +118,8 @@ def deployer(
     import uvicorn
     from mlflow.exceptions import MlflowException
 
-    from serving.deployer import Deployer, KubeBackend, LocalBackend
+    from serving.backends import KubeBackend, LocalBackend
+    from serving.deployer import Deployer
     from serving.deployer_app import create_app, register_webhook
     from serving.webhooks import Verifier, load_secret
 

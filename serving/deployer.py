@@ -4,22 +4,19 @@ Desired state: the version behind the alias (`deploy.alias`, default champion) o
 Actual state: the Deployment's annotations (plus /info model_sha where the server reports one), or the
 local server's /info. A reconcile pass deploys only where the two differ, so a lost webhook, a replayed
 one, or a restart of the deployer all converge on the same state without repeating work.
+
+A pass also heals what a crash or a person left behind: a rollout a stopped deployer left half-done is
+finished or rolled back (so `deploy.status` never stays `deploying`), a serving version whose deploy tags
+drifted gets them back, and a model whose alias or registration is gone stops serving (scaled to zero).
 """
 
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import threading
-import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
-import requests
-
-from serving.settings import DeploySection
+from serving.backends import Target
 
 log = logging.getLogger("llmops.deployer")
 STATUS_TAG, TIME_TAG, ENDPOINT_TAG, BACKEND_TAG = "deploy.status", "deploy.time", "deploy.endpoint", "deploy.backend"
@@ -39,162 +36,6 @@ def promotion_refusal(tags: dict) -> str | None:
     )
 
 
-@dataclass(frozen=True)
-class Target:
-    name: str
-    version: str
-    run_id: str
-    tags: dict
-
-
-def server_info(url: str, timeout: float = 3.0) -> dict | None:
-    try:
-        response = requests.get(f"{url}/info", timeout=timeout)
-        return response.json() if response.ok else None
-    except requests.RequestException:
-        return None
-
-
-class KubeBackend:
-    kind = "kubernetes"
-
-    def __init__(self, cfg: DeploySection, api_client=None, poll_s: float = 2.0):
-        self.cfg, self.api_client, self.poll_s = cfg, api_client, poll_s
-
-    def endpoint(self, name: str) -> str:
-        from serving.manifests import object_name
-
-        return f"http://{object_name(name)}.{self.cfg.namespace}.svc.cluster.local:{self.cfg.port}"
-
-    def actual(self, name: str) -> dict | None:
-        from serving import kube
-        from serving.manifests import object_name
-
-        current = kube.current_version(object_name(name), self.cfg.namespace, api_client=self.api_client)
-        info = server_info(self.endpoint(name), timeout=1.0) if current else None
-        if current and info and info.get("model_sha") and info["model_sha"] != current.get("run_id"):
-            return None  # annotations say one thing, the server serves another: redo it
-        return current
-
-    def close(self) -> None:
-        """What this backend deployed keeps serving: the cluster owns it."""
-
-    def deploy(self, target: Target) -> tuple[bool, str]:
-        from serving import kube
-
-        ok = kube.deploy_version(
-            self.cfg,
-            name=target.name,
-            version=target.version,
-            run_id=target.run_id,
-            tags=target.tags,
-            api_client=self.api_client,
-            poll_s=self.poll_s,
-        )
-        if not ok:
-            return False, (
-                f"the rollout did not become ready within {self.cfg.rollout_timeout_s}s and was rolled back "
-                "(see the pod's fetch-model init container: it refuses files that fail verification)"
-            )
-        return ok, self.endpoint(target.name)
-
-
-class LocalBackend:
-    """One local TGI-protocol server per model, replaced when the alias moves."""
-
-    kind = "local"
-
-    def __init__(
-        self, base_port: int = 8090, host: str = "127.0.0.1", startup_s: float = 300.0, log_dir: Path | None = None
-    ):
-        self.base_port, self.host, self.startup_s = base_port, host, startup_s
-        self.log_dir = Path(log_dir or Path(".llmops") / "serving")
-        self.servers: dict[str, tuple[subprocess.Popen, int]] = {}
-        self.starting: set[subprocess.Popen] = set()  # not yet answering; close() stops these too
-        self.closing = threading.Event()
-
-    def actual(self, name: str) -> dict | None:
-        if name not in self.servers:
-            return None
-        info = server_info(f"http://{self.host}:{self.servers[name][1]}")
-        if not info or not str(info.get("model_id", "")).startswith(f"models:/{name}/"):
-            return None
-        return {"name": name, "version": info["model_id"].rsplit("/", 1)[1], "run_id": info.get("model_sha")}
-
-    def _free_port(self) -> int:
-        """base_port when free, else any port the OS offers: the old server holds its port until the new one is up."""
-        import socket
-
-        for port in (self.base_port, 0):
-            with socket.socket() as sock:
-                try:
-                    sock.bind((self.host, port))
-                except OSError:
-                    continue
-                return sock.getsockname()[1]
-        raise OSError("no free port")
-
-    def deploy(self, target: Target) -> tuple[bool, str]:
-        port = self._free_port()
-        url = f"http://{self.host}:{port}"
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        logfile = open(self.log_dir / f"{target.name}-{target.version}.log", "ab")
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "serving.cli",
-                "serve",
-                f"models:/{target.name}/{target.version}",
-                "--host",
-                self.host,
-                "--port",
-                str(port),
-            ],
-            stdout=logfile,
-            stderr=subprocess.STDOUT,
-        )
-        self.starting.add(proc)
-        deadline = time.monotonic() + self.startup_s
-        while time.monotonic() < deadline and proc.poll() is None and not self.closing.is_set():
-            if server_info(url, timeout=1.0):
-                break
-            self.closing.wait(0.3)
-        else:
-            self.starting.discard(proc)
-            proc.kill()
-            logfile.close()
-            # the previous server, if any, keeps serving; the reason is the server's last word
-            return False, last_line(self.log_dir / f"{target.name}-{target.version}.log") or f"no answer from {url}"
-        old = self.servers.get(target.name)
-        self.servers[target.name] = (proc, port)
-        self.starting.discard(proc)
-        if old:
-            _stop(old[0])
-        return True, url
-
-    def close(self) -> None:
-        """Stop every server this backend started, those still starting included."""
-        self.closing.set()
-        for proc in [*self.starting, *(proc for proc, _ in self.servers.values())]:
-            _stop(proc)
-        self.servers.clear()
-        self.starting.clear()
-
-
-def last_line(path: Path) -> str:
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.exists() else []
-    return lines[-1].strip()[:500] if lines else ""
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 class Deployer:
     def __init__(
         self, backend, alias: str = "champion", client=None, interval_s: float = 30.0, models: list[str] | None = None
@@ -208,10 +49,21 @@ class Deployer:
         self.lock = threading.Lock()  # webhooks and the timer never deploy at the same time
         self.state: dict[str, dict] = {}
         self.passes = 0
+        self.page_size = 100
+
+    def registered(self):
+        """Every registered model, page by page (the registry answers at most `page_size` per call)."""
+        token = None
+        while True:
+            page = self.client.search_registered_models(max_results=self.page_size, page_token=token)
+            yield from page
+            token = page.token
+            if not token:
+                return
 
     def desired(self) -> dict[str, Target]:
         targets = {}
-        for model in self.client.search_registered_models():
+        for model in self.registered():
             if self.models and model.name not in self.models:
                 continue
             version = (model.aliases or {}).get(self.alias)
@@ -225,10 +77,15 @@ class Deployer:
         with self.lock:
             self.passes += 1
             actions = []
-            for name, target in self.desired().items():
+            desired = self.desired()
+            for name, target in desired.items():
                 actual = self.backend.actual(name)
                 self.state[name] = {"desired": target.version, "actual": actual and actual.get("version")}
                 if actual and actual.get("version") == target.version and actual.get("run_id") == target.run_id:
+                    if target.tags.get(STATUS_TAG) == "deploying":  # a deployer stopped mid-rollout
+                        actions.append(self._record(target, *self.backend.finish(target, actual)))
+                    elif drifted := self._drifted(target):
+                        actions.append(self._retag(target, drifted))
                     continue
                 if refusal := promotion_refusal(target.tags):
                     if target.tags.get(STATUS_TAG) != "refused" or target.tags.get(REASON_TAG) != refusal:
@@ -237,7 +94,38 @@ class Deployer:
                 if target.tags.get(STATUS_TAG) == "failed" and target.tags.get(BACKEND_TAG) == self.backend.kind:
                     continue  # it failed here before; moving the alias (or deleting the tag) retries
                 actions.append(self._deploy(target))
+            for name in sorted(self.backend.managed() - desired.keys()):
+                if not self.models or name in self.models:
+                    actions.append(self._retire(name))
             return actions
+
+    def _drifted(self, target: Target) -> dict:
+        """The deploy tags a serving version should carry, where they differ from what it carries."""
+        should = {STATUS_TAG: "deployed", ENDPOINT_TAG: self.backend.endpoint(target.name)}
+        return {k: v for k, v in should.items() if target.tags.get(k) != v}
+
+    def _retag(self, target: Target, tags: dict) -> str:
+        log.warning("%s version %s serves, but its tags said %s; restored", target.name, target.version, tags)
+        for key, value in tags.items():
+            self.client.set_model_version_tag(target.name, target.version, key, value)
+        return f"retagged {target.name}/{target.version}"
+
+    def _retire(self, name: str) -> str:
+        """The alias (or the model) is gone: stop serving it, and say so on the version that served, if it exists."""
+        actual = self.backend.actual(name)
+        reason = f"the alias {self.alias} no longer names a version of {name}"
+        log.warning("scaling %s to zero: %s", name, reason)
+        self.backend.retire(name, reason)
+        self.state.pop(name, None)
+        if actual:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.client.set_model_version_tag(name, actual["version"], REASON_TAG, reason)
+                self.client.set_model_version_tag(name, actual["version"], STATUS_TAG, "retired")
+            except MlflowException:  # the model itself was deleted: nothing to tag
+                pass
+        return f"retired {name}"
 
     def _refuse(self, target: Target, reason: str) -> str:
         log.warning("refused %s version %s: %s", target.name, target.version, reason)
@@ -263,7 +151,11 @@ class Deployer:
         except Exception as err:  # a broken deploy must not stop the loop; it is recorded on the version
             log.exception("deploy of %s/%s failed", target.name, target.version)
             ok, endpoint = False, f"error: {err}"[:500]
-        # The status goes last: whoever sees deploy.status=deployed also finds the endpoint and time.
+        return self._record(target, ok, endpoint, override)
+
+    def _record(self, target: Target, ok: bool, endpoint: str, override: str = "") -> str:
+        """The outcome on the version. The status goes last: whoever sees deploy.status=deployed also finds the
+        endpoint and time."""
         tags = {TIME_TAG: datetime.now(timezone.utc).isoformat(), BACKEND_TAG: self.backend.kind}
         if ok:
             tags[ENDPOINT_TAG] = endpoint

@@ -37,7 +37,27 @@ if TYPE_CHECKING:
 
 ANN_APPLIED = ANN_PREFIX + "applied-config"
 ANN_PREVIOUS = ANN_PREFIX + "previous-config"
+ANN_RETIRED = ANN_PREFIX + "retired"
+MANAGED = "app.kubernetes.io/managed-by=llmops"
 WRITE_ATTEMPTS = 3  # the controller's status writes bump resourceVersion, so an update can race with them
+# 429 (API priority and fairness) and 5xx are the API server being busy or restarting: retried with backoff,
+# as client-go does. 401, 403, 404, 409 and 422 say something about the request itself and are not.
+RETRIED = (429, 500, 502, 503, 504)
+RETRY_ATTEMPTS, BACKOFF_S, BACKOFF_MAX_S = 6, 0.5, 8.0
+
+
+class RolloutError(RuntimeError):
+    """The API refused what a rollout needs; the message says what, and whether the rollback happened."""
+
+
+def describe(err: ApiException) -> str:
+    """`403 Forbidden: <the API's message>`, without the response headers the exception's text carries."""
+    try:
+        message = json.loads(err.body or "{}").get("message", "")
+    except ValueError:
+        message = ""
+    return f"{err.status} {err.reason}" + (f": {message[:300]}" if message else "")
+
 
 RolloutState = Literal["done", "failed", "progressing"]
 
@@ -71,9 +91,21 @@ def _ops(kind: str, api_client: k8s.ApiClient):
     raise ValueError(f"apply does not handle kind {kind!r}")
 
 
-def _call(fn, *args) -> dict:
-    # Raw JSON instead of the generated models: what we store and compare must be exactly what the server holds.
-    return json.loads(fn(*args, _preload_content=False).data)
+def _call(fn, *args, **kwargs) -> dict:
+    """One API call, retried with exponential backoff (or the server's Retry-After) while the server is busy.
+
+    Raw JSON instead of the generated models: what we store and compare must be exactly what the server holds.
+    """
+    for attempt in range(RETRY_ATTEMPTS):
+        try:
+            return json.loads(fn(*args, **kwargs, _preload_content=False).data)
+        except ApiException as err:
+            if err.status not in RETRIED or attempt == RETRY_ATTEMPTS - 1:
+                raise
+            wait = min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S)
+            retry_after = (err.headers or {}).get("Retry-After", "")
+            time.sleep(min(float(retry_after), BACKOFF_MAX_S) if retry_after.isdigit() else wait)
+    raise AssertionError("unreachable")
 
 
 def _read(kind: str, name: str, namespace: str, api_client: k8s.ApiClient) -> dict | None:
@@ -191,9 +223,9 @@ def wait_for_rollout(
         try:
             live = _read("Deployment", name, namespace, api_client)
         except ApiException as exc:
-            if exc.status < 500:
+            if exc.status not in RETRIED:
                 raise
-            live = {}  # a flaky API server is not a failed rollout: keep waiting until the deadline
+            live = {}  # still busy after _call's retries: not a failed rollout, keep waiting until the deadline
         if live is None:
             return False
         state = rollout_state(live, generation) if live else "progressing"
@@ -206,8 +238,35 @@ def wait_for_rollout(
 
 
 def current_version(name: str, namespace: str, *, api_client: k8s.ApiClient | None = None) -> dict | None:
-    """{name, version, run_id} of the model the Deployment is set to serve, or None if there is none."""
-    return version_of(_read("Deployment", name, namespace, api_client or default_client()))
+    """{name, version, run_id, generation} of the model the Deployment is set to serve; None if there is none
+    or it was scaled to zero."""
+    live = _read("Deployment", name, namespace, api_client or default_client())
+    found = version_of(live)
+    if found is None or (live.get("spec") or {}).get("replicas", 1) == 0:
+        return None
+    return {**found, "generation": live["metadata"].get("generation")}
+
+
+def managed_models(namespace: str, *, api_client: k8s.ApiClient | None = None) -> dict[str, str]:
+    """Registered model name -> Deployment name, for every serving Deployment llmops manages in the namespace."""
+    api = k8s.AppsV1Api(api_client or default_client())
+    found = _call(api.list_namespaced_deployment, namespace, label_selector=MANAGED)
+    return {
+        version_of(item)["name"]: item["metadata"]["name"]
+        for item in found.get("items", [])
+        if version_of(item) and (item.get("spec") or {}).get("replicas", 1) != 0
+    }
+
+
+def scale_to_zero(name: str, namespace: str, reason: str, *, api_client: k8s.ApiClient | None = None) -> None:
+    """Stop serving without deleting: replicas 0 (one merge patch, the only verb this needs beyond update).
+
+    The applied-config annotation goes, so promoting the same version again re-applies it with its replicas;
+    the rollback target stays.
+    """
+    api = k8s.AppsV1Api(api_client or default_client())
+    patch = {"metadata": {"annotations": {ANN_APPLIED: None, ANN_RETIRED: reason}}, "spec": {"replicas": 0}}
+    _call(api.patch_namespaced_deployment, name, namespace, patch)
 
 
 def rollback(name: str, namespace: str, *, api_client: k8s.ApiClient | None = None) -> Applied | None:
@@ -236,10 +295,37 @@ def deploy_version(
     """Apply one version, wait for it, and roll back if it never becomes ready. True when it serves."""
     api_client = api_client or default_client()
     objects = manifests.render(cfg, name=name, version=version, run_id=run_id, tags=tags)
-    results = apply(objects, cfg.namespace, api_client=api_client)
+    try:
+        results = apply(objects, cfg.namespace, api_client=api_client)
+    except ApiException as err:  # nothing of this version rolls out; what served before still does
+        raise RolloutError(f"the Kubernetes API refused the apply ({describe(err)}); nothing changed") from err
     dep = next(r for r in results if r.kind == "Deployment")
+    return finish_rollout(cfg, dep.name, dep.generation, api_client=api_client, timeout_s=timeout_s, poll_s=poll_s)
+
+
+def finish_rollout(
+    cfg: DeploySection,
+    name: str,
+    generation: int,
+    *,
+    api_client: k8s.ApiClient | None = None,
+    timeout_s: float | None = None,
+    poll_s: float = 2.0,
+) -> bool:
+    """Wait for `generation` and roll back if it never becomes ready; True when it serves. Also what a restarted
+    deployer calls for a rollout it left half-done. An API error while waiting rolls back too, then says so."""
+    api_client = api_client or default_client()
     timeout_s = cfg.rollout_timeout_s if timeout_s is None else timeout_s
-    if wait_for_rollout(dep.name, cfg.namespace, dep.generation, timeout_s, api_client=api_client, poll_s=poll_s):
-        return True
-    rollback(dep.name, cfg.namespace, api_client=api_client)
+    try:
+        if wait_for_rollout(name, cfg.namespace, generation, timeout_s, api_client=api_client, poll_s=poll_s):
+            return True
+        failure = None
+    except ApiException as err:
+        failure = f"the Kubernetes API answered {describe(err)} while the rollout was watched"
+    try:
+        rollback(name, cfg.namespace, api_client=api_client)
+    except ApiException as err:
+        raise RolloutError(f"{failure or 'the rollout failed'}; the rollback failed too ({describe(err)})") from err
+    if failure:
+        raise RolloutError(f"{failure}; rolled back to the previous version")
     return False

@@ -8,8 +8,13 @@ Just enough of the real server's behaviour for serving/kube.py to be tested thro
   clusterIP are immutable (422); Services get a clusterIP on create;
 - PATCH applies an RFC 7386 JSON merge patch for both merge-patch and strategic-merge-patch content
   types (strategic merge keys for lists are NOT emulated); JSON Patch gets 415.
+- LIST on deployments and services, filtered by an equality `labelSelector` (a,b=c,...).
 There is no controller: tests set Deployment status themselves (`set_status`, `complete_rollout`,
 `fail_rollout`, or PATCH .../status through the client). Every request is logged in `requests`.
+
+Faults: `fail("GET", 429, times=2, path="/deployments/")` answers the next two matching requests with that
+status and a Kubernetes Status body (429 with a Retry-After header), before they reach the objects; `times=None`
+fails every matching request until `heal()`; `when=` arms a fault only while a condition on the fake holds.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class FakeKube:
         self.objects: dict[tuple[str, str, str], dict] = {}
         self.requests: list[tuple[str, str]] = []
         self.conflicts = 0  # answer the next N PUTs with 409, as a racing status write would cause
+        self.faults: list[dict] = []  # see fail()
         self._rv = itertools.count(1)
         self._ips = itertools.count(10)
         self._lock = threading.Lock()
@@ -117,6 +123,30 @@ class FakeKube:
             },
         )
 
+    def fail(self, method: str, code: int, times: int | None = 1, path: str = "", when=None) -> None:
+        """Answer the next `times` requests with `method` whose path contains `path` with `code`; with `when`,
+        only while `when(fake)` is true (e.g. once the Deployment names a given version)."""
+        with self._lock:
+            self.faults.append({"method": method, "code": code, "left": times, "path": path, "when": when})
+
+    def heal(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def _fault(self, method: str, path: str) -> JSONResponse | None:
+        for fault in self.faults:
+            armed = fault["when"] is None or fault["when"](self)
+            if fault["method"] == method and fault["path"] in path and fault["left"] != 0 and armed:
+                if fault["left"] is not None:
+                    fault["left"] -= 1
+                reasons = {401: "Unauthorized", 403: "Forbidden", 409: "Conflict", 429: "TooManyRequests"}
+                reason = reasons.get(fault["code"], "InternalError")
+                answer = status_error(fault["code"], reason, f"injected {fault['code']} for {method} {path}")
+                if fault["code"] == 429:
+                    answer.headers["Retry-After"] = "1"
+                return answer
+        return None
+
     def writes(self) -> list[tuple[str, str]]:
         return [r for r in self.requests if r[0] != "GET"]
 
@@ -143,6 +173,7 @@ class FakeKube:
         for plural, prefix in prefixes.items():
             base = prefix + "/namespaces/{namespace}/" + plural
             app.add_api_route(base, self._route(self._create, plural), methods=["POST"])
+            app.add_api_route(base, self._route(self._list, plural), methods=["GET"])
             app.add_api_route(base + "/{name}", self._route(self._read, plural), methods=["GET"])
             app.add_api_route(base + "/{name}", self._route(self._replace, plural), methods=["PUT"])
             app.add_api_route(base + "/{name}", self._route(self._patch, plural), methods=["PATCH"])
@@ -158,9 +189,23 @@ class FakeKube:
             self.requests.append((request.method, request.url.path))
             body = await request.json() if request.method in ("POST", "PUT", "PATCH") else None
             with self._lock:
+                if injected := self._fault(request.method, request.url.path):
+                    return injected
+                if handler == self._list:
+                    return self._list(plural, namespace, request.query_params.get("labelSelector", ""))
                 return handler(plural, namespace, name, body, request.headers.get("content-type", ""))
 
         return endpoint
+
+    def _list(self, plural, namespace, selector: str):
+        wanted = dict(term.split("=", 1) for term in selector.split(",") if term)
+        items = [
+            obj
+            for (kind, ns, _), obj in sorted(self.objects.items())
+            if kind == plural and ns == namespace and wanted.items() <= (obj["metadata"].get("labels") or {}).items()
+        ]
+        api_version, kind = KINDS[plural]
+        return JSONResponse({"apiVersion": api_version, "kind": f"{kind}List", "metadata": {}, "items": items})
 
     def _read(self, plural, namespace, name, body, ctype):
         obj = self.objects.get((plural, namespace, name))

@@ -8,7 +8,9 @@ import uuid
 import pytest
 import requests
 
-from serving.deployer import Deployer, KubeBackend
+from serving import manifests
+from serving.backends import KubeBackend
+from serving.deployer import Deployer
 from serving.deployer_app import WEBHOOK_NAME, create_app, register_webhook
 from serving.manifests import ANN_VERSION, object_name
 from serving.settings import DeploySection
@@ -336,6 +338,138 @@ def test_a_version_whose_gate_failed_is_refused_until_a_person_overrides_it(mode
         for tag in ("gate.override", "deploy.status", "deploy.reason", "deploy.gate_override"):
             client.delete_model_version_tag(model_name, "2", tag)
         client.set_model_version_tag(model_name, "2", "gate.verdict", "passed")
+
+
+def kube_deployer(kube, name: str, rollout_timeout_s: float = 5) -> Deployer:
+    cfg = DeploySection(namespace="ns1", rollout_timeout_s=rollout_timeout_s)
+    return Deployer(KubeBackend(cfg, api_client=kube.api_client(), poll_s=0.05), interval_s=60.0, models=[name])
+
+
+def clear_deploy_tags(client, name: str, version: str) -> None:
+    for tag in ("deploy.status", "deploy.reason", "deploy.endpoint"):
+        client.delete_model_version_tag(name, version, tag)
+
+
+@pytest.mark.parametrize("rollout", ["became ready", "never became ready"])
+def test_a_deployer_restarted_mid_rollout_finishes_it_or_rolls_it_back(model_name, rollout):
+    """The deployer died after applying version 2 and tagging it `deploying`; its successor's first pass
+    finds the Deployment naming version 2 and settles it, so `deploy.status` never stays `deploying`."""
+    from mlflow import MlflowClient
+
+    from serving import kube as kube_api
+
+    client = MlflowClient()
+    client.set_registered_model_alias(model_name, "champion", "1")
+    fails = {"2"} if rollout == "never became ready" else set()
+    try:
+        with FakeKube() as kube, AutoController(kube, "ns1", fail_versions=fails):
+            assert mine(kube_deployer(kube, model_name).reconcile_once(), model_name) == [f"deployed {model_name}/1"]
+            # what the first deployer did for version 2 before it was killed
+            client.set_registered_model_alias(model_name, "champion", "2")
+            client.set_model_version_tag(model_name, "2", "deploy.status", "deploying")
+            v2 = client.get_model_version(model_name, "2")
+            cfg = DeploySection(namespace="ns1")
+            objects = manifests.render(cfg, name=model_name, version="2", run_id=v2.run_id, tags=dict(v2.tags))
+            kube_api.apply(objects, "ns1", api_client=kube.api_client())
+
+            actions = mine(kube_deployer(kube, model_name).reconcile_once(), model_name)
+            tags = client.get_model_version(model_name, "2").tags
+            if rollout == "became ready":
+                assert actions == [f"deployed {model_name}/2"] and tags["deploy.status"] == "deployed"
+                assert deployed_version(kube, model_name)[0] == "2"
+            else:
+                assert actions == [f"failed {model_name}/2"] and tags["deploy.status"] == "failed"
+                assert "rolled back" in tags["deploy.reason"] and deployed_version(kube, model_name)[0] == "1"
+    finally:
+        clear_deploy_tags(client, model_name, "2")
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_an_api_refusal_during_a_rollout_fails_the_version_with_the_reason_and_keeps_the_previous(
+    model_name, monkeypatch, code
+):
+    from mlflow import MlflowClient
+
+    from serving import kube as kube_api
+
+    monkeypatch.setattr(kube_api, "BACKOFF_S", 0.01)
+    client = MlflowClient()
+    client.set_registered_model_alias(model_name, "champion", "1")
+    try:
+        with FakeKube() as kube, AutoController(kube, "ns1"):
+            deployer = kube_deployer(kube, model_name)
+            deployer.reconcile_once()
+            client.set_registered_model_alias(model_name, "champion", "2")
+            names_v2 = lambda fake: deployed_version(fake, model_name)[0] == "2"  # noqa: E731
+            kube.fail("GET", code, times=1, path=f"/deployments/{object_name(model_name)}", when=names_v2)
+            assert mine(deployer.reconcile_once(), model_name) == [f"failed {model_name}/2"]
+            tags = client.get_model_version(model_name, "2").tags
+            assert tags["deploy.status"] == "failed" and f"answered {code} " in tags["deploy.reason"]
+            assert "rolled back to the previous version" in tags["deploy.reason"]
+            assert deployed_version(kube, model_name)[0] == "1"
+    finally:
+        clear_deploy_tags(client, model_name, "2")
+
+
+def test_reconcile_sees_models_past_the_first_page(mlflow_server):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    tag = uuid.uuid4().hex[:6]
+    made = [f"paged-{tag}-{i}" for i in range(4)] + [f"zz-paged-{tag}"]  # the last sorts after every other model
+    for name in made:
+        client.create_registered_model(name)
+    try:
+        everything = {m.name for m in client.search_registered_models(max_results=1000)}
+        deployer = Deployer(backend=None, client=client)
+        deployer.page_size = 2  # the registry's own pages, made small: the fix is the same at 100
+        assert {m.name for m in deployer.registered()} == everything and set(made) <= everything
+    finally:
+        for name in made:
+            client.delete_registered_model(name)
+
+
+def test_drifted_tags_are_restored_and_a_removed_alias_or_model_scales_to_zero(mlflow_server, tiny_base):
+    from mlflow import MlflowClient
+
+    from tests.conftest import register_served
+
+    client = MlflowClient()
+    name = f"retire-{uuid.uuid4().hex[:6]}"
+    register_served(name, tiny_base, {"gate.verdict": "passed"}, experiment="deployer-tests")
+    client.set_registered_model_alias(name, "champion", "1")
+    try:
+        with FakeKube() as kube, AutoController(kube, "ns1"):
+            deployer = kube_deployer(kube, name)
+            assert deployer.reconcile_once() == [f"deployed {name}/1"]
+            endpoint = client.get_model_version(name, "1").tags["deploy.endpoint"]
+            client.set_model_version_tag(name, "1", "deploy.status", "failed")  # a person's slip, or a crash
+            client.delete_model_version_tag(name, "1", "deploy.endpoint")
+            assert deployer.reconcile_once() == [f"retagged {name}/1"]
+            tags = client.get_model_version(name, "1").tags
+            assert tags["deploy.status"] == "deployed" and tags["deploy.endpoint"] == endpoint
+            assert deployer.reconcile_once() == []  # converged
+
+            client.delete_registered_model_alias(name, "champion")
+            assert deployer.reconcile_once() == [f"retired {name}"]
+            dep = deployed_version(kube, name)[1]
+            assert (
+                dep["spec"]["replicas"] == 0
+                and "no longer names a version" in dep["metadata"]["annotations"]["llmops.io/retired"]
+            )
+            assert client.get_model_version(name, "1").tags["deploy.status"] == "retired"
+            assert deployer.reconcile_once() == []  # retired once
+
+            client.set_registered_model_alias(name, "champion", "1")  # promoted again: it serves again
+            assert deployer.reconcile_once() == [f"deployed {name}/1"]
+            assert deployed_version(kube, name)[1]["spec"]["replicas"] == 1
+
+            client.delete_registered_model(name)  # the model itself goes: nothing left to tag, still scaled down
+            assert deployer.reconcile_once() == [f"retired {name}"]
+            assert deployed_version(kube, name)[1]["spec"]["replicas"] == 0
+    finally:
+        if client.search_registered_models(f"name = '{name}'"):
+            client.delete_registered_model(name)
 
 
 def serving_processes(model_uri: str) -> list[int]:

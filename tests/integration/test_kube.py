@@ -70,7 +70,12 @@ def test_new_version_updates_the_same_deployment(kube_api):
     assert dep["spec"]["template"]["metadata"]["annotations"][manifests.ANN_RUN] == RUNS["2"]
     assert "--quantize" not in dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert fake.get("services", NS, NAME)["spec"]["clusterIP"] == svc_ip
-    assert kube.current_version(NAME, NS, api_client=api_client) == {"name": MODEL, "version": "2", "run_id": RUNS["2"]}
+    assert kube.current_version(NAME, NS, api_client=api_client) == {
+        "name": MODEL,
+        "version": "2",
+        "run_id": RUNS["2"],
+        "generation": 2,
+    }
 
 
 def test_update_keeps_annotations_other_tools_own(kube_api):
@@ -144,7 +149,12 @@ def test_failed_rollout_rolls_back_to_the_serving_version(kube_api, failure):
     assert restored.action == "updated" and restored.version["version"] == "1"
     dep = fake.get("deployments", NS, NAME)
     assert dep["spec"]["template"] == v1_template  # the old ReplicaSet's template: the controller reuses it
-    assert kube.current_version(NAME, NS, api_client=api_client) == {"name": MODEL, "version": "1", "run_id": RUNS["1"]}
+    assert kube.current_version(NAME, NS, api_client=api_client) == {
+        "name": MODEL,
+        "version": "1",
+        "run_id": RUNS["1"],
+        "generation": 3,
+    }
     assert kube.rollback(NAME, NS, api_client=api_client).action == "unchanged"  # a second call is a no-op
 
 
@@ -180,7 +190,12 @@ def test_current_version_and_missing_deployment(kube_api):
     assert kube.current_version(NAME, NS, api_client=api_client) is None
     assert kube.wait_for_rollout(NAME, NS, 1, 1, api_client=api_client, poll_s=0.05) is False
     apply(api_client, "1")
-    assert kube.current_version(NAME, NS, api_client=api_client) == {"name": MODEL, "version": "1", "run_id": RUNS["1"]}
+    assert kube.current_version(NAME, NS, api_client=api_client) == {
+        "name": MODEL,
+        "version": "1",
+        "run_id": RUNS["1"],
+        "generation": 1,
+    }
 
 
 def test_deploy_version_end_to_end(kube_api):
@@ -200,3 +215,109 @@ def test_deploy_version_end_to_end(kube_api):
     args.update(run_id=RUNS["2"], timeout_s=0.3)
     assert kube.deploy_version(CFG, version="2", **args) is False  # never ready: rolled back
     assert kube.current_version(NAME, NS, api_client=api_client)["version"] == "1"
+
+
+def serving_version(fake) -> str | None:
+    dep = fake.get("deployments", NS, NAME)
+    return dep and dep["metadata"]["annotations"].get(manifests.ANN_VERSION)
+
+
+@pytest.fixture
+def quick_backoff(monkeypatch):
+    monkeypatch.setattr(kube, "BACKOFF_S", 0.01)
+
+
+def test_a_busy_api_server_is_retried_with_backoff_and_the_apply_completes(kube_api, quick_backoff):
+    fake, api_client = kube_api
+    apply(api_client, "1")
+    fake.fail("GET", 429, times=1, path=f"/deployments/{NAME}")  # with Retry-After: 1
+    fake.fail("PUT", 503, times=2, path=f"/deployments/{NAME}")
+    assert apply(api_client, "2")["Deployment"].action == "updated" and serving_version(fake) == "2"
+    puts = [r for r in fake.requests if r == ("PUT", f"/apis/apps/v1/namespaces/{NS}/deployments/{NAME}")]
+    assert len(puts) == 3  # two refused, the third applied
+
+
+@pytest.mark.parametrize("code", [401, 403, 422])
+def test_an_error_retrying_cannot_fix_is_not_retried(kube_api, quick_backoff, code):
+    from kubernetes.client.exceptions import ApiException
+
+    fake, api_client = kube_api
+    apply(api_client, "1")
+    writes = len(fake.writes())
+    fake.fail("PUT", code, times=None, path=f"/deployments/{NAME}")
+    with pytest.raises(ApiException) as err:
+        apply(api_client, "2")
+    assert err.value.status == code and len(fake.writes()) == writes + 1  # one attempt, no retry
+
+
+def names_version(version: str):
+    return lambda fake: serving_version(fake) == version
+
+
+def deploy(api_client, version: str, timeout_s: float = 2) -> bool:
+    return kube.deploy_version(
+        CFG,
+        name=MODEL,
+        version=version,
+        run_id=RUNS[version],
+        tags={"recommended_quantize": "none"},
+        api_client=api_client,
+        timeout_s=timeout_s,
+        poll_s=0.05,
+    )
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_a_refusal_while_the_rollout_is_watched_rolls_back_and_says_so(kube_api, quick_backoff, code):
+    fake, api_client = kube_api
+    apply(api_client, "1")
+    fake.complete_rollout(NS, NAME)
+    fake.fail("GET", code, times=1, path=f"/deployments/{NAME}", when=names_version("2"))  # the wait's first read
+    with pytest.raises(kube.RolloutError, match=f"answered {code} .* while the rollout was watched; rolled back"):
+        deploy(api_client, "2")
+    assert serving_version(fake) == "1"
+
+
+def test_a_refusal_that_also_stops_the_rollback_says_both(kube_api, quick_backoff):
+    fake, api_client = kube_api
+    apply(api_client, "1")
+    fake.complete_rollout(NS, NAME)
+    fake.fail("GET", 403, times=None, path=f"/deployments/{NAME}", when=names_version("2"))
+    with pytest.raises(kube.RolloutError, match="answered 403 Forbidden.*the rollback failed too \\(403 Forbidden"):
+        deploy(api_client, "2")
+
+
+def test_a_throttled_watch_keeps_waiting_and_the_rollout_completes(kube_api, quick_backoff):
+    fake, api_client = kube_api
+    fake.fail("GET", 503, times=3, path=f"/deployments/{NAME}", when=names_version("1"))
+    timer = threading.Timer(0.3, fake.complete_rollout, (NS, NAME))
+    timer.start()
+    try:
+        assert deploy(api_client, "1", timeout_s=10) is True
+    finally:
+        timer.cancel()
+    assert serving_version(fake) == "1"
+
+
+def test_an_apply_the_api_refuses_changes_nothing_and_says_why(kube_api, quick_backoff):
+    fake, api_client = kube_api
+    apply(api_client, "1")
+    fake.complete_rollout(NS, NAME)
+    fake.fail("PUT", 403, times=None, path=f"/deployments/{NAME}")
+    with pytest.raises(kube.RolloutError, match="refused the apply \\(403 Forbidden: injected 403.*nothing changed"):
+        deploy(api_client, "2")
+    assert serving_version(fake) == "1"
+
+
+def test_scaled_to_zero_is_not_serving_and_the_same_version_comes_back_whole(kube_api):
+    fake, api_client = kube_api
+    apply(api_client, "1")
+    fake.complete_rollout(NS, NAME)
+    assert kube.managed_models(NS, api_client=api_client) == {MODEL: NAME}
+    kube.scale_to_zero(NAME, NS, "alias removed", api_client=api_client)
+    dep = fake.get("deployments", NS, NAME)
+    assert dep["spec"]["replicas"] == 0 and dep["metadata"]["annotations"][kube.ANN_RETIRED] == "alias removed"
+    assert kube.current_version(NAME, NS, api_client=api_client) is None
+    assert kube.managed_models(NS, api_client=api_client) == {}
+    assert apply(api_client, "1")["Deployment"].action == "updated"  # promoted again: replicas restored
+    assert fake.get("deployments", NS, NAME)["spec"]["replicas"] == 1

@@ -82,7 +82,8 @@ def test_the_deployer_marks_a_tampered_version_failed_and_keeps_the_previous_one
 ):
     from mlflow import MlflowClient
 
-    from serving.deployer import Deployer, LocalBackend
+    from serving.backends import LocalBackend
+    from serving.deployer import Deployer
     from tests.conftest import free_port
 
     monkeypatch.setenv("LLMOPS_SERVING_DIR", str(tmp_path / "serving"))
