@@ -22,6 +22,8 @@ from serving.scheduler import Scheduler
 from serving.schemas import ApiError, ChatRequest, GenerateParameters, invalid
 
 TGI_VERSION = "3.3.6-dev0"  # the protocol version of the spec this server follows
+# What a client reads when the model fails; the exception and its traceback go to the server's log only.
+GENERATION_FAILED = "Request failed during generation: Server error: the model failed on this request"
 
 
 class Metrics:
@@ -74,7 +76,7 @@ class Runtime:
         try:
             return self.engine.tokenizer(text, add_special_tokens=special, return_offsets_mapping=offsets)
         except Exception as err:  # e.g. lone surrogates, which the Rust tokenizer cannot hold
-            raise invalid(f"tokenizer error {err}") from err
+            raise invalid("tokenizer error: the input is not text the tokenizer can encode") from err
 
     def tokens(self, text: str, special: bool) -> list[dict]:
         """TGI's /tokenize answer, whose offsets count UTF-8 bytes where Python's tokenizers count characters.
@@ -156,8 +158,8 @@ class Runtime:
     @staticmethod
     async def _next(out: asyncio.Queue[Step | Exception]) -> Step:
         item = await out.get()
-        if isinstance(item, Exception):
-            raise ApiError(424, f"Request failed during generation: {item}", "generation")
+        if isinstance(item, Exception):  # the scheduler logged it with its traceback; the client gets TGI's words
+            raise ApiError(424, GENERATION_FAILED, "generation")
         return item
 
     async def complete(self, gone: Callable[[], Awaitable[None]], *runs: AsyncIterator[Step]) -> list[list[Step]]:

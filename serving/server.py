@@ -8,6 +8,7 @@ SSE frames, finish reasons. Streaming routes answer 200 and report errors as an 
 from __future__ import annotations
 
 import itertools
+import logging
 from contextlib import asynccontextmanager, contextmanager
 from typing import AsyncIterator
 
@@ -32,6 +33,8 @@ from serving.schemas import (
 )
 
 router = APIRouter()
+
+log = logging.getLogger("llmops.serve")
 
 
 def _rt(request: Request) -> Runtime:
@@ -183,6 +186,12 @@ async def _api_error(_: Request, err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
+async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+    """A bug of ours: the client gets TGI's error shape and no exception text; the log gets the traceback."""
+    log.error("%s %s failed", request.method, request.url.path, exc_info=err)
+    return JSONResponse({"error": "Internal server error", "error_type": "internal"}, status_code=500)
+
+
 async def _client_gone(_: Request, err: ClientGone) -> Response:
     return Response(status_code=499)  # nobody reads it; access logs show nginx's "client closed request"
 
@@ -260,6 +269,7 @@ def create_app(
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _body_error)
     app.add_exception_handler(ClientGone, _client_gone)
+    app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     return app
 

@@ -240,22 +240,40 @@ def test_streams_report_errors_as_events_like_tgi(server, spec):
 
 
 @pytest.mark.integration
-def test_a_failing_generation_is_a_424_and_the_server_lives_on(server, spec, monkeypatch):
+def test_a_failing_generation_is_a_424_and_the_server_lives_on(server, spec, monkeypatch, caplog):
     def broken(*args, **kwargs):
-        raise RuntimeError("simulated device failure")
+        raise RuntimeError("simulated device failure at /secret/path")
 
     monkeypatch.setattr(server.engine.model, "forward", broken)
     response = server.post("/generate", GENERATE)
     assert response.status_code == 424
+    # TGI's words to the client; the exception's text and traceback only in the server's log
     assert conforms(spec, "/generate", "post", response) == [
-        {"error": "Request failed during generation: simulated device failure", "error_type": "generation"}
+        {
+            "error": "Request failed during generation: Server error: the model failed on this request",
+            "error_type": "generation",
+        }
     ]
+    assert "simulated device failure at /secret/path" in caplog.text
     [event] = conforms(spec, "/generate_stream", "post", server.post("/generate_stream", GENERATE))
     assert event["error_type"] == "generation"
     assert server.post("/v1/chat/completions", {"messages": CHAT, "max_tokens": 4}).status_code == 424
     monkeypatch.undo()
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
     assert server.post("/generate", GENERATE).status_code == 200
+
+
+def test_a_bug_of_ours_answers_tgis_error_shape_without_its_text(server, monkeypatch, caplog):
+    def buggy(*args, **kwargs):
+        raise KeyError("http://mlflow.internal:5000 secret-token")
+
+    monkeypatch.setattr(type(server.app.state.runtime), "chat_prompt", buggy)
+    response = server.post("/chat_tokenize", {"messages": CHAT})
+    assert response.status_code == 500
+    assert response.json() == {"error": "Internal server error", "error_type": "internal"}
+    assert "secret-token" not in response.text and "secret-token" in caplog.text
+    monkeypatch.undo()
+    assert server.post("/chat_tokenize", {"messages": CHAT}).status_code == 200
 
 
 IMPLEMENTED = {
