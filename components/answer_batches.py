@@ -15,6 +15,9 @@ def tokenize(examples: list[dict], tok):
 
     prompts = tok([e["prompt"] for e in examples], add_special_tokens=False)["input_ids"]
     answers = tok([e["completion"] for e in examples], add_special_tokens=False)["input_ids"]
+    for i, e in enumerate(examples):  # a text holding a special-token string: data prep's literal encoding
+        if "prompt_ids" in e:
+            prompts[i], answers[i] = e["prompt_ids"], e["completion_ids"]
     rows = {"input_ids": [], "attention_mask": [], "labels": []}
     for p, a in zip(prompts, answers):
         rows["input_ids"].append(p + a)

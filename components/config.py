@@ -86,6 +86,12 @@ class DataSection(Section):
         "label list is not there; empty: the message alone",
     )
     max_tokens: int = Field(512, gt=8, description="rows longer than this once rendered are rejected (and counted)")
+    max_row_chars: int = Field(
+        1_000_000,
+        gt=0,
+        description="a JSONL line or CSV line longer than this is rejected without being read whole (Parquet and "
+        "saved datasets: any longer text field), so one huge row cannot exhaust the stage's memory",
+    )
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of rows held out for evaluation")
     max_eval_examples: int = Field(200, gt=0, description="cap on the evaluation split")
     max_train_examples: int | None = Field(None, gt=0, description="cap on the training split (null: all)")

@@ -21,7 +21,10 @@ BAD_BYTES = re.compile("[\udc80-\udcff]")
 # crash the UTF-8 writers downstream (train.jsonl, rejects.jsonl), so such a row is rejected here.
 NOT_UNICODE = re.compile("[\ud800-\udfff]")
 NOT_TEXT = "is this a UTF-8 text CSV file?"
-csv.field_size_limit(sys.maxsize)
+DEFAULT_MAX_ROW_CHARS = 1_000_000
+# Where an over-long CSV line was: the parser carries it into whichever record it belongs to.
+OVERSIZE = "\x00llmops-oversize-line\x00"
+csv.field_size_limit(sys.maxsize)  # the lines feeding the parser are capped instead (capped_lines)
 
 
 class DataError(ValueError):
@@ -80,11 +83,29 @@ def _csv_error(err: csv.Error, first_line: int, reader) -> RowProblem:
     return RowProblem("<row>", f"malformed CSV: {err} (line {reader.line_num})")
 
 
-def _read_csv(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
+def capped_lines(fh, limit: int, marker: str | None = None) -> Iterator[str | None]:
+    """The file's lines, none held longer than `limit` characters. An over-long line is read past in chunks; it
+    comes out as None, or with a `marker` as the marker and the line's last characters: a CSV record's closing
+    quote and its other fields are there, so the parser still finds where the record ends."""
+    while line := fh.readline(limit + 1):
+        if len(line) <= limit or line.endswith("\n"):
+            yield line
+            continue
+        tail = line
+        while not tail.endswith("\n") and (chunk := fh.readline(limit)):
+            tail = (tail + chunk)[-limit:]  # never more than twice the limit held
+        yield None if marker is None else marker + tail.lstrip('"')  # a cut quote pair must not flip the quoting
+
+
+def _oversize(limit: int) -> RowProblem:
+    return RowProblem("<row>", f"a line over data.max_row_chars={limit} characters; not read", "over-size")
+
+
+def _read_csv(path: Path, limit: int) -> Iterator[tuple[int, dict | RowProblem]]:
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
         # strict: a stray quote is an error on its row; the lenient default would instead let an
         # unclosed quote swallow every following line into one field and keep the row.
-        reader = csv.reader(fh, strict=True)
+        reader = csv.reader(capped_lines(fh, limit, OVERSIZE), strict=True)
         header = _csv_header(reader, path)
         if header is None:
             return
@@ -99,7 +120,9 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
             except csv.Error as err:
                 yield row, _csv_error(err, first_line, reader)
                 continue
-            if not any(v.strip() for v in values):
+            if any(OVERSIZE in v for v in values):
+                yield row, _oversize(limit)
+            elif not any(v.strip() for v in values):
                 yield row, RowProblem("<row>", "blank row", "blank")
             elif len(values) != len(header):
                 yield row, RowProblem("<row>", f"has {len(values)} fields, the header has {len(header)}")
@@ -107,9 +130,12 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
                 yield row, _decoded(dict(zip(header, values)))
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
+def _read_jsonl(path: Path, limit: int) -> Iterator[tuple[int, dict | RowProblem]]:
     with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        for row, line in enumerate(fh, start=1):
+        for row, line in enumerate(capped_lines(fh, limit), start=1):
+            if line is None:
+                yield row, _oversize(limit)
+                continue
             if not line.strip():
                 yield row, RowProblem("<row>", "blank line", "blank")
                 continue
@@ -127,7 +153,15 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
                 yield row, _decoded(record)  # JSON may escape lone surrogates ("\\ud800")
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
+def _over_long_field(record: dict, limit: int) -> dict | RowProblem:
+    """Columnar files arrive a table at a time; a text field over the limit still rejects its row."""
+    for field, value in record.items():
+        if isinstance(value, str) and len(value) > limit:
+            return RowProblem(field, f"over data.max_row_chars={limit} characters", "over-size")
+    return record
+
+
+def _read_parquet(path: Path, limit: int) -> Iterator[tuple[int, dict | RowProblem]]:
     import pyarrow.parquet as pq
 
     try:
@@ -135,10 +169,10 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
     except Exception as err:  # pyarrow raises several unrelated types for a bad file
         raise DataError(f"{path}: not a readable Parquet file: {err}") from err
     for row, record in enumerate(table.to_pylist(), start=1):
-        yield row, record
+        yield row, _over_long_field(record, limit)
 
 
-def _read_hf_dir(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
+def _read_hf_dir(path: Path, limit: int) -> Iterator[tuple[int, dict | RowProblem]]:
     from datasets import DatasetDict, load_from_disk
 
     try:
@@ -148,19 +182,19 @@ def _read_hf_dir(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
     if isinstance(ds, DatasetDict):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
     for row, record in enumerate(ds, start=1):
-        yield row, record
+        yield row, _over_long_field(record, limit)
 
 
 READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_jsonl, ".parquet": _read_parquet}
 
 
-def read_rows(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
+def read_rows(path: Path, max_row_chars: int = DEFAULT_MAX_ROW_CHARS) -> Iterator[tuple[int, dict | RowProblem]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            return _read_hf_dir(path)
+            return _read_hf_dir(path, max_row_chars)
         raise DataError(f"{path}: a directory, but not a saved Hugging Face dataset (no dataset_info.json)")
     reader = READERS.get(path.suffix.lower())
     if reader is None:
@@ -170,4 +204,4 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
             pass
     except OSError as err:
         raise DataError(f"{path}: cannot be read: {err.strerror}") from err
-    return reader(path)
+    return reader(path, max_row_chars)

@@ -71,6 +71,14 @@ def _batches(items: list, size: int):
         yield items[start : start + size]
 
 
+def encode_prompts(tok, prompts: list):
+    """A left-padded batch of prompts given as strings or as token ids (components.literal_text.model_input)."""
+    if all(isinstance(p, str) for p in prompts):
+        return tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids = [p if isinstance(p, list) else tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return tok.pad({"input_ids": ids}, return_tensors="pt", padding=True)
+
+
 def _greedy_batches(
     model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, progress: str | None, allowed=None
 ):
@@ -84,8 +92,7 @@ def _greedy_batches(
     shown = StageProgress(progress or "", len(prompts), "prompts", quiet=progress is None)
     with shown, torch.inference_mode():
         for idx in _batches(order, batch_size):
-            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = enc.to(model.device)
+            enc = encode_prompts(tok, [prompts[i] for i in idx]).to(model.device)
             width = enc["input_ids"].shape[1]
             constraint = (
                 {} if allowed is None else {"prefix_allowed_tokens_fn": lambda row, seq: allowed(seq[width:].tolist())}
@@ -174,6 +181,9 @@ def response_nll(model, tok, examples: list[dict], batch_size: int, progress: st
         for batch in _batches(examples, batch_size):
             p = tok([e["prompt"] for e in batch], add_special_tokens=False)["input_ids"]
             c = tok([e["completion"] for e in batch], add_special_tokens=False)["input_ids"]
+            for i, e in enumerate(batch):  # data prep's literal encoding of a text holding special-token strings
+                if "prompt_ids" in e:
+                    p[i], c[i] = e["prompt_ids"], e["completion_ids"]
             width = max(len(a) + len(b) for a, b in zip(p, c))
             ids = torch.full((len(batch), width), tok.pad_token_id)
             labels = torch.full((len(batch), width), -100)

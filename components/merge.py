@@ -15,6 +15,7 @@ from pathlib import Path
 from components.artifacts import MergedModel, PreparedData, TrainedAdapter, record_config
 from components.config import MergeSection
 from components.inference import bnb_config, generate, load_model, load_tokenizer
+from components.literal_text import model_input
 from components.prompt_contract import CONTRACT_FILE, read_contract, wrap_template
 from components.util import console, dir_size, heading, quiet_libraries, write_json
 
@@ -125,7 +126,7 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
     out_dir = Path(out_dir)
     record_config(out_dir, "merge", cfg)
     out = MergedModel(out_dir)
-    prompts = [e["prompt"] for e in PreparedData(data_dir).examples("eval")][: cfg.parity_prompts]
+    prompts = [model_input(e) for e in PreparedData(data_dir).examples("eval")][: cfg.parity_prompts]
     tok = load_tokenizer(base_dir)
     with stage_run("merge", cfg.model_dump()) as tracker:
         base = merge_base(cfg, adapter_dir)

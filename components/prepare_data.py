@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from components import literal_text
 from components.artifacts import PreparedData, record_config
 from components.config import DEMO_DATA, DataSection
 from components.datafiles import DataError, RowProblem, read_rows
 from components.jsonl import write_jsonl
+from components.literal_text import fill, holds_special, special_strings, with_placeholders
 from components.prompt_contract import label_prefix, make_contract
 from components.util import console, file_sha256, heading, text_sha256, tree_sha256, write_json
 
@@ -144,15 +146,25 @@ def to_examples(record: dict, fmt: str, cfg: DataSection, labels, label_field) -
     return [(prompt, messages[-1]["content"].strip())]
 
 
-def render(tok, prompt_msgs: list, answer: str) -> tuple[str, str]:
-    """Prompt up to the generation prompt; completion = answer and the end-of-turn (EOS) token."""
-    prompt = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-    full = tok.apply_chat_template(prompt_msgs + [{"role": "assistant", "content": answer}], tokenize=False)
+def render(tok, prompt_msgs: list, answer: str, specials: list[str] = ()) -> tuple[str, str, list | None, list | None]:
+    """Prompt up to the generation prompt; completion = answer and the end-of-turn (EOS) token.
+
+    A row whose text holds a special-token string also gets its token ids, with that text encoded literally
+    (components/literal_text.py); other rows get None and are encoded from their strings.
+    """
+    literal = holds_special([m["content"] for m in prompt_msgs] + [answer], specials)
+    msgs, answer_in, texts = with_placeholders(prompt_msgs, answer) if literal else (prompt_msgs, answer, [])
+    prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": answer_in}], tokenize=False)
     if not full.startswith(prompt):
         raise DataError("the chat template does not extend the prompt with the answer; cannot mask the prompt")
     completion = full[len(prompt) :]
-    cut = completion.rfind(tok.eos_token)
-    return prompt, completion[: cut + len(tok.eos_token)] if cut >= 0 else completion + tok.eos_token
+    cut = completion.rfind(tok.eos_token)  # the template's own EOS: a text's is a placeholder by now
+    completion = completion[: cut + len(tok.eos_token)] if cut >= 0 else completion + tok.eos_token
+    if not literal:
+        return prompt, completion, None, None
+    ids = (literal_text.encode(tok, prompt, texts), literal_text.encode(tok, completion, texts))
+    return fill(prompt, texts), fill(completion, texts), *ids
 
 
 def _stats(values: list[int]) -> dict:
@@ -168,7 +180,7 @@ def _stats(values: list[int]) -> dict:
 
 def collect(cfg: DataSection, source: Path, tok) -> tuple[list[dict], list[dict], dict]:
     """Validate and render every row. Returns (kept examples, rejects, info)."""
-    rows = list(read_rows(source))
+    rows = list(read_rows(source, cfg.max_row_chars))
     fmt, label_field, labels = None, None, None
     kept, rejects = [], []
     name = source.name
@@ -192,13 +204,20 @@ def collect(cfg: DataSection, source: Path, tok) -> tuple[list[dict], list[dict]
 
 
 def tokenize_and_filter(kept: list[dict], rejects: list[dict], cfg: DataSection, tok, source: Path) -> list[dict]:
+    specials = special_strings(tok)
     for ex in kept:
-        ex["prompt"], ex["completion"] = render(tok, ex.pop("messages"), ex["answer"])
-    if kept:
-        p_ids = tok([e["prompt"] for e in kept], add_special_tokens=False)["input_ids"]
-        c_ids = tok([e["completion"] for e in kept], add_special_tokens=False)["input_ids"]
-        for ex, p, c in zip(kept, p_ids, c_ids):
+        ex["prompt"], ex["completion"], p_ids, c_ids = render(tok, ex.pop("messages"), ex["answer"], specials)
+        if p_ids is not None:
+            ex["prompt_ids"], ex["completion_ids"] = p_ids, c_ids
+            ex["prompt_tokens"], ex["completion_tokens"] = len(p_ids), len(c_ids)
+    plain = [e for e in kept if "prompt_ids" not in e]
+    if plain:
+        p_ids = tok([e["prompt"] for e in plain], add_special_tokens=False)["input_ids"]
+        c_ids = tok([e["completion"] for e in plain], add_special_tokens=False)["input_ids"]
+        for ex, p, c in zip(plain, p_ids, c_ids):
             ex["prompt_tokens"], ex["completion_tokens"] = len(p), len(c)
+    if literal := len(kept) - len(plain):
+        console.print(f"{literal} rows hold special-token strings in their text: encoded as text, not as control")
     out, seen = [], {}
     for ex in kept:
         total = ex["prompt_tokens"] + ex["completion_tokens"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from components.config import EvalSection
 from components.inference import LabelTrie, generate, normalize, predict_labels, response_nll
+from components.literal_text import model_input
 
 INVALID = "<invalid>"
 
@@ -44,7 +45,7 @@ def constrained_metrics(
 ) -> dict:
     """Accuracy when decoding may only produce a label, next to free generation's exact match."""
     answers = [e["answer"] for e in examples]
-    prompts = [e["prompt"] for e in examples]
+    prompts = [model_input(e) for e in examples]
     constrained = predict_labels(model, tok, prompts, LabelTrie(tok, labels), batch_size, progress)
     by_norm = {normalize(lab): lab for lab in labels}
     valid = [(by_norm[normalize(f)], c) for f, c in zip(free, constrained) if normalize(f) in by_norm]
@@ -71,7 +72,7 @@ def score_model(model, tok, examples: list[dict], cfg: EvalSection, labels: list
     if labels:  # a label is all we want back: stop paying for tokens past the longest one
         max_new = min(max_new, max(len(tok(lab, add_special_tokens=False)["input_ids"]) for lab in labels) + 2)
     # progress lines: `eval tuned answers 64/300 prompts · ETA 00:00:12`, then its labels and its loss
-    preds = generate(model, tok, [e["prompt"] for e in examples], max_new, cfg.batch_size, f"eval {name} answers")
+    preds = generate(model, tok, [model_input(e) for e in examples], max_new, cfg.batch_size, f"eval {name} answers")
     metrics = score(preds, [e["answer"] for e in examples], labels)
     constrained = None
     if labels:

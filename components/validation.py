@@ -17,6 +17,7 @@ from components.artifacts import TrainedAdapter
 from components.checkpoints import BEST, VALIDATION, CheckpointStore, any_rank, read_validation
 from components.config import TrainSection
 from components.inference import LabelTrie, load_tokenizer, predict_labels
+from components.literal_text import model_input
 from components.scoring import accuracy
 from components.util import console, write_json
 
@@ -61,7 +62,7 @@ class ValidateAndStop(TrainerCallback):
         self.cfg, self.store, self.tracker, self.started = cfg, store, tracker, started
         self.tok = load_tokenizer(base_dir)  # left padding: batched generation
         self.trie = LabelTrie(self.tok, labels)
-        self.prompts, self.answers = [e["prompt"] for e in examples], [e["answer"] for e in examples]
+        self.prompts, self.answers = [model_input(e) for e in examples], [e["answer"] for e in examples]
         self.state_file = store.local / VALIDATION
         saved = read_validation(self.state_file) if self.state_file.exists() else {}
         self.curve: list[dict] = saved.get("curve", [])
