@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx2
 
 RETRY_STATUSES = {429, 503}
 ENDPOINT_TAG = "deploy.endpoint"
+# <service>.<namespace>.svc[.cluster.local]: DNS-1035 labels, as serving/manifests.py names the TGI Services
+SERVICE_HOST = re.compile(
+    r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.svc(\.cluster\.local)?"
+)
 
 
 def records_dir() -> Path:
@@ -45,6 +51,25 @@ def _alive(url: str) -> bool:
         return False
 
 
+def trusted_endpoint(url: str, ref: str) -> str:
+    """A `deploy.endpoint` tag, when it names what the deployer writes: an in-cluster Service or loopback.
+
+    Anyone who may tag a version could otherwise send an application's prompts (and its credentials) to a
+    host of their choosing; only the deployer writes this tag, and only these two kinds of address.
+    """
+    parsed = urlsplit(url)
+    host = parsed.hostname or ""
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    in_cluster = bool(SERVICE_HOST.fullmatch(host))
+    if parsed.scheme in ("http", "https") and (loopback or in_cluster) and not parsed.username:
+        return url
+    raise LookupError(
+        f"{ref}: its {ENDPOINT_TAG} tag {url!r} is neither an in-cluster Service (<name>.<namespace>.svc"
+        "[.cluster.local]) nor loopback, so it was not written by the deployer; set LLMOPS_ENDPOINT_URL to "
+        "call another address on purpose"
+    )
+
+
 def resolve_endpoint(ref: str) -> str:
     if os.environ.get("LLMOPS_ENDPOINT_URL"):
         return os.environ["LLMOPS_ENDPOINT_URL"].rstrip("/")
@@ -58,7 +83,7 @@ def resolve_endpoint(ref: str) -> str:
         except MlflowException as err:
             raise LookupError(f"no version of {name!r} carries the alias {alias!r}: {err.message}") from err
         if version.tags.get(ENDPOINT_TAG):
-            return version.tags[ENDPOINT_TAG].rstrip("/")
+            return trusted_endpoint(version.tags[ENDPOINT_TAG], f"{name}@{alias}").rstrip("/")
     record = records_dir() / f"{name}@{alias}.json"
     if record.exists():
         url = json.loads(record.read_text())["url"]

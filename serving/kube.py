@@ -88,6 +88,13 @@ def _ops(kind: str, api_client: k8s.ApiClient):
     if kind == "Service":
         api = k8s.CoreV1Api(api_client)
         return api.read_namespaced_service, api.create_namespaced_service, api.replace_namespaced_service
+    if kind == "PodDisruptionBudget":
+        api = k8s.PolicyV1Api(api_client)
+        return (
+            api.read_namespaced_pod_disruption_budget,
+            api.create_namespaced_pod_disruption_budget,
+            api.replace_namespaced_pod_disruption_budget,
+        )
     raise ValueError(f"apply does not handle kind {kind!r}")
 
 

@@ -27,6 +27,7 @@ QUANTIZE_VALUES = ("bitsandbytes-nf4", "bitsandbytes", "none")  # what component
 GRACE_PERIOD_S = 120  # in-flight generations finish after SIGTERM; long completions take a while
 PRESTOP_SLEEP_S = 10  # lets endpoints drop the pod before TGI stops accepting connections
 STARTUP_PERIOD_S = 10
+FETCH_USER = 1000  # the llmops images' user (infra/images)
 
 
 def object_name(model_name: str) -> str:
@@ -104,27 +105,54 @@ def _probe(period_s: int, timeout_s: int, failures: int) -> dict:
     }
 
 
+def locked_down(user: int | None) -> dict:
+    """No privilege escalation, no capabilities, the runtime's seccomp profile, and a non-root user when given."""
+    context = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if user is not None:
+        context.update(runAsNonRoot=True, runAsUser=user, runAsGroup=user)
+    return context
+
+
+def sized(cpu: str, memory: str, extra: dict | None = None) -> dict:
+    """Requests equal to limits for CPU and memory (and any GPU): every container so, the pod's QoS is Guaranteed."""
+    amounts = {"cpu": cpu, "memory": memory, **(extra or {})}
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
 def tgi_container(cfg: DeploySection, tags: dict) -> dict:
-    gpus = {cfg.gpu_resource: str(cfg.gpu_count)}
+    gpus = {cfg.gpu_resource: str(cfg.gpu_count)} if cfg.gpu_count > 0 else {}
     container = {
         "name": "tgi",
         "image": cfg.tgi_image,
         "imagePullPolicy": "IfNotPresent",
         "args": tgi_args(cfg, tags),
-        "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "USAGE_STATS", "value": "off"}],
+        # HOME on the /tmp emptyDir: a non-root UID has no home directory in TGI's image.
+        "env": [
+            {"name": "HF_HUB_OFFLINE", "value": "1"},
+            {"name": "USAGE_STATS", "value": "off"},
+            {"name": "HOME", "value": "/tmp"},
+        ],
         "ports": [{"name": "http", "containerPort": CONTAINER_PORT, "protocol": "TCP"}],
-        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "data", "mountPath": DATA_DIR}],
+        "volumeMounts": [
+            {"name": "shm", "mountPath": "/dev/shm"},
+            {"name": "data", "mountPath": DATA_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
         # The model is already on disk (init container) when probes start; loading it onto the GPU is the
         # slow part, so the startup probe allows as long as the rollout itself may take.
         "startupProbe": _probe(STARTUP_PERIOD_S, 5, max(6, math.ceil(cfg.rollout_timeout_s / STARTUP_PERIOD_S))),
         "readinessProbe": _probe(10, 5, 3),
         "livenessProbe": _probe(30, 10, 3),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
-        # TGI's image runs as root and writes to /data and /tmp; forcing a uid could break it.
-        "securityContext": {"allowPrivilegeEscalation": False, "seccompProfile": {"type": "RuntimeDefault"}},
+        # TGI's image defaults to root, but writes only to /data, /tmp and $HOME: emptyDirs, group-writable
+        # through the pod's fsGroup. deploy.tgi_user (1000 by default) runs it without root.
+        "securityContext": locked_down(cfg.tgi_user),
+        "resources": sized(cfg.tgi_cpu, cfg.tgi_memory, gpus),
     }
-    if cfg.gpu_count > 0:
-        container["resources"] = {"requests": dict(gpus), "limits": dict(gpus)}
     return container
 
 
@@ -142,15 +170,9 @@ def fetch_container(cfg: DeploySection, name: str, version: str) -> dict:
             {"secretRef": {"name": cfg.mlflow_secret, "optional": True}},
         ],
         "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}],
-        # Our own image: safe to force a uid. emptyDir is world-writable, so TGI (root) can read the files.
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        # Our own image runs as uid 1000 (infra/images); the pod's fsGroup lets TGI read what it writes.
+        "securityContext": locked_down(FETCH_USER),
+        "resources": sized(cfg.fetch_cpu, cfg.fetch_memory),
     }
 
 
@@ -169,6 +191,10 @@ def version_labels(version: str, run_id: str) -> dict[str, str]:
 
 def pod_spec(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
     spec = {
+        "securityContext": {
+            "fsGroup": cfg.tgi_user or FETCH_USER,  # the emptyDirs' group: both containers read and write them
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "terminationGracePeriodSeconds": GRACE_PERIOD_S,
         # TGI never talks to the API server; service links would add env vars TGI's launcher might read.
         "automountServiceAccountToken": False,
@@ -177,7 +203,8 @@ def pod_spec(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
         "containers": [tgi_container(cfg, tags)],
         "volumes": [
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}},
-            {"name": "data", "emptyDir": {}},
+            {"name": "data", "emptyDir": {"sizeLimit": cfg.model_volume_size}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": cfg.tmp_size}},
         ],
     }
     if cfg.node_selector:
@@ -201,7 +228,7 @@ def render_deployment(cfg: DeploySection, *, name: str, version: str, run_id: st
             "annotations": dict(annotations),
         },
         "spec": {
-            "replicas": 1,
+            "replicas": cfg.replicas,
             "revisionHistoryLimit": 3,
             # The controller marks the rollout failed (ProgressDeadlineExceeded) on the same clock we wait on.
             "progressDeadlineSeconds": cfg.rollout_timeout_s,
@@ -232,9 +259,22 @@ def render_service(cfg: DeploySection, *, name: str) -> dict:
     }
 
 
+def render_disruption_budget(cfg: DeploySection, *, name: str) -> dict:
+    """A node drain takes one TGI pod at a time. Rendered from two replicas on; left in place when the count
+    drops back to one, where maxUnavailable 1 blocks nothing."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": object_name(name), "namespace": cfg.namespace, "labels": common_labels(name)},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(name)}},
+    }
+
+
 def render(cfg: DeploySection, *, name: str, version: str, run_id: str, tags: dict) -> list[dict]:
     """Everything one version needs, in apply order."""
+    budget = [render_disruption_budget(cfg, name=name)] if cfg.replicas >= 2 else []
     return [
         render_service(cfg, name=name),
+        *budget,
         render_deployment(cfg, name=name, version=version, run_id=run_id, tags=tags),
     ]

@@ -46,6 +46,21 @@ class DeploySection(Section):
         description="tolerations of the TGI pods",
     )
     shm_size: str = Field("1Gi", description="size of the memory-backed /dev/shm")
+    model_volume_size: str = Field(
+        "50Gi", description="sizeLimit of the emptyDir holding the downloaded weights (an 8B model in 16 bits: 16 GB)"
+    )
+    tmp_size: str = Field("2Gi", description="sizeLimit of the emptyDir mounted at /tmp (TGI's HOME and scratch)")
+    replicas: int = Field(1, ge=1, description="TGI pods per model; two or more also get a PodDisruptionBudget")
+    tgi_user: int | None = Field(
+        1000,
+        ge=1,
+        description="UID (and GID) the TGI container runs as: TGI writes only to /data, /tmp and $HOME, all "
+        "emptyDirs here, so it needs no root; null keeps the image's own user (root)",
+    )
+    tgi_cpu: str = Field("4", description="CPU request and limit of a TGI pod (equal: Guaranteed QoS)")
+    tgi_memory: str = Field("32Gi", description="memory request and limit of a TGI pod (host RAM while loading)")
+    fetch_cpu: str = Field("1", description="CPU request and limit of the fetch-model init container")
+    fetch_memory: str = Field("2Gi", description="memory request and limit of the fetch-model init container")
     port: int = Field(80, description="port of the TGI Service")
     rollout_timeout_s: int = Field(900, gt=0, description="seconds a rollout may take before it is rolled back")
     mlflow_tracking_uri: str = Field(

@@ -1,7 +1,7 @@
 """A tiny stand-in for the Kubernetes API server: apps/v1 Deployments and v1 Services in namespaces.
 
 Just enough of the real server's behaviour for serving/kube.py to be tested through the official client:
-- GET / POST / PUT / PATCH on deployments and services, PATCH on deployments/status;
+- GET / POST / PUT / PATCH on deployments, services and poddisruptionbudgets, PATCH on deployments/status;
 - metadata.generation starts at 1 and grows only when the spec changes; resourceVersion grows on
   every real change and a PUT with a stale one gets 409 Conflict; a no-op write changes neither;
 - PUT ignores status (as the real main resource does); the Deployment selector and a Service's
@@ -29,8 +29,12 @@ from fastapi.responses import JSONResponse
 
 from tests.conftest import Live
 
-KINDS = {"deployments": ("apps/v1", "Deployment"), "services": ("v1", "Service")}
-IMMUTABLE = {"deployments": ["selector"], "services": ["clusterIP", "clusterIPs"]}
+KINDS = {
+    "deployments": ("apps/v1", "Deployment"),
+    "services": ("v1", "Service"),
+    "poddisruptionbudgets": ("policy/v1", "PodDisruptionBudget"),
+}
+IMMUTABLE = {"deployments": ["selector"], "services": ["clusterIP", "clusterIPs"], "poddisruptionbudgets": []}
 
 
 def status_error(code: int, reason: str, message: str) -> JSONResponse:
@@ -169,7 +173,7 @@ class FakeKube:
     # --- the API --------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
         app = FastAPI()
-        prefixes = {"deployments": "/apis/apps/v1", "services": "/api/v1"}
+        prefixes = {"deployments": "/apis/apps/v1", "services": "/api/v1", "poddisruptionbudgets": "/apis/policy/v1"}
         for plural, prefix in prefixes.items():
             base = prefix + "/namespaces/{namespace}/" + plural
             app.add_api_route(base, self._route(self._create, plural), methods=["POST"])
@@ -230,7 +234,7 @@ class FakeKube:
         )
         if plural == "deployments":
             obj["metadata"]["generation"], obj["status"] = 1, {}
-        else:
+        elif plural == "services":
             ip = f"10.96.0.{next(self._ips)}"
             obj["spec"].setdefault("clusterIP", ip)
             obj["spec"].setdefault("clusterIPs", [obj["spec"]["clusterIP"]])

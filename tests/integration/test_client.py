@@ -71,3 +71,25 @@ def test_endpoint_resolution_order(monkeypatch, tmp_path):
     assert client.resolve_endpoint("m@champion") == "http://127.0.0.1:9"
     with pytest.raises(ValueError, match="name@alias"):
         client.parse_ref("no-alias")
+
+
+@pytest.mark.parametrize(
+    "url, trusted",
+    [
+        ("http://tgi-llmops-demo.llmops-serving.svc.cluster.local:80", True),
+        ("http://tgi-x.ns.svc:80", True),
+        ("http://127.0.0.1:8090", True),
+        ("http://localhost:8090", True),
+        ("https://evil.example.com/v1", False),
+        ("http://10.0.0.7:8080", False),  # a pod IP: not what the deployer writes
+        ("http://tgi.ns.svc.cluster.local.evil.example.com", False),
+        ("http://user:pw@tgi-x.ns.svc:80", False),
+        ("file:///etc/passwd", False),
+    ],
+)
+def test_an_endpoint_tag_is_followed_only_to_an_in_cluster_service_or_loopback(url, trusted):
+    if trusted:
+        assert client.trusted_endpoint(url, "m@champion") == url
+    else:
+        with pytest.raises(LookupError, match="neither an in-cluster Service.*LLMOPS_ENDPOINT_URL"):
+            client.trusted_endpoint(url, "m@champion")

@@ -321,3 +321,14 @@ def test_scaled_to_zero_is_not_serving_and_the_same_version_comes_back_whole(kub
     assert kube.managed_models(NS, api_client=api_client) == {}
     assert apply(api_client, "1")["Deployment"].action == "updated"  # promoted again: replicas restored
     assert fake.get("deployments", NS, NAME)["spec"]["replicas"] == 1
+
+
+def test_two_or_more_replicas_apply_a_disruption_budget_through_the_policy_api(kube_api):
+    fake, api_client = kube_api
+    cfg = DeploySection(namespace=NS, replicas=2)
+    results = {r.kind: r for r in kube.apply(objects("1", cfg=cfg), NS, api_client=api_client)}
+    assert results["PodDisruptionBudget"].action == "created"
+    assert fake.get("poddisruptionbudgets", NS, NAME)["spec"]["maxUnavailable"] == 1
+    assert fake.get("deployments", NS, NAME)["spec"]["replicas"] == 2
+    again = {r.kind: r.action for r in kube.apply(objects("1", cfg=cfg), NS, api_client=api_client)}
+    assert again == {"Service": "unchanged", "PodDisruptionBudget": "unchanged", "Deployment": "unchanged"}

@@ -47,7 +47,10 @@ def arg(args: list[str], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
-@pytest.mark.parametrize("cfg", [DeploySection(), DeploySection(gpu_count=0, node_selector={}, tolerations=[])])
+@pytest.mark.parametrize(
+    "cfg",
+    [DeploySection(), DeploySection(gpu_count=0, node_selector={}, tolerations=[]), DeploySection(replicas=3)],
+)
 @pytest.mark.parametrize("quantize", ["bitsandbytes-nf4", "bitsandbytes", "none"])
 def test_every_object_is_schema_valid(cfg, quantize):
     for obj in manifests.render(cfg, name="llmops-demo", version="3", run_id=RUN_ID, tags=tags(quantize)):
@@ -121,16 +124,59 @@ def test_gpu_node_selector_tolerations_and_volumes():
     )
     dep = deployment(cfg)
     pod, container = dep["spec"]["template"]["spec"], tgi(dep)
-    assert container["resources"] == {"requests": {"nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "2"}}
+    amounts = {"cpu": cfg.tgi_cpu, "memory": cfg.tgi_memory, "nvidia.com/gpu": "2"}
+    assert container["resources"] == {"requests": amounts, "limits": amounts}
     assert pod["nodeSelector"] == {"pool": "a100"}
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
-    assert volumes["data"]["emptyDir"] == {}
+    assert volumes["data"]["emptyDir"] == {"sizeLimit": cfg.model_volume_size}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": cfg.tmp_size}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert mounts == {"/dev/shm": "shm", "/data": "data"}
+    assert mounts == {"/dev/shm": "shm", "/data": "data", "/tmp": "tmp"}
     cpu = deployment(DeploySection(gpu_count=0, node_selector={}, tolerations=[]))["spec"]["template"]["spec"]
-    assert "resources" not in cpu["containers"][0] and "nodeSelector" not in cpu and "tolerations" not in cpu
+    assert "nodeSelector" not in cpu and "tolerations" not in cpu
+    assert set(cpu["containers"][0]["resources"]["limits"]) == {"cpu", "memory"}  # CPU serving: no GPU asked
+
+
+def qos_class(pod: dict) -> str:
+    """Kubernetes' rule: Guaranteed when every container, init containers included, has CPU and memory limits
+    equal to its requests."""
+    containers = pod["containers"] + pod.get("initContainers", [])
+    for c in containers:
+        r = c.get("resources", {})
+        if not all(
+            r.get("limits", {}).get(k) and r["limits"][k] == r.get("requests", {}).get(k) for k in ("cpu", "memory")
+        ):
+            return "Burstable" if any(c.get("resources") for c in containers) else "BestEffort"
+    return "Guaranteed"
+
+
+@pytest.mark.parametrize("cfg", [DeploySection(), DeploySection(gpu_count=0, node_selector={}, tolerations=[])])
+def test_the_tgi_pod_is_hardened_like_our_other_pods(cfg):
+    pod = deployment(cfg)["spec"]["template"]["spec"]
+    assert qos_class(pod) == "Guaranteed"
+    for container in pod["containers"] + pod["initContainers"]:
+        context = container["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] == 1000  # the UID the README documents
+        assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["fsGroup"] == 1000  # both containers read and write the emptyDirs
+    assert all("sizeLimit" in v["emptyDir"] for v in pod["volumes"])
+    assert {"name": "HOME", "value": "/tmp"} in pod["containers"][0]["env"]
+    # an image that truly needs root keeps the rest of the lock-down
+    rooted = deployment(DeploySection(tgi_user=None))["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+    assert "runAsNonRoot" not in rooted and rooted["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_replicas_are_configurable_and_two_or_more_get_a_disruption_budget():
+    single = manifests.render(DeploySection(), name="llmops-demo", version="3", run_id=RUN_ID, tags=tags())
+    assert [o["kind"] for o in single] == ["Service", "Deployment"] and single[1]["spec"]["replicas"] == 1
+    three = manifests.render(DeploySection(replicas=3), name="llmops-demo", version="3", run_id=RUN_ID, tags=tags())
+    assert [o["kind"] for o in three] == ["Service", "PodDisruptionBudget", "Deployment"]
+    budget, dep = three[1], three[2]
+    assert dep["spec"]["replicas"] == 3 and budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
 
 
 def test_init_container_fetches_the_version_with_secret_refs_only():
