@@ -22,7 +22,11 @@ class DeploySection(Section):
     models: list[str] = Field(
         [], description="registered model names this deployer serves (an allowlist); empty: every registered model"
     )
-    namespace: str = Field("llmops", description="Kubernetes namespace of the TGI Deployments")
+    namespace: str = Field(
+        "llmops-serving",
+        description="Kubernetes namespace of the TGI Deployments: apart from the one holding the infrastructure "
+        "and its Secrets (infra/k8s/base/namespace.yaml)",
+    )
     # Pinned by digest: a tag can move under a running Deployment. Set the digest your registry serves.
     tgi_image: str = Field(
         "ghcr.io/huggingface/text-generation-inference:3.3.4@sha256:" + "0" * 64,
@@ -66,8 +70,15 @@ class DeploySection(Section):
     mlflow_tracking_uri: str = Field(
         "http://mlflow.llmops.svc.cluster.local:5000", description="MLflow as the TGI pods' init container reaches it"
     )
-    s3_secret: str = Field("llmops-s3", description="Secret with the S3 credentials the init container downloads with")
-    mlflow_secret: str = Field("llmops-mlflow", description="Secret with the MLflow credentials of the init container")
+    s3_secret: str = Field(
+        "llmops-s3-readonly",
+        description="Secret (in the serving namespace) with the read-only S3 credentials the init container downloads "
+        "with",
+    )
+    mlflow_secret: str = Field(
+        "llmops-mlflow-reader",
+        description="Secret (in the serving namespace) with the MLflow login of the init container: READ only",
+    )
 
     @model_validator(mode="after")
     def _token_limits(self) -> DeploySection:

@@ -332,3 +332,40 @@ def test_two_or_more_replicas_apply_a_disruption_budget_through_the_policy_api(k
     assert fake.get("deployments", NS, NAME)["spec"]["replicas"] == 2
     again = {r.kind: r.action for r in kube.apply(objects("1", cfg=cfg), NS, api_client=api_client)}
     assert again == {"Service": "unchanged", "PodDisruptionBudget": "unchanged", "Deployment": "unchanged"}
+
+
+def test_the_deployers_role_grants_exactly_the_verbs_it_uses(kube_api):
+    """Every path of serving/kube.py (create, update, unchanged, rollback, list, scale to zero, a disruption
+    budget) driven through the real client; the requests it made, as RBAC verbs, are the Role's rules."""
+    from pathlib import Path
+
+    import yaml
+
+    fake, api_client = kube_api
+    cfg = DeploySection(namespace=NS, replicas=2)
+    for version in ("1", "2", "2"):
+        kube.apply(objects(version, cfg=cfg), NS, api_client=api_client)
+        fake.complete_rollout(NS, NAME)
+    # a Service and a budget changed behind the deployer's back (a person's edit, an older llmops): updated back
+    for plural in ("services", "poddisruptionbudgets"):
+        fake.objects[(plural, NS, NAME)]["metadata"]["annotations"][kube.ANN_APPLIED] = "edited elsewhere"
+    kube.apply(objects("2", cfg=cfg), NS, api_client=api_client)
+    kube.rollback(NAME, NS, api_client=api_client)
+    kube.current_version(NAME, NS, api_client=api_client)
+    kube.managed_models(NS, api_client=api_client)
+    kube.scale_to_zero(NAME, NS, "alias removed", api_client=api_client)
+    used = set()
+    for method, path in fake.requests:
+        parts = path.strip("/").split("/")
+        resource, named = (parts[-2], True) if parts[-2] in KIND_PLURALS else (parts[-1], False)
+        verb = {"GET": "get" if named else "list", "POST": "create", "PUT": "update", "PATCH": "patch"}[method]
+        used.add((KIND_PLURALS[resource], resource, verb))
+    rbac = Path(__file__).resolve().parents[2] / "infra" / "k8s" / "base" / "deployer-rbac.yaml"
+    role = next(d for d in yaml.safe_load_all(rbac.read_text()) if d and d["kind"] == "Role")
+    granted = {
+        (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+    }
+    assert used == granted
+
+
+KIND_PLURALS = {"deployments": "apps", "services": "", "poddisruptionbudgets": "policy"}  # resource -> API group

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
 OVERLAYS = ("local", "production")
 NAMESPACE = "llmops"
+SERVING_NAMESPACE = "llmops-serving"  # the TGI objects, the deployer's Role, their policies and Secrets
 
 # --------------------------------------------------------------------------------------------------------------
 # A pure-Python kustomize for the subset the overlays use: resources (files), bases (directories), namespace,
@@ -222,12 +223,20 @@ def test_overlay_renders_the_whole_stack(overlay):
         ("ServiceAccount", "llmops-deployer"),
         ("Role", "llmops-deployer"),
         ("RoleBinding", "llmops-deployer"),
-        ("NetworkPolicy", "default-deny-ingress"),
+        ("NetworkPolicy", "default-deny"),
+        ("Namespace", SERVING_NAMESPACE),
     ]:
         assert expected in kinds, f"{overlay}: {expected} missing"
+    serving = {("Role", "llmops-deployer"), ("RoleBinding", "llmops-deployer"), ("NetworkPolicy", "tgi-ingress")}
     for obj in objects:
         if obj["kind"] != "Namespace":
-            assert obj["metadata"]["namespace"] == NAMESPACE, object_id(obj)
+            assert obj["metadata"]["namespace"] in (NAMESPACE, SERVING_NAMESPACE), object_id(obj)
+        if (obj["kind"], obj["metadata"]["name"]) in serving:
+            assert obj["metadata"]["namespace"] == SERVING_NAMESPACE, object_id(obj)
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job", "Secret", "ServiceAccount"):
+            assert obj["metadata"]["namespace"] == NAMESPACE, object_id(obj)  # no workload beside the TGI pods
+    for namespace in (o for o in objects if o["kind"] == "Namespace"):
+        assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
 def test_kustomizations_stay_within_kustomize_v2_0_3():
@@ -341,20 +350,24 @@ def test_every_referenced_secret_and_key_is_created_in_the_readme(overlay):
     # One command per Secret, continued over lines ending in a backslash.
     created = {
         m.group(1): m.group(0)
-        for m in re.finditer(r"kubectl -n llmops create secret generic ([a-z0-9-]+)((?:[^\n]*\\\n)*[^\n]*)", readme)
+        for m in re.finditer(
+            r"kubectl -n (?:llmops|llmops-serving) create secret generic ([a-z0-9-]+)((?:[^\n]*\\\n)*[^\n]*)", readme
+        )
     }
     refs = secret_references(render(overlay))
     cfg = DeploySection()
-    assert cfg.s3_secret in refs and "llmops-webhook" in refs
+    assert "llmops-s3" in refs and "llmops-webhook" in refs
     for name, keys in refs.items():
         assert name in created, f"README does not create Secret {name}"
         for key in keys:
             assert f"--from-literal={key}=" in created[name] or f"--from-file={key}=" in created[name], (
                 f"README's command for {name} does not set key {key}"
             )
-    # The TGI pods the deployer renders read these Secrets too (serving/manifests.py).
+    # The TGI pods the deployer renders read these, in their own namespace, read-only (serving/manifests.py).
     for name in (cfg.s3_secret, cfg.mlflow_secret):
-        assert name in created
+        assert created[name].startswith(f"kubectl -n {SERVING_NAMESPACE} create secret generic {name}")
+    assert "mc admin policy attach llmops-admin readonly --user '<s3-readonly-access-key-id>'" in readme
+    assert 'users.grant_user_permission("tgi-reader", "registered_model", "llmops", "READ")' in readme
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -367,10 +380,18 @@ def test_rbac_is_namespaced_and_narrow(overlay):
     assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
     roles = [o for o in objects if o["kind"] == "Role"]
     assert [r["metadata"]["name"] for r in roles] == ["llmops-deployer"]
-    for rule in roles[0]["rules"]:
-        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
-        assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"])
+    assert roles[0]["metadata"]["namespace"] == SERVING_NAMESPACE  # it writes there and nowhere else
+    verbs = {
+        (g, r): set(rule["verbs"]) for rule in roles[0]["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
+    # exactly what serving/kube.py calls: no delete, no Secrets, no Pods
+    assert verbs == {
+        ("apps", "deployments"): {"get", "list", "create", "update", "patch"},
+        ("", "services"): {"get", "create", "update"},
+        ("policy", "poddisruptionbudgets"): {"get", "create", "update"},
+    }
     binding = find(objects, "RoleBinding", "llmops-deployer")
+    assert binding["metadata"]["namespace"] == SERVING_NAMESPACE
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "llmops-deployer"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "llmops-deployer", "namespace": NAMESPACE}]
     for _, template in pod_templates(objects):
@@ -439,7 +460,7 @@ def test_mlflow_server_settings(overlay):
     assert variables["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"]["value"] == "true"
     assert variables["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://minio.llmops.svc.cluster.local:9000"
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        assert variables[name]["valueFrom"]["secretKeyRef"] == {"name": DeploySection().s3_secret, "key": name}
+        assert variables[name]["valueFrom"]["secretKeyRef"] == {"name": "llmops-s3", "key": name}
     for name, key in (("PGUSER", "POSTGRES_USER"), ("PGPASSWORD", "POSTGRES_PASSWORD")):
         assert variables[name]["valueFrom"]["secretKeyRef"] == {"name": "llmops-postgres", "key": key}
     assert int(variables["MLFLOW_WORKERS"]["value"]) >= 1
@@ -519,7 +540,7 @@ def test_deployer_runs_the_cli_against_mlflow(overlay):
         "cluster",
     )
     cfg = load_deployer_config(params["profile"], params["overrides"]).deploy  # the overrides are valid config
-    assert cfg.namespace == NAMESPACE
+    assert cfg.namespace == SERVING_NAMESPACE
 
     variables = env(container)
     assert variables["MLFLOW_TRACKING_URI"]["value"] == cfg.mlflow_tracking_uri
@@ -560,7 +581,7 @@ def test_local_overlay_renders_tgi_without_gpu_and_production_with():
 
     local, production = tgi_pod("local"), tgi_pod("production")
     assert "tolerations" not in local and "nodeSelector" not in local
-    assert "resources" not in local["containers"][0]
+    assert set(local["containers"][0]["resources"]["limits"]) == {"cpu", "memory"}  # no GPU asked
     assert production["tolerations"] and production["nodeSelector"]
     assert production["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
@@ -605,52 +626,94 @@ def named(value: str) -> dict:
 
 
 PIPELINE_PEERS = {peer(PIPELINE), peer(PIPELINE, PIPELINE_NAMESPACE)}
-EXPECTED_POLICIES = {
-    # policy: (pods it selects, allowed peers, port)
-    "mlflow-ingress": (named("mlflow"), {peer(named("llmops-deployer")), peer(TGI)} | PIPELINE_PEERS, 5000),
-    "postgres-ingress": (named("postgres"), {peer(named("mlflow"))}, 5432),
+IN_SERVING = {"kubernetes.io/metadata.name": SERVING_NAMESPACE}
+IN_INFRA = {"kubernetes.io/metadata.name": NAMESPACE}
+SERVING_CLIENTS = {"llmops.io/serving-clients": "true"}
+EXPECTED_INGRESS = {
+    # policy: (namespace, pods it selects, allowed peers, port)
+    "mlflow-ingress": (
+        NAMESPACE,
+        named("mlflow"),
+        {peer(named("llmops-deployer")), peer(TGI, IN_SERVING)} | PIPELINE_PEERS,
+        5000,
+    ),
+    "postgres-ingress": (NAMESPACE, named("postgres"), {peer(named("mlflow"))}, 5432),
     "minio-ingress": (
+        NAMESPACE,
         named("minio"),
-        {peer(named("mlflow")), peer(TGI), peer(named("minio-bucket"))} | PIPELINE_PEERS,
+        {peer(named("mlflow")), peer(TGI, IN_SERVING), peer(named("minio-bucket"))} | PIPELINE_PEERS,
         9000,
     ),
-    "deployer-ingress": (named("llmops-deployer"), {peer(named("mlflow"))}, 8700),
-    "tgi-ingress": (TGI, {peer({})}, manifests.CONTAINER_PORT),
+    "deployer-ingress": (NAMESPACE, named("llmops-deployer"), {peer(named("mlflow"))}, 8700),
+    "tgi-ingress": (
+        SERVING_NAMESPACE,
+        TGI,
+        {peer(named("llmops-deployer"), IN_INFRA), peer(None, SERVING_CLIENTS)},
+        manifests.CONTAINER_PORT,
+    ),
+}
+EXPECTED_EGRESS = {
+    # policy: (namespace, pods it selects, {(peer, port)}); DNS is open to every pod, nothing else
+    "mlflow-egress": (  # the only way out for a webhook: the deployer's port (the SSRF check's stand-in)
+        NAMESPACE,
+        named("mlflow"),
+        {(peer(named("postgres")), 5432), (peer(named("minio")), 9000), (peer(named("llmops-deployer")), 8700)},
+    ),
+    "minio-bucket-egress": (NAMESPACE, named("minio-bucket"), {(peer(named("minio")), 9000)}),
+    "deployer-egress": (
+        NAMESPACE,
+        named("llmops-deployer"),
+        {(peer(named("mlflow")), 5000), (peer(TGI, IN_SERVING), 8080), ("0.0.0.0/0", 443), ("0.0.0.0/0", 6443)},
+    ),
+    "tgi-egress": (
+        SERVING_NAMESPACE,
+        TGI,
+        {(peer(named("mlflow"), IN_INFRA), 5000), (peer(named("minio"), IN_INFRA), 9000)},
+    ),
 }
 
 
+def peers_of(entries: list[dict]) -> set:
+    return {
+        p["ipBlock"]["cidr"]
+        if "ipBlock" in p
+        else peer(
+            p["podSelector"].get("matchLabels", {}) if "podSelector" in p else None,
+            p["namespaceSelector"].get("matchLabels", {}) if "namespaceSelector" in p else None,
+        )
+        for p in entries
+    }
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policies_deny_by_default_and_name_their_peers(overlay):
+def test_network_policies_deny_both_ways_by_default_and_name_their_peers(overlay):
     objects = render(overlay)
-    policies = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
-    deny = policies.pop("default-deny-ingress")
-    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}
-    assert set(policies) == set(EXPECTED_POLICIES)
+    policies = {
+        (o["metadata"]["namespace"], o["metadata"]["name"]): o["spec"] for o in objects if o["kind"] == "NetworkPolicy"
+    }
+    for namespace in (NAMESPACE, SERVING_NAMESPACE):
+        assert policies.pop((namespace, "default-deny")) == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+        dns = policies.pop((namespace, "allow-dns"))
+        assert dns["podSelector"] == {} and dns["policyTypes"] == ["Egress"]
+        assert {p["port"] for p in dns["egress"][0]["ports"]} == {53}
+    expected = {(ns, name) for name, (ns, *_) in {**EXPECTED_INGRESS, **EXPECTED_EGRESS}.items()}
+    assert set(policies) == expected
     workloads = {tuple(sorted(t["metadata"]["labels"].items())): o for o, t in pod_templates(objects)}
-    for policy, (selects, peers, port) in EXPECTED_POLICIES.items():
-        spec = policies[policy]
-        assert spec["podSelector"] == {"matchLabels": selects}, policy
-        assert spec["policyTypes"] == ["Ingress"]
+    for policy, (namespace, selects, peers, port) in EXPECTED_INGRESS.items():
+        spec = policies[(namespace, policy)]
+        assert spec["podSelector"] == {"matchLabels": selects} and spec["policyTypes"] == ["Ingress"], policy
         (rule,) = spec["ingress"]
-        found = {
-            peer(
-                p["podSelector"].get("matchLabels", {}) if "podSelector" in p else None,
-                p["namespaceSelector"].get("matchLabels", {}) if "namespaceSelector" in p else None,
-            )
-            for p in rule["from"]
-        }
-        assert found == peers, policy
+        assert peers_of(rule["from"]) == peers, policy
         assert rule["ports"] == [{"protocol": "TCP", "port": port}], policy
-        # The policy's target exists here (or is the TGI pod the deployer renders) and listens on that port.
-        if selects != TGI:
+        if selects != TGI:  # the target exists here and listens on that port
             (target,) = [o for labels, o in workloads.items() if selects.items() <= dict(labels).items()]
             ports = [p["containerPort"] for c in target["spec"]["template"]["spec"]["containers"] for p in c["ports"]]
             assert port in ports, policy
-        # Every in-namespace peer label names a pod that exists here or one the deployer/pipeline creates.
-        for p in rule["from"]:
-            labels = p.get("podSelector", {}).get("matchLabels", {})
-            if labels and labels not in (TGI, PIPELINE):
-                assert any(labels.items() <= dict(w).items() for w in workloads), (policy, labels)
+    for policy, (namespace, selects, allowed) in EXPECTED_EGRESS.items():
+        spec = policies[(namespace, policy)]
+        assert spec["podSelector"] == {"matchLabels": selects} and spec["policyTypes"] == ["Egress"], policy
+        found = {(p, port["port"]) for rule in spec["egress"] for p in peers_of(rule["to"]) for port in rule["ports"]}
+        assert found == allowed, policy
 
 
 def test_tgi_pods_carry_the_label_the_policies_select():
@@ -659,6 +722,6 @@ def test_tgi_pods_carry_the_label_the_policies_select():
     assert TGI.items() <= pod_labels.items()
     assert (
         deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
-        == EXPECTED_POLICIES["tgi-ingress"][2]
+        == EXPECTED_INGRESS["tgi-ingress"][3]
     )
-    assert DeploySection().namespace == NAMESPACE
+    assert DeploySection().namespace == SERVING_NAMESPACE
