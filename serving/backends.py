@@ -95,6 +95,11 @@ class KubeBackend:
     def deploy(self, target: Target) -> tuple[bool, str]:
         from serving import kube
 
+        if unpinned := self.cfg.unpinned():
+            return False, (
+                f"{' and '.join(unpinned)} still carry the placeholder digest: set the digest your registry serves "
+                "(deploy.tgi_image=IMAGE:TAG@sha256:...) in the deployer's profile; nothing was applied"
+            )
         try:
             ok = kube.deploy_version(
                 self.cfg,

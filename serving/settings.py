@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from components.config import Profiled, Section, load_settings
 
 PROFILE_DIR = Path(__file__).resolve().parent / "configs"
+PLACEHOLDER = "@sha256:" + "0" * 64  # the default images' digest: no registry serves it
 
 
 class DeploySection(Section):
@@ -27,15 +28,17 @@ class DeploySection(Section):
         description="Kubernetes namespace of the TGI Deployments: apart from the one holding the infrastructure "
         "and its Secrets (infra/k8s/base/namespace.yaml)",
     )
-    # Pinned by digest: a tag can move under a running Deployment. Set the digest your registry serves.
+    # Pinned by digest: a tag can move under a running Deployment. The defaults' digests are placeholders (all
+    # zeros) that the deployer refuses to roll out: set the digests your registry serves.
     tgi_image: str = Field(
         "ghcr.io/huggingface/text-generation-inference:3.3.4@sha256:" + "0" * 64,
         pattern=r"^[^\s@]+@sha256:[0-9a-f]{64}$",
         description="TGI image, pinned by digest",
     )
     fetch_image: str = Field(
-        "ghcr.io/llmops/llmops-cpu:0.1.0",
-        description="image of the init container that downloads and verifies the weights",
+        "ghcr.io/llmops/llmops-cpu:0.1.0@sha256:" + "0" * 64,
+        pattern=r"^[^\s@]+@sha256:[0-9a-f]{64}$",
+        description="image of the init container that downloads and verifies the weights, pinned by digest",
     )
     max_input_tokens: int = Field(1024, gt=0, description="TGI --max-input-tokens")
     max_total_tokens: int = Field(2048, gt=0, description="TGI --max-total-tokens (prompt plus answer)")
@@ -79,6 +82,10 @@ class DeploySection(Section):
         "llmops-mlflow-reader",
         description="Secret (in the serving namespace) with the MLflow login of the init container: READ only",
     )
+
+    def unpinned(self) -> list[str]:
+        """The image settings still carrying the placeholder digest."""
+        return [f"deploy.{key}" for key in ("tgi_image", "fetch_image") if getattr(self, key).endswith(PLACEHOLDER)]
 
     @model_validator(mode="after")
     def _token_limits(self) -> DeploySection:

@@ -21,6 +21,11 @@ from tests.integration.kube_fake import FakeKube
 pytestmark = pytest.mark.integration
 SECRET = "test-webhook-secret"
 QUANTIZE = {"1": "bitsandbytes-nf4", "2": "bitsandbytes", "3": "none"}
+# What an operator sets: the defaults' placeholder digests are refused (test_placeholder_digests_are_refused...)
+PINNED = {
+    "tgi_image": "ghcr.io/huggingface/text-generation-inference:3.3.4@sha256:" + "ab" * 32,
+    "fetch_image": "ghcr.io/llmops/llmops-cpu:0.1.0@sha256:" + "cd" * 32,
+}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +103,7 @@ class Deliveries(Verifier):
 
 
 def deployer_live(kube, interval_s=60.0, verifier=None):
-    cfg = DeploySection(namespace="ns1", rollout_timeout_s=5)
+    cfg = DeploySection(namespace="ns1", rollout_timeout_s=5, **PINNED)
     deployer = Deployer(KubeBackend(cfg, api_client=kube.api_client(), poll_s=0.05), interval_s=interval_s)
     return Live(create_app(deployer, verifier or Verifier(SECRET))), deployer
 
@@ -317,7 +322,8 @@ def test_a_version_whose_gate_failed_is_refused_until_a_person_overrides_it(mode
     try:
         with FakeKube() as kube, AutoController(kube, "ns1"):
             deployer = Deployer(
-                KubeBackend(DeploySection(namespace="ns1"), api_client=kube.api_client(), poll_s=0.05), interval_s=60.0
+                KubeBackend(DeploySection(namespace="ns1", **PINNED), api_client=kube.api_client(), poll_s=0.05),
+                interval_s=60.0,
             )
             deployer.reconcile_once()
             assert deployed_version(kube, model_name)[0] == "1"
@@ -341,7 +347,7 @@ def test_a_version_whose_gate_failed_is_refused_until_a_person_overrides_it(mode
 
 
 def kube_deployer(kube, name: str, rollout_timeout_s: float = 5) -> Deployer:
-    cfg = DeploySection(namespace="ns1", rollout_timeout_s=rollout_timeout_s)
+    cfg = DeploySection(namespace="ns1", rollout_timeout_s=rollout_timeout_s, **PINNED)
     return Deployer(KubeBackend(cfg, api_client=kube.api_client(), poll_s=0.05), interval_s=60.0, models=[name])
 
 
@@ -368,7 +374,7 @@ def test_a_deployer_restarted_mid_rollout_finishes_it_or_rolls_it_back(model_nam
             client.set_registered_model_alias(model_name, "champion", "2")
             client.set_model_version_tag(model_name, "2", "deploy.status", "deploying")
             v2 = client.get_model_version(model_name, "2")
-            cfg = DeploySection(namespace="ns1")
+            cfg = DeploySection(namespace="ns1", **PINNED)
             objects = manifests.render(cfg, name=model_name, version="2", run_id=v2.run_id, tags=dict(v2.tags))
             kube_api.apply(objects, "ns1", api_client=kube.api_client())
 
@@ -409,6 +415,23 @@ def test_an_api_refusal_during_a_rollout_fails_the_version_with_the_reason_and_k
             assert deployed_version(kube, model_name)[0] == "1"
     finally:
         clear_deploy_tags(client, model_name, "2")
+
+
+def test_placeholder_digests_are_refused_before_anything_is_applied(model_name):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.set_registered_model_alias(model_name, "champion", "1")
+    try:
+        with FakeKube() as kube:
+            backend = KubeBackend(DeploySection(namespace="ns1"), api_client=kube.api_client(), poll_s=0.05)
+            deployer = Deployer(backend, interval_s=60.0, models=[model_name])
+            assert deployer.reconcile_once() == [f"failed {model_name}/1"]
+            reason = client.get_model_version(model_name, "1").tags["deploy.reason"]
+            assert "deploy.tgi_image and deploy.fetch_image still carry the placeholder digest" in reason
+            assert kube.writes() == []
+    finally:
+        clear_deploy_tags(client, model_name, "1")
 
 
 def test_reconcile_sees_models_past_the_first_page(mlflow_server):

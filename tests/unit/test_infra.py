@@ -420,8 +420,7 @@ def test_pods_are_hardened_and_sized(overlay):
             assert container["resources"]["limits"]["memory"], name
             tmp = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
             assert tmp and tmp[0]["name"] in mounts_ok, f"{name}: /tmp must be a writable emptyDir"
-            image = container["image"]
-            assert not image.endswith(":latest") and (":" in image.rsplit("/", 1)[-1] or "@" in image), image
+            assert re.fullmatch(r"[^\s@]+@sha256:[0-9a-f]{64}", container["image"]), container["image"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -517,7 +516,7 @@ def test_deployer_runs_the_cli_against_mlflow(overlay):
     objects = render(overlay)
     spec = find(objects, "Deployment", "llmops-deployer")["spec"]["template"]["spec"]
     (container,) = spec["containers"]
-    assert container["image"].startswith("ghcr.io/llmops/llmops-cpu:")
+    assert split_image(container["image"])[0] == "ghcr.io/llmops/llmops-cpu"
     assert container["command"] == ["llmops"]
     assert container["args"][:11] == [
         "deployer",
@@ -725,3 +724,22 @@ def test_tgi_pods_carry_the_label_the_policies_select():
         == EXPECTED_INGRESS["tgi-ingress"][3]
     )
     assert DeploySection().namespace == SERVING_NAMESPACE
+
+
+def test_every_image_is_pinned_by_digest_and_the_placeholders_are_refused():
+    """Infra images get their digests in one place (base/kustomization.yaml); the deployer's two images in its
+    profile. The all-zero placeholders name no image anywhere, and the deployer will not roll them out."""
+    from serving.settings import PLACEHOLDER
+
+    base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    assert all(rule["digest"] == PLACEHOLDER.removeprefix("@") for rule in base["images"])
+    for overlay in OVERLAYS:
+        for _, template in pod_templates(render(overlay)):
+            for container in containers(template["spec"]):
+                assert container["image"].endswith(PLACEHOLDER), container["image"]
+    cfg = load_deployer_config("cluster").deploy
+    assert cfg.unpinned() == ["deploy.tgi_image", "deploy.fetch_image"]
+    pinned = DeploySection(tgi_image="tgi@sha256:" + "a" * 64, fetch_image="ours@sha256:" + "b" * 64)
+    assert pinned.unpinned() == []
+    with pytest.raises(ValueError, match="fetch_image"):
+        DeploySection(fetch_image="ghcr.io/llmops/llmops-cpu:0.1.0")  # a tag alone is refused at load
