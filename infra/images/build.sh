@@ -15,6 +15,7 @@
 #                                             when set, the TORCH_INDEX_URL build arg of that image
 #   LLMOPS_IMAGE_PLATFORM                     default linux/amd64 (the CUDA wheels are x86_64)
 #   DOCKER                                    the docker client, default docker
+#   LLMOPS_CPU_BASE_IMAGE, LLMOPS_GPU_BASE_IMAGE  base images, pinned by digest (the Dockerfiles' are placeholders)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -56,9 +57,21 @@ if ! "$docker" info >/dev/null 2>&1; then
   'make images' again. It would build: ${tags[*]}"
 fi
 
+placeholder="@sha256:0000000000000000000000000000000000000000000000000000000000000000"
 for image in "${images[@]}"; do
     name="$(tag "$image")"
     build_args=(--build-arg "VERSION=$version")
+    # The base image, pinned by digest: the Dockerfile's, or LLMOPS_<IMAGE>_BASE_IMAGE. A placeholder stops here.
+    base_arg="$([[ $image == cpu ]] && echo PYTHON_IMAGE || echo CUDA_IMAGE)"
+    base_var="LLMOPS_${image^^}_BASE_IMAGE"
+    base="${!base_var:-$(sed -n "s/^ARG $base_arg=//p" "$root/infra/images/Dockerfile.$image")}"
+    if [[ "$base" == *"$placeholder" ]]; then
+        die "the base of $name still carries the placeholder digest ($base).
+  Set the digest your registry serves, e.g. $base_var=\"${base%@*}@\$(crane digest ${base%@*})\", or edit
+  ARG $base_arg in infra/images/Dockerfile.$image; nothing was built."
+    fi
+    [[ "$base" == *@sha256:* ]] || die "the base of $name ($base) is not pinned by digest; nothing was built."
+    build_args+=(--build-arg "$base_arg=$base")
     index_var="LLMOPS_${image^^}_TORCH_INDEX_URL"
     if [[ -n "${!index_var+set}" ]]; then
         build_args+=(--build-arg "TORCH_INDEX_URL=${!index_var}")

@@ -90,7 +90,7 @@ def test_sigterm_stops_both_ranks_at_one_checkpoint(tiny_base, demo_prepared, tm
         "train.run(TrainSection.model_validate_json(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])"
     )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    # The workers' progress bar ("N/4000 steps") is the marker that training has reached a step. Rich draws it
+    # The workers' progress bar ("train step ━━━ N/4000") is the marker that training has reached a step. Rich draws it
     # only on a terminal, so the pipe is declared one (Rich's TTY_COMPATIBLE), wide enough to keep the column.
     env.update(TTY_COMPATIBLE="1", TTY_INTERACTIVE="1", TERM="xterm", COLUMNS="200")
     proc = subprocess.Popen(
@@ -105,7 +105,7 @@ def test_sigterm_stops_both_ranks_at_one_checkpoint(tiny_base, demo_prepared, tm
     def steps_done() -> int:
         text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
         assert proc.poll() is None, f"training ended before the signal:\n{text[-3000:]}"
-        return max(map(int, re.findall(r"(\d+)/4000 steps", text)), default=0)
+        return max(map(int, re.findall(r"(\d+)/4000\b", text)), default=0)
 
     # Two steps done by one rank means both ranks are in the training loop, their SIGTERM handlers installed
     # (every step ends in an all-reduce of the stop flag); 4000 steps keep the end and the scheduled save far away.

@@ -175,14 +175,12 @@ def test_both_images_share_install_script_and_lock():
     cpu, gpu = (DOCKERFILES[name] for name in ("cpu", "gpu"))
     assert install_runs(cpu) == install_runs(gpu)
     assert copies(cpu) == copies(gpu), "both images must build from the same files (same requirements.lock)"
-    assert (build_args(cpu)["TORCH_INDEX_URL"], build_args(gpu)["TORCH_INDEX_URL"]) == (
-        "",
-        "https://download.pytorch.org/whl/cu128",
-    )
-    # Bases pinned to an exact release tag (the release process adds the digest), never a floating one.
+    # both from PyPI, whose torch wheels the lock carries hashes for (the Linux one is the CUDA build)
+    assert (build_args(cpu)["TORCH_INDEX_URL"], build_args(gpu)["TORCH_INDEX_URL"]) == ("", "")
+    # Bases pinned to an exact release tag and a digest (a placeholder until set: build.sh refuses it).
     bases = {name: base_image(path) for name, path in DOCKERFILES.items()}
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", bases["cpu"]), bases
-    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-\w+-ubuntu\d\d\.\d\d(@sha256:[0-9a-f]{64})?", bases["gpu"]), bases
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+@sha256:[0-9a-f]{64}", bases["cpu"]), bases
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-\w+-ubuntu\d\d\.\d\d@sha256:[0-9a-f]{64}", bases["gpu"]), bases
 
 
 def base_image(dockerfile: Path) -> str:
@@ -197,7 +195,15 @@ def base_image(dockerfile: Path) -> str:
     raise AssertionError(f"{dockerfile.name} has no FROM")
 
 
-def run_build_script(tmp_path: Path, *args: str, docker_info_ok: bool, registry: str | None = None):
+PINNED_BASES = {
+    "LLMOPS_CPU_BASE_IMAGE": "python:3.11.14-slim-bookworm@sha256:" + "1" * 64,
+    "LLMOPS_GPU_BASE_IMAGE": "nvidia/cuda:12.8.1-base-ubuntu22.04@sha256:" + "2" * 64,
+}
+
+
+def run_build_script(
+    tmp_path: Path, *args: str, docker_info_ok: bool, registry: str | None = None, bases: dict | None = None
+):
     """build.sh with a stand-in `docker` that records its calls (no engine, no image is built)."""
     log = tmp_path / "docker.log"
     fake = tmp_path / "docker"
@@ -214,6 +220,7 @@ def run_build_script(tmp_path: Path, *args: str, docker_info_ok: bool, registry:
     env["DOCKER"] = str(fake)
     if registry:
         env["LLMOPS_IMAGE_REGISTRY"] = registry
+    env.update(bases or {})
     result = subprocess.run(
         ["bash", str(IMAGES / "build.sh"), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
@@ -228,7 +235,9 @@ def test_build_script_tags_follow_the_package_version(tmp_path):
     assert calls == [], "--print-tags needs no Docker"
 
     # The registry override is the one pipelines/images.py reads, so compiled pipelines name these tags.
-    result, calls = run_build_script(tmp_path, docker_info_ok=True, registry="registry.example:5000/team")
+    result, calls = run_build_script(
+        tmp_path, docker_info_ok=True, registry="registry.example:5000/team", bases=PINNED_BASES
+    )
     assert result.returncode == 0, result.stderr
     builds = [shlex.split(c) for c in calls if c.startswith("build ")]
     assert len(builds) == 2 and calls[0] == "info"
@@ -237,6 +246,22 @@ def test_build_script_tags_follow_the_package_version(tmp_path):
         assert argv[argv.index("-f") + 1] == str(DOCKERFILES[image])
         assert f"VERSION={VERSION}" in argv and argv[-1] == str(ROOT)
         assert not any(a.startswith("TORCH_INDEX_URL=") for a in argv), "the Dockerfile's default stands"
+        base_arg = "PYTHON_IMAGE" if image == "cpu" else "CUDA_IMAGE"
+        assert f"{base_arg}={PINNED_BASES[f'LLMOPS_{image.upper()}_BASE_IMAGE']}" in argv
+
+
+def test_build_script_refuses_a_base_image_with_the_placeholder_digest(tmp_path):
+    result, calls = run_build_script(tmp_path, "cpu", docker_info_ok=True)
+    assert result.returncode != 0 and "placeholder digest" in result.stderr and "LLMOPS_CPU_BASE_IMAGE" in result.stderr
+    assert not any(c.startswith("build ") for c in calls), "nothing is built from an unpinned base"
+
+
+def test_the_lock_carries_hashes_and_the_images_install_with_require_hashes():
+    lines = [line for line in (ROOT / "requirements.lock").read_text().splitlines() if line.strip()]
+    assert lines and all(re.fullmatch(r"\S+==\S+( --hash=sha256:[0-9a-f]{64})+", line) for line in lines)
+    script = (IMAGES / "install.sh").read_text()
+    installs = [line for line in script.splitlines() if line.lstrip().startswith("pip_install ") and "-r " in line]
+    assert installs and all("--require-hashes" in line for line in installs), installs
 
 
 def test_build_script_explains_a_missing_docker_engine(tmp_path):
@@ -412,7 +437,7 @@ def test_clean_install_matches_the_lock(image_venv):
     for line in (ROOT / "requirements.lock").read_text().splitlines():
         if "==" in line and not line.lstrip().startswith("#"):
             name, _, version = line.partition("==")
-            lock[canonicalize_name(name)] = version.strip()
+            lock[canonicalize_name(name)] = version.split()[0]  # the hashes follow the version
     listed = in_venv(image_venv, str(image_venv / "bin" / "python"), "-m", "pip", "list", "--format", "json")
     installed = {canonicalize_name(d["name"]): d["version"] for d in json.loads(listed.stdout)}
 

@@ -548,8 +548,9 @@ def test_a_client_that_leaves_a_stream_frees_its_slot_and_row(plain_server, monk
         timeout=30,
         what="the abandoned request to free its slot and its batch row",
     )
-    # Its row stopped at the first step after the client left: the prefill and one held step, not 400 steps.
-    assert not missed and len(calls) == 2
+    # Its row stopped at the first step after the client left: the prefill and at most the one held step (none
+    # when the scheduler sees the client gone before its next step), not 400 steps.
+    assert not missed and 1 <= len(calls) <= 2
 
 
 def raw_post(url: str, path: str, body: dict) -> socket.socket:

@@ -97,7 +97,7 @@ CASES = [
         "d.csv",
         csv_bytes(good_csv()[0], f"{HUGE},card_lost", *good_csv()[1:]),
         4,
-        [(2, "<rendered>", "over-length")],
+        [(2, "<row>", "over-size")],  # over data.max_row_chars: rejected before it is read whole
     ),
     (
         "csv-quoted-newlines",
@@ -136,7 +136,7 @@ CASES = [
         "d.jsonl",
         jsonl_bytes(*good_json(), {"text": HUGE, "label": "card_lost"}),
         4,
-        [(4, "<rendered>", "over-length")],
+        [(4, "<row>", "over-size")],
     ),
     ("chat-not-a-list", "c.jsonl", jsonl_bytes(*GOOD_CHAT, {"messages": "hi"}), 4, [(4, "messages", "malformed")]),
     (
@@ -228,7 +228,7 @@ def test_many_bad_rows_mixed_with_good_ones(tmp_path, tiny_base):
         "unknown-label": 1,
         "malformed": 2,
         "duplicate": 5,
-        "over-length": 1,
+        "over-size": 1,
     }
 
 
