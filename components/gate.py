@@ -81,10 +81,12 @@ def _evaluate_champion(champion, cfg: GateSection, data_dir: Path, rows: int) ->
     model_dir, _ = artifact_paths(local)
     data = PreparedData(data_dir)
     model = load_as_served(model_dir, champion.tags.get("recommended_quantize", "none"))
+    # The champion may have another tokenizer (another base): it reads the strings, never this run's token ids.
+    rows_as_text = [{k: v for k, v in e.items() if not k.endswith("_ids")} for e in data.examples("eval")[:rows]]
     scored = score_model(
         model,
         load_tokenizer(model_dir),
-        data.examples("eval")[:rows],
+        rows_as_text,
         EvalSection(),
         data.labels(),
         f"champion v{champion.version}",

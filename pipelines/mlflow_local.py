@@ -2,9 +2,9 @@
 
 SQLite store and artifacts live in a git-ignored folder. The server outlives `make run` so the
 UI can be opened afterwards; its pid file lets the next run reuse it and `llmops mlflow-stop` end it.
-A record per port outside that folder (in the llmops cache) names the store each server was started on,
-so a server whose store was deleted (`rm -rf .llmops`) is replaced rather than reused, and a server that
-is not ours is never mistaken for one.
+A record per port outside that folder (in a directory of this user's under the temp directory) names the
+store each server was started on, so a server whose store was deleted (`rm -rf .llmops`) is replaced rather
+than reused, and a server that is not ours is never mistaken for one.
 The webhook settings let the deployer's loopback receiver get registry events.
 """
 
@@ -56,6 +56,15 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def _pid_file(root: Path) -> tuple[int | None, int | None]:
+    """(pid, port) from the store's server.pid."""
+    try:
+        pid, port = (int(v) for v in (root / "server.pid").read_text().split()[:2])
+        return pid, port
+    except (OSError, ValueError):
+        return None, None
+
+
 def _read_pid(root: Path) -> int | None:
     try:
         return int((root / "server.pid").read_text().split()[0])
@@ -63,11 +72,38 @@ def _read_pid(root: Path) -> int | None:
         return None
 
 
+def _record_dir() -> Path:
+    """The records' directory, private to this user: a record names a process to kill, so one planted by
+    another user (the temp directory is shared) must never be read."""
+    directory = record_path(0).parent
+    directory.mkdir(mode=0o700, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:  # owned by us, writable by nobody else
+        raise RuntimeError(f"{directory} is not private to this user (owner {info.st_uid}, mode {info.st_mode:o})")
+    return directory
+
+
 def _read_record(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        _record_dir()
+        record = json.loads(path.read_text())
+    except (OSError, ValueError, RuntimeError):
         return {}
+    return record if _is_mlflow_server(record.get("pid")) else {}  # a pid reused by another process: ignored
+
+
+def _is_mlflow_server(pid) -> bool:
+    """The pid runs `mlflow server` (read from /proc where there is one; elsewhere, that it is alive)."""
+    if not isinstance(pid, int) or not _alive(pid):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not cmdline.parent.parent.joinpath("self").exists():
+        return True
+    try:
+        args = cmdline.read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"mlflow" in args and b"server" in args
 
 
 def _reap(pid: int) -> None:
@@ -93,9 +129,9 @@ def _ours(url: str, root: Path, port: int) -> bool:
     since been deleted is stopped (it would write into files nobody can see, then fail); any other server
     is refused with what to do."""
     record = _read_record(record_path(port))
-    if not _alive(record.get("pid")) and _read_pid(root) and _alive(_read_pid(root)):
-        record = {"pid": _read_pid(root), "root": str(root)}  # started before records existed
-    if not _alive(record.get("pid")):
+    if not record and _pid_file(root) == (pid := _read_pid(root), port) and _is_mlflow_server(pid):
+        record = {"pid": pid, "root": str(root)}  # started on this port before records existed
+    if not record:
         raise RuntimeError(
             f"{url} answers, but it is no MLflow server llmops started here; set LLMOPS_MLFLOW_PORT to a free "
             "port, or MLFLOW_TRACKING_URI to use that server"
@@ -196,8 +232,7 @@ def start(
     log = open(root / "server.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     (root / "server.pid").write_text(f"{proc.pid} {port}\n")
-    record_path(port).parent.mkdir(parents=True, exist_ok=True)
-    record_path(port).write_text(json.dumps({"pid": proc.pid, "root": str(root)}))
+    (_record_dir() / f"{port}.json").write_text(json.dumps({"pid": proc.pid, "root": str(root)}))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -22,6 +22,10 @@ from serving.settings import DeploySection
 log = logging.getLogger("llmops.deployer")
 
 
+class ShuttingDown(Exception):
+    """The backend closed while a deploy was under way: the deploy was not attempted to its end."""
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -127,7 +131,7 @@ class LocalBackend:
         self.log_dir = Path(log_dir or Path(".llmops") / "serving")
         self.servers: dict[str, tuple[subprocess.Popen, int]] = {}
         self.starting: set[subprocess.Popen] = set()  # not yet answering; close() stops these too
-        self.closing = threading.Event()
+        self.closing, self.lock = threading.Event(), threading.Lock()
 
     def actual(self, name: str) -> dict | None:
         if name not in self.servers:
@@ -170,21 +174,29 @@ class LocalBackend:
             stdout=logfile,
             stderr=subprocess.STDOUT,
         )
-        self.starting.add(proc)
+        with self.lock:
+            self.starting.add(proc)
         deadline = time.monotonic() + self.startup_s
         while time.monotonic() < deadline and proc.poll() is None and not self.closing.is_set():
             if server_info(url, timeout=1.0):
                 break
             self.closing.wait(0.3)
         else:
-            self.starting.discard(proc)
+            with self.lock:
+                self.starting.discard(proc)
             proc.kill()
             logfile.close()
+            if self.closing.is_set():
+                raise ShuttingDown(f"{target.name}/{target.version}")
             # the previous server, if any, keeps serving; the reason is the server's last word
             return False, last_line(self.log_dir / f"{target.name}-{target.version}.log") or f"no answer from {url}"
-        old = self.servers.get(target.name)
-        self.servers[target.name] = (proc, port)
-        self.starting.discard(proc)
+        with self.lock:  # close() may have run meanwhile: a server it did not see is stopped here
+            self.starting.discard(proc)
+            if self.closing.is_set():
+                _stop(proc)
+                raise ShuttingDown(f"{target.name}/{target.version}")
+            old = self.servers.get(target.name)
+            self.servers[target.name] = (proc, port)
         if old:
             _stop(old[0])
         return True, url
@@ -203,12 +215,15 @@ class LocalBackend:
         _stop(proc)
 
     def close(self) -> None:
-        """Stop every server this backend started, those still starting included."""
-        self.closing.set()
-        for proc in [*self.starting, *(proc for proc, _ in self.servers.values())]:
+        """Stop every server this backend started, those still starting included; a deploy under way ends with
+        ShuttingDown (not a failure of its version)."""
+        with self.lock:
+            self.closing.set()
+            procs = [*self.starting, *(proc for proc, _ in self.servers.values())]
+            self.servers.clear()
+            self.starting.clear()
+        for proc in procs:
             _stop(proc)
-        self.servers.clear()
-        self.starting.clear()
 
 
 def last_line(path: Path) -> str:

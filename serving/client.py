@@ -7,6 +7,7 @@ Requests time out, and only 429, 503 and connection errors are retried, with bac
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -51,6 +52,13 @@ def _alive(url: str) -> bool:
         return False
 
 
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address (127.evil.example is a name)
+        return False
+
+
 def trusted_endpoint(url: str, ref: str) -> str:
     """A `deploy.endpoint` tag, when it names what the deployer writes: an in-cluster Service or loopback.
 
@@ -59,7 +67,7 @@ def trusted_endpoint(url: str, ref: str) -> str:
     """
     parsed = urlsplit(url)
     host = parsed.hostname or ""
-    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    loopback = host == "localhost" or _is_loopback_ip(host)
     in_cluster = bool(SERVICE_HOST.fullmatch(host))
     if parsed.scheme in ("http", "https") and (loopback or in_cluster) and not parsed.username:
         return url

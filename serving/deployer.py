@@ -5,9 +5,10 @@ Actual state: the Deployment's annotations (plus /info model_sha where the serve
 local server's /info. A reconcile pass deploys only where the two differ, so a lost webhook, a replayed
 one, or a restart of the deployer all converge on the same state without repeating work.
 
-A pass also heals what a crash or a person left behind: a rollout a stopped deployer left half-done is
-finished or rolled back (so `deploy.status` never stays `deploying`), a serving version whose deploy tags
-drifted gets them back, and a model whose alias or registration is gone stops serving (scaled to zero).
+A pass also heals what a crash or a person left behind: a version the cluster names but whose tags do not say
+`deployed` (a deployer stopped mid-rollout, a rollback that failed, a hand-edited tag) is settled from the
+cluster: its rollout finished, or rolled back; a serving version's drifted endpoint tag is restored; and a
+model whose alias or registration has been gone for two passes stops serving (scaled to zero).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import threading
 from datetime import datetime, timezone
 
-from serving.backends import Target
+from serving.backends import ShuttingDown, Target
 
 log = logging.getLogger("llmops.deployer")
 STATUS_TAG, TIME_TAG, ENDPOINT_TAG, BACKEND_TAG = "deploy.status", "deploy.time", "deploy.endpoint", "deploy.backend"
@@ -50,6 +51,7 @@ class Deployer:
         self.state: dict[str, dict] = {}
         self.passes = 0
         self.page_size = 100
+        self.absent: dict[str, int] = {}  # served model -> consecutive passes its alias was missing
 
     def registered(self):
         """Every registered model, page by page (the registry answers at most `page_size` per call)."""
@@ -73,36 +75,53 @@ class Deployer:
         return targets
 
     def reconcile_once(self) -> list[str]:
-        """One pass over every model; returns what it did, e.g. ["deployed m/3"]."""
+        """One pass over every model; returns what it did, e.g. ["deployed m/3"]. One model's trouble (an API
+        error, a bug) is logged and reported as `error m/3`, and the pass goes on to the others."""
         with self.lock:
             self.passes += 1
             actions = []
             desired = self.desired()
             for name, target in desired.items():
-                actual = self.backend.actual(name)
-                self.state[name] = {"desired": target.version, "actual": actual and actual.get("version")}
-                if actual and actual.get("version") == target.version and actual.get("run_id") == target.run_id:
-                    if target.tags.get(STATUS_TAG) == "deploying":  # a deployer stopped mid-rollout
-                        actions.append(self._record(target, *self.backend.finish(target, actual)))
-                    elif drifted := self._drifted(target):
-                        actions.append(self._retag(target, drifted))
-                    continue
-                if refusal := promotion_refusal(target.tags):
-                    if target.tags.get(STATUS_TAG) != "refused" or target.tags.get(REASON_TAG) != refusal:
-                        actions.append(self._refuse(target, refusal))
-                    continue  # the endpoint keeps what it serves
-                if target.tags.get(STATUS_TAG) == "failed" and target.tags.get(BACKEND_TAG) == self.backend.kind:
-                    continue  # it failed here before; moving the alias (or deleting the tag) retries
-                actions.append(self._deploy(target))
-            for name in sorted(self.backend.managed() - desired.keys()):
-                if not self.models or name in self.models:
+                try:
+                    if action := self._converge(target):
+                        actions.append(action)
+                except Exception:  # noqa: BLE001 - the next pass tries again
+                    log.exception("reconcile of %s version %s failed", name, target.version)
+                    actions.append(f"error {name}/{target.version}")
+            for name in self._gone(desired):
+                try:
                     actions.append(self._retire(name))
+                except Exception:  # noqa: BLE001
+                    log.exception("retiring %s failed", name)
+                    actions.append(f"error {name}")
             return actions
 
-    def _drifted(self, target: Target) -> dict:
-        """The deploy tags a serving version should carry, where they differ from what it carries."""
-        should = {STATUS_TAG: "deployed", ENDPOINT_TAG: self.backend.endpoint(target.name)}
-        return {k: v for k, v in should.items() if target.tags.get(k) != v}
+    def _converge(self, target: Target) -> str | None:
+        actual = self.backend.actual(target.name)
+        self.state[target.name] = {"desired": target.version, "actual": actual and actual.get("version")}
+        if actual and actual.get("version") == target.version and actual.get("run_id") == target.run_id:
+            # Named by the cluster but not recorded as deployed: a deployer stopped mid-rollout, a rollback that
+            # failed, a hand-edited tag. The cluster settles it: wait for the rollout, or roll it back.
+            if target.tags.get(STATUS_TAG) != "deployed":
+                return self._record(target, *self.backend.finish(target, actual))
+            if target.tags.get(ENDPOINT_TAG) != (endpoint := self.backend.endpoint(target.name)):
+                return self._retag(target, {ENDPOINT_TAG: endpoint})
+            return None
+        if refusal := promotion_refusal(target.tags):
+            if target.tags.get(STATUS_TAG) != "refused" or target.tags.get(REASON_TAG) != refusal:
+                return self._refuse(target, refusal)
+            return None  # the endpoint keeps what it serves
+        if target.tags.get(STATUS_TAG) == "failed" and target.tags.get(BACKEND_TAG) == self.backend.kind:
+            return None  # it failed here before; moving the alias (or deleting the tag) retries
+        return self._deploy(target)
+
+    def _gone(self, desired: dict[str, Target]) -> list[str]:
+        """Models served here whose alias (or registration) is gone in two passes in a row: one registry answer
+        that lacks a model (a search cut short, a permission change) never takes an endpoint down."""
+        served = {n for n in self.backend.managed() if not self.models or n in self.models}
+        absent = served - desired.keys()
+        self.absent = {name: self.absent.get(name, 0) + 1 for name in absent}
+        return sorted(name for name, passes in self.absent.items() if passes >= 2)
 
     def _retag(self, target: Target, tags: dict) -> str:
         log.warning("%s version %s serves, but its tags said %s; restored", target.name, target.version, tags)
@@ -117,6 +136,7 @@ class Deployer:
         log.warning("scaling %s to zero: %s", name, reason)
         self.backend.retire(name, reason)
         self.state.pop(name, None)
+        self.absent.pop(name, None)
         if actual:
             from mlflow.exceptions import MlflowException
 
@@ -148,6 +168,8 @@ class Deployer:
         self.client.set_model_version_tag(target.name, target.version, STATUS_TAG, "deploying")
         try:
             ok, endpoint = self.backend.deploy(target)  # on failure, the second item is the reason
+        except ShuttingDown:  # not attempted: deploy.status stays `deploying`, so the next start deploys it
+            return f"interrupted {target.name}/{target.version}"
         except Exception as err:  # a broken deploy must not stop the loop; it is recorded on the version
             log.exception("deploy of %s/%s failed", target.name, target.version)
             ok, endpoint = False, f"error: {err}"[:500]

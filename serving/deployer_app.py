@@ -29,10 +29,11 @@ def create_app(deployer: Deployer, verifier: Verifier) -> FastAPI:
         yield
         stop.set()
         deployer.notify()
-        loop.join(timeout=30)
         # Here, not after uvicorn.run returns: uvicorn re-raises SIGTERM once it has shut down, which ends the
-        # process before any code after it runs, and the local servers it started would outlive it.
+        # process before any code after it runs, and the local servers it started would outlive it. Before the
+        # join: a deploy still starting a server ends at once (ShuttingDown), not after its startup timeout.
         deployer.backend.close()
+        loop.join(timeout=30)
 
     app = FastAPI(title="llmops deployer", lifespan=lifespan)
     # MLflow's deliveries are a few hundred bytes; a larger body is refused before it is read.

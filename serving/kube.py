@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Literal
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from serving import manifests
 from serving.manifests import ANN_NAME, ANN_PREFIX, ANN_RUN, ANN_VERSION
@@ -50,8 +51,10 @@ class RolloutError(RuntimeError):
     """The API refused what a rollout needs; the message says what, and whether the rollback happened."""
 
 
-def describe(err: ApiException) -> str:
+def describe(err: ApiException | HTTPError) -> str:
     """`403 Forbidden: <the API's message>`, without the response headers the exception's text carries."""
+    if not isinstance(err, ApiException):
+        return f"no answer ({type(err).__name__})"
     try:
         message = json.loads(err.body or "{}").get("message", "")
     except ValueError:
@@ -106,11 +109,12 @@ def _call(fn, *args, **kwargs) -> dict:
     for attempt in range(RETRY_ATTEMPTS):
         try:
             return json.loads(fn(*args, **kwargs, _preload_content=False).data)
-        except ApiException as err:
-            if err.status not in RETRIED or attempt == RETRY_ATTEMPTS - 1:
+        except (ApiException, HTTPError) as err:  # HTTPError: the connection itself (refused, reset, timed out)
+            status = getattr(err, "status", None) if isinstance(err, ApiException) else None
+            if (isinstance(err, ApiException) and status not in RETRIED) or attempt == RETRY_ATTEMPTS - 1:
                 raise
             wait = min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S)
-            retry_after = (err.headers or {}).get("Retry-After", "")
+            retry_after = (getattr(err, "headers", None) or {}).get("Retry-After", "")
             time.sleep(min(float(retry_after), BACKOFF_MAX_S) if retry_after.isdigit() else wait)
     raise AssertionError("unreachable")
 
@@ -229,10 +233,10 @@ def wait_for_rollout(
     while True:
         try:
             live = _read("Deployment", name, namespace, api_client)
-        except ApiException as exc:
-            if exc.status not in RETRIED:
+        except (ApiException, HTTPError) as exc:
+            if isinstance(exc, ApiException) and exc.status not in RETRIED:
                 raise
-            live = {}  # still busy after _call's retries: not a failed rollout, keep waiting until the deadline
+            live = {}  # still busy or away after _call's retries: not a failed rollout, keep waiting until the deadline
         if live is None:
             return False
         state = rollout_state(live, generation) if live else "progressing"
@@ -304,7 +308,7 @@ def deploy_version(
     objects = manifests.render(cfg, name=name, version=version, run_id=run_id, tags=tags)
     try:
         results = apply(objects, cfg.namespace, api_client=api_client)
-    except ApiException as err:  # nothing of this version rolls out; what served before still does
+    except (ApiException, HTTPError) as err:  # nothing of this version rolls out; what served before still does
         raise RolloutError(f"the Kubernetes API refused the apply ({describe(err)}); nothing changed") from err
     dep = next(r for r in results if r.kind == "Deployment")
     return finish_rollout(cfg, dep.name, dep.generation, api_client=api_client, timeout_s=timeout_s, poll_s=poll_s)
@@ -327,11 +331,11 @@ def finish_rollout(
         if wait_for_rollout(name, cfg.namespace, generation, timeout_s, api_client=api_client, poll_s=poll_s):
             return True
         failure = None
-    except ApiException as err:
+    except (ApiException, HTTPError) as err:
         failure = f"the Kubernetes API answered {describe(err)} while the rollout was watched"
     try:
         rollback(name, cfg.namespace, api_client=api_client)
-    except ApiException as err:
+    except (ApiException, HTTPError) as err:
         raise RolloutError(f"{failure or 'the rollout failed'}; the rollback failed too ({describe(err)})") from err
     if failure:
         raise RolloutError(f"{failure}; rolled back to the previous version")

@@ -5,7 +5,17 @@ the hashes of every wheel and sdist of that exact version, so `pip install --req
 file pip picks for the image's platform and nothing else. Wheels in a local find-links directory (PIP_FIND_LINKS
 or --find-links, e.g. a CPU build of torch kept on disk) are hashed too when their version matches.
 
-Usage: python infra/images/hash_lock.py requirements.lock [--index URL] [--find-links DIR ...]
+Usage: python infra/images/hash_lock.py requirements.lock [--index URL ...] [--find-links DIR ...]
+
+Hashes for the GPU image. Its torch comes from a CUDA index (Dockerfile.gpu, TORCH_INDEX_URL) and brings
+nvidia-* packages the dev venv never installs. On a machine that reaches that index:
+  pip install --dry-run --ignore-installed --report gpu.json --target /tmp/x --only-binary=:all: \
+      --platform manylinux_2_28_x86_64 --python-version 3.11 \
+      --extra-index-url https://download.pytorch.org/whl/cu128 torch==2.13.0
+add the pins gpu.json lists that requirements.lock lacks, then run this with
+  --index https://pypi.org/simple --index https://download.pytorch.org/whl/cu128
+so torch's CUDA wheel and those packages get their hashes. Until then install.sh stops on the GPU image and
+names the first package missing (the index this was written on serves neither).
 """
 
 from __future__ import annotations
@@ -63,7 +73,7 @@ def local_hashes(name: str, version: str, directories: list[Path]) -> set[str]:
     return found
 
 
-def hashed(lock: Path, index: str, find_links: list[Path]) -> str:
+def hashed(lock: Path, indexes: list[str], find_links: list[Path]) -> str:
     out = []
     for line in lock.read_text().splitlines():
         pin = PIN.match(line.strip())
@@ -71,7 +81,7 @@ def hashed(lock: Path, index: str, find_links: list[Path]) -> str:
             out.append(line)
             continue
         name, version = pin["name"], pin["version"]
-        hashes = index_hashes(name, version, index) | local_hashes(name, version, find_links)
+        hashes = local_hashes(name, version, find_links).union(*(index_hashes(name, version, i) for i in indexes))
         if not hashes:
             sys.exit(f"hash_lock: the index serves no file for {name}=={version}")
         out.append(f"{name}=={version} " + " ".join(f"--hash=sha256:{h}" for h in sorted(hashes)))
@@ -81,10 +91,10 @@ def hashed(lock: Path, index: str, find_links: list[Path]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("lock", type=Path)
-    parser.add_argument("--index", default="https://pypi.org/simple")
+    parser.add_argument("--index", action="append", help="simple index (PEP 691); default: PyPI")
     parser.add_argument("--find-links", type=Path, action="append", default=[])
     args = parser.parse_args()
-    args.lock.write_text(hashed(args.lock, args.index, args.find_links))
+    args.lock.write_text(hashed(args.lock, args.index or ["https://pypi.org/simple"], args.find_links))
 
 
 if __name__ == "__main__":

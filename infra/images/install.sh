@@ -65,10 +65,13 @@ def canonical(name): return re.sub(r"[-_.]+", "-", name).lower()
 report, lock = json.load(open(sys.argv[1])), open(sys.argv[2]).read().splitlines()
 by_name = {canonical(line.split("==", 1)[0]): line for line in lock if "==" in line}
 for item in report["install"]:
-    name = canonical(item["metadata"]["name"])
-    if name != "llmops":  # the version resolved (torch 2.13.0+cpu from a CPU index), with the lock's hashes
-        hashes = by_name[name].split(" ", 1)[1]  # a KeyError here: a requirement the lock does not pin
-        print(f"{name}=={item['metadata']['version']} {hashes}")
+    name, version = canonical(item["metadata"]["name"]), item["metadata"]["version"]
+    if name == "llmops":
+        continue
+    if name not in by_name:
+        sys.exit(f"install.sh: {name}=={version} is needed but not pinned with hashes in requirements.lock (a "
+                 "CUDA torch brings nvidia-* packages: pin them, then `make lock-hashes`); nothing was installed")
+    print(f"{name}=={version} {by_name[name].split(' ', 1)[1]}")  # the version resolved, the lock's hashes
 print(by_name["setuptools"])  # builds the project below, without an unchecked download
 PY
 echo "install.sh: $(wc -l < "$work/hashed.txt") pinned packages, every file checked against the lock's sha256"

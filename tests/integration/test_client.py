@@ -83,6 +83,8 @@ def test_endpoint_resolution_order(monkeypatch, tmp_path):
         ("https://evil.example.com/v1", False),
         ("http://10.0.0.7:8080", False),  # a pod IP: not what the deployer writes
         ("http://tgi.ns.svc.cluster.local.evil.example.com", False),
+        ("http://127.evil.example:8090", False),  # a name that merely starts like a loopback address
+        ("http://[::1]:8090", True),
         ("http://user:pw@tgi-x.ns.svc:80", False),
         ("file:///etc/passwd", False),
     ],

@@ -466,7 +466,10 @@ def test_drifted_tags_are_restored_and_a_removed_alias_or_model_scales_to_zero(m
             deployer = kube_deployer(kube, name)
             assert deployer.reconcile_once() == [f"deployed {name}/1"]
             endpoint = client.get_model_version(name, "1").tags["deploy.endpoint"]
+            writes = len(kube.writes())
             client.set_model_version_tag(name, "1", "deploy.status", "failed")  # a person's slip, or a crash
+            assert deployer.reconcile_once() == [f"deployed {name}/1"]  # the cluster says its rollout is done
+            assert len(kube.writes()) == writes  # settled by reading the Deployment, not by deploying again
             client.delete_model_version_tag(name, "1", "deploy.endpoint")
             assert deployer.reconcile_once() == [f"retagged {name}/1"]
             tags = client.get_model_version(name, "1").tags
@@ -474,7 +477,9 @@ def test_drifted_tags_are_restored_and_a_removed_alias_or_model_scales_to_zero(m
             assert deployer.reconcile_once() == []  # converged
 
             client.delete_registered_model_alias(name, "champion")
-            assert deployer.reconcile_once() == [f"retired {name}"]
+            assert deployer.reconcile_once() == []  # one answer without the alias takes nothing down
+            assert deployed_version(kube, name)[1]["spec"]["replicas"] == 1
+            assert deployer.reconcile_once() == [f"retired {name}"]  # gone two passes in a row
             dep = deployed_version(kube, name)[1]
             assert (
                 dep["spec"]["replicas"] == 0
@@ -488,6 +493,7 @@ def test_drifted_tags_are_restored_and_a_removed_alias_or_model_scales_to_zero(m
             assert deployed_version(kube, name)[1]["spec"]["replicas"] == 1
 
             client.delete_registered_model(name)  # the model itself goes: nothing left to tag, still scaled down
+            assert deployer.reconcile_once() == []
             assert deployer.reconcile_once() == [f"retired {name}"]
             assert deployed_version(kube, name)[1]["spec"]["replicas"] == 0
     finally:

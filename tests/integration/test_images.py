@@ -175,8 +175,10 @@ def test_both_images_share_install_script_and_lock():
     cpu, gpu = (DOCKERFILES[name] for name in ("cpu", "gpu"))
     assert install_runs(cpu) == install_runs(gpu)
     assert copies(cpu) == copies(gpu), "both images must build from the same files (same requirements.lock)"
-    # both from PyPI, whose torch wheels the lock carries hashes for (the Linux one is the CUDA build)
-    assert (build_args(cpu)["TORCH_INDEX_URL"], build_args(gpu)["TORCH_INDEX_URL"]) == ("", "")
+    assert (build_args(cpu)["TORCH_INDEX_URL"], build_args(gpu)["TORCH_INDEX_URL"]) == (
+        "",
+        "https://download.pytorch.org/whl/cu128",
+    )
     # Bases pinned to an exact release tag and a digest (a placeholder until set: build.sh refuses it).
     bases = {name: base_image(path) for name, path in DOCKERFILES.items()}
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+@sha256:[0-9a-f]{64}", bases["cpu"]), bases

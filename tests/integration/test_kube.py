@@ -289,7 +289,8 @@ def test_a_refusal_that_also_stops_the_rollback_says_both(kube_api, quick_backof
 
 def test_a_throttled_watch_keeps_waiting_and_the_rollout_completes(kube_api, quick_backoff):
     fake, api_client = kube_api
-    fake.fail("GET", 503, times=3, path=f"/deployments/{NAME}", when=names_version("1"))
+    # more 503s than one read's retries: the watch itself must ride them out until its deadline
+    fake.fail("GET", 503, times=kube.RETRY_ATTEMPTS + 3, path=f"/deployments/{NAME}", when=names_version("1"))
     timer = threading.Timer(0.3, fake.complete_rollout, (NS, NAME))
     timer.start()
     try:
@@ -369,3 +370,17 @@ def test_the_deployers_role_grants_exactly_the_verbs_it_uses(kube_api):
 
 
 KIND_PLURALS = {"deployments": "apps", "services": "", "poddisruptionbudgets": "policy"}  # resource -> API group
+
+
+def test_an_api_server_that_is_away_is_retried_and_then_reported(kube_api, quick_backoff):
+    """Connection refused (no HTTP answer at all) is retried like a 503, and a rollout watched through it ends in
+    a RolloutError that says so, never an unhandled urllib3 error."""
+    from kubernetes import client as k8s
+
+    from tests.conftest import free_port
+
+    config = k8s.Configuration()
+    config.host = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    config.retries = False
+    with pytest.raises(kube.RolloutError, match="refused the apply \\(no answer"):
+        kube.deploy_version(CFG, name=MODEL, version="1", run_id=RUNS["1"], tags={}, api_client=k8s.ApiClient(config))

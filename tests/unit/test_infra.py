@@ -664,6 +664,11 @@ EXPECTED_EGRESS = {
         named("llmops-deployer"),
         {(peer(named("mlflow")), 5000), (peer(TGI, IN_SERVING), 8080), ("0.0.0.0/0", 443), ("0.0.0.0/0", 6443)},
     ),
+    "pipeline-egress": (  # task pods run here: the registry, the artifacts, and HTTPS for the Hub
+        NAMESPACE,
+        PIPELINE,
+        {(peer(named("mlflow")), 5000), (peer(named("minio")), 9000), ("0.0.0.0/0", 443)},
+    ),
     "tgi-egress": (
         SERVING_NAMESPACE,
         TGI,
