@@ -16,8 +16,8 @@ def test_a_server_is_reused_for_its_own_store_only_and_replaced_when_its_store_w
     from mlflow import MlflowClient
 
     port, root, other = free_port(), tmp_path / "run" / ".llmops" / "mlflow", tmp_path / "other" / "mlflow"
-    first = mlflow_local.start(root, port=port, detach=True)
-    try:
+    try:  # the start itself inside: a server started by a failing start is stopped too
+        first = mlflow_local.start(root, port=port, detach=True)
         pid = mlflow_local._read_pid(root)
         MlflowClient(first.url).create_experiment("before")
         assert mlflow_local.start(root, port=port).url == first.url and mlflow_local._read_pid(root) == pid
@@ -35,7 +35,7 @@ def test_a_server_is_reused_for_its_own_store_only_and_replaced_when_its_store_w
         shutil.rmtree(tmp_path / "run")  # `llmops mlflow-stop` still finds it by the record
     finally:
         mlflow_local.LocalServer("", root).stop()
-    assert not mlflow_local.healthy(first.url) and not mlflow_local.record_path(port).exists()
+    assert not mlflow_local.healthy(f"http://127.0.0.1:{port}") and not mlflow_local.record_path(port).exists()
 
 
 def test_a_port_held_by_something_else_is_refused_with_what_to_do(tmp_path):
