@@ -88,6 +88,31 @@ def demo_data(out: Annotated[Path, typer.Option("--out", "-o")] = Path("data/dem
     typer.echo(f"wrote {write_demo(out, rows, seed)}")
 
 
+@app.command("plan")
+def plan_memory(
+    overrides: Overrides = None,
+    profile: Profile = "cluster",
+    model: Annotated[
+        Optional[str], typer.Option(help="a Hugging Face id or a config.json (default: the profile's base model)")
+    ] = None,
+    gpu: Annotated[str, typer.Option(help="GPU type (A10G, L4, A100-40GB, A100-80GB, H100, ...) or GB")] = "A10G",
+    host_gb: Annotated[float, typer.Option(help="host memory of the merge's node, GB")] = 32.0,
+    answer_tokens: Annotated[int, typer.Option(help="longest answer: the positions training takes logits at")] = 256,
+):
+    """Each GPU stage's peak memory for a model and a GPU, computed from config.json alone (no weights)."""
+    from pipelines.plan import plan, print_plan
+
+    cfg = _config(profile, overrides)
+    source = model or cfg.model.base_model
+    try:
+        verdicts = plan(cfg, source, gpu, host_gb, answer_tokens)
+    except (OSError, ValueError) as err:
+        raise typer.BadParameter(str(err)) from err
+    print_plan(verdicts, f"{source} on {gpu}, profile {profile}")
+    if not all(v.fits for v in verdicts):
+        raise typer.Exit(1)
+
+
 @app.command("mlflow-stop")
 def mlflow_stop(root: Annotated[Path, typer.Option()] = Path(".llmops")):
     """Stop the local MLflow server that `llmops run` started."""

@@ -1,0 +1,163 @@
+"""How much memory each stage will need, computed from the model's config.json before any weight is read.
+
+The model is built on PyTorch's meta device (shapes, no storage), so a 70B plan costs nothing. Each stage's
+figure is the sum of what it holds at its peak, with the settings of its config section:
+
+- train: the base weights at their storage (NF4 codes and scales for QLoRA, 16 bits for LoRA), the LoRA
+  weights with their gradients and Adam state (float32: 16 bytes per parameter), activations of one
+  micro-batch (Korthikanti et al. 2022: 34 * hidden bytes per token and layer in 16 bits; with gradient
+  checkpointing only each layer's input, plus one layer recomputed), the float32 logits over the answer
+  window (logits, softmax, gradient), and the runtime's own overhead;
+- evaluate: the 16-bit model and adapter, the KV cache of a generation batch, and the float32 logits of the
+  loss pass over a whole batch;
+- merge (on the host): the float32 adapter-on-base, the 16-bit copy `merge_and_unload().to()` makes beside it;
+- quantize: the 16-bit merge and its largest quantized variant, plus an evaluation batch's working set.
+
+`choose_batch` finds the largest batch whose plan fits the memory at hand. The planned numbers are estimates;
+docs/BENCHMARKS.md compares them with measured peaks where this machine can measure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components.compute import ACTIVATION_BYTES_PER_HIDDEN
+from components.config import EvalSection, TrainSection
+
+GB = 1e9
+GPU_MEMORY_GB = {"L4": 24, "A10G": 24, "RTX4090": 24, "L40S": 48, "A100-40GB": 40, "A100-80GB": 80, "H100": 80}
+RUNTIME_OVERHEAD = 1.0 * GB  # CUDA context and the allocator's slack, as nvidia-smi shows on an idle process
+NF4_BYTES = 0.5  # two 4-bit codes per byte
+NF4_SCALES = {True: 1 / 64 + 4 / (64 * 256), False: 4 / 64}  # per weight: absmax per 64 (8-bit, then fp32 per 256)
+LORA_TRAIN_BYTES = 16  # float32 weight, gradient, Adam's two moments
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs from a model: counted on the meta device."""
+
+    linear: dict[str, tuple[int, int, int]]  # module suffix -> (in, out, how many), decoder layers only
+    other_params: int  # embeddings, norms, the output head
+    layers: int
+    hidden: int
+    vocab: int
+    kv_width: int  # key/value heads * head dim
+
+    @property
+    def linear_params(self) -> int:
+        return sum(i * o * n for i, o, n in self.linear.values())
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+
+def model_shape(source: str | Path) -> ModelShape:
+    """`source`: a config.json, a directory holding one, or a Hugging Face id (read offline when cached)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(source)
+    config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else source)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear, counted = {}, 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            suffix = name.rsplit(".", 1)[-1]
+            i, o, n = linear.get(suffix, (module.in_features, module.out_features, 0))
+            linear[suffix] = (i, o, n + 1)
+            counted += module.weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return ModelShape(
+        linear, total - counted, config.num_hidden_layers, config.hidden_size, config.vocab_size, heads * head_dim
+    )
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    device: str
+    items: dict[str, float] = field(default_factory=dict)  # what is held at the peak -> bytes
+
+    @property
+    def total(self) -> float:
+        return sum(self.items.values())
+
+
+def lora_params(shape: ModelShape, cfg: TrainSection) -> int:
+    targets = set(shape.linear) if cfg.target_modules == "all-linear" else set(cfg.target_modules)
+    return sum(cfg.lora_r * (i + o) * n for name, (i, o, n) in shape.linear.items() if name in targets)
+
+
+def train_plan(shape: ModelShape, cfg: TrainSection, tokens: int, window: int, batch: int | None = None) -> StagePlan:
+    """tokens: the longest row; window: the answer positions that get logits."""
+    batch = batch or cfg.batch_size
+    width = 4 if cfg.compute_dtype == "float32" else 2
+    if cfg.method == "qlora":
+        base = shape.linear_params * (NF4_BYTES + NF4_SCALES[cfg.double_quant]) + shape.other_params * 2
+    else:
+        base = shape.params * 2
+    per_token_layer = ACTIVATION_BYTES_PER_HIDDEN * shape.hidden * width / 2
+    if cfg.gradient_checkpointing is True:
+        activations = shape.layers * batch * tokens * shape.hidden * width + batch * tokens * per_token_layer
+    else:  # False, or "auto" planned as off: the plan says when it does not fit, and what to turn on
+        activations = shape.layers * batch * tokens * per_token_layer
+    plan = StagePlan("train", "gpu" if cfg.use_gpu else "cpu")
+    plan.items = {
+        "base weights": base,
+        "LoRA weights, gradients, Adam": lora_params(shape, cfg) * LORA_TRAIN_BYTES,
+        "activations": activations,
+        "logits over the answers": batch * window * shape.vocab * 4 * 3,
+        "runtime": RUNTIME_OVERHEAD if cfg.use_gpu else 0.0,
+    }
+    return plan
+
+
+def eval_plan(shape: ModelShape, cfg: EvalSection, tokens: int, lora: int, batch: int | None = None) -> StagePlan:
+    batch = batch or cfg.batch_size
+    width = 4 if cfg.dtype == "float32" else 2
+    plan = StagePlan("evaluate", "gpu")
+    plan.items = {
+        "model and adapter": (shape.params + lora) * width,
+        "KV cache": batch * (tokens + cfg.max_new_tokens) * shape.layers * 2 * shape.kv_width * width,
+        "loss-pass logits (float32)": batch * tokens * shape.vocab * (width + 4),
+        "runtime": RUNTIME_OVERHEAD,
+    }
+    return plan
+
+
+def merge_plan(shape: ModelShape) -> StagePlan:
+    plan = StagePlan("merge", "host")
+    plan.items = {"adapter on base, float32": shape.params * 4, "16-bit copy": shape.params * 2}
+    return plan
+
+
+def quantize_plan(shape: ModelShape, cfg: EvalSection, tokens: int) -> StagePlan:
+    evaluation = eval_plan(shape, cfg, tokens, 0)
+    plan = StagePlan("quantize", "gpu")
+    plan.items = {
+        "16-bit merge": shape.params * 2,
+        "int8 variant": shape.linear_params + shape.other_params * 2,
+        **{k: v for k, v in evaluation.items.items() if k != "model and adapter"},
+    }
+    return plan
+
+
+def choose_batch(plan_for, available: float, largest: int) -> int | None:
+    """The largest batch (up to `largest`) whose plan fits `available` bytes; None when not even one does."""
+    fits = [b for b in range(1, largest + 1) if plan_for(b).total <= available]
+    return max(fits) if fits else None
+
+
+def gpu_bytes(gpu: str) -> float:
+    """`A10G`, `H100`, ... or a number of GB."""
+    if gpu.upper() in GPU_MEMORY_GB:
+        return GPU_MEMORY_GB[gpu.upper()] * GB
+    try:
+        return float(gpu) * GB
+    except ValueError:
+        raise ValueError(f"--gpu {gpu!r}: a number of GB or one of {', '.join(GPU_MEMORY_GB)}") from None

@@ -1,0 +1,103 @@
+"""`llmops plan`: every GPU stage's memory, computed for a model and a GPU before anything is downloaded.
+
+For each stage: what it would hold at its peak with the profile's settings, what the device has, and the
+verdict: fits; fits with a smaller batch (gradient accumulation keeping the effective batch); or does not fit,
+with the numbers and the setting to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from components import memory_plan as mp
+from pipelines.config import PipelineConfig
+
+
+@dataclass
+class Verdict:
+    plan: mp.StagePlan
+    available: float
+    fits: bool
+    advice: str
+
+
+def _train(shape, cfg: PipelineConfig, gpu: float, tokens: int, window: int) -> Verdict:
+    train = cfg.train
+    planned = mp.train_plan(shape, train, tokens, window)
+    if planned.total <= gpu:
+        return Verdict(planned, gpu, True, "fits at the profile's settings")
+    # "auto" may turn checkpointing on: whichever allows the larger micro-batch (off on a tie: no recompute)
+    choices = [False, True] if train.gradient_checkpointing == "auto" else [train.gradient_checkpointing, True]
+    best = None
+    for checkpointing in dict.fromkeys(choices):
+        settings = train.model_copy(update={"gradient_checkpointing": checkpointing})
+        batch = mp.choose_batch(lambda b, s=settings: mp.train_plan(shape, s, tokens, window, b), gpu, train.batch_size)
+        if batch and (best is None or batch > best[0]):
+            best = (batch, settings, checkpointing)
+    if best:
+        batch, settings, checkpointing = best
+        accum = -(-train.batch_size * train.grad_accum // batch)
+        plan = mp.train_plan(shape, settings, tokens, window, batch)
+        extra = " with train.gradient_checkpointing=true" if checkpointing is True else ""
+        return Verdict(plan, gpu, True, f"fits at train.batch_size={batch} train.grad_accum={accum}{extra}")
+    least = mp.train_plan(shape, train.model_copy(update={"gradient_checkpointing": True}), tokens, window, 1)
+    weights = least.items["base weights"] / mp.GB
+    hint = "train.method=qlora" if train.method == "lora" else "a GPU with more memory, or data.max_tokens lower"
+    return Verdict(
+        least,
+        gpu,
+        False,
+        f"refused: {least.total / mp.GB:.1f} GB even at batch 1 with checkpointing (base weights "
+        f"{weights:.1f} GB) on {gpu / mp.GB:.0f} GB; use {hint}",
+    )
+
+
+def _sized(plan_for, available: float, section: str, batch: int) -> Verdict:
+    planned = plan_for(batch)
+    if planned.total <= available:
+        return Verdict(planned, available, True, "fits at the profile's settings")
+    chosen = mp.choose_batch(plan_for, available, batch)
+    if chosen:
+        return Verdict(plan_for(chosen), available, True, f"fits at {section}.batch_size={chosen}")
+    return Verdict(plan_for(1), available, False, f"refused: {plan_for(1).total / mp.GB:.1f} GB even at batch 1")
+
+
+def plan(cfg: PipelineConfig, model: str, gpu: str, host_gb: float, answer_tokens: int) -> list[Verdict]:
+    shape = mp.model_shape(model)
+    gpu_bytes, host = mp.gpu_bytes(gpu), host_gb * mp.GB
+    tokens, lora = cfg.data.max_tokens, mp.lora_params(shape, cfg.train)
+    merged = mp.merge_plan(shape)
+    short = f"refused: {merged.total / mp.GB:.1f} GB of host memory on {host_gb:.0f} GB"
+    merge = Verdict(merged, host, merged.total <= host, "fits" if merged.total <= host else short)
+    return [
+        _train(shape, cfg, gpu_bytes, tokens, answer_tokens),
+        _sized(lambda b: mp.eval_plan(shape, cfg.eval, tokens, lora, b), gpu_bytes, "eval", cfg.eval.batch_size),
+        merge,
+        _sized(
+            lambda b: mp.quantize_plan(shape, cfg.eval.model_copy(update={"batch_size": b}), tokens),
+            gpu_bytes,
+            "eval",
+            cfg.eval.batch_size,
+        ),
+    ]
+
+
+def print_plan(verdicts: list[Verdict], title: str) -> None:
+    from rich.table import Table
+
+    from components.util import console
+
+    table = Table(title=title + " (computed, not measured)")
+    for column in ("stage", "device", "largest parts (GB)", "planned GB", "has GB", "verdict"):
+        table.add_column(column)
+    for v in verdicts:
+        parts = sorted(v.plan.items.items(), key=lambda kv: -kv[1])[:3]
+        table.add_row(
+            v.plan.stage,
+            v.plan.device,
+            ", ".join(f"{name} {size / mp.GB:.1f}" for name, size in parts),
+            f"{v.plan.total / mp.GB:.1f}",
+            f"{v.available / mp.GB:.0f}",
+            v.advice,
+        )
+    console.print(table)
