@@ -190,7 +190,12 @@ class MergeSection(Section):
     base_precision: Literal["bfloat16", "float16", "nf4"] = Field(
         "float16", description="dtype of the merged weights (16-bit; nf4 is refused)"
     )
-    compare_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the parity comparison")
+    compare_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="dtype of the parity check: float32 (the adapter unmerged on a float32 base: exact), bfloat16 "
+        "(the trained condition in its compute dtype: a quarter of the memory for QLoRA); auto: float32 when it "
+        "fits the memory at hand, else bfloat16",
+    )
     parity_prompts: int = Field(32, gt=0, description="eval prompts decoded by both the adapter and the merge")
     parity_threshold: float = Field(0.9, ge=0, le=1, description="least share of identical greedy outputs")
     max_new_tokens: int = Field(16, gt=0, description="tokens generated per parity prompt")

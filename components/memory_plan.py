@@ -10,7 +10,7 @@ figure is the sum of what it holds at its peak, with the settings of its config 
   window (logits, softmax, gradient), and the runtime's own overhead;
 - evaluate: the 16-bit model and adapter, the KV cache of a generation batch, and the float32 logits of the
   loss pass over a whole batch;
-- merge (on the host): the float32 adapter-on-base, the 16-bit copy `merge_and_unload().to()` makes beside it;
+- merge (on the host): the largest of its phases: streaming the merge, then the parity check's two models;
 - quantize: the 16-bit merge and its largest quantized variant, plus an evaluation batch's working set.
 
 `choose_batch` finds the largest batch whose plan fits the memory at hand. The planned numbers are estimates;
@@ -130,9 +130,30 @@ def eval_plan(shape: ModelShape, cfg: EvalSection, tokens: int, lora: int, batch
     return plan
 
 
-def merge_plan(shape: ModelShape) -> StagePlan:
+def merge_plan(shape: ModelShape, train: TrainSection, available: float) -> StagePlan:
+    """The merge's three phases run one after another, so its peak is the largest: writing the merge shard by
+    shard (a 5 GB shard, one float32 tensor, the adapter), the trained model for the parity check, the merge
+    loaded for it. The parity check runs in float32 when that fits (merge.compare_dtype auto), else bfloat16
+    on the trained condition (for QLoRA, the NF4 base)."""
+    largest = max([i * o for i, o, _ in shape.linear.values()] + [shape.vocab * shape.hidden])
+    adapter = lora_params(shape, train) * 4
+    float32 = shape.params * 4 * 1.3 <= available  # merge.parity_dtype's rule
+    if float32:
+        reference = shape.params * 4
+    elif train.method == "qlora":
+        reference = shape.linear_params * (NF4_BYTES + NF4_SCALES[train.double_quant]) + shape.other_params * 2
+    else:
+        reference = shape.params * 2
+    phases = {
+        "streaming the merge (a shard, a float32 tensor, the adapter)": min(5 * GB, shape.params * 2)
+        + largest * 4
+        + adapter,
+        f"parity: trained model ({'float32' if float32 else 'bfloat16'})": reference + adapter,
+        f"parity: the merge ({'float32' if float32 else 'bfloat16'})": shape.params * (4 if float32 else 2),
+    }
+    peak = max(phases, key=phases.get)
     plan = StagePlan("merge", "host")
-    plan.items = {"adapter on base, float32": shape.params * 4, "16-bit copy": shape.params * 2}
+    plan.items = {peak: phases[peak]}
     return plan
 
 

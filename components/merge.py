@@ -9,7 +9,6 @@ template lives in tokenizer_config.json.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from components.artifacts import MergedModel, PreparedData, TrainedAdapter, record_config
@@ -17,6 +16,7 @@ from components.config import MergeSection
 from components.inference import bnb_config, generate, load_model, load_tokenizer
 from components.literal_text import model_input
 from components.prompt_contract import CONTRACT_FILE, read_contract, wrap_template
+from components.streaming_merge import stream_merge
 from components.util import console, dir_size, heading, quiet_libraries, write_json
 
 
@@ -104,12 +104,35 @@ def merge_adapter(
     model = model if model is not None else adapter_on_base(base_dir, adapter_dir, base)
     merged = model.merge_and_unload().to(getattr(torch, dtype))
     merged.save_pretrained(out_dir, safe_serialization=True)
+    write_tokenizer(base_dir, out_dir, contract)
+    return out_dir
+
+
+def write_tokenizer(base_dir: Path, out_dir: Path, contract: dict | None) -> None:
     tok = load_tokenizer(base_dir, padding_side="right")
     if contract:
         tok.chat_template = wrap_template(tok.chat_template, contract)
         write_json(Path(out_dir) / CONTRACT_FILE, contract)
     tok.save_pretrained(out_dir, save_jinja_files=False)  # TGI reads the template from tokenizer_config.json
-    return out_dir
+
+
+def parity_dtype(cfg: MergeSection, base_dir: Path) -> str:
+    """float32 when the float32 reference fits the memory at hand (1.3x for the runtime), else bfloat16."""
+    if cfg.compare_dtype != "auto":
+        return cfg.compare_dtype
+    from components.compute import free_memory
+    from components.memory_plan import model_shape
+
+    need = model_shape(base_dir).params * 4 * 1.3
+    return "float32" if need <= free_memory(use_gpu=False) else "bfloat16"
+
+
+def parity_reference(base_dir: Path, adapter_dir: Path, base: str, dtype: str):
+    """The trained model to compare the merge with: in float32, the adapter unmerged on the base it merges into
+    (exact); in bfloat16, the trained condition itself (NF4 base for QLoRA), which needs far less memory."""
+    if dtype == "float32":
+        return adapter_on_base(base_dir, adapter_dir, base)
+    return trained_condition(base_dir, adapter_dir, dtype)
 
 
 def parity(reference: list[str], candidate: list[str]) -> float:
@@ -117,7 +140,6 @@ def parity(reference: list[str], candidate: list[str]) -> float:
 
 
 def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out_dir: Path) -> dict:
-    import torch
 
     from components.tracking import stage_run
 
@@ -130,21 +152,30 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
     tok = load_tokenizer(base_dir)
     with stage_run("merge", cfg.model_dump()) as tracker:
         base = merge_base(cfg, adapter_dir)
-        # One float32 model is both the reference (unmerged) and, afterwards, what is merged.
-        unmerged = adapter_on_base(base_dir, adapter_dir, base)
-        compare = getattr(torch, cfg.compare_dtype)
-        scored = unmerged if compare == torch.float32 else copy.deepcopy(unmerged).to(compare)
-        reference = generate(scored, tok, prompts, cfg.max_new_tokens, 16, progress="trained model")
-        del scored
-        contract = read_contract(data_dir)
-        merge_adapter(base_dir, adapter_dir, out.model_dir, cfg.base_precision, contract, base, model=unmerged)
-        del unmerged
-        merged = load_model(out.model_dir, cfg.compare_dtype)
+        # Written shard by shard: the merge itself holds one shard and the adapter, whatever the model's size.
+        stream_merge(
+            base_dir,
+            adapter_dir,
+            out.model_dir,
+            cfg.base_precision,
+            trained_base(adapter_dir) if base == "dequantized-nf4" else None,
+        )
+        write_tokenizer(base_dir, out.model_dir, read_contract(data_dir))
+        # Then the parity check, one model at a time: the trained model, then the merge, in the same dtype.
+        compare = parity_dtype(cfg, base_dir)
+        trained = parity_reference(base_dir, adapter_dir, base, compare)
+        reference = generate(trained, tok, prompts, cfg.max_new_tokens, 16, progress="trained model")
+        del trained
+        merged = load_model(out.model_dir, compare)
         candidate = generate(merged, tok, prompts, cfg.max_new_tokens, 16, progress="merged")
+        del merged
         agreement = parity(reference, candidate)
         reference_name = {"dequantized-nf4": "dequantized NF4 base + adapter", "16bit": "16-bit base + adapter"}[base]
+        if compare != "float32":
+            reference_name = f"the trained model in {compare}"
         report = {
             "parity": agreement,
+            "compare_dtype": compare,
             "reference": reference_name,
             "merged_into": base,
             "threshold": cfg.parity_threshold,
@@ -159,8 +190,8 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
         write_json(out.report_file, report)
         tracker.log_metrics({"merge.parity": agreement, "merge.size_bytes": report["size_bytes"]})
         console.print(
-            f"greedy parity of the merge (into the {base} base) with the trained model ({reference_name}): "
-            f"{agreement:.3f} on {len(prompts)} prompts"
+            f"greedy parity of the merge (into the {base} base) with the trained model ({reference_name}), "
+            f"compared in {compare}: {agreement:.3f} on {len(prompts)} prompts"
         )
         if agreement < cfg.parity_threshold:
             raise ParityError(

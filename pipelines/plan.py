@@ -66,9 +66,10 @@ def plan(cfg: PipelineConfig, model: str, gpu: str, host_gb: float, answer_token
     shape = mp.model_shape(model)
     gpu_bytes, host = mp.gpu_bytes(gpu), host_gb * mp.GB
     tokens, lora = cfg.data.max_tokens, mp.lora_params(shape, cfg.train)
-    merged = mp.merge_plan(shape)
-    short = f"refused: {merged.total / mp.GB:.1f} GB of host memory on {host_gb:.0f} GB"
-    merge = Verdict(merged, host, merged.total <= host, "fits" if merged.total <= host else short)
+    merged = mp.merge_plan(shape, cfg.train, host)
+    peak = next(iter(merged.items))
+    short = f"refused: {merged.total / mp.GB:.1f} GB of host memory on {host_gb:.0f} GB ({peak})"
+    merge = Verdict(merged, host, merged.total <= host, f"fits (peak: {peak})" if merged.total <= host else short)
     return [
         _train(shape, cfg, gpu_bytes, tokens, answer_tokens),
         _sized(lambda b: mp.eval_plan(shape, cfg.eval, tokens, lora, b), gpu_bytes, "eval", cfg.eval.batch_size),

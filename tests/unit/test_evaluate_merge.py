@@ -64,10 +64,10 @@ def test_merge_matches_adapter_on_base_and_is_servable(tiny_base, tiny_adapter, 
 
 def test_merge_fails_below_the_parity_threshold(tiny_base, tiny_adapter, demo_prepared, tmp_path, monkeypatch):
     # Simulate a lossy merge (the classic bug: merging into a 4-bit base) by corrupting the saved weights.
-    real = merge.merge_adapter
+    real = merge.stream_merge
 
-    def lossy(base_dir, adapter_dir, out_dir, dtype, contract=None, base="16bit", model=None):
-        real(base_dir, adapter_dir, out_dir, dtype, contract, base, model)
+    def lossy(base_dir, adapter_dir, out_dir, dtype, nf4=None):
+        real(base_dir, adapter_dir, out_dir, dtype, nf4)
         from safetensors.torch import load_file, save_file
 
         weights = load_file(out_dir / "model.safetensors")
@@ -77,7 +77,7 @@ def test_merge_fails_below_the_parity_threshold(tiny_base, tiny_adapter, demo_pr
             metadata={"format": "pt"},
         )
 
-    monkeypatch.setattr(merge, "merge_adapter", lossy)
+    monkeypatch.setattr(merge, "stream_merge", lossy)
     with pytest.raises(merge.ParityError, match="below merge.parity_threshold"):
         merge.run(
             MergeSection(parity_prompts=8, parity_threshold=0.9), tiny_base, tiny_adapter, demo_prepared, tmp_path

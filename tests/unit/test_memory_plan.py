@@ -44,8 +44,9 @@ def test_8b_qlora_trains_and_evaluates_on_one_24_gb_gpu_at_the_cluster_profile()
         accum = int(train.advice.split("train.grad_accum=")[1].split()[0])
         assert batch * accum >= cfg.train.batch_size * cfg.train.grad_accum
     assert evaluate.fits and evaluate.plan.total <= 24e9 and "eval.batch_size=" in evaluate.advice
-    # the one-shot merge holds 6 bytes per parameter: too much for a 32 GB node (the streaming merge is next)
-    assert not stages["merge"].fits and stages["merge"].plan.total == pytest.approx(8.03e9 * 6, rel=0.01)
+    # the streaming merge fits a 32 GB node: float32 parity would not (32 GB), so it compares in bfloat16
+    merge = stages["merge"]
+    assert merge.fits and merge.plan.total <= 32e9 and "bfloat16" in merge.advice
 
 
 def test_70b_qlora_fits_one_80_gb_gpu_and_16_bit_lora_is_refused_with_the_numbers():

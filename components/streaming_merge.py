@@ -1,0 +1,112 @@
+"""Merge a LoRA adapter shard by shard: peak memory is about one shard and the adapter, not the model twice.
+
+For each safetensors shard of the 16-bit base: read it, and for every weight the adapter touches add
+`(B @ A) * scaling` in float32 to the base weight (for a QLoRA adapter, to its NF4 rounding, the weights it
+trained against), store the result in the 16-bit output dtype, write the shard, free it. The arithmetic is
+PEFT's merge_and_unload on a float32 model followed by `.to(dtype)`, one tensor at a time, so the output is bit
+for bit what the one-shot merge writes (tests/unit/test_streaming_merge.py compares them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from components.util import write_json
+
+INDEX = "model.safetensors.index.json"
+PEFT_PREFIX = "base_model.model."
+
+
+def _shards(base_dir: Path) -> list[Path]:
+    index = base_dir / INDEX
+    if index.exists():
+        return [base_dir / name for name in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+    return [base_dir / "model.safetensors"]
+
+
+def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple], float]:
+    """base weight name -> (A, B) in float32, and the scaling PEFT applies (alpha / r, or / sqrt(r) for rsLoRA)."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("fan_in_fan_out"):
+        raise ValueError(f"{adapter_dir}: per-layer ranks, alphas or fan-in-fan-out are not merged by streaming")
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    pairs: dict[str, list] = {}
+    for key, tensor in tensors.items():
+        for part, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+            if key.endswith(part):
+                name = key.removeprefix(PEFT_PREFIX).removesuffix(part) + ".weight"
+                pairs.setdefault(name, [None, None])[slot] = tensor.to(torch.float32)
+    return {name: tuple(pair) for name, pair in pairs.items()}, scaling
+
+
+def nf4_rounding(weight, dtype, double_quant: bool):
+    """The weight as training's NF4 base held it: quantized from `dtype` as transformers loads it, dequantized."""
+    import bitsandbytes as bnb
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    quantized = bnb.nn.Params4bit(
+        weight.to(dtype), requires_grad=False, blocksize=64, compress_statistics=double_quant, quant_type="nf4"
+    ).to("cpu")
+    return dequantize_bnb_weight(quantized)
+
+
+def linear_weights(base_dir: Path) -> set[str]:
+    """Weight names of the decoder's linear layers: what a 4-bit load quantizes (the output head stays)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
+    head = model.get_output_embeddings()
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str, nf4: dict | None = None) -> Path:
+    """Write the merged model's weights and config into out_dir, shard by shard. `nf4` ({"double_quant",
+    "dtype"}): merge into the NF4 rounding of the base, as QLoRA trained; None: into the 16-bit base."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    deltas, scaling = lora_deltas(Path(adapter_dir))
+    rounded = linear_weights(base_dir) if nf4 else set()
+    out_dtype, used = getattr(torch, dtype), set()
+    for shard in _shards(base_dir):
+        merged = {}
+        with safe_open(shard, framework="pt") as tensors:
+            for name in tensors.keys():
+                weight = tensors.get_tensor(name)
+                if name not in deltas and name not in rounded:  # as the one-shot path: float32, then the dtype
+                    merged[name] = weight.to(torch.float32).to(out_dtype) if weight.is_floating_point() else weight
+                    continue
+                full = weight.to(torch.float32)
+                if name in rounded:
+                    full = nf4_rounding(weight, getattr(torch, nf4["dtype"]), nf4["double_quant"]).to(torch.float32)
+                if name in deltas:
+                    lora_a, lora_b = deltas[name]
+                    full += (lora_b @ lora_a) * scaling
+                    used.add(name)
+                merged[name] = full.to(out_dtype)
+                del full
+        save_file(merged, out_dir / shard.name, metadata={"format": "pt"})
+        del merged
+    if missing := set(deltas) - used:
+        raise ValueError(f"{adapter_dir}: adapter weights for {sorted(missing)[:3]} match no base weight")
+    if (base_dir / INDEX).exists():
+        shutil.copy(base_dir / INDEX, out_dir / INDEX)
+    config = json.loads((base_dir / "config.json").read_text())
+    config["dtype"] = dtype
+    write_json(out_dir / "config.json", config)
+    if (base_dir / "generation_config.json").exists():
+        shutil.copy(base_dir / "generation_config.json", out_dir / "generation_config.json")
+    return out_dir

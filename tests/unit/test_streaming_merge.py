@@ -1,0 +1,71 @@
+"""The streaming merge (components/streaming_merge.py) against the one-shot merge it replaces for big models."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from components import merge
+from components.streaming_merge import INDEX, stream_merge
+
+pytestmark = pytest.mark.unit
+
+
+def tensors(directory) -> dict:
+    files = sorted(directory.glob("*.safetensors"))
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tiny_base, tmp_path_factory):
+    """The tiny base re-saved in shards of 40 kB: several shards, as a large model has."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("sharded-base")
+    AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(out, max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_base / name).exists():
+            (out / name).write_bytes((tiny_base / name).read_bytes())
+    assert len(list(out.glob("*.safetensors"))) > 3 and (out / INDEX).exists()
+    return out
+
+
+@pytest.mark.parametrize("base", ["dequantized-nf4", "16bit"])
+def test_the_streaming_merge_writes_the_one_shot_merges_tensors_bit_for_bit(
+    tiny_base, sharded_base, tiny_adapter, tmp_path, base
+):
+    one_shot = merge.merge_adapter(tiny_base, tiny_adapter, tmp_path / "one-shot", "float16", base=base)
+    nf4 = (merge.trained_base(tiny_adapter) or {"double_quant": True, "dtype": "bfloat16"}) if base != "16bit" else None
+    streamed = stream_merge(sharded_base, tiny_adapter, tmp_path / "streamed", "float16", nf4=nf4)
+    expected, got = tensors(one_shot), tensors(streamed)
+    assert set(got) == set(expected)
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert different == [], different[:5]
+    assert all(t.dtype == torch.float16 for t in got.values() if t.is_floating_point())
+    assert len(list(streamed.glob("*.safetensors"))) > 3  # written shard by shard
+    assert json.loads((streamed / "config.json").read_text())["dtype"] == "float16"
+    # and the adapter changed what it touched: the merge is not the base
+    base_tensors = tensors(sharded_base)
+    assert any(not torch.equal(base_tensors[k].to(torch.float16), got[k]) for k in got if "q_proj" in k)
+
+
+def test_the_merge_stage_checks_parity_in_bfloat16_when_float32_does_not_fit(
+    tiny_base, tiny_adapter, demo_prepared, tmp_path, monkeypatch
+):
+    """merge.compare_dtype auto: float32 when the float32 reference fits the memory at hand, else the trained
+    condition in bfloat16 (the NF4 base for QLoRA), and the report says which."""
+    from components import compute
+    from components.config import MergeSection
+
+    settings = MergeSection(parity_prompts=8, parity_threshold=0.0)
+    roomy = merge.run(settings, tiny_base, tiny_adapter, demo_prepared, tmp_path / "roomy")
+    monkeypatch.setattr(compute, "free_memory", lambda use_gpu: 1024.0)  # 1 kB: float32 does not fit
+    tight = merge.run(settings, tiny_base, tiny_adapter, demo_prepared, tmp_path / "tight")
+    assert (roomy["compare_dtype"], tight["compare_dtype"]) == ("float32", "bfloat16")
+    assert tight["reference"] == "the trained model in bfloat16" and tight["parity"] >= 0.75
+    # the weights written do not depend on how parity was checked
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(tensors(tmp_path / "roomy" / "model").values(), tensors(tmp_path / "tight" / "model").values())
+    )
