@@ -130,12 +130,18 @@ def eval_plan(shape: ModelShape, cfg: EvalSection, tokens: int, lora: int, batch
     return plan
 
 
+def streaming_merge_bytes(shape: ModelShape, shard_bytes: float, adapter_bytes: float) -> float:
+    """components/streaming_merge.py at its peak: the shard it reads (mapped), the merged shard it holds until it
+    writes it, one tensor in float32 (at most the embedding matrix), and the adapter in float32."""
+    largest = max([i * o for i, o, _ in shape.linear.values()] + [shape.vocab * shape.hidden])
+    return 2 * shard_bytes + largest * 4 + adapter_bytes
+
+
 def merge_plan(shape: ModelShape, train: TrainSection, available: float) -> StagePlan:
     """The merge's three phases run one after another, so its peak is the largest: writing the merge shard by
     shard (a 5 GB shard, one float32 tensor, the adapter), the trained model for the parity check, the merge
     loaded for it. The parity check runs in float32 when that fits (merge.compare_dtype auto), else bfloat16
     on the trained condition (for QLoRA, the NF4 base)."""
-    largest = max([i * o for i, o, _ in shape.linear.values()] + [shape.vocab * shape.hidden])
     adapter = lora_params(shape, train) * 4
     float32 = shape.params * 4 * 1.3 <= available  # merge.parity_dtype's rule
     if float32:
@@ -145,9 +151,9 @@ def merge_plan(shape: ModelShape, train: TrainSection, available: float) -> Stag
     else:
         reference = shape.params * 2
     phases = {
-        "streaming the merge (a shard, a float32 tensor, the adapter)": min(5 * GB, shape.params * 2)
-        + largest * 4
-        + adapter,
+        "streaming the merge (a shard in and out, a float32 tensor, the adapter)": streaming_merge_bytes(
+            shape, min(5 * GB, shape.params * 2), adapter
+        ),
         f"parity: trained model ({'float32' if float32 else 'bfloat16'})": reference + adapter,
         f"parity: the merge ({'float32' if float32 else 'bfloat16'})": shape.params * (4 if float32 else 2),
     }
