@@ -75,9 +75,8 @@ def resolved_choices(cfg: TrainSection, base_dir: Path, data_dir: Path, root: Pa
     longest = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
     run_cfg = resolve(cfg, base_dir, longest, window=max(e["completion_tokens"] for e in examples) + 1)
     saved.parent.mkdir(parents=True, exist_ok=True)
-    saved.write_text(
-        json.dumps({"compute_dtype": run_cfg.compute_dtype, "gradient_checkpointing": run_cfg.gradient_checkpointing})
-    )
+    keys = ("compute_dtype", "gradient_checkpointing", "batch_size", "grad_accum")
+    saved.write_text(json.dumps({k: getattr(run_cfg, k) for k in keys}))
     return run_cfg
 
 
@@ -95,4 +94,19 @@ def resolve(cfg: TrainSection, base_dir: Path, longest: int, window: int | None 
             f"gradient checkpointing {'on' if checkpointing else 'off'}: activations of the longest "
             f"batch ~{need / 1e9:.2f} GB against a budget of {budget / 1e9:.1f} GB"
         )
-    return cfg.model_copy(update={"compute_dtype": dtype, "gradient_checkpointing": checkpointing})
+    run_cfg = cfg.model_copy(update={"compute_dtype": dtype, "gradient_checkpointing": checkpointing})
+    return fitted_batch(run_cfg, base_dir, longest, window or longest)
+
+
+def fitted_batch(cfg: TrainSection, base_dir: Path, longest: int, window: int) -> TrainSection:
+    """The micro-batch the memory plan fits on this device (components.memory_plan), with the gradient
+    accumulation that keeps the effective batch; the section as it is when the configured batch fits."""
+    from components import memory_plan
+
+    shape = memory_plan.model_shape(base_dir)
+    available = memory_plan.available_bytes(cfg.use_gpu) / (1 if cfg.use_gpu else cfg.num_processes)
+    batch = memory_plan.fit_batch(
+        lambda b: memory_plan.train_plan(shape, cfg, longest, window, b), cfg.batch_size, available, "train.batch_size"
+    )
+    accum = -(-cfg.batch_size * cfg.grad_accum // batch)
+    return cfg.model_copy(update={"batch_size": batch, "grad_accum": accum})

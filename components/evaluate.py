@@ -6,6 +6,7 @@ for both models, writes the report, predictions and confusion matrix, and logs t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from components.artifacts import EvalReport, PreparedData, record_config
@@ -36,6 +37,24 @@ def plot_confusion(confusion: dict, path: Path, title: str) -> Path:
     return path
 
 
+def fitted_eval(cfg: EvalSection, base_dir: Path, adapter_dir: Path, examples: list[dict]) -> EvalSection:
+    """The eval batch the memory plan fits on this device (the configured one when it fits)."""
+    import torch
+    from safetensors import safe_open
+
+    from components import memory_plan
+
+    shape = memory_plan.model_shape(base_dir)
+    with safe_open(Path(adapter_dir) / "adapter_model.safetensors", framework="pt") as adapter:
+        lora = sum(math.prod(adapter.get_slice(k).get_shape()) for k in adapter.keys())
+    tokens = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
+    available = memory_plan.available_bytes(torch.cuda.is_available())
+    batch = memory_plan.fit_batch(
+        lambda b: memory_plan.eval_plan(shape, cfg, tokens, lora, b), cfg.batch_size, available, "eval.batch_size"
+    )
+    return cfg.model_copy(update={"batch_size": batch})
+
+
 def run(cfg: EvalSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     from components.tracking import stage_run
 
@@ -47,6 +66,7 @@ def run(cfg: EvalSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out
     data, out = PreparedData(data_dir), EvalReport(out_dir)
     examples, labels = data.examples("eval"), data.labels()
     tok = load_tokenizer(base_dir)
+    cfg = fitted_eval(cfg, base_dir, adapter_dir, examples)  # before any weight is read
     with stage_run("evaluate", cfg.model_dump()) as tracker:
         model = load_model(base_dir, cfg.dtype, adapter_dir=adapter_dir)
         tuned_scored = score_model(model, tok, examples, cfg, labels, "tuned")

@@ -164,14 +164,68 @@ def merge_plan(shape: ModelShape, train: TrainSection, available: float) -> Stag
 
 
 def quantize_plan(shape: ModelShape, cfg: EvalSection, tokens: int) -> StagePlan:
+    """One model at a time (the 16-bit merge, then each variant), the largest the 16-bit one, and its scoring."""
     evaluation = eval_plan(shape, cfg, tokens, 0)
     plan = StagePlan("quantize", "gpu")
     plan.items = {
-        "16-bit merge": shape.params * 2,
-        "int8 variant": shape.linear_params + shape.other_params * 2,
+        "16-bit merge (the largest variant)": shape.params * 2,
         **{k: v for k, v in evaluation.items.items() if k != "model and adapter"},
     }
     return plan
+
+
+class MemoryPlanError(RuntimeError):
+    """Nothing fits: the message names the numbers and the setting to change."""
+
+
+def cgroup_headroom() -> float | None:
+    """What this container may still allocate under its cgroup's memory limit (v2, else v1); None: no limit."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit, usage = (Path(f).read_text().strip() for f in (limit_file, usage_file))
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's huge number, mean no limit
+            return float(int(limit) - int(usage))
+        return None
+    return None
+
+
+def available_bytes(use_gpu: bool) -> float:
+    """Free memory where the stage will hold its tensors: the GPU's, or the host's within the cgroup limit."""
+    if use_gpu:
+        import torch
+
+        return float(torch.cuda.mem_get_info()[0])
+    import psutil
+
+    free, headroom = float(psutil.virtual_memory().available), cgroup_headroom()
+    return min(free, headroom) if headroom is not None else free
+
+
+def fit_batch(plan_for, batch: int, available: float, setting: str) -> int:
+    """`batch` when its plan fits `available`, else the largest batch that does; refuses when not even 1 fits."""
+    if plan_for(batch).total <= available:
+        return batch
+    chosen = choose_batch(plan_for, available, batch)
+    if chosen is None:
+        least = plan_for(1)
+        parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in sorted(least.items.items(), key=lambda kv: -kv[1])[:3])
+        raise MemoryPlanError(
+            f"{least.stage}: {least.total / GB:.1f} GB needed even at {setting}=1 ({parts} GB), "
+            f"{available / GB:.1f} GB available on the {least.device}; lower data.max_tokens, use a smaller "
+            "model or a larger device (`llmops plan` shows every stage)"
+        )
+    from components.util import console
+
+    console.print(
+        f"memory plan: {plan_for(batch).total / GB:.1f} GB at {setting}={batch} exceeds the "
+        f"{available / GB:.1f} GB available; {setting}={chosen} ({plan_for(chosen).total / GB:.1f} GB)"
+    )
+    return chosen
 
 
 def choose_batch(plan_for, available: float, largest: int) -> int | None:

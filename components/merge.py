@@ -117,14 +117,22 @@ def write_tokenizer(base_dir: Path, out_dir: Path, contract: dict | None) -> Non
 
 
 def parity_dtype(cfg: MergeSection, base_dir: Path) -> str:
-    """float32 when the float32 reference fits the memory at hand (1.3x for the runtime), else bfloat16."""
+    """float32 when the float32 reference fits the memory at hand (1.3x for the runtime), else bfloat16; refused
+    before any weight is read when not even the 16-bit merge fits."""
     if cfg.compare_dtype != "auto":
         return cfg.compare_dtype
-    from components.compute import free_memory
-    from components.memory_plan import model_shape
+    from components.memory_plan import GB, MemoryPlanError, available_bytes, model_shape
 
-    need = model_shape(base_dir).params * 4 * 1.3
-    return "float32" if need <= free_memory(use_gpu=False) else "bfloat16"
+    params, available = model_shape(base_dir).params, available_bytes(use_gpu=False)
+    if params * 4 * 1.3 <= available:
+        return "float32"
+    if params * 2 > available:
+        raise MemoryPlanError(
+            f"merge: its parity check loads the merged model in bfloat16 ({params * 2 / GB:.1f} GB), "
+            f"{available / GB:.1f} GB available on the host; give the merge task more memory "
+            "(placement.resources.merge.memory)"
+        )
+    return "bfloat16"
 
 
 def parity_reference(base_dir: Path, adapter_dir: Path, base: str, dtype: str):
@@ -150,6 +158,7 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
     out = MergedModel(out_dir)
     prompts = [model_input(e) for e in PreparedData(data_dir).examples("eval")][: cfg.parity_prompts]
     tok = load_tokenizer(base_dir)
+    compare = parity_dtype(cfg, base_dir)  # the memory plan, before any weight is read
     with stage_run("merge", cfg.model_dump()) as tracker:
         base = merge_base(cfg, adapter_dir)
         # Written shard by shard: the merge itself holds one shard and the adapter, whatever the model's size.
@@ -162,7 +171,6 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
         )
         write_tokenizer(base_dir, out.model_dir, read_contract(data_dir))
         # Then the parity check, one model at a time: the trained model, then the merge, in the same dtype.
-        compare = parity_dtype(cfg, base_dir)
         trained = parity_reference(base_dir, adapter_dir, base, compare)
         reference = generate(trained, tok, prompts, cfg.max_new_tokens, 16, progress="trained model")
         del trained

@@ -40,8 +40,25 @@ def recommend(results: dict, cfg: QuantizeSection) -> str:
     return "none"
 
 
-def _measure(model, tok, examples, labels, name: str) -> dict:
-    metrics = score_model(model, tok, examples, EvalSection(), labels, name).metrics
+def scoring_settings(merged_dir: Path, examples: list[dict]) -> EvalSection:
+    """Eval settings whose batch the memory plan fits on this device: one model at a time, the 16-bit the largest."""
+    import torch
+
+    from components import memory_plan
+
+    cfg, shape = EvalSection(), memory_plan.model_shape(merged_dir)
+    tokens = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
+    batch = memory_plan.fit_batch(
+        lambda b: memory_plan.quantize_plan(shape, cfg.model_copy(update={"batch_size": b}), tokens),
+        cfg.batch_size,
+        memory_plan.available_bytes(torch.cuda.is_available()),
+        "eval.batch_size",
+    )
+    return cfg.model_copy(update={"batch_size": batch})
+
+
+def _measure(model, tok, examples, labels, name: str, scoring: EvalSection) -> dict:
+    metrics = score_model(model, tok, examples, scoring, labels, name).metrics
     keep = {k: metrics[k] for k in ("exact_match", "perplexity", "loss", "label_accuracy") if k in metrics}
     keep["memory_bytes"] = model.get_memory_footprint()
     return keep
@@ -57,12 +74,13 @@ def run(cfg: QuantizeSection, merged_dir: Path, data_dir: Path, out_dir: Path) -
     data = PreparedData(data_dir)
     examples, labels = data.examples("eval")[: cfg.eval_examples], data.labels()  # None: the whole eval split
     tok = load_tokenizer(merged_dir)
+    scoring = scoring_settings(merged_dir, examples)  # before any weight is read
     with stage_run("quantize", cfg.model_dump()) as tracker:
-        results = {"merged": _measure(load_model(merged_dir), tok, examples, labels, "merged")}
+        results = {"merged": _measure(load_model(merged_dir), tok, examples, labels, "merged", scoring)}
         results["merged"]["disk_bytes"] = dir_size(merged_dir)
         for variant in cfg.variants:
             model = load_model(merged_dir, quantization=bnb_config(variant))
-            results[variant] = _measure(model, tok, examples, labels, variant)
+            results[variant] = _measure(model, tok, examples, labels, variant, scoring)
             model.save_pretrained(out_dir / variant, safe_serialization=True)
             results[variant]["disk_bytes"] = dir_size(out_dir / variant)
             results[variant]["delta"] = deltas(results["merged"], results[variant])
