@@ -24,6 +24,7 @@ from tests.benchmarks import (
     deploy,
     evaluation,
     limits,
+    memory_plan,
     merge_fidelity,
     pipeline,
     quantization,
@@ -117,6 +118,13 @@ SECTIONS = [
         "against the trained model",
         merge_fidelity,
         merge_fidelity.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
+    ),
+    Section(
+        "memory_plan",
+        "plan vs measured: each stage's planned peak memory against its measured peak RSS (SmolLM2, CPU)",
+        "planned / measured",
+        memory_plan,
+        memory_plan.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
     ),
     Section(
         "limits",
