@@ -257,12 +257,13 @@ def _healthy(url: str) -> bool:
 
 
 STREAM_MERGE = """
-import json, os, resource, sys
+import json, os, sys
 import psutil, torch, bitsandbytes, peft, safetensors, transformers  # imported before the baseline
 from components.streaming_merge import stream_merge
 before = psutil.Process().memory_info().rss
 stream_merge(sys.argv[1], sys.argv[2], sys.argv[3], "float16", json.loads(sys.argv[4]))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: Linux carries the forking parent's RSS into a child's ru_maxrss at exec
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 print(json.dumps({"before": before, "peak": peak}))
 """
 
