@@ -6,13 +6,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from components import memory_plan
 from components.artifacts import PreparedData
 from components.config import TrainSection
 from components.util import console
-
-# Activation bytes per token per layer for a 16-bit transformer block, from Korthikanti et al. (2022),
-# "Reducing Activation Recomputation in Large Transformer Models": 34 * hidden (attention scores aside).
-ACTIVATION_BYTES_PER_HIDDEN = 34
 
 
 def matmul_rate(dtype, size: int = 512, reps: int = 8) -> float:
@@ -41,23 +38,32 @@ def measured_dtype(use_gpu: bool) -> str:
     return choice
 
 
-def activation_bytes(cfg: TrainSection, model_config, longest: int, dtype: str, window: int) -> float:
-    """window: the positions that get logits (train computes them for the answers only)."""
-    width = 2 if dtype == "bfloat16" else 4
-    per_layer = ACTIVATION_BYTES_PER_HIDDEN * model_config.hidden_size * width / 2
-    tokens = cfg.batch_size * longest
-    logits = cfg.batch_size * window * model_config.vocab_size * 4 * 3  # float32 logits, softmax, gradient
-    return model_config.num_hidden_layers * tokens * per_layer + logits
+def cgroup_headroom() -> float | None:
+    """What this container may still allocate under its cgroup's memory limit (v2, else v1); None: no limit."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit, usage = (Path(f).read_text().strip() for f in (limit_file, usage_file))
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's huge number, mean no limit
+            return float(int(limit) - int(usage))
+        return None
+    return None
 
 
 def free_memory(use_gpu: bool) -> float:
+    """Free memory where the stage will hold its tensors: the GPU's, or the host's within the cgroup limit."""
     if use_gpu:
         import torch
 
         return float(torch.cuda.mem_get_info()[0])
     import psutil
 
-    return float(psutil.virtual_memory().available)
+    free, headroom = float(psutil.virtual_memory().available), cgroup_headroom()
+    return min(free, headroom) if headroom is not None else free
 
 
 def resolved_choices(cfg: TrainSection, base_dir: Path, data_dir: Path, root: Path) -> TrainSection:
@@ -82,12 +88,14 @@ def resolved_choices(cfg: TrainSection, base_dir: Path, data_dir: Path, root: Pa
 
 def resolve(cfg: TrainSection, base_dir: Path, longest: int, window: int | None = None) -> TrainSection:
     """The section with "auto" choices replaced by what this machine and this data need."""
-    from transformers import AutoConfig
-
     dtype = measured_dtype(cfg.use_gpu) if cfg.compute_dtype == "auto" else cfg.compute_dtype
-    checkpointing = cfg.gradient_checkpointing
+    checkpointing, window = cfg.gradient_checkpointing, window or longest
+    shape = memory_plan.model_shape(base_dir)
     if checkpointing == "auto":
-        need = activation_bytes(cfg, AutoConfig.from_pretrained(base_dir), longest, dtype, window or longest)
+        # the memory plan's activations and answer logits of the longest batch, without recomputation
+        off = cfg.model_copy(update={"compute_dtype": dtype, "gradient_checkpointing": False})
+        plan = memory_plan.train_plan(shape, off, longest, window)
+        need = plan.items["activations"] + plan.items["logits over the answers"]
         budget = free_memory(cfg.use_gpu) / 2 / (1 if cfg.use_gpu else cfg.num_processes)
         checkpointing = need > budget
         console.print(
@@ -95,16 +103,14 @@ def resolve(cfg: TrainSection, base_dir: Path, longest: int, window: int | None 
             f"batch ~{need / 1e9:.2f} GB against a budget of {budget / 1e9:.1f} GB"
         )
     run_cfg = cfg.model_copy(update={"compute_dtype": dtype, "gradient_checkpointing": checkpointing})
-    return fitted_batch(run_cfg, base_dir, longest, window or longest)
+    return fitted_batch(run_cfg, base_dir, longest, window, shape)
 
 
-def fitted_batch(cfg: TrainSection, base_dir: Path, longest: int, window: int) -> TrainSection:
+def fitted_batch(cfg: TrainSection, base_dir: Path, longest: int, window: int, shape=None) -> TrainSection:
     """The micro-batch the memory plan fits on this device (components.memory_plan), with the gradient
     accumulation that keeps the effective batch; the section as it is when the configured batch fits."""
-    from components import memory_plan
-
-    shape = memory_plan.model_shape(base_dir)
-    available = memory_plan.available_bytes(cfg.use_gpu) / (1 if cfg.use_gpu else cfg.num_processes)
+    shape = shape or memory_plan.model_shape(base_dir)
+    available = free_memory(cfg.use_gpu) / (1 if cfg.use_gpu else cfg.num_processes)
     batch = memory_plan.fit_batch(
         lambda b: memory_plan.train_plan(shape, cfg, longest, window, b), cfg.batch_size, available, "train.batch_size"
     )

@@ -43,12 +43,13 @@ def fitted_eval(cfg: EvalSection, base_dir: Path, adapter_dir: Path, examples: l
     from safetensors import safe_open
 
     from components import memory_plan
+    from components.compute import free_memory
 
     shape = memory_plan.model_shape(base_dir)
     with safe_open(Path(adapter_dir) / "adapter_model.safetensors", framework="pt") as adapter:
         lora = sum(math.prod(adapter.get_slice(k).get_shape()) for k in adapter.keys())
     tokens = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
-    available = memory_plan.available_bytes(torch.cuda.is_available())
+    available = free_memory(torch.cuda.is_available())
     batch = memory_plan.fit_batch(
         lambda b: memory_plan.eval_plan(shape, cfg, tokens, lora, b), cfg.batch_size, available, "eval.batch_size"
     )

@@ -22,11 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components.compute import ACTIVATION_BYTES_PER_HIDDEN
 from components.config import EvalSection, TrainSection
 
 GB = 1e9
 GPU_MEMORY_GB = {"L4": 24, "A10G": 24, "RTX4090": 24, "L40S": 48, "A100-40GB": 40, "A100-80GB": 80, "H100": 80}
+# Activation bytes per token per layer for a 16-bit transformer block, from Korthikanti et al. (2022),
+# "Reducing Activation Recomputation in Large Transformer Models": 34 * hidden (attention scores aside).
+ACTIVATION_BYTES_PER_HIDDEN = 34
 RUNTIME_OVERHEAD = 1.0 * GB  # CUDA context and the allocator's slack, as nvidia-smi shows on an idle process
 NF4_BYTES = 0.5  # two 4-bit codes per byte
 NF4_SCALES = {True: 1 / 64 + 4 / (64 * 256), False: 4 / 64}  # per weight: absmax per 64 (8-bit, then fp32 per 256)
@@ -176,34 +178,6 @@ def quantize_plan(shape: ModelShape, cfg: EvalSection, tokens: int) -> StagePlan
 
 class MemoryPlanError(RuntimeError):
     """Nothing fits: the message names the numbers and the setting to change."""
-
-
-def cgroup_headroom() -> float | None:
-    """What this container may still allocate under its cgroup's memory limit (v2, else v1); None: no limit."""
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            limit, usage = (Path(f).read_text().strip() for f in (limit_file, usage_file))
-        except OSError:
-            continue
-        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's huge number, mean no limit
-            return float(int(limit) - int(usage))
-        return None
-    return None
-
-
-def available_bytes(use_gpu: bool) -> float:
-    """Free memory where the stage will hold its tensors: the GPU's, or the host's within the cgroup limit."""
-    if use_gpu:
-        import torch
-
-        return float(torch.cuda.mem_get_info()[0])
-    import psutil
-
-    free, headroom = float(psutil.virtual_memory().available), cgroup_headroom()
-    return min(free, headroom) if headroom is not None else free
 
 
 def fit_batch(plan_for, batch: int, available: float, setting: str) -> int:

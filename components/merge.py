@@ -121,9 +121,10 @@ def parity_dtype(cfg: MergeSection, base_dir: Path) -> str:
     before any weight is read when not even the 16-bit merge fits."""
     if cfg.compare_dtype != "auto":
         return cfg.compare_dtype
-    from components.memory_plan import GB, MemoryPlanError, available_bytes, model_shape
+    from components.compute import free_memory
+    from components.memory_plan import GB, MemoryPlanError, model_shape
 
-    params, available = model_shape(base_dir).params, available_bytes(use_gpu=False)
+    params, available = model_shape(base_dir).params, free_memory(use_gpu=False)
     if params * 4 * 1.3 <= available:
         return "float32"
     if params * 2 > available:

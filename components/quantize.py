@@ -45,13 +45,14 @@ def scoring_settings(merged_dir: Path, examples: list[dict]) -> EvalSection:
     import torch
 
     from components import memory_plan
+    from components.compute import free_memory
 
     cfg, shape = EvalSection(), memory_plan.model_shape(merged_dir)
     tokens = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
     batch = memory_plan.fit_batch(
         lambda b: memory_plan.quantize_plan(shape, cfg.model_copy(update={"batch_size": b}), tokens),
         cfg.batch_size,
-        memory_plan.available_bytes(torch.cuda.is_available()),
+        free_memory(torch.cuda.is_available()),
         "eval.batch_size",
     )
     return cfg.model_copy(update={"batch_size": batch})

@@ -54,6 +54,7 @@ def growth(stage: str, settings: dict, *paths: Path) -> float:
 
 def measure() -> dict:
     from components import memory_plan, prepare_data
+    from components.compute import free_memory
     from components.config import DataSection, EvalSection, TrainSection
     from components.jsonl import read_jsonl
 
@@ -83,7 +84,7 @@ def measure() -> dict:
         planned = memory_plan.eval_plan(shape, EvalSection(batch_size=batch), longest, lora).total
         results.append((f"evaluate, batch {batch}", measured, planned))
     measured = growth("merge", {}, base, adapter, work / "data", work / "merged")
-    planned = memory_plan.merge_plan(shape, TrainSection(**TRAIN), memory_plan.available_bytes(False)).total
+    planned = memory_plan.merge_plan(shape, TrainSection(**TRAIN), free_memory(False)).total
     results.append(("merge (streaming, then the float32 parity check)", measured, planned))
     return {"results": results, "longest": longest}
 

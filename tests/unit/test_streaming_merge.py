@@ -55,14 +55,14 @@ def test_the_merge_stage_checks_parity_in_bfloat16_when_float32_does_not_fit(
 ):
     """merge.compare_dtype auto: float32 when the float32 reference fits the memory at hand, else the trained
     condition in bfloat16 (the NF4 base for QLoRA), and the report says which."""
-    from components import memory_plan
+    from components import compute, memory_plan
     from components.config import MergeSection
 
     settings = MergeSection(parity_prompts=8, parity_threshold=0.0)
     roomy = merge.run(settings, tiny_base, tiny_adapter, demo_prepared, tmp_path / "roomy")
     params = memory_plan.model_shape(tiny_base).params
     # 3 bytes per parameter: the bfloat16 merge fits, a float32 reference does not
-    monkeypatch.setattr(memory_plan, "available_bytes", lambda use_gpu: params * 3.0)
+    monkeypatch.setattr(compute, "free_memory", lambda use_gpu: params * 3.0)
     tight = merge.run(settings, tiny_base, tiny_adapter, demo_prepared, tmp_path / "tight")
     assert (roomy["compare_dtype"], tight["compare_dtype"]) == ("float32", "bfloat16")
     assert tight["reference"] == "the trained model in bfloat16" and tight["parity"] >= 0.75
@@ -87,16 +87,16 @@ def test_every_stage_fits_its_batch_to_the_memory_at_hand_or_refuses_before_load
     tokens = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
     cfg = EvalSection(batch_size=32)
     at = lambda b: memory_plan.eval_plan(shape, cfg, tokens, 0, b).total  # noqa: E731
-    monkeypatch.setattr(memory_plan, "available_bytes", lambda use_gpu: (at(8) + at(9)) / 2)
+    monkeypatch.setattr(compute, "free_memory", lambda use_gpu: (at(8) + at(9)) / 2)
     assert evaluate.fitted_eval(cfg, tiny_base, tiny_adapter, examples).batch_size in (8, 9)
 
     train = TrainSection(batch_size=32, grad_accum=1, gradient_checkpointing=False, compute_dtype="float32")
     fits = lambda b: memory_plan.train_plan(shape, train, 64, 8, b).total  # noqa: E731
-    monkeypatch.setattr(memory_plan, "available_bytes", lambda use_gpu: fits(4) + 1)
+    monkeypatch.setattr(compute, "free_memory", lambda use_gpu: fits(4) + 1)
     fitted = compute.fitted_batch(train, tiny_base, 64, 8)
     assert (fitted.batch_size, fitted.grad_accum) == (4, 8)  # the effective batch kept: 4 x 8 = 32
 
-    monkeypatch.setattr(memory_plan, "available_bytes", lambda use_gpu: 1024.0)
+    monkeypatch.setattr(compute, "free_memory", lambda use_gpu: 1024.0)
     with pytest.raises(memory_plan.MemoryPlanError, match=r"evaluate: .* GB needed even at eval.batch_size=1"):
         evaluate.fitted_eval(cfg, tiny_base, tiny_adapter, examples)
     with pytest.raises(memory_plan.MemoryPlanError, match=r"train: .*train.batch_size=1.*data.max_tokens"):
