@@ -6,6 +6,8 @@ answer window only, which is where the loss reads.
 
 from __future__ import annotations
 
+from components.literal_text import encoded
+
 IGNORE_INDEX = -100
 
 
@@ -13,11 +15,7 @@ def tokenize(examples: list[dict], tok):
     """Prompt tokens get IGNORE_INDEX labels; the answer and its EOS are learned."""
     from datasets import Dataset
 
-    prompts = tok([e["prompt"] for e in examples], add_special_tokens=False)["input_ids"]
-    answers = tok([e["completion"] for e in examples], add_special_tokens=False)["input_ids"]
-    for i, e in enumerate(examples):  # a text holding a special-token string: data prep's literal encoding
-        if "prompt_ids" in e:
-            prompts[i], answers[i] = e["prompt_ids"], e["completion_ids"]
+    prompts, answers = encoded(tok, examples)  # a text holding a special-token string: data prep's literal ids
     rows = {"input_ids": [], "attention_mask": [], "labels": []}
     for p, a in zip(prompts, answers):
         rows["input_ids"].append(p + a)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from components.literal_text import encoded
 from components.progress import StageProgress
 
 
@@ -179,11 +180,7 @@ def response_nll(model, tok, examples: list[dict], batch_size: int, progress: st
     shown = StageProgress(progress or "", len(examples), "examples", quiet=progress is None)
     with shown, torch.inference_mode():
         for batch in _batches(examples, batch_size):
-            p = tok([e["prompt"] for e in batch], add_special_tokens=False)["input_ids"]
-            c = tok([e["completion"] for e in batch], add_special_tokens=False)["input_ids"]
-            for i, e in enumerate(batch):  # data prep's literal encoding of a text holding special-token strings
-                if "prompt_ids" in e:
-                    p[i], c[i] = e["prompt_ids"], e["completion_ids"]
+            p, c = encoded(tok, batch)
             width = max(len(a) + len(b) for a, b in zip(p, c))
             ids = torch.full((len(batch), width), tok.pad_token_id)
             labels = torch.full((len(batch), width), -100)

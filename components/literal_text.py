@@ -52,3 +52,17 @@ def encode(tok, rendered: str, texts: list[str]) -> list[int]:
 def model_input(example: dict) -> str | list[int]:
     """What a model is given for an example's prompt: its literal ids where data prep made them, else the string."""
     return example.get("prompt_ids") or example["prompt"]
+
+
+def encoded(tok, examples: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    """Each example's prompt and completion ids: data prep's literal ids where it made them, else its strings
+    encoded (the strings of all such rows in one call)."""
+    prompts = [e.get("prompt_ids") for e in examples]
+    completions = [e.get("completion_ids") for e in examples]
+    plain = [i for i, ids in enumerate(prompts) if ids is None]
+    if plain:
+        p = tok([examples[i]["prompt"] for i in plain], add_special_tokens=False)["input_ids"]
+        c = tok([examples[i]["completion"] for i in plain], add_special_tokens=False)["input_ids"]
+        for i, prompt, completion in zip(plain, p, c):
+            prompts[i], completions[i] = prompt, completion
+    return prompts, completions

@@ -18,7 +18,7 @@ from components.artifacts import PreparedData, record_config
 from components.config import DEMO_DATA, DataSection
 from components.datafiles import DataError, RowProblem, read_rows
 from components.jsonl import write_jsonl
-from components.literal_text import fill, holds_special, special_strings, with_placeholders
+from components.literal_text import encoded, fill, holds_special, special_strings, with_placeholders
 from components.prompt_contract import label_prefix, make_contract
 from components.util import console, file_sha256, heading, text_sha256, tree_sha256, write_json
 
@@ -209,14 +209,9 @@ def tokenize_and_filter(kept: list[dict], rejects: list[dict], cfg: DataSection,
         ex["prompt"], ex["completion"], p_ids, c_ids = render(tok, ex.pop("messages"), ex["answer"], specials)
         if p_ids is not None:
             ex["prompt_ids"], ex["completion_ids"] = p_ids, c_ids
-            ex["prompt_tokens"], ex["completion_tokens"] = len(p_ids), len(c_ids)
-    plain = [e for e in kept if "prompt_ids" not in e]
-    if plain:
-        p_ids = tok([e["prompt"] for e in plain], add_special_tokens=False)["input_ids"]
-        c_ids = tok([e["completion"] for e in plain], add_special_tokens=False)["input_ids"]
-        for ex, p, c in zip(plain, p_ids, c_ids):
-            ex["prompt_tokens"], ex["completion_tokens"] = len(p), len(c)
-    if literal := len(kept) - len(plain):
+    for ex, p, c in zip(kept, *encoded(tok, kept)):
+        ex["prompt_tokens"], ex["completion_tokens"] = len(p), len(c)
+    if literal := sum("prompt_ids" in e for e in kept):
         console.print(f"{literal} rows hold special-token strings in their text: encoded as text, not as control")
     out, seen = [], {}
     for ex in kept:
