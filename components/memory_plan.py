@@ -39,12 +39,13 @@ LORA_TRAIN_BYTES = 16  # float32 weight, gradient, Adam's two moments
 class ModelShape:
     """What the plan needs from a model: counted on the meta device."""
 
-    linear: dict[str, tuple[int, int, int]]  # module suffix -> (in, out, how many), decoder layers only
+    linear: dict[str, tuple[int, int, int]]  # module suffix -> (in, out, how many), the output head aside
     other_params: int  # embeddings, norms, the output head
     layers: int
     hidden: int
     vocab: int
     kv_width: int  # key/value heads * head dim
+    linear_weights: frozenset[str] = frozenset()  # their weight names: what a 4-bit load quantizes
 
     @property
     def linear_params(self) -> int:
@@ -64,18 +65,25 @@ def model_shape(source: str | Path) -> ModelShape:
     config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else source)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    linear, counted = {}, 0
+    linear, counted, names, head = {}, 0, set(), model.get_output_embeddings()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+        if isinstance(module, torch.nn.Linear) and module is not head:  # the output head stays 16-bit
             suffix = name.rsplit(".", 1)[-1]
             i, o, n = linear.get(suffix, (module.in_features, module.out_features, 0))
             linear[suffix] = (i, o, n + 1)
             counted += module.weight.numel()
+            names.add(f"{name}.weight")
     total = sum(p.numel() for p in model.parameters())
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return ModelShape(
-        linear, total - counted, config.num_hidden_layers, config.hidden_size, config.vocab_size, heads * head_dim
+        linear,
+        total - counted,
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.vocab_size,
+        heads * head_dim,
+        frozenset(names),
     )
 
 

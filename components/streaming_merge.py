@@ -14,6 +14,7 @@ import math
 import shutil
 from pathlib import Path
 
+from components.memory_plan import model_shape
 from components.util import write_json
 
 INDEX = "model.safetensors.index.json"
@@ -58,17 +59,6 @@ def nf4_rounding(weight, dtype, double_quant: bool):
     return dequantize_bnb_weight(quantized)
 
 
-def linear_weights(base_dir: Path) -> set[str]:
-    """Weight names of the decoder's linear layers: what a 4-bit load quantizes (the output head stays)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
-    head = model.get_output_embeddings()
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
-
-
 def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str, nf4: dict | None = None) -> Path:
     """Write the merged model's weights and config into out_dir, shard by shard. `nf4` ({"double_quant",
     "dtype"}): merge into the NF4 rounding of the base, as QLoRA trained; None: into the 16-bit base."""
@@ -79,7 +69,7 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str, n
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     deltas, scaling = lora_deltas(Path(adapter_dir))
-    rounded = linear_weights(base_dir) if nf4 else set()
+    rounded = model_shape(base_dir).linear_weights if nf4 else frozenset()
     out_dtype, used = getattr(torch, dtype), set()
     for shard in _shards(base_dir):
         merged = {}
