@@ -66,10 +66,7 @@ def _pid_file(root: Path) -> tuple[int | None, int | None]:
 
 
 def _read_pid(root: Path) -> int | None:
-    try:
-        return int((root / "server.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+    return _pid_file(root)[0]
 
 
 def _record_dir() -> Path:
@@ -129,7 +126,8 @@ def _ours(url: str, root: Path, port: int) -> bool:
     since been deleted is stopped (it would write into files nobody can see, then fail); any other server
     is refused with what to do."""
     record = _read_record(record_path(port))
-    if not record and _pid_file(root) == (pid := _read_pid(root), port) and _is_mlflow_server(pid):
+    pid, pid_port = _pid_file(root)
+    if not record and pid_port == port and _is_mlflow_server(pid):
         record = {"pid": pid, "root": str(root)}  # started on this port before records existed
     if not record:
         raise RuntimeError(
