@@ -25,11 +25,16 @@ from pathlib import Path
 import psutil, torch, bitsandbytes, peft, transformers, datasets  # imported before the baseline
 from components import evaluate, merge, train
 from components.config import EvalSection, MergeSection, TrainSection
+from components.streaming_merge import stream_merge
 stage, settings, paths = sys.argv[1], json.loads(sys.argv[2]), [Path(p) for p in sys.argv[3:]]
 before = psutil.Process().memory_info().rss
-run = {"train": (train.run, TrainSection), "evaluate": (evaluate.run, EvalSection), "merge": (merge.run, MergeSection)}
-function, section = run[stage]
-function(section(**settings), *paths)
+run = {
+    "train": lambda: train.run(TrainSection(**settings), *paths),
+    "evaluate": lambda: evaluate.run(EvalSection(**settings), *paths),
+    "merge": lambda: merge.run(MergeSection(**settings), *paths),
+    "stream_merge": lambda: stream_merge(*paths, settings["dtype"], settings["nf4"]),
+}
+run[stage]()
 # VmHWM, not ru_maxrss: Linux carries the forking parent's RSS into a child's ru_maxrss at exec
 peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 print("PEAK", json.dumps({"before": before, "peak": peak}))
@@ -38,6 +43,7 @@ TRAIN = {"max_steps": 3, "compute_dtype": "bfloat16", "eval_every": 0, "checkpoi
 
 
 def growth(stage: str, settings: dict, *paths: Path) -> float:
+    """Peak RSS growth of `stage` (train, evaluate, merge, stream_merge) run in its own process."""
     done = subprocess.run(
         [sys.executable, "-c", CHILD, stage, json.dumps(settings), *map(str, paths)],
         env=child_env(),

@@ -256,27 +256,14 @@ def _healthy(url: str) -> bool:
         return False
 
 
-STREAM_MERGE = """
-import json, os, sys
-import psutil, torch, bitsandbytes, peft, safetensors, transformers  # imported before the baseline
-from components.streaming_merge import stream_merge
-before = psutil.Process().memory_info().rss
-stream_merge(sys.argv[1], sys.argv[2], sys.argv[3], "float16", json.loads(sys.argv[4]))
-# VmHWM, not ru_maxrss: Linux carries the forking parent's RSS into a child's ru_maxrss at exec
-peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
-print(json.dumps({"before": before, "peak": peak}))
-"""
-
-
 def test_the_streaming_merge_of_smollm2_stays_within_its_planned_memory(workspace, demo_run, tmp_path):
     """make run's own base and adapter, the base re-saved in 60 MB shards: the merge's peak RSS growth, measured
     in its own process, stays under the plan (components.memory_plan.streaming_merge_bytes) with 25% slack."""
-    import json
-
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from components import memory_plan, merge
+    from tests.benchmarks import memory_plan as memory_plan_bench
 
     run_dir = next(workspace.root.glob("kfp/finetune-*"))
     base, adapter = run_dir / "base-model" / "model", run_dir / "train" / "adapter"
@@ -284,16 +271,8 @@ def test_the_streaming_merge_of_smollm2_stays_within_its_planned_memory(workspac
     AutoModelForCausalLM.from_pretrained(base, dtype="bfloat16").save_pretrained(sharded, max_shard_size="60MB")
     shards = sorted(sharded.glob("*.safetensors"))
     assert len(shards) >= 4
-    nf4 = merge.trained_base(adapter)
-    done = subprocess.run(
-        [sys.executable, "-c", STREAM_MERGE, str(sharded), str(adapter), str(tmp_path / "out"), json.dumps(nf4)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
-    growth = measured["peak"] - measured["before"]
+    settings = {"dtype": "float16", "nf4": merge.trained_base(adapter)}
+    growth = memory_plan_bench.growth("stream_merge", settings, sharded, adapter, tmp_path / "out")
     shape = memory_plan.model_shape(base)
     adapter_bytes = sum(t.numel() for t in load_file(adapter / "adapter_model.safetensors").values()) * 4
     planned = memory_plan.streaming_merge_bytes(shape, max(p.stat().st_size for p in shards), adapter_bytes)
