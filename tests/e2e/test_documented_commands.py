@@ -131,7 +131,7 @@ def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(work
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/llmops-demo/1", dst_path=str(tmp_path)))
     served, _ = artifact_paths(local)
     quant = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/reports/quantize_report.json")
-    data_dir = next(workspace.root.glob("kfp/finetune-*/prepare-data/dataset"))
+    data_dir = sorted(workspace.root.glob("kfp/finetune-*/prepare-data/dataset"))[0]  # the demo run: the first
     examples = read_jsonl(data_dir / "eval.jsonl")[: quant["examples"]]
     labels = read_contract(served)["labels"]
     # Scored as the quantize stage scored the merge (its default dtype, its eval settings, the same rows):
@@ -265,7 +265,12 @@ def test_the_streaming_merge_of_smollm2_stays_within_its_planned_memory(workspac
     from components import memory_plan, merge
     from tests.benchmarks import memory_plan as memory_plan_bench
 
-    run_dir = next(workspace.root.glob("kfp/finetune-*"))
+    # The first run that produced both: a later run in this workspace may take them from kfp's cache instead
+    run_dir = next(
+        d
+        for d in sorted(workspace.root.glob("kfp/finetune-*"))
+        if (d / "base-model" / "model" / "config.json").is_file() and (d / "train" / "adapter").is_dir()
+    )
     base, adapter = run_dir / "base-model" / "model", run_dir / "train" / "adapter"
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(base, dtype="bfloat16").save_pretrained(sharded, max_shard_size="60MB")
