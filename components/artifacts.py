@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from components.jsonl import read_jsonl
-from components.prompt_contract import CONTRACT_FILE
 from components.util import read_json, write_json
 
 STAGE_CONFIG = "stage_config.json"  # in every stage's output: the section it ran with
 TIMING = "timing.json"  # in every stage's output under kfp: how long the stage took (pipelines/kfp_io.py)
+CONTRACT_FILE = "prompt_contract.json"  # in prepared data and the merged model: how a bare message is framed
+MANIFEST_FILE = "weights_manifest.json"  # in the registered model: the sha256 of every served file
 
 
 def record_config(out_dir: Path, stage: str, section) -> None:
@@ -74,6 +75,8 @@ class PreparedData(Output):
 class TrainedAdapter(Output):
     """train: the adapter directory (PEFT's own files and the tokenizer), with the run's numbers."""
 
+    weights_file = File("adapter_model.safetensors")  # PEFT's names (peft.utils.constants), in every checkpoint too
+    config_file = File("adapter_config.json")
     metrics_file = File("train_metrics.json")
     history_file = File("history.json")  # the Trainer's log history: loss per logged step
     validation_curve_file = File("validation_curve.json")
@@ -118,6 +121,13 @@ class QuantizeReport(Output):
 
     def report(self) -> dict:
         return read_json(self.report_file)
+
+
+class CheckpointDir(Output):
+    """train's checkpoint store (local, mirrored to S3): what a restarted or data-parallel run reads back."""
+
+    resolved_file = File("resolved.json")  # the "auto" choices measured once (components.compute)
+    validation_file = File("validation.json")  # validation's record and the best adapter's directory
 
 
 # register: the run's summary, kept with its MLflow run (the pipeline's exit task hands it back)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from components.artifacts import BaseModelDir, PreparedData
+from components.artifacts import BaseModelDir, CheckpointDir, PreparedData, TrainedAdapter
 from components.config import TrainSection
 from components.util import console, text_sha256
 
@@ -30,7 +30,7 @@ PREFIX = "checkpoint-"
 # Validation's record and its best adapter live beside the checkpoints: a resumed run must not forget
 # the best adapter it has seen, or it could hand on a worse one. Each best goes to a new best-<step>
 # directory; the record names it only once it is complete, so the record is the commit point.
-BEST, VALIDATION = "best", "validation.json"
+BEST, VALIDATION = "best", CheckpointDir.validation_file
 # Names read back from storage are checked before they touch the disk: a step number only, never a path.
 CHECKPOINT_NAME, BEST_NAME = re.compile(rf"{PREFIX}(\d+)"), re.compile(rf"{BEST}-(\d+)")
 
@@ -73,7 +73,7 @@ def any_rank(flag: bool, device) -> bool:
 def is_complete(checkpoint: Path) -> bool:
     """Trainer writes trainer_state.json last, so its presence (and validity) marks a whole checkpoint."""
     state = checkpoint / "trainer_state.json"
-    if not (state.exists() and (checkpoint / "adapter_model.safetensors").exists()):
+    if not (state.exists() and (checkpoint / TrainedAdapter.weights_file).exists()):
         return False
     try:
         json.loads(state.read_text())

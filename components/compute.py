@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from components import memory_plan
-from components.artifacts import PreparedData
+from components.artifacts import CheckpointDir, PreparedData
 from components.config import TrainSection
 from components.util import console
 
@@ -74,7 +74,7 @@ def resolved_choices(cfg: TrainSection, base_dir: Path, data_dir: Path, root: Pa
     """
     import json
 
-    saved = Path(root) / "resolved.json"
+    saved = CheckpointDir(root).resolved_file
     if saved.exists():
         return cfg.model_copy(update=json.loads(saved.read_text()))
     examples = PreparedData(data_dir).examples("train")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from components.artifacts import EvalReport, PreparedData, record_config
+from components.artifacts import EvalReport, PreparedData, TrainedAdapter, record_config
 from components.config import EvalSection
 from components.inference import load_model, load_tokenizer
 from components.scoring import score_model
@@ -46,7 +46,7 @@ def fitted_eval(cfg: EvalSection, base_dir: Path, adapter_dir: Path, examples: l
     from components.compute import free_memory
 
     shape = memory_plan.model_shape(base_dir)
-    with safe_open(Path(adapter_dir) / "adapter_model.safetensors", framework="pt") as adapter:
+    with safe_open(TrainedAdapter(adapter_dir).weights_file, framework="pt") as adapter:
         lora = sum(math.prod(adapter.get_slice(k).get_shape()) for k in adapter.keys())
     tokens = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
     available = free_memory(torch.cuda.is_available())

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from components import chat_pyfunc, weights_manifest
-from components.artifacts import PreparedData
+from components.artifacts import MANIFEST_FILE, PreparedData
 from components.progress import megabytes
 from components.util import console
 
@@ -54,7 +54,7 @@ def log_chat_model(model_dir: Path, params: dict[str, str]):
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        manifest = Path(scratch) / weights_manifest.MANIFEST_FILE
+        manifest = Path(scratch) / MANIFEST_FILE
         manifest_sha = weights_manifest.write(model_dir, manifest)
         # The class is pickled by reference to the llmops package (every image and the local venv have it);
         # MLflow warns about pickling any object, which says nothing new here.

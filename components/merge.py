@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components.artifacts import MergedModel, PreparedData, TrainedAdapter, record_config
+from components.artifacts import CONTRACT_FILE, MergedModel, PreparedData, TrainedAdapter, record_config
 from components.config import MergeSection
 from components.inference import bnb_config, generate, load_model, load_tokenizer
 from components.literal_text import model_input
-from components.prompt_contract import CONTRACT_FILE, read_contract, wrap_template
+from components.prompt_contract import read_contract, wrap_template
 from components.streaming_merge import stream_merge
 from components.util import console, dir_size, heading, quiet_libraries, write_json
 

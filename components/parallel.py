@@ -18,8 +18,9 @@ from components.config import TrainSection
 from components.util import console
 
 
-def launch(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
-    """Run this stage under torchrun with cfg.num_processes workers in this pod; rank 0 writes the outputs."""
+def launch(worker: str, cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    """Run the stage module `worker` (`python -m worker CFG BASE DATA OUT`) under torchrun with
+    cfg.num_processes workers in this pod; rank 0 writes the outputs."""
     # torchrun SIGKILLs workers this long after passing on a SIGTERM: it must cover a step plus a save
     grace = os.environ.get("LLMOPS_SHUTDOWN_TIMEOUT", "90")
     cmd = [
@@ -30,7 +31,7 @@ def launch(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> 
         f"--nproc-per-node={cfg.num_processes}",
         f"--shutdown-timeout={grace}",
         "-m",
-        "components.train",
+        worker,
         cfg.to_json(),
         str(base_dir),
         str(data_dir),

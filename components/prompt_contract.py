@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CONTRACT_FILE = "prompt_contract.json"
+from components.artifacts import CONTRACT_FILE
+
 ANSWER_FORMATS = {"label": "one label from labels, then the end of the turn", "text": "free text"}
 
 

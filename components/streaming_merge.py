@@ -14,6 +14,7 @@ import math
 import shutil
 from pathlib import Path
 
+from components.artifacts import TrainedAdapter
 from components.memory_plan import model_shape
 from components.util import write_json
 
@@ -33,12 +34,12 @@ def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple], float]:
     import torch
     from safetensors.torch import load_file
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = json.loads(TrainedAdapter(adapter_dir).config_file.read_text())
     if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("fan_in_fan_out"):
         raise ValueError(f"{adapter_dir}: per-layer ranks, alphas or fan-in-fan-out are not merged by streaming")
     r, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    tensors = load_file(TrainedAdapter(adapter_dir).weights_file)
     pairs: dict[str, list] = {}
     for key, tensor in tensors.items():
         for part, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1)):

@@ -19,23 +19,10 @@ from components.answer_batches import AnswerBatches, answer_loss, tokenize
 from components.artifacts import PreparedData, TrainedAdapter, record_config
 from components.checkpoints import CheckpointStore, StopOnSigterm, UploadCheckpoints, last_complete_checkpoint
 from components.config import TrainSection
+from components.inference import bnb_config
 from components.progress import StageProgress
 from components.storage import MANIFEST
 from components.util import console, heading, quiet_libraries, write_json
-
-
-def bnb_config(cfg: TrainSection):
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if cfg.quantization != "nf4":
-        return None
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
-    )
 
 
 def lora_config(cfg: TrainSection):
@@ -83,12 +70,18 @@ def training_args(cfg: TrainSection, output_dir: Path):
     )
 
 
+def quantization(cfg: TrainSection):
+    """The base's 4-bit loading, or None for 16-bit LoRA. One function builds it (inference.bnb_config): the merge
+    rebuilds the same NF4 rounding from it, so the two cannot drift apart."""
+    return bnb_config("nf4", cfg.compute_dtype, cfg.double_quant) if cfg.quantization == "nf4" else None
+
+
 def load_model(cfg: TrainSection, base_dir: Path):
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    quant = bnb_config(cfg)
+    quant = quantization(cfg)
     # each data-parallel rank on its own GPU: a 4-bit model stays where it is loaded
     device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cfg.use_gpu else None
     model = AutoModelForCausalLM.from_pretrained(
@@ -180,7 +173,7 @@ def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dic
     if cfg.num_processes > 1 and "LOCAL_RANK" not in os.environ:
         from components.parallel import launch
 
-        return launch(cfg, base_dir, data_dir, out_dir)
+        return launch("components.train", cfg, base_dir, data_dir, out_dir)  # workers come back into this module
     if int(os.environ.get("RANK", "0")) != 0:
         os.environ.pop("MLFLOW_TRACKING_URI", None)  # rank 0 alone logs the stage's run
     return train(cfg, base_dir, data_dir, out_dir)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from components.util import file_sha256
 
-MANIFEST_FILE = "weights_manifest.json"
 MANIFEST_TAG = "weights.manifest_sha256"
 
 

@@ -81,15 +81,15 @@ class PlacementSection(Section):
 
 
 class PipelineConfig(Profiled):
-    model: ModelSection = ModelSection()
-    data: DataSection = DataSection()
-    train: TrainSection = TrainSection()
-    eval: EvalSection = EvalSection()
-    merge: MergeSection = MergeSection()
-    quantize: QuantizeSection = QuantizeSection()
-    registry: RegisterSection = RegisterSection()
-    gate: GateSection = GateSection()
-    placement: PlacementSection = PlacementSection()
+    model: ModelSection = Field(ModelSection(), description="base-model stage: which model, converted to 16 bits")
+    data: DataSection = Field(DataSection(), description="prepare-data stage: reading, rendering and splitting rows")
+    train: TrainSection = Field(TrainSection(), description="train stage: QLoRA or LoRA, checkpoints, validation")
+    eval: EvalSection = Field(EvalSection(), description="evaluate stage: the base and the tuned model side by side")
+    merge: MergeSection = Field(MergeSection(), description="merge stage: the adapter folded into 16-bit weights")
+    quantize: QuantizeSection = Field(QuantizeSection(), description="quantize stage: TGI's --quantize variants scored")
+    registry: RegisterSection = Field(RegisterSection(), description="register stage: the MLflow model and its tags")
+    gate: GateSection = Field(GateSection(), description="gate stage: the verdict that decides the challenger alias")
+    placement: PlacementSection = Field(PlacementSection(), description="cluster placement: nodes, GPUs, resources")
 
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]

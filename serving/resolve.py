@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.artifacts import TrainedAdapter
+
 REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
 
 
@@ -43,7 +45,7 @@ def resolve_model(ref: str, artifact: str | None = None) -> Resolved:
     match = REF.match(ref)
     if not match:
         path = Path(ref).expanduser()
-        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        if not (path / "config.json").exists() and not (path / TrainedAdapter.config_file).exists():
             raise FileNotFoundError(
                 f"{ref}: neither a model directory nor a models:/name/version or models:/name@alias reference"
             )

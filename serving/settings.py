@@ -95,7 +95,7 @@ class DeploySection(Section):
 
 
 class DeployerConfig(Profiled):
-    deploy: DeploySection = DeploySection()
+    deploy: DeploySection = Field(DeploySection(), description="the deployer: backend, TGI image, rollout, webhooks")
 
 
 def load_deployer_config(profile: str = "local", overrides: list[str] | None = None) -> DeployerConfig:

@@ -31,16 +31,19 @@ def test_promote_moves_the_alias_and_refuses_unknown_versions(mlflow_server, tin
 
     client = MlflowClient()
     client.create_registered_model("cli-promote")
-    with mlflow.start_run() as run:
-        mlflow.log_artifact(str(tiny_base / "config.json"), "model")
-    for _ in range(2):
-        client.create_model_version("cli-promote", f"{run.info.artifact_uri}/model", run.info.run_id)
-    assert runner.invoke(app, ["promote", "cli-promote", "2"]).exit_code == 0
-    assert client.get_model_version_by_alias("cli-promote", "champion").version == "2"
-    assert runner.invoke(app, ["promote", "cli-promote", "1"]).exit_code == 0  # rolling back is moving the alias back
-    assert client.get_model_version_by_alias("cli-promote", "champion").version == "1"
-    result = runner.invoke(app, ["promote", "cli-promote", "9"])
-    assert result.exit_code != 0 and client.get_model_version_by_alias("cli-promote", "champion").version == "1"
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_artifact(str(tiny_base / "config.json"), "model")
+        for _ in range(2):
+            client.create_model_version("cli-promote", f"{run.info.artifact_uri}/model", run.info.run_id)
+        assert runner.invoke(app, ["promote", "cli-promote", "2"]).exit_code == 0
+        assert client.get_model_version_by_alias("cli-promote", "champion").version == "2"
+        assert runner.invoke(app, ["promote", "cli-promote", "1"]).exit_code == 0  # a rollback moves the alias back
+        assert client.get_model_version_by_alias("cli-promote", "champion").version == "1"
+        result = runner.invoke(app, ["promote", "cli-promote", "9"])
+        assert result.exit_code != 0 and client.get_model_version_by_alias("cli-promote", "champion").version == "1"
+    finally:
+        client.delete_registered_model("cli-promote")  # the shared server keeps no model from this test
 
 
 def test_config_and_bad_overrides(tmp_path):

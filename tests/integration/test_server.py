@@ -735,10 +735,18 @@ def test_clients_written_elsewhere_work_against_the_live_server(server, monkeypa
     from openai import OpenAI
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # offline mode makes the hub client refuse any URL
+    # The server's own greedy answers, asked over its documented routes, are what every client must return.
+    greedy = requests.post(
+        server.url + "/generate", json={"inputs": "I lost my card", "parameters": {"max_new_tokens": 5}}, timeout=30
+    ).json()["generated_text"]
+    greedy_chat = requests.post(
+        server.url + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 5, "temperature": 0}, timeout=30
+    ).json()["choices"][0]["message"]["content"]
     hub = InferenceClient(model=server.url)
-    assert isinstance(hub.text_generation("I lost my card", max_new_tokens=5), str)
+    # the hub client posts to "/", where TGI (and we) default to return_full_text for a model without a task tag
+    assert hub.text_generation("I lost my card", max_new_tokens=5) == "I lost my card" + greedy
     streamed = list(hub.text_generation("I lost my card", max_new_tokens=5, stream=True))
-    assert len(streamed) == 5 and all(isinstance(token, str) for token in streamed)
+    assert len(streamed) == 5 and "".join(streamed) == greedy
     detailed = hub.text_generation("I lost my card", max_new_tokens=5, details=True)
     assert detailed.details.finish_reason == "length" and len(detailed.details.tokens) == 5
     last = list(hub.text_generation("I lost my card", max_new_tokens=5, stream=True, details=True))[-1]
@@ -749,11 +757,14 @@ def test_clients_written_elsewhere_work_against_the_live_server(server, monkeypa
 
     oai = OpenAI(base_url=server.url + "/v1", api_key="unused")
     answer = oai.chat.completions.create(model="tgi", messages=CHAT, max_tokens=5, temperature=0)
-    assert answer.usage.completion_tokens == 5 and isinstance(answer.choices[0].message.content, str)
+    assert answer.usage.completion_tokens == 5 and answer.choices[0].message.content == greedy_chat
     chunks = list(oai.chat.completions.create(model="tgi", messages=CHAT, max_tokens=5, temperature=0, stream=True))
     assert chunks[-1].choices[0].finish_reason == "length"
 
-    llm = HuggingFaceEndpoint(endpoint_url=server.url, max_new_tokens=5, temperature=0.5)
-    assert isinstance(llm.invoke("I lost my card"), str)
-    assert len(list(llm.stream("I lost my card"))) >= 1
-    assert isinstance(ChatHuggingFace(llm=llm).invoke("I lost my card").content, str)
+    # LangChain sends temperature 0.8, top_p and typical_p 0.95 unless told otherwise: those sample, as in TGI
+    llm = HuggingFaceEndpoint(
+        endpoint_url=server.url, max_new_tokens=5, do_sample=False, temperature=None, top_p=None, typical_p=None
+    )
+    assert llm.invoke("I lost my card") == greedy
+    assert "".join(llm.stream("I lost my card")) == greedy
+    assert ChatHuggingFace(llm=llm).invoke(CHAT[-1]["content"], temperature=0).content == greedy_chat

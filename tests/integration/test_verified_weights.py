@@ -22,7 +22,10 @@ pytestmark = pytest.mark.integration
 def registered(mlflow_server, tiny_base):
     name = f"verified-{uuid.uuid4().hex[:6]}"
     version = register_served(name, tiny_base, {"gate.verdict": "passed"})
-    return name, version, logged_model_files(mlflow_server.root, version)
+    yield name, version, logged_model_files(mlflow_server.root, version)
+    from mlflow import MlflowClient
+
+    MlflowClient().delete_registered_model(name)  # the shared server keeps no model from this test
 
 
 def flip_a_byte(path):
@@ -105,4 +108,4 @@ def test_the_deployer_marks_a_tampered_version_failed_and_keeps_the_previous_one
         assert backend.actual(name)["version"] == good.version  # the previous version keeps serving
     finally:
         backend.close()
-        client.delete_registered_model_alias(name, "champion")
+        client.delete_registered_model(name)  # its aliases and versions with it

@@ -85,13 +85,17 @@ def test_stage_outputs_are_named_only_in_the_artifacts_module():
         for value in vars(cls).values()
         if isinstance(value, artifacts.File)
     }
-    names |= {artifacts.STAGE_CONFIG, artifacts.TIMING, artifacts.REGISTRATION_SUMMARY}
-    assert {"stats.json", "labels.json", "eval_report.json", "train.jsonl"} <= names
+    # and the module's own file-name constants (STAGE_CONFIG, CONTRACT_FILE, MANIFEST_FILE, ...)
+    names |= {
+        v for v in vars(artifacts).values() if isinstance(v, str) and re.search(r"\.(json|jsonl|safetensors)$", v)
+    }
+    expected = {"stats.json", "labels.json", "eval_report.json", "train.jsonl", "prompt_contract.json"}
+    assert expected | {"weights_manifest.json", "adapter_model.safetensors", "resolved.json"} <= names
     wrong = [
         f"{path.relative_to(ROOT)}:{n}: {name}"
         for package in ("components", "pipelines", "serving", "llmops")
         for path in modules(package)
-        if path.name not in ("artifacts.py", "prompt_contract.py")
+        if path.name != "artifacts.py"
         for n, line in enumerate(path.read_text().splitlines(), 1)
         for name in names
         if f'"{name}"' in line or f"'{name}'" in line
@@ -103,3 +107,11 @@ def test_the_guard_sees_imports_inside_functions(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    from serving.client import chat_model\n    import pipelines.run\n")
     assert project_imports(sample) == {"serving.client", "serving.client.chat_model", "pipelines.run"}
+
+
+def test_the_adapter_file_names_are_peft_own():
+    from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+    from components.artifacts import TrainedAdapter
+
+    assert (TrainedAdapter.weights_file, TrainedAdapter.config_file) == (SAFETENSORS_WEIGHTS_NAME, CONFIG_NAME)

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from components.artifacts import CONTRACT_FILE
 from components.jsonl import read_jsonl
-from components.prompt_contract import CONTRACT_FILE, read_contract, wrap_template
+from components.prompt_contract import read_contract, wrap_template
 
 pytestmark = pytest.mark.unit
 

@@ -27,11 +27,11 @@ def test_labels_cover_the_answer_and_eos_only(tiny_base, demo_prepared):
 
 def test_config_becomes_library_objects():
     cfg = TrainSection(lora_r=4, lora_alpha=8, target_modules=["q_proj"], compute_dtype="bfloat16")
-    bnb = train.bnb_config(cfg)
+    bnb = train.quantization(cfg)
     assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
     lora = train.lora_config(cfg)
     assert lora.r == 4 and lora.lora_alpha == 8 and set(lora.target_modules) == {"q_proj"}
-    assert train.bnb_config(TrainSection(method="lora", quantization="none")) is None
+    assert train.quantization(TrainSection(method="lora", quantization="none")) is None
     args = train.training_args(
         TrainSection(max_steps=9, checkpoint_every=3, compute_dtype="bfloat16", gradient_checkpointing=False), "/tmp/x"
     )
