@@ -49,9 +49,12 @@ def fitted_eval(cfg: EvalSection, base_dir: Path, adapter_dir: Path, examples: l
     with safe_open(TrainedAdapter(adapter_dir).weights_file, framework="pt") as adapter:
         lora = sum(math.prod(adapter.get_slice(k).get_shape()) for k in adapter.keys())
     tokens = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
-    available = free_memory(torch.cuda.is_available())
+    gpu = torch.cuda.is_available()
     batch = memory_plan.fit_batch(
-        lambda b: memory_plan.eval_plan(shape, cfg, tokens, lora, b), cfg.batch_size, available, "eval.batch_size"
+        lambda b: memory_plan.eval_plan(shape, cfg, tokens, lora, b, gpu),
+        cfg.batch_size,
+        free_memory(gpu),
+        "eval.batch_size",
     )
     return cfg.model_copy(update={"batch_size": batch})
 

@@ -3,15 +3,19 @@
 The model is built on PyTorch's meta device (shapes, no storage), so a 70B plan costs nothing. Each stage's
 figure is the sum of what it holds at its peak, with the settings of its config section:
 
-- train: the base weights at their storage (NF4 codes and scales for QLoRA, 16 bits for LoRA), the LoRA
-  weights with their gradients and Adam state (float32: 16 bytes per parameter), activations of one
-  micro-batch (Korthikanti et al. 2022: 34 * hidden bytes per token and layer in 16 bits; with gradient
-  checkpointing only each layer's input, plus one layer recomputed), the float32 logits over the answer
-  window (logits, softmax, gradient), and the runtime's own overhead;
-- evaluate: the 16-bit model and adapter, the KV cache of a generation batch, and the float32 logits of the
-  loss pass over a whole batch;
+- train: the base weights as training holds them (NF4 codes and scales, the other weights in float32 after
+  peft's prepare_model_for_kbit_training; 16 bits for LoRA), the LoRA weights with their gradients and Adam
+  state (float32: 16 bytes per parameter), the tensors autograd saves for one micro-batch (counted per
+  decoder layer in `saved_per_token_layer`; with gradient checkpointing only each layer's input, plus one
+  layer recomputed), the float32 logits over the answer window (logits, softmax, gradient), and the runtime;
+- evaluate: the 16-bit model and its float32 adapter, the KV cache of a generation batch, and the float32
+  logits and log-softmax of the loss pass over a whole batch;
 - merge (on the host): the largest of its phases: streaming the merge, then the parity check's two models;
-- quantize: the 16-bit merge and its largest quantized variant, plus an evaluation batch's working set.
+- quantize: the 16-bit merge (the largest variant), plus an evaluation batch's working set.
+
+On the host, loading reads the 16-bit checkpoint through a memory map, and its pages count while the
+weights are converted (to NF4, or to float32): `StagePlan.loading` is that moment, and a stage's peak is the
+larger of it and its working peak. On a GPU the load moves one tensor at a time, so loading is not the peak.
 
 `choose_batch` finds the largest batch whose plan fits the memory at hand. The planned numbers are estimates;
 docs/BENCHMARKS.md compares them with measured peaks where this machine can measure.
@@ -26,10 +30,10 @@ from components.config import EvalSection, TrainSection
 
 GB = 1e9
 GPU_MEMORY_GB = {"L4": 24, "A10G": 24, "RTX4090": 24, "L40S": 48, "A100-40GB": 40, "A100-80GB": 80, "H100": 80}
-# Activation bytes per token per layer for a 16-bit transformer block, from Korthikanti et al. (2022),
-# "Reducing Activation Recomputation in Large Transformer Models": 34 * hidden (attention scores aside).
-ACTIVATION_BYTES_PER_HIDDEN = 34
 RUNTIME_OVERHEAD = 1.0 * GB  # CUDA context and the allocator's slack, as nvidia-smi shows on an idle process
+# On the host: what a stage's process adds before its model loads (its own imports, the tokenizer, the data):
+# 40-100 MB measured on SmolLM2 and the demo data (docs/BENCHMARKS.md, plan vs measured)
+RUNTIME_HOST = 0.1 * GB
 NF4_BYTES = 0.5  # two 4-bit codes per byte
 NF4_SCALES = {True: 1 / 64 + 4 / (64 * 256), False: 4 / 64}  # per weight: absmax per 64 (8-bit, then fp32 per 256)
 LORA_TRAIN_BYTES = 16  # float32 weight, gradient, Adam's two moments
@@ -46,6 +50,8 @@ class ModelShape:
     vocab: int
     kv_width: int  # key/value heads * head dim
     linear_weights: frozenset[str] = frozenset()  # their weight names: what a 4-bit load quantizes
+    q_width: int = 0  # attention heads * head dim (0: the hidden size)
+    intermediate: int = 0  # the MLP's inner width (0: 4 * hidden)
 
     @property
     def linear_params(self) -> int:
@@ -84,6 +90,8 @@ def model_shape(source: str | Path) -> ModelShape:
         config.vocab_size,
         heads * head_dim,
         frozenset(names),
+        config.num_attention_heads * head_dim,
+        getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
     )
 
 
@@ -91,11 +99,12 @@ def model_shape(source: str | Path) -> ModelShape:
 class StagePlan:
     stage: str
     device: str
-    items: dict[str, float] = field(default_factory=dict)  # what is held at the peak -> bytes
+    items: dict[str, float] = field(default_factory=dict)  # what is held at the working peak -> bytes
+    loading: float = 0.0  # the host's peak while the weights load (the mapped checkpoint and the converted model)
 
     @property
     def total(self) -> float:
-        return sum(self.items.values())
+        return max(sum(self.items.values()), self.loading)
 
 
 def lora_params(shape: ModelShape, cfg: TrainSection) -> int:
@@ -103,39 +112,79 @@ def lora_params(shape: ModelShape, cfg: TrainSection) -> int:
     return sum(cfg.lora_r * (i + o) * n for name, (i, o, n) in shape.linear.items() if name in targets)
 
 
+def widths(cfg: TrainSection) -> tuple[int, int]:
+    """(compute, stream) bytes per value. For QLoRA, prepare_model_for_kbit_training upcasts every weight that is
+    not 4-bit to float32, and a 4-bit layer returns its input's dtype: the residual stream runs in float32."""
+    compute = 4 if cfg.compute_dtype == "float32" else 2
+    return compute, 4 if cfg.method == "qlora" else compute
+
+
+def saved_per_token_layer(shape: ModelShape, cfg: TrainSection) -> float:
+    """Bytes autograd keeps per token in one Llama decoder layer, counted tensor by tensor (checked against
+    torch.autograd.graph.saved_tensors_hooks on SmolLM2: 57 KB measured, 61 KB counted, docs/BENCHMARKS.md).
+    Korthikanti et al.'s 34 * hidden (GPT, 16 bits throughout) undercounts a QLoRA model 3x: its stream is
+    float32, its MLP is gated, and LoRA keeps each adapted module's dropped-out input."""
+    compute, stream = widths(cfg)
+    h, q, inner = shape.hidden, shape.q_width or shape.hidden, shape.intermediate or 4 * shape.hidden
+    norms = 2 * (4 + stream) * h  # each RMSNorm keeps its input in float32 and its normalized output
+    attention = 5 * q * compute  # q, k and v (repeated to every head), the output, o_proj's reshaped input
+    mlp = 3 * inner * stream + inner * compute  # gate, its activation, up; down_proj's input
+    casts = 5 * h * compute if stream != compute else 0  # each 4-bit layer reading the stream casts it
+    targets = set(shape.linear) if cfg.target_modules == "all-linear" else set(cfg.target_modules)
+    dropout = sum(  # LoRA's dropout hands lora_A a new tensor: its input, at that input's width
+        i * n / shape.layers * (compute if name == "o_proj" else stream)
+        for name, (i, _, n) in shape.linear.items()
+        if name in targets and cfg.lora_dropout > 0
+    )
+    return norms + attention + mlp + casts + dropout
+
+
+def base_as_trained(shape: ModelShape, cfg: TrainSection) -> float:
+    """The base weights as training holds them: NF4 linears and float32 others (QLoRA), or all at 16 bits."""
+    compute, stream = widths(cfg)
+    if cfg.method == "qlora":
+        return shape.linear_params * (NF4_BYTES + NF4_SCALES[cfg.double_quant]) + shape.other_params * stream
+    return shape.params * compute
+
+
 def train_plan(shape: ModelShape, cfg: TrainSection, tokens: int, window: int, batch: int | None = None) -> StagePlan:
     """tokens: the longest row; window: the answer positions that get logits."""
     batch = batch or cfg.batch_size
-    width = 4 if cfg.compute_dtype == "float32" else 2
-    if cfg.method == "qlora":
-        base = shape.linear_params * (NF4_BYTES + NF4_SCALES[cfg.double_quant]) + shape.other_params * 2
-    else:
-        base = shape.params * 2
-    per_token_layer = ACTIVATION_BYTES_PER_HIDDEN * shape.hidden * width / 2
-    if cfg.gradient_checkpointing is True:
-        activations = shape.layers * batch * tokens * shape.hidden * width + batch * tokens * per_token_layer
+    compute, stream = widths(cfg)
+    per_layer = batch * tokens * saved_per_token_layer(shape, cfg)
+    if cfg.gradient_checkpointing is True:  # each layer's input, and one layer recomputed in the backward pass
+        activations = shape.layers * batch * tokens * shape.hidden * stream + per_layer
     else:  # False, or "auto" planned as off: the plan says when it does not fit, and what to turn on
-        activations = shape.layers * batch * tokens * per_token_layer
+        activations = shape.layers * per_layer
+    base = base_as_trained(shape, cfg)
+    runtime = RUNTIME_OVERHEAD if cfg.use_gpu else RUNTIME_HOST
     plan = StagePlan("train", "gpu" if cfg.use_gpu else "cpu")
     plan.items = {
         "base weights": base,
+        # a float32 output head is cast to the compute dtype for each forward (QLoRA)
+        "output head in the compute dtype": shape.vocab * shape.hidden * compute if stream != compute else 0.0,
         "LoRA weights, gradients, Adam": lora_params(shape, cfg) * LORA_TRAIN_BYTES,
         "activations": activations,
         "logits over the answers": batch * window * shape.vocab * 4 * 3,
-        "runtime": RUNTIME_OVERHEAD if cfg.use_gpu else 0.0,
+        "runtime": runtime,
     }
+    if not cfg.use_gpu:
+        plan.loading = base + shape.params * 2 + runtime
     return plan
 
 
-def eval_plan(shape: ModelShape, cfg: EvalSection, tokens: int, lora: int, batch: int | None = None) -> StagePlan:
+def eval_plan(
+    shape: ModelShape, cfg: EvalSection, tokens: int, lora: int, batch: int | None = None, gpu: bool = True
+) -> StagePlan:
+    """lora: the adapter's parameters (PEFT keeps them in float32)."""
     batch = batch or cfg.batch_size
     width = 4 if cfg.dtype == "float32" else 2
-    plan = StagePlan("evaluate", "gpu")
+    plan = StagePlan("evaluate", "gpu" if gpu else "cpu")
     plan.items = {
-        "model and adapter": (shape.params + lora) * width,
+        "model and adapter": shape.params * width + lora * 4,
         "KV cache": batch * (tokens + cfg.max_new_tokens) * shape.layers * 2 * shape.kv_width * width,
-        "loss-pass logits (float32)": batch * tokens * shape.vocab * (width + 4),
-        "runtime": RUNTIME_OVERHEAD,
+        "loss-pass logits and log-softmax (float32)": batch * tokens * shape.vocab * 8,
+        "runtime": RUNTIME_OVERHEAD if gpu else RUNTIME_HOST,
     }
     return plan
 
@@ -160,27 +209,37 @@ def merge_plan(shape: ModelShape, train: TrainSection, available: float) -> Stag
         reference = shape.linear_params * (NF4_BYTES + NF4_SCALES[train.double_quant]) + shape.other_params * 2
     else:
         reference = shape.params * 2
+    # A model loaded in another dtype than its 16-bit checkpoint (float32, or NF4) is converted from the mapped
+    # file, whose pages count until it is done; loaded as stored, the mapped pages are the weights.
+    mapped = shape.params * 2
+    label = "float32" if float32 else "bfloat16"
     phases = {
         "streaming the merge (a shard in and out, a float32 tensor, the adapter)": streaming_merge_bytes(
             shape, min(5 * GB, shape.params * 2), adapter
         ),
-        f"parity: trained model ({'float32' if float32 else 'bfloat16'})": reference + adapter,
-        f"parity: the merge ({'float32' if float32 else 'bfloat16'})": shape.params * (4 if float32 else 2),
+        f"parity: trained model ({label}), converted from its mapped checkpoint": reference + adapter + mapped,
+        f"parity: the merge ({label})": shape.params * 4 + mapped if float32 else shape.params * 2,
     }
+    if not float32 and train.method != "qlora":  # the 16-bit base with its adapter: loaded as stored
+        phases[f"parity: trained model ({label}), converted from its mapped checkpoint"] -= mapped
     peak = max(phases, key=phases.get)
     plan = StagePlan("merge", "host")
-    plan.items = {peak: phases[peak]}
+    plan.items = {peak: phases[peak], "runtime": RUNTIME_HOST}
     return plan
 
 
-def quantize_plan(shape: ModelShape, cfg: EvalSection, tokens: int) -> StagePlan:
-    """One model at a time (the 16-bit merge, then each variant), the largest the 16-bit one, and its scoring."""
-    evaluation = eval_plan(shape, cfg, tokens, 0)
-    plan = StagePlan("quantize", "gpu")
+def quantize_plan(shape: ModelShape, cfg: EvalSection, tokens: int, gpu: bool = True) -> StagePlan:
+    """One model at a time (the 16-bit merge, then each variant), the largest the 16-bit one, and its scoring.
+    On the host an int8 variant loads from the mapped 16-bit merge, which then counts beside it."""
+    evaluation = eval_plan(shape, cfg, tokens, 0, gpu=gpu)
+    plan = StagePlan("quantize", evaluation.device)
     plan.items = {
         "16-bit merge (the largest variant)": shape.params * 2,
         **{k: v for k, v in evaluation.items.items() if k != "model and adapter"},
     }
+    if not gpu:
+        int8 = shape.linear_params + shape.other_params * 2
+        plan.loading = shape.params * 2 + int8 + evaluation.items["runtime"]
     return plan
 
 

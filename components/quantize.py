@@ -47,12 +47,12 @@ def scoring_settings(merged_dir: Path, examples: list[dict]) -> EvalSection:
     from components import memory_plan
     from components.compute import free_memory
 
-    cfg, shape = EvalSection(), memory_plan.model_shape(merged_dir)
+    cfg, shape, gpu = EvalSection(), memory_plan.model_shape(merged_dir), torch.cuda.is_available()
     tokens = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
     batch = memory_plan.fit_batch(
-        lambda b: memory_plan.quantize_plan(shape, cfg.model_copy(update={"batch_size": b}), tokens),
+        lambda b: memory_plan.quantize_plan(shape, cfg.model_copy(update={"batch_size": b}), tokens, gpu),
         cfg.batch_size,
-        free_memory(torch.cuda.is_available()),
+        free_memory(gpu),
         "eval.batch_size",
     )
     return cfg.model_copy(update={"batch_size": batch})
