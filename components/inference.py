@@ -30,8 +30,12 @@ def load_model(model_dir: Path, dtype: str = "bfloat16", adapter_dir: Path | Non
     import torch
     from transformers import AutoModelForCausalLM
 
+    # on the GPU when the stage's pod has one (evaluate, quantize, the merge's parity check), else the host
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype), quantization_config=quantization
+        model_dir,
+        dtype=getattr(torch, dtype),
+        quantization_config=quantization,
+        device_map={"": 0} if torch.cuda.is_available() else None,
     )
     # The head reads only the last position when generating, a strided slice of the hidden states; on CPU,
     # torch.matmul of a strided 3-D input and the 2-D head copies the head once per row (54 MB a row for
@@ -193,8 +197,8 @@ def response_nll(model, tok, examples: list[dict], batch_size: int, progress: st
                 ids[row, : len(a) + len(b)] = torch.tensor(a + b)
                 labels[row, len(a) : len(a) + len(b)] = torch.tensor(b)
                 mask[row, : len(a) + len(b)] = 1
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target = labels[:, 1:]
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, :-1].float()
+            target = labels[:, 1:].to(model.device)
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
             )

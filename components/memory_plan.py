@@ -120,23 +120,25 @@ def widths(cfg: TrainSection) -> tuple[int, int]:
 
 
 def saved_per_token_layer(shape: ModelShape, cfg: TrainSection) -> float:
-    """Bytes autograd keeps per token in one Llama decoder layer, counted tensor by tensor (checked against
-    torch.autograd.graph.saved_tensors_hooks on SmolLM2: 57 KB measured, 61 KB counted, docs/BENCHMARKS.md).
-    Korthikanti et al.'s 34 * hidden (GPT, 16 bits throughout) undercounts a QLoRA model 3x: its stream is
-    float32, its MLP is gated, and LoRA keeps each adapted module's dropped-out input."""
+    """Bytes autograd keeps per token in one Llama decoder layer, counted tensor by tensor and checked against
+    torch.autograd.graph.saved_tensors_hooks (tests/unit/test_memory_plan.py; SmolLM2 QLoRA: 57 KB measured).
+    A frozen 16-bit linear keeps nothing for its backward; what is kept is the norms' float32 work, attention's
+    inputs and output, the MLP's gate, activation and up, each 4-bit layer's input (bitsandbytes keeps it), and
+    for each adapted module LoRA's float32 input and its rank-r output. Korthikanti et al.'s 34 * hidden (GPT,
+    16 bits, all weights trained) undercounts a QLoRA model 3x: its residual stream runs in float32."""
     compute, stream = widths(cfg)
     h, q, inner = shape.hidden, shape.q_width or shape.hidden, shape.intermediate or 4 * shape.hidden
-    norms = 2 * (4 + stream) * h  # each RMSNorm keeps its input in float32 and its normalized output
-    attention = 5 * q * compute  # q, k and v (repeated to every head), the output, o_proj's reshaped input
-    mlp = 3 * inner * stream + inner * compute  # gate, its activation, up; down_proj's input
-    casts = 5 * h * compute if stream != compute else 0  # each 4-bit layer reading the stream casts it
+    norms = 2 * 8 * h  # each RMSNorm keeps its input and its normalized output in float32
+    attention = 4 * q * compute  # q, k, v and the output (the kernel's inputs and result)
+    mlp = 3 * inner * stream  # gate, its activation, up
+    per_module = {name: (i, n / shape.layers) for name, (i, _, n) in shape.linear.items()}
+    quantized = sum(i * n for i, n in per_module.values()) * compute if cfg.method == "qlora" else 0
     targets = set(shape.linear) if cfg.target_modules == "all-linear" else set(cfg.target_modules)
-    dropout = sum(  # LoRA's dropout hands lora_A a new tensor: its input, at that input's width
-        i * n / shape.layers * (compute if name == "o_proj" else stream)
-        for name, (i, _, n) in shape.linear.items()
-        if name in targets and cfg.lora_dropout > 0
-    )
-    return norms + attention + mlp + casts + dropout
+    # LoRA's input in float32 (PEFT keeps the adapter in float32) is a new tensor unless the stream already is
+    # float32 and no dropout copies it; its rank-r output is kept for lora_B
+    new_input = cfg.lora_dropout > 0 or stream != 4
+    lora = sum((i * 4 * new_input + cfg.lora_r * 4) * n for name, (i, n) in per_module.items() if name in targets)
+    return norms + attention + mlp + quantized + lora
 
 
 def base_as_trained(shape: ModelShape, cfg: TrainSection) -> float:

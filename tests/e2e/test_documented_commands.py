@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 import yaml
 
 from tests.conftest import ROOT, free_port, shared_path, wait_for
@@ -262,6 +263,42 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def demo_outputs(workspace) -> tuple[Path, Path, Path]:
+    """make run's base model, adapter and prepared data: from the first run that produced them (a later run in
+    this workspace may take them from kfp's cache instead)."""
+    run_dir = next(
+        d
+        for d in sorted(workspace.root.glob("kfp/finetune-*"))
+        if (d / "base-model" / "model" / "config.json").is_file() and (d / "train" / "adapter").is_dir()
+    )
+    return run_dir / "base-model" / "model", run_dir / "train" / "adapter", run_dir / "prepare-data" / "dataset"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the plan is checked on a GPU only where there is one")
+def test_on_a_gpu_evaluation_allocates_what_its_plan_says(workspace, demo_run, tmp_path):
+    """The evaluate stage on the GPU, at two batches: torch.cuda.max_memory_allocated within 25% of its plan
+    without the CUDA context (which the allocator does not count)."""
+    from safetensors.torch import load_file
+
+    from components import memory_plan
+    from components.config import EvalSection
+    from components.jsonl import read_jsonl
+    from tests.benchmarks import memory_plan as memory_plan_bench
+
+    base, adapter, data = demo_outputs(workspace)
+    rows = read_jsonl(data / "eval.jsonl")
+    longest = max(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
+    shape = memory_plan.model_shape(base)
+    lora = sum(t.numel() for t in load_file(adapter / "adapter_model.safetensors").values())
+    for batch in (8, 32):
+        allocated = memory_plan_bench.growth(
+            "evaluate", {"batch_size": batch}, base, adapter, data, tmp_path / f"{batch}"
+        )
+        plan = memory_plan.eval_plan(shape, EvalSection(batch_size=batch), longest, lora, gpu=True)
+        planned = plan.total - plan.items["runtime"]
+        assert 0.75 <= planned / allocated <= 1.25, (batch, allocated / 1e6, planned / 1e6)
+
+
 def test_the_streaming_merge_of_smollm2_stays_within_its_planned_memory(workspace, demo_run, tmp_path):
     """make run's own base and adapter, the base re-saved in 60 MB shards: the merge's peak RSS growth, measured
     in its own process, stays under the plan (components.memory_plan.streaming_merge_bytes) with 25% slack."""
@@ -271,13 +308,7 @@ def test_the_streaming_merge_of_smollm2_stays_within_its_planned_memory(workspac
     from components import memory_plan, merge
     from tests.benchmarks import memory_plan as memory_plan_bench
 
-    # The first run that produced both: a later run in this workspace may take them from kfp's cache instead
-    run_dir = next(
-        d
-        for d in sorted(workspace.root.glob("kfp/finetune-*"))
-        if (d / "base-model" / "model" / "config.json").is_file() and (d / "train" / "adapter").is_dir()
-    )
-    base, adapter = run_dir / "base-model" / "model", run_dir / "train" / "adapter"
+    base, adapter, _ = demo_outputs(workspace)
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(base, dtype="bfloat16").save_pretrained(sharded, max_shard_size="60MB")
     shards = sorted(sharded.glob("*.safetensors"))

@@ -1,8 +1,8 @@
 """The per-stage memory plan (components/memory_plan.py, `llmops plan`), on configs of sizes users will try.
 
 Only config.json files ship (tests/fixtures/model_configs): the models are built on the meta device, so these
-plans read no weight. The figures are computed, not measured; docs/BENCHMARKS.md will hold the comparison with
-measured peaks where this machine can measure.
+plans read no weight. The figures are computed, not measured; docs/BENCHMARKS.md compares them with measured
+peaks on SmolLM2 (make bench ARGS=memory_plan), and the saved-tensor count is checked here against autograd.
 """
 
 from pathlib import Path
@@ -84,3 +84,39 @@ def test_llmops_plan_prints_the_table_and_fails_when_a_stage_cannot_fit():
     assert too_big.exit_code == 1 and "refused" in too_big.output
     unknown = runner.invoke(app, ["plan", "--model", config("llama-3.2-1b"), "--gpu", "TPU"])
     assert unknown.exit_code == 2 and "A10G" in unknown.output
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_the_saved_tensor_count_matches_what_autograd_keeps_in_each_decoder_layer(tiny_base, method):
+    """One training forward of the tiny Llama through the train stage's own loading: every tensor autograd saves
+    inside a decoder layer (new storage only, weights aside), against memory_plan.saved_per_token_layer."""
+    import torch
+
+    from components import train
+    from components.config import TrainSection
+
+    quantization = "nf4" if method == "qlora" else "none"
+    cfg = TrainSection(method=method, quantization=quantization, compute_dtype="bfloat16", gradient_checkpointing=False)
+    model = train.load_model(cfg, tiny_base)
+    model.train()
+    layers = model.get_base_model().model.layers
+    inside, seen, saved = [False], set(), [0]
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if inside[0] and not isinstance(tensor, torch.nn.Parameter) and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            saved[0] += storage.nbytes()
+        return tensor
+
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+        layer.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen |= params
+    batch, tokens = 4, 48
+    ids = torch.randint(3, 200, (batch, tokens))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().sum().backward()
+    planned = len(layers) * batch * tokens * mp.saved_per_token_layer(mp.model_shape(tiny_base), cfg)
+    assert 0.75 <= planned / saved[0] <= 1.25, (method, saved[0], planned)
