@@ -19,18 +19,17 @@ survives a restart of the deployer.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from serving import manifests
+from serving.kube_client import RETRIED, call, default_client, describe, kind_ops, read_object
 from serving.manifests import ANN_NAME, ANN_PREFIX, ANN_RUN, ANN_VERSION
 
 if TYPE_CHECKING:
@@ -41,25 +40,10 @@ ANN_PREVIOUS = ANN_PREFIX + "previous-config"
 ANN_RETIRED = ANN_PREFIX + "retired"
 MANAGED = "app.kubernetes.io/managed-by=llmops"
 WRITE_ATTEMPTS = 3  # the controller's status writes bump resourceVersion, so an update can race with them
-# 429 (API priority and fairness) and 5xx are the API server being busy or restarting: retried with backoff,
-# as client-go does. 401, 403, 404, 409 and 422 say something about the request itself and are not.
-RETRIED = (429, 500, 502, 503, 504)
-RETRY_ATTEMPTS, BACKOFF_S, BACKOFF_MAX_S = 6, 0.5, 8.0
 
 
 class RolloutError(RuntimeError):
     """The API refused what a rollout needs; the message says what, and whether the rollback happened."""
-
-
-def describe(err: ApiException | HTTPError) -> str:
-    """`403 Forbidden: <the API's message>`, without the response headers the exception's text carries."""
-    if not isinstance(err, ApiException):
-        return f"no answer ({type(err).__name__})"
-    try:
-        message = json.loads(err.body or "{}").get("message", "")
-    except ValueError:
-        message = ""
-    return f"{err.status} {err.reason}" + (f": {message[:300]}" if message else "")
 
 
 RolloutState = Literal["done", "failed", "progressing"]
@@ -72,60 +56,6 @@ class Applied:
     action: Literal["created", "updated", "unchanged"]
     generation: int | None
     version: dict | None = None  # model name/version/run id, for Deployments
-
-
-@functools.cache
-def default_client() -> k8s.ApiClient:
-    """In a pod, its ServiceAccount; elsewhere, the current kubeconfig context."""
-    try:
-        k8s_config.load_incluster_config()
-    except k8s_config.ConfigException:
-        k8s_config.load_kube_config()
-    return k8s.ApiClient()
-
-
-def _ops(kind: str, api_client: k8s.ApiClient):
-    if kind == "Deployment":
-        api = k8s.AppsV1Api(api_client)
-        return api.read_namespaced_deployment, api.create_namespaced_deployment, api.replace_namespaced_deployment
-    if kind == "Service":
-        api = k8s.CoreV1Api(api_client)
-        return api.read_namespaced_service, api.create_namespaced_service, api.replace_namespaced_service
-    if kind == "PodDisruptionBudget":
-        api = k8s.PolicyV1Api(api_client)
-        return (
-            api.read_namespaced_pod_disruption_budget,
-            api.create_namespaced_pod_disruption_budget,
-            api.replace_namespaced_pod_disruption_budget,
-        )
-    raise ValueError(f"apply does not handle kind {kind!r}")
-
-
-def _call(fn, *args, **kwargs) -> dict:
-    """One API call, retried with exponential backoff (or the server's Retry-After) while the server is busy.
-
-    Raw JSON instead of the generated models: what we store and compare must be exactly what the server holds.
-    """
-    for attempt in range(RETRY_ATTEMPTS):
-        try:
-            return json.loads(fn(*args, **kwargs, _preload_content=False).data)
-        except (ApiException, HTTPError) as err:  # HTTPError: the connection itself (refused, reset, timed out)
-            status = getattr(err, "status", None) if isinstance(err, ApiException) else None
-            if (isinstance(err, ApiException) and status not in RETRIED) or attempt == RETRY_ATTEMPTS - 1:
-                raise
-            wait = min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S)
-            retry_after = (getattr(err, "headers", None) or {}).get("Retry-After", "")
-            time.sleep(min(float(retry_after), BACKOFF_MAX_S) if retry_after.isdigit() else wait)
-    raise AssertionError("unreachable")
-
-
-def _read(kind: str, name: str, namespace: str, api_client: k8s.ApiClient) -> dict | None:
-    try:
-        return _call(_ops(kind, api_client)[0], name, namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
 
 
 def canonical(obj: dict) -> str:
@@ -192,15 +122,15 @@ def _apply_one(obj: dict, namespace: str, api_client: k8s.ApiClient) -> Applied:
     desired = copy.deepcopy(obj)
     desired["metadata"]["namespace"] = namespace
     kind, name = desired["kind"], desired["metadata"]["name"]
-    _, create, replace = _ops(kind, api_client)
+    _, create, replace = kind_ops(kind, api_client)
     for attempt in range(WRITE_ATTEMPTS):
-        live = _read(kind, name, namespace, api_client)
+        live = read_object(kind, name, namespace, api_client)
         if live is not None and _annotations(live).get(ANN_APPLIED) == canonical(desired):
             return _result(kind, name, "unchanged", live)
         try:
             if live is None:
-                return _result(kind, name, "created", _call(create, namespace, _to_write(desired, None)))
-            return _result(kind, name, "updated", _call(replace, name, namespace, _to_write(desired, live)))
+                return _result(kind, name, "created", call(create, namespace, _to_write(desired, None)))
+            return _result(kind, name, "updated", call(replace, name, namespace, _to_write(desired, live)))
         except ApiException as exc:
             # 409: someone wrote in between (status update, concurrent create); re-read and decide again.
             if exc.status != 409 or attempt == WRITE_ATTEMPTS - 1:
@@ -232,11 +162,11 @@ def wait_for_rollout(
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            live = _read("Deployment", name, namespace, api_client)
+            live = read_object("Deployment", name, namespace, api_client)
         except (ApiException, HTTPError) as exc:
             if isinstance(exc, ApiException) and exc.status not in RETRIED:
                 raise
-            live = {}  # still busy or away after _call's retries: not a failed rollout, keep waiting until the deadline
+            live = {}  # still busy or away after call's retries: not a failed rollout, keep waiting until the deadline
         if live is None:
             return False
         state = rollout_state(live, generation) if live else "progressing"
@@ -251,7 +181,7 @@ def wait_for_rollout(
 def current_version(name: str, namespace: str, *, api_client: k8s.ApiClient | None = None) -> dict | None:
     """{name, version, run_id, generation} of the model the Deployment is set to serve; None if there is none
     or it was scaled to zero."""
-    live = _read("Deployment", name, namespace, api_client or default_client())
+    live = read_object("Deployment", name, namespace, api_client or default_client())
     found = version_of(live)
     if found is None or (live.get("spec") or {}).get("replicas", 1) == 0:
         return None
@@ -261,7 +191,7 @@ def current_version(name: str, namespace: str, *, api_client: k8s.ApiClient | No
 def managed_models(namespace: str, *, api_client: k8s.ApiClient | None = None) -> dict[str, str]:
     """Registered model name -> Deployment name, for every serving Deployment llmops manages in the namespace."""
     api = k8s.AppsV1Api(api_client or default_client())
-    found = _call(api.list_namespaced_deployment, namespace, label_selector=MANAGED)
+    found = call(api.list_namespaced_deployment, namespace, label_selector=MANAGED)
     return {
         version_of(item)["name"]: item["metadata"]["name"]
         for item in found.get("items", [])
@@ -277,7 +207,7 @@ def scale_to_zero(name: str, namespace: str, reason: str, *, api_client: k8s.Api
     """
     api = k8s.AppsV1Api(api_client or default_client())
     patch = {"metadata": {"annotations": {ANN_APPLIED: None, ANN_RETIRED: reason}}, "spec": {"replicas": 0}}
-    _call(api.patch_namespaced_deployment, name, namespace, patch)
+    call(api.patch_namespaced_deployment, name, namespace, patch)
 
 
 def rollback(name: str, namespace: str, *, api_client: k8s.ApiClient | None = None) -> Applied | None:
@@ -286,7 +216,7 @@ def rollback(name: str, namespace: str, *, api_client: k8s.ApiClient | None = No
     Calling it twice is harmless: the second call finds that config already applied and writes nothing.
     """
     api_client = api_client or default_client()
-    previous = _annotations(_read("Deployment", name, namespace, api_client)).get(ANN_PREVIOUS)
+    previous = _annotations(read_object("Deployment", name, namespace, api_client)).get(ANN_PREVIOUS)
     if not previous:
         return None
     return _apply_one(json.loads(previous), namespace, api_client)

@@ -396,9 +396,9 @@ def test_an_api_refusal_during_a_rollout_fails_the_version_with_the_reason_and_k
 ):
     from mlflow import MlflowClient
 
-    from serving import kube as kube_api
+    from serving import kube_client
 
-    monkeypatch.setattr(kube_api, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(kube_client, "BACKOFF_S", 0.01)
     client = MlflowClient()
     client.set_registered_model_alias(model_name, "champion", "1")
     try:

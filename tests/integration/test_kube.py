@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from serving import kube, manifests
+from serving import kube, kube_client, manifests
 from serving.settings import DeploySection
 from tests.integration.kube_fake import FakeKube
 
@@ -224,7 +224,7 @@ def serving_version(fake) -> str | None:
 
 @pytest.fixture
 def quick_backoff(monkeypatch):
-    monkeypatch.setattr(kube, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(kube_client, "BACKOFF_S", 0.01)
 
 
 def test_a_busy_api_server_is_retried_with_backoff_and_the_apply_completes(kube_api, quick_backoff):
@@ -290,7 +290,7 @@ def test_a_refusal_that_also_stops_the_rollback_says_both(kube_api, quick_backof
 def test_a_throttled_watch_keeps_waiting_and_the_rollout_completes(kube_api, quick_backoff):
     fake, api_client = kube_api
     # more 503s than one read's retries: the watch itself must ride them out until its deadline
-    fake.fail("GET", 503, times=kube.RETRY_ATTEMPTS + 3, path=f"/deployments/{NAME}", when=names_version("1"))
+    fake.fail("GET", 503, times=kube_client.RETRY_ATTEMPTS + 3, path=f"/deployments/{NAME}", when=names_version("1"))
     timer = threading.Timer(0.3, fake.complete_rollout, (NS, NAME))
     timer.start()
     try:
