@@ -120,3 +120,26 @@ def test_the_saved_tensor_count_matches_what_autograd_keeps_in_each_decoder_laye
         model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().sum().backward()
     planned = len(layers) * batch * tokens * mp.saved_per_token_layer(mp.model_shape(tiny_base), cfg)
     assert 0.75 <= planned / saved[0] <= 1.25, (method, saved[0], planned)
+
+
+def test_the_cluster_profile_compiles_with_settings_its_plan_fits(tmp_path):
+    """The profile's own model (Llama 3.2 1B) on the smallest GPU the README names and its merge pod's memory:
+    every stage fits as compiled (a stage that needs a smaller batch takes it itself), and the compiled pipeline
+    carries the settings the plan judged."""
+    import yaml
+
+    from pipelines.finetune import compile_pipeline
+
+    cfg = load_config("cluster")
+    assert cfg.model.base_model == "meta-llama/Llama-3.2-1B-Instruct"
+    host_gb = float(cfg.placement.resources["merge"]["memory"].removesuffix("Gi")) * 2**30 / 1e9
+    verdicts = by_stage(plan(cfg, config("llama-3.2-1b"), "L4", host_gb, answer_tokens=256))
+    assert all(v.fits for v in verdicts.values()), {s: v.advice for s, v in verdicts.items()}
+    assert verdicts["train"].plan.total <= 24e9 and verdicts["merge"].plan.total <= host_gb * 1e9
+    compiled = open(compile_pipeline(cfg, str(tmp_path / "finetune.yaml"))).read()
+    params = next(yaml.safe_load_all(compiled))["root"]["inputDefinitions"]["parameters"]
+    assert params["batch_size"]["defaultValue"] == cfg.train.batch_size  # the run form's default
+    # the sections each task runs with are compiled in as JSON: the ones the plan judged
+    train, evaluate = cfg.train, cfg.eval
+    assert f'"batch_size":{train.batch_size},"grad_accum":{train.grad_accum},' in compiled
+    assert f'"batch_size":{evaluate.batch_size},"max_new_tokens":{evaluate.max_new_tokens}' in compiled
