@@ -121,17 +121,20 @@ def parity_dtype(cfg: MergeSection, base_dir: Path) -> str:
     before any weight is read when not even the 16-bit merge fits."""
     if cfg.compare_dtype != "auto":
         return cfg.compare_dtype
+    import torch
+
     from components.compute import free_memory
     from components.memory_plan import GB, MemoryPlanError, model_shape
 
-    params, available = model_shape(base_dir).params, free_memory(use_gpu=False)
+    gpu = torch.cuda.is_available()  # the parity models load where inference.load_model puts them
+    params, available = model_shape(base_dir).params, free_memory(use_gpu=gpu)
     if params * 4 * 1.3 <= available:
         return "float32"
     if params * 2 > available:
         raise MemoryPlanError(
             f"merge: its parity check loads the merged model in bfloat16 ({params * 2 / GB:.1f} GB), "
-            f"{available / GB:.1f} GB available on the host; give the merge task more memory "
-            "(placement.resources.merge.memory)"
+            f"{available / GB:.1f} GB available on the {'GPU' if gpu else 'host'}; give the merge task more "
+            "memory (placement.resources.merge.memory) or a larger GPU"
         )
     return "bfloat16"
 
