@@ -26,21 +26,32 @@ def load_tokenizer(model_dir: Path, padding_side: str = "left"):
     return tok
 
 
-def load_model(model_dir: Path, dtype: str = "bfloat16", adapter_dir: Path | None = None, quantization=None):
+def load_model(
+    model_dir: Path,
+    dtype: str = "bfloat16",
+    adapter_dir: Path | None = None,
+    quantization=None,
+    device: str | None = None,
+):
+    """device: None puts the model on the GPU when the stage's pod has one (evaluate, quantize), else the host.
+    Given explicitly, also a quantized load stays there (bitsandbytes would otherwise pick the GPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    # on the GPU when the stage's pod has one (evaluate, quantize, the merge's parity check), else the host
+    gpu = torch.cuda.is_available()
+    device = device or ("cuda:0" if gpu else "cpu")
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         dtype=getattr(torch, dtype),
         quantization_config=quantization,
-        device_map={"": 0} if torch.cuda.is_available() else None,
+        device_map={"": device} if gpu else None,  # without a GPU everything loads on the host anyway
     )
-    # The head reads only the last position when generating, a strided slice of the hidden states; on CPU,
-    # torch.matmul of a strided 3-D input and the 2-D head copies the head once per row (54 MB a row for
-    # SmolLM2, 1.7 GB at batch 32). Handing it a contiguous slice costs b * hidden values.
-    model.get_output_embeddings().register_forward_pre_hook(lambda head, args: (args[0].contiguous(), *args[1:]))
+    head = model.get_output_embeddings()
+    if head is not None and device == "cpu":
+        # The head reads only the last position when generating, a strided slice of the hidden states; on CPU,
+        # torch.matmul of a strided 3-D input and the 2-D head copies the head once per row (54 MB a row for
+        # SmolLM2, 1.7 GB at batch 32). Handing it a contiguous slice costs b * hidden values.
+        head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]) if args else args)
     if adapter_dir is not None:
         from peft import PeftModel
 

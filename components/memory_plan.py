@@ -171,7 +171,8 @@ def train_plan(shape: ModelShape, cfg: TrainSection, tokens: int, window: int, b
         "runtime": runtime,
     }
     if not cfg.use_gpu:
-        plan.loading = base + shape.params * 2 + runtime
+        converted = cfg.method == "qlora" or compute != 2  # else the mapped pages are the weights (no copy)
+        plan.loading = base + shape.params * 2 * converted + runtime
     return plan
 
 
@@ -257,10 +258,15 @@ def fit_batch(plan_for, batch: int, available: float, setting: str) -> int:
     if chosen is None:
         least = plan_for(1)
         parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in sorted(least.items.items(), key=lambda kv: -kv[1])[:3])
+        if least.loading > sum(least.items.values()):  # loading the weights is the peak: no batch helps
+            parts = f"loading: the checkpoint mapped while the weights convert {least.loading / GB:.1f}"
+            advice = "use a smaller model"
+        else:
+            advice = "lower data.max_tokens, use a smaller model"
         raise MemoryPlanError(
             f"{least.stage}: {least.total / GB:.1f} GB needed even at {setting}=1 ({parts} GB), "
-            f"{available / GB:.1f} GB available on the {least.device}; lower data.max_tokens, use a smaller "
-            "model or a larger device (`llmops plan` shows every stage)"
+            f"{available / GB:.1f} GB available on the {least.device}; {advice} or a larger device "
+            "(`llmops plan` shows every stage)"
         )
     from components.util import console
 

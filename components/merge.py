@@ -19,6 +19,10 @@ from components.prompt_contract import read_contract, wrap_template
 from components.streaming_merge import stream_merge
 from components.util import console, dir_size, heading, quiet_libraries, write_json
 
+# The merge and its parity check run on the host, as memory_plan.merge_plan plans them, even in a pod with a
+# GPU: the float32 reference's NF4 rounding is then the same CPU code as the streaming merge's.
+HOST = "cpu"
+
 
 class ParityError(RuntimeError):
     pass
@@ -50,8 +54,8 @@ def dequantized_nf4(base_dir: Path, double_quant: bool = True, dtype: str = "bfl
     training loaded it, gives the training's codes."""
     from peft.utils.integrations import dequantize_bnb_weight
 
-    plain = load_model(base_dir, "float32")
-    quantized = load_model(base_dir, dtype, quantization=bnb_config("nf4", dtype, double_quant))
+    plain = load_model(base_dir, "float32", device=HOST)
+    quantized = load_model(base_dir, dtype, quantization=bnb_config("nf4", dtype, double_quant), device=HOST)
     targets = dict(plain.named_modules())
     for name, module in quantized.named_modules():
         if type(getattr(module, "weight", None)).__name__ == "Params4bit":
@@ -65,9 +69,9 @@ def trained_condition(base_dir: Path, adapter_dir: Path, dtype: str = "float32")
     the 16-bit base, computing in `dtype`."""
     nf4 = trained_base(adapter_dir)
     if nf4 is None:
-        return load_model(base_dir, dtype, adapter_dir=adapter_dir)
+        return load_model(base_dir, dtype, adapter_dir=adapter_dir, device=HOST)
     quant = bnb_config("nf4", nf4["dtype"], nf4["double_quant"])
-    return load_model(base_dir, nf4["dtype"], adapter_dir=adapter_dir, quantization=quant)
+    return load_model(base_dir, nf4["dtype"], adapter_dir=adapter_dir, quantization=quant, device=HOST)
 
 
 def adapter_on_base(base_dir: Path, adapter_dir: Path, base: str = "16bit"):
@@ -80,7 +84,7 @@ def adapter_on_base(base_dir: Path, adapter_dir: Path, base: str = "16bit"):
         nf4 = trained_base(adapter_dir) or {"double_quant": True, "dtype": "bfloat16"}
         weights = dequantized_nf4(base_dir, nf4["double_quant"], nf4["dtype"])
     else:
-        weights = load_model(base_dir, "float32")
+        weights = load_model(base_dir, "float32", device=HOST)
     return PeftModel.from_pretrained(weights, adapter_dir).eval()
 
 
@@ -121,20 +125,17 @@ def parity_dtype(cfg: MergeSection, base_dir: Path) -> str:
     before any weight is read when not even the 16-bit merge fits."""
     if cfg.compare_dtype != "auto":
         return cfg.compare_dtype
-    import torch
-
     from components.compute import free_memory
     from components.memory_plan import GB, MemoryPlanError, model_shape
 
-    gpu = torch.cuda.is_available()  # the parity models load where inference.load_model puts them
-    params, available = model_shape(base_dir).params, free_memory(use_gpu=gpu)
+    params, available = model_shape(base_dir).params, free_memory(use_gpu=False)
     if params * 4 * 1.3 <= available:
         return "float32"
     if params * 2 > available:
         raise MemoryPlanError(
             f"merge: its parity check loads the merged model in bfloat16 ({params * 2 / GB:.1f} GB), "
-            f"{available / GB:.1f} GB available on the {'GPU' if gpu else 'host'}; give the merge task more "
-            "memory (placement.resources.merge.memory) or a larger GPU"
+            f"{available / GB:.1f} GB available on the host; give the merge task more memory "
+            "(placement.resources.merge.memory)"
         )
     return "bfloat16"
 
@@ -178,7 +179,7 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
         trained = parity_reference(base_dir, adapter_dir, base, compare)
         reference = generate(trained, tok, prompts, cfg.max_new_tokens, 16, progress="trained model")
         del trained
-        merged = load_model(out.model_dir, compare)
+        merged = load_model(out.model_dir, compare, device=HOST)
         candidate = generate(merged, tok, prompts, cfg.max_new_tokens, 16, progress="merged")
         del merged
         agreement = parity(reference, candidate)

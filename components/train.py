@@ -83,7 +83,10 @@ def load_model(cfg: TrainSection, base_dir: Path):
 
     quant = quantization(cfg)
     # each data-parallel rank on its own GPU: a 4-bit model stays where it is loaded
+    # (on the host when asked, even where a GPU is present: bitsandbytes would otherwise put a 4-bit model on it)
     device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cfg.use_gpu else None
+    if not cfg.use_gpu and torch.cuda.is_available():
+        device_map = {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
         base_dir, quantization_config=quant, device_map=device_map, dtype=getattr(torch, cfg.compute_dtype)
     )

@@ -93,6 +93,8 @@ def print_plan(verdicts: list[Verdict], title: str) -> None:
         table.add_column(column)
     for v in verdicts:
         parts = sorted(v.plan.items.items(), key=lambda kv: -kv[1])[:3]
+        if v.plan.loading > sum(v.plan.items.values()):  # on the host, loading the weights can be the peak
+            parts = [("loading (the checkpoint mapped while the weights convert)", v.plan.loading)]
         table.add_row(
             v.plan.stage,
             v.plan.device,

@@ -281,6 +281,7 @@ def test_on_a_gpu_evaluation_allocates_what_its_plan_says(workspace, demo_run, t
     from safetensors.torch import load_file
 
     from components import memory_plan
+    from components.artifacts import TrainedAdapter
     from components.config import EvalSection
     from components.jsonl import read_jsonl
     from tests.benchmarks import memory_plan as memory_plan_bench
@@ -289,11 +290,10 @@ def test_on_a_gpu_evaluation_allocates_what_its_plan_says(workspace, demo_run, t
     rows = read_jsonl(data / "eval.jsonl")
     longest = max(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
     shape = memory_plan.model_shape(base)
-    lora = sum(t.numel() for t in load_file(adapter / "adapter_model.safetensors").values())
+    lora = sum(t.numel() for t in load_file(TrainedAdapter(adapter).weights_file).values())
     for batch in (8, 32):
-        allocated = memory_plan_bench.growth(
-            "evaluate", {"batch_size": batch}, base, adapter, data, tmp_path / f"{batch}"
-        )
+        out = tmp_path / f"{batch}"
+        allocated = memory_plan_bench.growth("evaluate", {"batch_size": batch}, base, adapter, data, out, on_gpu=True)
         plan = memory_plan.eval_plan(shape, EvalSection(batch_size=batch), longest, lora, gpu=True)
         planned = plan.total - plan.items["runtime"]
         assert 0.75 <= planned / allocated <= 1.25, (batch, allocated / 1e6, planned / 1e6)
@@ -306,6 +306,7 @@ def test_the_streaming_merge_of_smollm2_stays_within_its_planned_memory(workspac
     from transformers import AutoModelForCausalLM
 
     from components import memory_plan, merge
+    from components.artifacts import TrainedAdapter
     from tests.benchmarks import memory_plan as memory_plan_bench
 
     base, adapter, _ = demo_outputs(workspace)
@@ -316,7 +317,7 @@ def test_the_streaming_merge_of_smollm2_stays_within_its_planned_memory(workspac
     settings = {"dtype": "float16", "nf4": merge.trained_base(adapter)}
     growth = memory_plan_bench.growth("stream_merge", settings, sharded, adapter, tmp_path / "out")
     shape = memory_plan.model_shape(base)
-    adapter_bytes = sum(t.numel() for t in load_file(adapter / "adapter_model.safetensors").values()) * 4
+    adapter_bytes = sum(t.numel() for t in load_file(TrainedAdapter(adapter).weights_file).values()) * 4
     planned = memory_plan.streaming_merge_bytes(shape, max(p.stat().st_size for p in shards), adapter_bytes)
     assert 0 < growth <= planned * 1.25, (growth / 1e6, planned / 1e6)
     assert len(list((tmp_path / "out").glob("*.safetensors"))) == len(shards)

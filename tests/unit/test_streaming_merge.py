@@ -86,7 +86,7 @@ def test_every_stage_fits_its_batch_to_the_memory_at_hand_or_refuses_before_load
     examples = read_jsonl(demo_prepared / "eval.jsonl")
     tokens = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
     cfg = EvalSection(batch_size=32)
-    at = lambda b: memory_plan.eval_plan(shape, cfg, tokens, 0, b, gpu=False).total  # noqa: E731
+    at = lambda b: memory_plan.eval_plan(shape, cfg, tokens, 0, b, torch.cuda.is_available()).total  # noqa: E731
     monkeypatch.setattr(compute, "free_memory", lambda use_gpu: (at(8) + at(9)) / 2)
     assert evaluate.fitted_eval(cfg, tiny_base, tiny_adapter, examples).batch_size in (8, 9)
 
