@@ -78,7 +78,7 @@ def resolved_choices(cfg: TrainSection, base_dir: Path, data_dir: Path, root: Pa
     if saved.exists():
         return cfg.model_copy(update=json.loads(saved.read_text()))
     examples = PreparedData(data_dir).examples("train")
-    longest = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
+    longest = memory_plan.longest_row(examples)
     run_cfg = resolve(cfg, base_dir, longest, window=max(e["completion_tokens"] for e in examples) + 1)
     saved.parent.mkdir(parents=True, exist_ok=True)
     keys = ("compute_dtype", "gradient_checkpointing", "batch_size", "grad_accum")
@@ -96,23 +96,36 @@ def resolve(cfg: TrainSection, base_dir: Path, longest: int, window: int | None 
         off = cfg.model_copy(update={"compute_dtype": dtype, "gradient_checkpointing": False})
         plan = memory_plan.train_plan(shape, off, longest, window)
         need = plan.items["activations"] + plan.items["logits over the answers"]
-        budget = free_memory(cfg.use_gpu) / 2 / (1 if cfg.use_gpu else cfg.num_processes)
+        budget = device_memory(cfg.use_gpu, cfg.num_processes) / 2
         checkpointing = need > budget
         console.print(
             f"gradient checkpointing {'on' if checkpointing else 'off'}: activations of the longest "
             f"batch ~{need / 1e9:.2f} GB against a budget of {budget / 1e9:.1f} GB"
         )
     run_cfg = cfg.model_copy(update={"compute_dtype": dtype, "gradient_checkpointing": checkpointing})
-    return fitted_batch(run_cfg, base_dir, longest, window, shape)
+    return fitted_batch(run_cfg, shape, longest, window)
 
 
-def fitted_batch(cfg: TrainSection, base_dir: Path, longest: int, window: int, shape=None) -> TrainSection:
+def fitted_batch(cfg: TrainSection, shape, longest: int, window: int) -> TrainSection:
     """The micro-batch the memory plan fits on this device (components.memory_plan), with the gradient
     accumulation that keeps the effective batch; the section as it is when the configured batch fits."""
-    shape = shape or memory_plan.model_shape(base_dir)
-    available = free_memory(cfg.use_gpu) / (1 if cfg.use_gpu else cfg.num_processes)
-    batch = memory_plan.fit_batch(
-        lambda b: memory_plan.train_plan(shape, cfg, longest, window, b), cfg.batch_size, available, "train.batch_size"
+    batch = fit_here(
+        lambda b: memory_plan.train_plan(shape, cfg, longest, window, b),
+        cfg.batch_size,
+        "train.batch_size",
+        cfg.use_gpu,
+        cfg.num_processes,
     )
-    accum = -(-cfg.batch_size * cfg.grad_accum // batch)
-    return cfg.model_copy(update={"batch_size": batch, "grad_accum": accum})
+    return cfg.model_copy(
+        update={"batch_size": batch, "grad_accum": memory_plan.accumulation(cfg.batch_size, cfg.grad_accum, batch)}
+    )
+
+
+def device_memory(use_gpu: bool, processes: int = 1) -> float:
+    """What one process may hold: the GPU's free memory, or the host's shared by the processes on it."""
+    return free_memory(use_gpu) / (1 if use_gpu else processes)
+
+
+def fit_here(plan_for, batch: int, setting: str, use_gpu: bool, processes: int = 1) -> int:
+    """memory_plan.fit_batch against this device's memory: every stage's batch check before it loads a weight."""
+    return memory_plan.fit_batch(plan_for, batch, device_memory(use_gpu, processes), setting)

@@ -6,10 +6,9 @@ for both models, writes the report, predictions and confusion matrix, and logs t
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from components.artifacts import EvalReport, PreparedData, TrainedAdapter, record_config
+from components.artifacts import EvalReport, PreparedData, record_config
 from components.config import EvalSection
 from components.inference import load_model, load_tokenizer
 from components.scoring import score_model
@@ -40,22 +39,14 @@ def plot_confusion(confusion: dict, path: Path, title: str) -> Path:
 def fitted_eval(cfg: EvalSection, base_dir: Path, adapter_dir: Path, examples: list[dict]) -> EvalSection:
     """The eval batch the memory plan fits on this device (the configured one when it fits)."""
     import torch
-    from safetensors import safe_open
 
     from components import memory_plan
-    from components.compute import free_memory
+    from components.compute import fit_here
 
-    shape = memory_plan.model_shape(base_dir)
-    with safe_open(TrainedAdapter(adapter_dir).weights_file, framework="pt") as adapter:
-        lora = sum(math.prod(adapter.get_slice(k).get_shape()) for k in adapter.keys())
-    tokens = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
-    gpu = torch.cuda.is_available()
-    batch = memory_plan.fit_batch(
-        lambda b: memory_plan.eval_plan(shape, cfg, tokens, lora, b, gpu),
-        cfg.batch_size,
-        free_memory(gpu),
-        "eval.batch_size",
-    )
+    shape, lora = memory_plan.model_shape(base_dir), memory_plan.adapter_params(adapter_dir)
+    tokens, gpu = memory_plan.longest_row(examples), torch.cuda.is_available()
+    plan_for = lambda b: memory_plan.eval_plan(shape, cfg, tokens, lora, b, gpu)  # noqa: E731
+    batch = fit_here(plan_for, cfg.batch_size, "eval.batch_size", gpu)
     return cfg.model_copy(update={"batch_size": batch})
 
 

@@ -107,9 +107,45 @@ class StagePlan:
         return max(sum(self.items.values()), self.loading)
 
 
+def adapted(shape: ModelShape, cfg: TrainSection) -> set[str]:
+    """The linear modules LoRA adapts (their suffixes)."""
+    return set(shape.linear) if cfg.target_modules == "all-linear" else set(cfg.target_modules)
+
+
 def lora_params(shape: ModelShape, cfg: TrainSection) -> int:
-    targets = set(shape.linear) if cfg.target_modules == "all-linear" else set(cfg.target_modules)
-    return sum(cfg.lora_r * (i + o) * n for name, (i, o, n) in shape.linear.items() if name in targets)
+    return sum(cfg.lora_r * (i + o) * n for name, (i, o, n) in shape.linear.items() if name in adapted(shape, cfg))
+
+
+def adapter_params(adapter_dir: Path) -> int:
+    """A trained adapter's parameters, counted from its weights file's header (no tensor is read)."""
+    import math
+
+    from safetensors import safe_open
+
+    from components.artifacts import TrainedAdapter
+
+    with safe_open(TrainedAdapter(adapter_dir).weights_file, framework="pt") as adapter:
+        return sum(math.prod(adapter.get_slice(k).get_shape()) for k in adapter.keys())
+
+
+def nf4_model_bytes(shape: ModelShape, double_quant: bool, other_width: int) -> float:
+    """A model whose linear weights are NF4 (codes and scales) and whose other weights are `other_width` bytes."""
+    return shape.linear_params * (NF4_BYTES + NF4_SCALES[double_quant]) + shape.other_params * other_width
+
+
+def parity_in_float32(shape: ModelShape, available: float) -> bool:
+    """merge.compare_dtype auto: float32 when the float32 reference fits, with 1.3x for the runtime."""
+    return shape.params * 4 * 1.3 <= available
+
+
+def longest_row(examples: list[dict]) -> int:
+    """The tokens of the longest prepared row (prompt and answer): what a batch is padded to at worst."""
+    return max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
+
+
+def accumulation(batch_size: int, grad_accum: int, batch: int) -> int:
+    """The gradient accumulation that keeps the effective batch (batch_size * grad_accum) at micro-batch `batch`."""
+    return -(-batch_size * grad_accum // batch)
 
 
 def widths(cfg: TrainSection) -> tuple[int, int]:
@@ -133,7 +169,7 @@ def saved_per_token_layer(shape: ModelShape, cfg: TrainSection) -> float:
     mlp = 3 * inner * stream  # gate, its activation, up
     per_module = {name: (i, n / shape.layers) for name, (i, _, n) in shape.linear.items()}
     quantized = sum(i * n for i, n in per_module.values()) * compute if cfg.method == "qlora" else 0
-    targets = set(shape.linear) if cfg.target_modules == "all-linear" else set(cfg.target_modules)
+    targets = adapted(shape, cfg)
     # LoRA's input in float32 (PEFT keeps the adapter in float32) is a new tensor unless the stream already is
     # float32 and no dropout copies it; its rank-r output is kept for lora_B
     new_input = cfg.lora_dropout > 0 or stream != 4
@@ -145,7 +181,7 @@ def base_as_trained(shape: ModelShape, cfg: TrainSection) -> float:
     """The base weights as training holds them: NF4 linears and float32 others (QLoRA), or all at 16 bits."""
     compute, stream = widths(cfg)
     if cfg.method == "qlora":
-        return shape.linear_params * (NF4_BYTES + NF4_SCALES[cfg.double_quant]) + shape.other_params * stream
+        return nf4_model_bytes(shape, cfg.double_quant, stream)
     return shape.params * compute
 
 
@@ -205,26 +241,27 @@ def merge_plan(shape: ModelShape, train: TrainSection, available: float) -> Stag
     loaded for it. The parity check runs in float32 when that fits (merge.compare_dtype auto), else bfloat16
     on the trained condition (for QLoRA, the NF4 base)."""
     adapter = lora_params(shape, train) * 4
-    float32 = shape.params * 4 * 1.3 <= available  # merge.parity_dtype's rule
+    float32 = parity_in_float32(shape, available)
     if float32:
         reference = shape.params * 4
     elif train.method == "qlora":
-        reference = shape.linear_params * (NF4_BYTES + NF4_SCALES[train.double_quant]) + shape.other_params * 2
+        reference = nf4_model_bytes(shape, train.double_quant, 2)
     else:
         reference = shape.params * 2
     # A model loaded in another dtype than its 16-bit checkpoint (float32, or NF4) is converted from the mapped
     # file, whose pages count until it is done; loaded as stored, the mapped pages are the weights.
     mapped = shape.params * 2
+    converted = float32 or train.method == "qlora"
     label = "float32" if float32 else "bfloat16"
     phases = {
         "streaming the merge (a shard in and out, a float32 tensor, the adapter)": streaming_merge_bytes(
             shape, min(5 * GB, shape.params * 2), adapter
         ),
-        f"parity: trained model ({label}), converted from its mapped checkpoint": reference + adapter + mapped,
+        f"parity: trained model ({label}), converted from its mapped checkpoint": reference
+        + adapter
+        + mapped * converted,
         f"parity: the merge ({label})": shape.params * 4 + mapped if float32 else shape.params * 2,
     }
-    if not float32 and train.method != "qlora":  # the 16-bit base with its adapter: loaded as stored
-        phases[f"parity: trained model ({label}), converted from its mapped checkpoint"] -= mapped
     peak = max(phases, key=phases.get)
     plan = StagePlan("merge", "host")
     plan.items = {peak: phases[peak], "runtime": RUNTIME_HOST}

@@ -45,16 +45,12 @@ def scoring_settings(merged_dir: Path, examples: list[dict]) -> EvalSection:
     import torch
 
     from components import memory_plan
-    from components.compute import free_memory
+    from components.compute import fit_here
 
     cfg, shape, gpu = EvalSection(), memory_plan.model_shape(merged_dir), torch.cuda.is_available()
-    tokens = max(e["prompt_tokens"] + e["completion_tokens"] for e in examples)
-    batch = memory_plan.fit_batch(
-        lambda b: memory_plan.quantize_plan(shape, cfg.model_copy(update={"batch_size": b}), tokens, gpu),
-        cfg.batch_size,
-        free_memory(gpu),
-        "eval.batch_size",
-    )
+    tokens = memory_plan.longest_row(examples)
+    plan_for = lambda b: memory_plan.quantize_plan(shape, cfg.model_copy(update={"batch_size": b}), tokens, gpu)  # noqa: E731
+    batch = fit_here(plan_for, cfg.batch_size, "eval.batch_size", gpu)
     return cfg.model_copy(update={"batch_size": batch})
 
 

@@ -36,7 +36,7 @@ def _train(shape, cfg: PipelineConfig, gpu: float, tokens: int, window: int) -> 
             best = (batch, settings, checkpointing)
     if best:
         batch, settings, checkpointing = best
-        accum = -(-train.batch_size * train.grad_accum // batch)
+        accum = mp.accumulation(train.batch_size, train.grad_accum, batch)
         plan = mp.train_plan(shape, settings, tokens, window, batch)
         extra = " with train.gradient_checkpointing=true" if checkpointing is True else ""
         return Verdict(plan, gpu, True, f"fits at train.batch_size={batch} train.grad_accum={accum}{extra}")

@@ -19,6 +19,7 @@ that adds to the same run.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,49 +78,53 @@ def growth(stage: str, settings: dict, *paths: Path, returned: bool = True, on_g
 
 
 def measure() -> dict:
+    """Each stage planned as it plans itself (train from the train split, evaluate and quantize from the eval
+    split), then measured."""
     from components import memory_plan, prepare_data, quantize
+    from components.artifacts import MergedModel, PreparedData
     from components.compute import free_memory
     from components.config import DataSection, EvalSection, TrainSection
-    from components.jsonl import read_jsonl
 
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
-    base = base_dir()
-    with no_tracking():
-        prepare_data.run(DataSection(), base, work / "data")
-    rows = read_jsonl(work / "data" / "train.jsonl") + read_jsonl(work / "data" / "eval.jsonl")
-    longest = max(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
-    window = max(r["completion_tokens"] for r in rows) + 1
-    shape = memory_plan.model_shape(base)
-    results = []
-    for batch in (4, 8):
-        for checkpointing in (False, True):
-            settings = {**TRAIN, "batch_size": batch, "gradient_checkpointing": checkpointing}
-            settings["checkpoint_root"] = str(work / f"ck-{batch}-{checkpointing}")
-            adapter = work / f"adapter-{batch}-{checkpointing}"
-            measured = growth("train", settings, base, work / "data", adapter)
-            planned = memory_plan.train_plan(shape, TrainSection(**settings), longest, window).total
-            results.append(
-                (f"train, batch {batch}, checkpointing {'on' if checkpointing else 'off'}", measured, planned)
-            )
-    settings = {**TRAIN, "batch_size": 4, "gradient_checkpointing": True, "checkpoint_root": str(work / "ck-malloc")}
-    measured = growth("train", settings, base, work / "data", work / "adapter-malloc", returned=False)
-    planned = memory_plan.train_plan(shape, TrainSection(**settings), longest, window).total
-    results.append(("train, batch 4, checkpointing on, glibc's default mmap threshold (no target)", measured, planned))
-    adapter = work / "adapter-8-False"
-    lora = memory_plan.lora_params(shape, TrainSection(**TRAIN))
-    for batch in (8, 32):
-        measured = growth("evaluate", {"batch_size": batch}, base, adapter, work / "data", work / f"eval-{batch}")
-        planned = memory_plan.eval_plan(shape, EvalSection(batch_size=batch), longest, lora, gpu=False).total
-        results.append((f"evaluate, batch {batch}", measured, planned))
-    measured = growth("merge", {}, base, adapter, work / "data", work / "merged")
-    planned = memory_plan.merge_plan(shape, TrainSection(**TRAIN), free_memory(False)).total
-    results.append(("merge (streaming, then the float32 parity check)", measured, planned))
-    merged = work / "merged" / "model"
-    measured = growth("quantize", {}, merged, work / "data", work / "quantized")
-    scoring = quantize.scoring_settings(merged, read_jsonl(work / "data" / "eval.jsonl"))  # as the stage sizes it
-    planned = memory_plan.quantize_plan(shape, scoring, longest, gpu=False).total
-    results.append((f"quantize (16-bit, int8, NF4 scored at batch {scoring.batch_size})", measured, planned))
-    return {"results": results, "longest": longest}
+    try:
+        base, data = base_dir(), work / "data"
+        with no_tracking():
+            prepare_data.run(DataSection(), base, data)
+        train_rows, eval_rows = PreparedData(data).examples("train"), PreparedData(data).examples("eval")
+        longest, window = memory_plan.longest_row(train_rows), max(r["completion_tokens"] for r in train_rows) + 1
+        tokens = memory_plan.longest_row(eval_rows)
+        shape = memory_plan.model_shape(base)
+        results = []
+        for batch in (4, 8):
+            for checkpointing in (False, True):
+                settings = {**TRAIN, "batch_size": batch, "gradient_checkpointing": checkpointing}
+                settings["checkpoint_root"] = str(work / f"ck-{batch}-{checkpointing}")
+                measured = growth("train", settings, base, data, work / f"adapter-{batch}-{checkpointing}")
+                planned = memory_plan.train_plan(shape, TrainSection(**settings), longest, window).total
+                name = f"train, batch {batch}, checkpointing {'on' if checkpointing else 'off'}"
+                results.append((f"{name} (longest row {longest} tokens)", measured, planned))
+        settings = {**TRAIN, "batch_size": 4, "gradient_checkpointing": True, "checkpoint_root": str(work / "ck-m")}
+        measured = growth("train", settings, base, data, work / "adapter-malloc", returned=False)
+        planned = memory_plan.train_plan(shape, TrainSection(**settings), longest, window).total
+        name = "train, batch 4, checkpointing on, glibc's default mmap threshold (no target)"
+        results.append((name, measured, planned))
+        adapter = work / "adapter-8-False"
+        lora = memory_plan.adapter_params(adapter)
+        for batch in (8, 32):
+            measured = growth("evaluate", {"batch_size": batch}, base, adapter, data, work / f"eval-{batch}")
+            planned = memory_plan.eval_plan(shape, EvalSection(batch_size=batch), tokens, lora, gpu=False).total
+            results.append((f"evaluate, batch {batch} (longest row {tokens} tokens)", measured, planned))
+        measured = growth("merge", {}, base, adapter, data, work / "merged")
+        planned = memory_plan.merge_plan(shape, TrainSection(**TRAIN), free_memory(False)).total
+        results.append(("merge (streaming, then the float32 parity check)", measured, planned))
+        merged = MergedModel(work / "merged").model_dir
+        measured = growth("quantize", {}, merged, data, work / "quantized")
+        scoring = quantize.scoring_settings(merged, eval_rows)  # the batch the stage picks
+        planned = memory_plan.quantize_plan(shape, scoring, tokens, gpu=False).total
+        results.append((f"quantize (16-bit, int8, NF4 scored at batch {scoring.batch_size})", measured, planned))
+        return {"results": results}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def rows(result: dict) -> list[tuple[str, str, str, str]]:
@@ -127,7 +132,7 @@ def rows(result: dict) -> list[tuple[str, str, str, str]]:
     for name, measured, planned in result["results"]:
         out.append(
             (
-                f"{name}: measured / planned peak (MB, longest row {result['longest']} tokens)",
+                f"{name}: measured / planned peak (MB)",
                 f"{measured / 1e6:.0f} / {planned / 1e6:.0f}",
                 "" if "no target" in name else "within 25%",
                 f"{planned / measured:.2f}x"

@@ -278,19 +278,14 @@ def demo_outputs(workspace) -> tuple[Path, Path, Path]:
 def test_on_a_gpu_evaluation_allocates_what_its_plan_says(workspace, demo_run, tmp_path):
     """The evaluate stage on the GPU, at two batches: torch.cuda.max_memory_allocated within 25% of its plan
     without the CUDA context (which the allocator does not count)."""
-    from safetensors.torch import load_file
-
     from components import memory_plan
-    from components.artifacts import TrainedAdapter
+    from components.artifacts import PreparedData
     from components.config import EvalSection
-    from components.jsonl import read_jsonl
     from tests.benchmarks import memory_plan as memory_plan_bench
 
     base, adapter, data = demo_outputs(workspace)
-    rows = read_jsonl(data / "eval.jsonl")
-    longest = max(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
-    shape = memory_plan.model_shape(base)
-    lora = sum(t.numel() for t in load_file(TrainedAdapter(adapter).weights_file).values())
+    longest = memory_plan.longest_row(PreparedData(data).examples("eval"))
+    shape, lora = memory_plan.model_shape(base), memory_plan.adapter_params(adapter)
     for batch in (8, 32):
         out = tmp_path / f"{batch}"
         allocated = memory_plan_bench.growth("evaluate", {"batch_size": batch}, base, adapter, data, out, on_gpu=True)
@@ -302,11 +297,9 @@ def test_on_a_gpu_evaluation_allocates_what_its_plan_says(workspace, demo_run, t
 def test_the_streaming_merge_of_smollm2_stays_within_its_planned_memory(workspace, demo_run, tmp_path):
     """make run's own base and adapter, the base re-saved in 60 MB shards: the merge's peak RSS growth, measured
     in its own process, stays under the plan (components.memory_plan.streaming_merge_bytes) with 25% slack."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from components import memory_plan, merge
-    from components.artifacts import TrainedAdapter
     from tests.benchmarks import memory_plan as memory_plan_bench
 
     base, adapter, _ = demo_outputs(workspace)
@@ -317,7 +310,7 @@ def test_the_streaming_merge_of_smollm2_stays_within_its_planned_memory(workspac
     settings = {"dtype": "float16", "nf4": merge.trained_base(adapter)}
     growth = memory_plan_bench.growth("stream_merge", settings, sharded, adapter, tmp_path / "out")
     shape = memory_plan.model_shape(base)
-    adapter_bytes = sum(t.numel() for t in load_file(TrainedAdapter(adapter).weights_file).values()) * 4
+    adapter_bytes = memory_plan.adapter_params(adapter) * 4
     planned = memory_plan.streaming_merge_bytes(shape, max(p.stat().st_size for p in shards), adapter_bytes)
     assert 0 < growth <= planned * 1.25, (growth / 1e6, planned / 1e6)
     assert len(list((tmp_path / "out").glob("*.safetensors"))) == len(shards)
