@@ -15,8 +15,9 @@ from components.artifacts import CONTRACT_FILE, MergedModel, PreparedData, Train
 from components.config import MergeSection
 from components.inference import bnb_config, generate, load_model, load_tokenizer
 from components.literal_text import model_input
+from components.memory_plan import model_shape
 from components.prompt_contract import read_contract, wrap_template
-from components.streaming_merge import stream_merge
+from components.streaming_merge import nf4_rounding, stream_merge
 from components.util import console, dir_size, heading, quiet_libraries, write_json
 
 # The merge and its parity check run on the host, as memory_plan.merge_plan plans them, even in a pod with a
@@ -47,20 +48,26 @@ def merge_base(cfg: MergeSection, adapter_dir: Path) -> str:
     return "dequantized-nf4" if trained_base(adapter_dir) else "16bit"
 
 
+def merge_nf4(adapter_dir: Path, base: str) -> dict | None:
+    """The NF4 rounding a merge into `base` uses ({"double_quant", "dtype"}): the adapter's own training base,
+    else bitsandbytes' defaults; None for the 16-bit base. The streaming merge and its float32 reference both
+    take it from here."""
+    if base != "dequantized-nf4":
+        return None
+    return trained_base(adapter_dir) or {"double_quant": True, "dtype": "bfloat16"}
+
+
 def dequantized_nf4(base_dir: Path, double_quant: bool = True, dtype: str = "bfloat16"):
     """The base in float32 with every linear weight replaced by its NF4 rounding (what QLoRA trained against).
 
-    NF4 quantization is deterministic: quantizing the same 16-bit base again, loaded in the same dtype as
-    training loaded it, gives the training's codes."""
-    from peft.utils.integrations import dequantize_bnb_weight
+    NF4 quantization is deterministic: quantizing the same 16-bit base again, in the dtype training loaded it
+    in, gives the training's codes. The rounding is the streaming merge's, weight by weight on one model."""
+    import torch
 
     plain = load_model(base_dir, "float32", device=HOST)
-    quantized = load_model(base_dir, dtype, quantization=bnb_config("nf4", dtype, double_quant), device=HOST)
-    targets = dict(plain.named_modules())
-    for name, module in quantized.named_modules():
-        if type(getattr(module, "weight", None)).__name__ == "Params4bit":
-            targets[name].weight.data.copy_(dequantize_bnb_weight(module.weight).float())
-    del quantized
+    for name in model_shape(base_dir).linear_weights:
+        weight = plain.get_parameter(name)
+        weight.data.copy_(nf4_rounding(weight.data, getattr(torch, dtype), double_quant).float())
     return plain
 
 
@@ -80,8 +87,7 @@ def adapter_on_base(base_dir: Path, adapter_dir: Path, base: str = "16bit"):
     bitsandbytes' bfloat16 kernel, so it serves both as the parity reference and as what gets merged."""
     from peft import PeftModel
 
-    if base == "dequantized-nf4":
-        nf4 = trained_base(adapter_dir) or {"double_quant": True, "dtype": "bfloat16"}
+    if nf4 := merge_nf4(adapter_dir, base):
         weights = dequantized_nf4(base_dir, nf4["double_quant"], nf4["dtype"])
     else:
         weights = load_model(base_dir, "float32", device=HOST)
@@ -95,18 +101,14 @@ def merge_adapter(
     dtype: str,
     contract: dict | None = None,
     base: str = "16bit",
-    model=None,
 ):
-    """Merge in float32 (no rounding inside the sum), then store in the 16-bit dtype.
-
-    `model` is `adapter_on_base(base_dir, adapter_dir, base)` when the caller has it already. The tokenizer's
-    chat template gets the data's prompt contract, so a bare message is served the prompt the model was
-    trained on; the contract itself is kept beside the weights.
+    """The one-shot merge, the streaming merge's reference in tests: in float32 (no rounding inside the sum),
+    then stored in the 16-bit dtype. The tokenizer's chat template gets the data's prompt contract, so a bare
+    message is served the prompt the model was trained on; the contract itself is kept beside the weights.
     """
     import torch
 
-    model = model if model is not None else adapter_on_base(base_dir, adapter_dir, base)
-    merged = model.merge_and_unload().to(getattr(torch, dtype))
+    merged = adapter_on_base(base_dir, adapter_dir, base).merge_and_unload().to(getattr(torch, dtype))
     merged.save_pretrained(out_dir, safe_serialization=True)
     write_tokenizer(base_dir, out_dir, contract)
     return out_dir
@@ -126,10 +128,11 @@ def parity_dtype(cfg: MergeSection, base_dir: Path) -> str:
     if cfg.compare_dtype != "auto":
         return cfg.compare_dtype
     from components.compute import free_memory
-    from components.memory_plan import GB, MemoryPlanError, model_shape
+    from components.memory_plan import GB, MemoryPlanError, parity_in_float32
 
-    params, available = model_shape(base_dir).params, free_memory(use_gpu=False)
-    if params * 4 * 1.3 <= available:
+    shape, available = model_shape(base_dir), free_memory(use_gpu=False)
+    params = shape.params
+    if parity_in_float32(shape, available):
         return "float32"
     if params * 2 > available:
         raise MemoryPlanError(
@@ -172,7 +175,7 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
             adapter_dir,
             out.model_dir,
             cfg.base_precision,
-            trained_base(adapter_dir) if base == "dequantized-nf4" else None,
+            merge_nf4(adapter_dir, base),
         )
         write_tokenizer(base_dir, out.model_dir, read_contract(data_dir))
         # Then the parity check, one model at a time: the trained model, then the merge, in the same dtype.

@@ -80,9 +80,9 @@ def stream_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str, n
                 if name not in deltas and name not in rounded:  # as the one-shot path: float32, then the dtype
                     merged[name] = weight.to(torch.float32).to(out_dtype) if weight.is_floating_point() else weight
                     continue
+                if name in rounded:  # one float32 copy: the rounding's, not the raw weight's as well
+                    weight = nf4_rounding(weight, getattr(torch, nf4["dtype"]), nf4["double_quant"])
                 full = weight.to(torch.float32)
-                if name in rounded:
-                    full = nf4_rounding(weight, getattr(torch, nf4["dtype"]), nf4["double_quant"]).to(torch.float32)
                 if name in deltas:
                     lora_a, lora_b = deltas[name]
                     full += (lora_b @ lora_a) * scaling

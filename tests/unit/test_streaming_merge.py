@@ -24,9 +24,6 @@ def sharded_base(tiny_base, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sharded-base")
     AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(out, max_shard_size="40KB")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny_base / name).exists():
-            (out / name).write_bytes((tiny_base / name).read_bytes())
     assert len(list(out.glob("*.safetensors"))) > 3 and (out / INDEX).exists()
     return out
 
@@ -36,8 +33,9 @@ def test_the_streaming_merge_writes_the_one_shot_merges_tensors_bit_for_bit(
     tiny_base, sharded_base, tiny_adapter, tmp_path, base
 ):
     one_shot = merge.merge_adapter(tiny_base, tiny_adapter, tmp_path / "one-shot", "float16", base=base)
-    nf4 = (merge.trained_base(tiny_adapter) or {"double_quant": True, "dtype": "bfloat16"}) if base != "16bit" else None
-    streamed = stream_merge(sharded_base, tiny_adapter, tmp_path / "streamed", "float16", nf4=nf4)
+    streamed = stream_merge(
+        sharded_base, tiny_adapter, tmp_path / "streamed", "float16", nf4=merge.merge_nf4(tiny_adapter, base)
+    )
     expected, got = tensors(one_shot), tensors(streamed)
     assert set(got) == set(expected)
     different = [k for k in expected if not torch.equal(expected[k], got[k])]
@@ -93,14 +91,14 @@ def test_every_stage_fits_its_batch_to_the_memory_at_hand_or_refuses_before_load
     train = TrainSection(batch_size=32, grad_accum=1, gradient_checkpointing=False, compute_dtype="float32")
     fits = lambda b: memory_plan.train_plan(shape, train, 64, 8, b).total  # noqa: E731
     monkeypatch.setattr(compute, "free_memory", lambda use_gpu: fits(4) + 1)
-    fitted = compute.fitted_batch(train, tiny_base, 64, 8)
+    fitted = compute.fitted_batch(train, shape, 64, 8)
     assert (fitted.batch_size, fitted.grad_accum) == (4, 8)  # the effective batch kept: 4 x 8 = 32
 
     monkeypatch.setattr(compute, "free_memory", lambda use_gpu: 1024.0)
     with pytest.raises(memory_plan.MemoryPlanError, match=r"evaluate: .* GB needed even at eval.batch_size=1"):
         evaluate.fitted_eval(cfg, tiny_base, tiny_adapter, examples)
     with pytest.raises(memory_plan.MemoryPlanError, match=r"train: .*train.batch_size=1.*data.max_tokens"):
-        compute.fitted_batch(train, tiny_base, 64, 8)
+        compute.fitted_batch(train, shape, 64, 8)
     with pytest.raises(memory_plan.MemoryPlanError, match="merge: .*placement.resources.merge.memory"):
         merge.run(MergeSection(), tiny_base, tiny_adapter, demo_prepared, tmp_path / "refused")
     assert not (tmp_path / "refused" / "model").exists() or not list((tmp_path / "refused" / "model").iterdir())
