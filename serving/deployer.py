@@ -103,7 +103,10 @@ class Deployer:
             # Named by the cluster but not recorded as deployed: a deployer stopped mid-rollout, a rollback that
             # failed, a hand-edited tag. The cluster settles it: wait for the rollout, or roll it back.
             if target.tags.get(STATUS_TAG) != "deployed":
-                return self._record(target, *self.backend.finish(target, actual))
+                ok, said = self.backend.finish(target, actual)
+                if not ok and (target.tags.get(STATUS_TAG), target.tags.get(REASON_TAG)) == ("failed", said):
+                    return None  # settled as failed before (nothing to roll back to), and still so
+                return self._record(target, ok, said)
             if target.tags.get(ENDPOINT_TAG) != (endpoint := self.backend.endpoint(target.name)):
                 return self._retag(target, {ENDPOINT_TAG: endpoint})
             return None
@@ -136,7 +139,6 @@ class Deployer:
         log.warning("scaling %s to zero: %s", name, reason)
         self.backend.retire(name, reason)
         self.state.pop(name, None)
-        self.absent.pop(name, None)
         if actual:
             from mlflow.exceptions import MlflowException
 

@@ -26,10 +26,9 @@ from typing import TYPE_CHECKING, Literal
 
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
-from urllib3.exceptions import HTTPError
 
 from serving import manifests
-from serving.kube_client import RETRIED, call, default_client, describe, kind_ops, read_object
+from serving.kube_client import API_ERRORS, call, default_client, describe, kind_ops, read_object, retriable
 from serving.manifests import ANN_NAME, ANN_PREFIX, ANN_RUN, ANN_VERSION
 
 if TYPE_CHECKING:
@@ -163,8 +162,8 @@ def wait_for_rollout(
     while True:
         try:
             live = read_object("Deployment", name, namespace, api_client)
-        except (ApiException, HTTPError) as exc:
-            if isinstance(exc, ApiException) and exc.status not in RETRIED:
+        except API_ERRORS as exc:
+            if not retriable(exc):
                 raise
             live = {}  # still busy or away after call's retries: not a failed rollout, keep waiting until the deadline
         if live is None:
@@ -238,7 +237,7 @@ def deploy_version(
     objects = manifests.render(cfg, name=name, version=version, run_id=run_id, tags=tags)
     try:
         results = apply(objects, cfg.namespace, api_client=api_client)
-    except (ApiException, HTTPError) as err:  # nothing of this version rolls out; what served before still does
+    except API_ERRORS as err:  # nothing of this version rolls out; what served before still does
         raise RolloutError(f"the Kubernetes API refused the apply ({describe(err)}); nothing changed") from err
     dep = next(r for r in results if r.kind == "Deployment")
     return finish_rollout(cfg, dep.name, dep.generation, api_client=api_client, timeout_s=timeout_s, poll_s=poll_s)
@@ -261,11 +260,11 @@ def finish_rollout(
         if wait_for_rollout(name, cfg.namespace, generation, timeout_s, api_client=api_client, poll_s=poll_s):
             return True
         failure = None
-    except (ApiException, HTTPError) as err:
+    except API_ERRORS as err:
         failure = f"the Kubernetes API answered {describe(err)} while the rollout was watched"
     try:
         rollback(name, cfg.namespace, api_client=api_client)
-    except (ApiException, HTTPError) as err:
+    except API_ERRORS as err:
         raise RolloutError(f"{failure or 'the rollout failed'}; the rollback failed too ({describe(err)})") from err
     if failure:
         raise RolloutError(f"{failure}; rolled back to the previous version")

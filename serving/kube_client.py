@@ -16,6 +16,8 @@ from urllib3.exceptions import HTTPError
 # as client-go does. 401, 403, 404, 409 and 422 say something about the request itself and are not.
 RETRIED = (429, 500, 502, 503, 504)
 RETRY_ATTEMPTS, BACKOFF_S, BACKOFF_MAX_S = 6, 0.5, 8.0
+REQUEST_TIMEOUT_S = (5.0, 30.0)  # connect, read: each attempt's bound
+API_ERRORS = (ApiException, HTTPError)  # an answer that refuses, or no answer
 
 
 def describe(err: ApiException | HTTPError) -> str:
@@ -56,17 +58,23 @@ def kind_ops(kind: str, api_client: k8s.ApiClient):
     raise ValueError(f"apply does not handle kind {kind!r}")
 
 
+def retriable(err: Exception) -> bool:
+    """The API server busy or away: a 429 or 5xx, or no answer at all (HTTPError: refused, reset, timed out)."""
+    return isinstance(err, HTTPError) or (isinstance(err, ApiException) and err.status in RETRIED)
+
+
 def call(fn, *args, **kwargs) -> dict:
     """One API call, retried with exponential backoff (or the server's Retry-After) while the server is busy.
+    Each attempt is bounded (REQUEST_TIMEOUT_S): a hung API server must not hold the reconcile loop forever.
 
     Raw JSON instead of the generated models: what we store and compare must be exactly what the server holds.
     """
+    kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT_S)
     for attempt in range(RETRY_ATTEMPTS):
         try:
             return json.loads(fn(*args, **kwargs, _preload_content=False).data)
-        except (ApiException, HTTPError) as err:  # HTTPError: the connection itself (refused, reset, timed out)
-            status = getattr(err, "status", None) if isinstance(err, ApiException) else None
-            if (isinstance(err, ApiException) and status not in RETRIED) or attempt == RETRY_ATTEMPTS - 1:
+        except API_ERRORS as err:
+            if not retriable(err) or attempt == RETRY_ATTEMPTS - 1:
                 raise
             wait = min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S)
             retry_after = (getattr(err, "headers", None) or {}).get("Retry-After", "")

@@ -372,7 +372,7 @@ def test_the_deployers_role_grants_exactly_the_verbs_it_uses(kube_api):
 KIND_PLURALS = {"deployments": "apps", "services": "", "poddisruptionbudgets": "policy"}  # resource -> API group
 
 
-def test_an_api_server_that_is_away_is_retried_and_then_reported(kube_api, quick_backoff):
+def test_an_api_server_that_is_away_is_retried_and_then_reported(quick_backoff):
     """Connection refused (no HTTP answer at all) is retried like a 503, and a rollout watched through it ends in
     a RolloutError that says so, never an unhandled urllib3 error."""
     from kubernetes import client as k8s
