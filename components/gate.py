@@ -67,18 +67,13 @@ def _evaluate_champion(champion, cfg: GateSection, data_dir: Path, rows: int) ->
     """The champion as it serves (its recommended --quantize flag), on the candidate's eval rows."""
     import tempfile
 
-    import mlflow
-
-    from components.chat_pyfunc import artifact_paths
+    from components.chat_pyfunc import download_version, verify_version
     from components.inference import load_as_served, load_tokenizer
     from components.scoring import score_model
 
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{champion.name}/{champion.version}", dst_path=tempfile.mkdtemp()
-        )
-    )
-    model_dir, _ = artifact_paths(local)
+    # Checked against the champion's manifest like anything that serves: the gate runs the files it scores.
+    local = download_version(champion, Path(tempfile.mkdtemp()))
+    model_dir, _ = verify_version(local, champion)
     data = PreparedData(data_dir)
     model = load_as_served(model_dir, champion.tags.get("recommended_quantize", "none"))
     # The champion may have another tokenizer (another base): it reads the strings, never this run's token ids.

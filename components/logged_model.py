@@ -1,15 +1,17 @@
 """The registration run's MLflow 3 LoggedModels: the served chat model, the LoRA adapter, their data.
 
 The served model is the pyfunc of components/chat_pyfunc.py around the merged directory (one copy of
-the weights, at `artifacts/model/`), with the sha256 manifest of those files beside it, a signature and
-an input example, the training configuration as model params, and the evaluation metrics linked to it
-and to the eval dataset. The adapter is a LoggedModel of its own, tagged with the base model's hash,
-so later work can serve registered adapters on a shared base.
+the weights, at `artifacts/model/`), logged from code (no pickle), with the sha256 manifest of every
+file of the model at its root, a signature and an input example, the training configuration as model
+params, and the evaluation metrics linked to it and to the eval dataset. The adapter is a LoggedModel
+of its own, tagged with the base model's hash, so later work can serve registered adapters on a shared
+base.
 """
 
 from __future__ import annotations
 
-import tempfile
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -46,34 +48,58 @@ def log_datasets(data_dir: Path):
     return tuple(found)
 
 
-def log_chat_model(model_dir: Path, params: dict[str, str]):
-    """Log the served model; returns (ModelInfo, sha256 of its weights manifest)."""
-    import logging
+class _PyfuncWithManifest:
+    """The flavor Model.log saves with: MLflow's own pyfunc, then the manifest of every file it wrote.
 
-    import mlflow
+    Model.log saves the model into a scratch directory and uploads that directory in one go after
+    save_model returns, so the manifest written there covers the very bytes the store receives,
+    MLmodel included (MLflow writes MLmodel itself, so no manifest taken before logging could cover it).
+    """
+
+    def __init__(self):
+        self.manifest_sha256 = ""
+
+    def save_model(self, path, **kwargs):
+        import mlflow
+
+        mlflow.pyfunc.save_model(path=path, **kwargs)
+        for cache in Path(path).rglob("__pycache__"):  # Model.log deletes these before the upload too
+            shutil.rmtree(cache)
+        self.manifest_sha256 = weights_manifest.write(path, Path(path) / MANIFEST_FILE)
+
+
+def log_chat_model(model_dir: Path, params: dict[str, str]):
+    """Log the served model from code; returns (ModelInfo, sha256 of its manifest)."""
+    from mlflow.models import Model
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch:
-        manifest = Path(scratch) / MANIFEST_FILE
-        manifest_sha = weights_manifest.write(model_dir, manifest)
-        # The class is pickled by reference to the llmops package (every image and the local venv have it);
-        # MLflow warns about pickling any object, which says nothing new here.
-        logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
-        info = mlflow.pyfunc.log_model(
+    flavor = _PyfuncWithManifest()
+    # After save_model, MLflow loads the saved model once to check the input example; that import of the
+    # copied code file must not leave a __pycache__ beside it, which would be uploaded outside the manifest.
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        info = Model.log(
+            artifact_path=None,
             name="model",
-            python_model=chat_pyfunc.ChatPyfunc(),
+            flavor=flavor,
+            flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model records for a code file
+            python_model=str(chat_pyfunc.CODE_FILE),  # models-from-code: MLflow copies the file, pickles nothing
             model_type="chat",
-            artifacts={chat_pyfunc.MODEL_KEY: str(model_dir), chat_pyfunc.MANIFEST_KEY: str(manifest)},
+            artifacts={chat_pyfunc.MODEL_KEY: str(model_dir)},
             signature=chat_pyfunc.signature(),
             input_example=(chat_pyfunc.INPUT_EXAMPLE, {"max_tokens": 8}),
             pip_requirements=requirements(),
             params=params,
         )
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
+    if info.env_vars:  # Model.log rewrites MLmodel after save_model when it records environment variables
+        raise RuntimeError(f"MLflow rewrote MLmodel after its manifest was taken (env_vars {info.env_vars})")
     files = [p for p in Path(model_dir).rglob("*") if p.is_file()]
     size = megabytes(sum(p.stat().st_size for p in files))
     elapsed = time.perf_counter() - started
     console.print(f"uploaded the served model to MLflow: {len(files)} files ({size}) in {elapsed:.1f} s")
-    return info, manifest_sha
+    return info, flavor.manifest_sha256
 
 
 def log_adapter_model(adapter_dir: Path, run_id: str, experiment_id: str, base_sha256: str) -> str:
@@ -95,6 +121,6 @@ def log_adapter_model(adapter_dir: Path, run_id: str, experiment_id: str, base_s
 
 
 def is_logged_model_whole(client, model_id: str) -> bool:
-    """The model's MLmodel and weights manifest exist (an upload cut short leaves one of them out)."""
+    """The model's MLmodel, manifest and artifacts exist (an upload cut short leaves one of them out)."""
     names = {a.path for a in client.list_logged_model_artifacts(model_id)}
-    return "MLmodel" in names and "artifacts" in names
+    return {"MLmodel", MANIFEST_FILE, "artifacts"} <= names

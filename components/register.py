@@ -10,6 +10,7 @@ Re-running register for the same pipeline run returns the existing version inste
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -70,12 +71,15 @@ def contract_tags(model_dir: Path) -> dict:
     contract = read_contract(model_dir)
     if contract is None:
         return {}
-    return {
+    tags = {
         "prompt.system_prompt": contract["system_prompt"],
         "prompt.user_prefix": contract["user_prefix"],
         "prompt.answer_format": contract["answer_format"],
         "prompt.labels": str(len(contract["labels"])),
     }
+    if contract["labels"]:  # the set an application constrains answers to (serving.client, constrained=True)
+        tags["prompt.label_set"] = json.dumps(contract["labels"], ensure_ascii=False, separators=(",", ":"))
+    return tags
 
 
 def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
@@ -156,13 +160,19 @@ def keep_one_complete_version(client, name: str, pipeline_run: str):
     for version in versions_of_run(client, name, pipeline_run):
         if keep is None and is_complete(client, version):
             keep = version
-        else:
+            continue
+        why = "a duplicate" if keep else "incomplete"
+        # Read again, one version by name: a version an alias names may serve, whatever a listing or its tags
+        # say (a tag edited by hand makes a served version look incomplete), and is never deleted here.
+        aliases = client.get_model_version(name, version.version).aliases
+        if aliases:
             console.print(
-                f"deleting version {version.version} of {name}: "
-                + ("a duplicate" if keep else "incomplete")
-                + f" for pipeline run {pipeline_run}"
+                f"keeping version {version.version} of {name} although {why} for pipeline run {pipeline_run}: "
+                f"the alias {', '.join(aliases)} names it"
             )
-            client.delete_model_version(name, version.version)
+            continue
+        console.print(f"deleting version {version.version} of {name}: {why} for pipeline run {pipeline_run}")
+        client.delete_model_version(name, version.version)
     return keep
 
 
@@ -214,6 +224,8 @@ def log_models(paths: dict[str, Path], metrics: dict, params: dict[str, str], ru
 
     _, eval_ds = log_datasets(paths["data"])
     info, manifest_sha = log_chat_model(MergedModel(paths["merged"]).model_dir, params)
+    # The run's params never change; the version's tag can. The deployer checks the tag against this.
+    mlflow.log_param(MANIFEST_TAG, manifest_sha)
     mlflow.log_metrics(safe_names(metrics)[0], model_id=info.model_id, dataset=eval_ds)
     adapter_id = log_adapter_model(
         paths["train"], run.info.run_id, run.info.experiment_id, BaseModelDir(paths["base"]).info()["weights_sha256"]

@@ -1,9 +1,11 @@
-"""The served files of a model version and their sha256: written at registration, checked before serving.
+"""Every file of a registered model and its sha256: written at registration, checked before anything loads it.
 
-The manifest lists every file of the directory that TGI or `llmops serve` loads. Its own sha256 goes
-into a registry tag (`weights.manifest_sha256`), which lives in MLflow's database, not in the artifact
-store, so a file changed, added or removed in the store after registration is caught: either the
-manifest no longer hashes to the tag, or a file no longer matches the manifest.
+The manifest sits at the logged model's root and lists every other file there: the merged directory that
+TGI or `llmops serve` loads, and what `mlflow.pyfunc.load_model` reads (MLmodel, the code file it runs,
+the environment files, the input example). Its own sha256 goes into a registry tag
+(`weights.manifest_sha256`), which lives in MLflow's database, not in the artifact store, so a file
+changed, added or removed in the store after registration is caught: either the manifest no longer
+hashes to the tag, or a file no longer matches the manifest.
 """
 
 from __future__ import annotations
@@ -18,44 +20,51 @@ MANIFEST_TAG = "weights.manifest_sha256"
 
 
 class VerificationError(RuntimeError):
-    """A served file differs from what was registered; the message names the file."""
+    """A file differs from what was registered; the message names the file."""
 
 
-def build(model_dir: Path) -> dict:
-    root = Path(model_dir)
+def _files(root: Path, manifest_file: Path) -> list[Path]:
+    """Every file under root but the manifest itself (which sits inside root)."""
+    skip = Path(manifest_file).resolve()
+    return [p for p in sorted(Path(root).rglob("*")) if p.is_file() and p.resolve() != skip]
+
+
+def build(root: Path, manifest_file: Path) -> dict:
+    root = Path(root)
     files = {
         str(p.relative_to(root)): {"sha256": file_sha256(p), "size": p.stat().st_size}
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
+        for p in _files(root, manifest_file)
     }
     return {"files": files}
 
 
-def write(model_dir: Path, out_file: Path) -> str:
-    """Write the manifest of model_dir to out_file; returns its sha256 (the registry tag's value)."""
+def write(root: Path, out_file: Path) -> str:
+    """Write the manifest of root to out_file (inside root or not); returns its sha256 (the tag's value)."""
     out_file = Path(out_file)
+    manifest = build(root, out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps(build(model_dir), indent=2, sort_keys=True))
+    out_file.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return file_sha256(out_file)
 
 
-def verify(model_dir: Path, manifest_file: Path, expected_sha256: str) -> int:
-    """Check every file of model_dir against the manifest, and the manifest against the tag.
+def verify(root: Path, manifest_file: Path, expected_sha256: str) -> int:
+    """Check every file under root against the manifest, and the manifest against the tag.
 
     Returns the bytes checked. Raises VerificationError naming the first file that differs, is missing,
     or is not in the manifest.
     """
-    manifest_file, root = Path(manifest_file), Path(model_dir)
+    manifest_file, root = Path(manifest_file), Path(root)
     if not manifest_file.is_file():
-        raise VerificationError(f"{manifest_file.name} is missing: nothing to check the served files against")
-    actual = hashlib.sha256(manifest_file.read_bytes()).hexdigest()
+        raise VerificationError(f"{manifest_file.name} is missing: nothing to check the model's files against")
+    data = manifest_file.read_bytes()  # read once: the bytes hashed are the bytes used
+    actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
         raise VerificationError(
             f"{manifest_file.name} has sha256 {actual[:12]}…, but the registered version "
             f"recorded {expected_sha256[:12]}…: the manifest was changed after registration"
         )
-    files = json.loads(manifest_file.read_text())["files"]
-    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    files = json.loads(data)["files"]
+    present = {str(p.relative_to(root)) for p in _files(root, manifest_file)}
     if extra := sorted(present - set(files)):
         raise VerificationError(f"{extra[0]} is not among the registered files (added after registration)")
     checked = 0

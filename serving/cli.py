@@ -32,6 +32,7 @@ def serve(
     max_input_tokens: Optional[int] = None,
     max_total_tokens: Optional[int] = None,
     max_concurrent_requests: int = 128,
+    max_client_batch_size: Annotated[int, typer.Option(help="prompts one request may carry (TGI's flag)")] = 4,
     max_batch_size: Annotated[int, typer.Option(help="rows decoded together; new requests join between steps")] = 16,
     dtype: Annotated[
         str, typer.Option(help="auto: bfloat16 checkpoints in bfloat16 where the CPU has native bfloat16, else float32")
@@ -40,36 +41,83 @@ def serve(
     payload_limit: Annotated[
         int, typer.Option(help="largest request body in bytes (TGI's --payload-limit)")
     ] = 2_000_000,
+    engine: Annotated[
+        str, typer.Option(help="tgi: our TGI-protocol server; vllm: real vLLM (installed by `make vllm`)")
+    ] = "tgi",
+    vllm_python: Annotated[str, typer.Option(help="vLLM's Python; empty: .venv-vllm/bin/python")] = "",
+    kv_cache_gb: Annotated[int, typer.Option(help="vLLM on CPU: GB of KV cache")] = 1,
+    vllm_arg: Annotated[
+        Optional[list[str]], typer.Option(help="a vetted vLLM flag, as --vllm-arg=--flag=value")
+    ] = None,
 ):
-    """Serve a model over TGI's HTTP protocol (the local stand-in for TGI on Kubernetes)."""
+    """Serve a model: over TGI's HTTP protocol (the local stand-in for TGI on Kubernetes), or with real vLLM.
+
+    Run as: llmops serve models:/llmops-demo@champion [--engine vllm]"""
     from components.weights_manifest import VerificationError
     from serving.client import write_local_record
     from serving.resolve import parse_adapters, resolve_model
     from serving.server import serve as run_server
 
+    if engine not in ("tgi", "vllm"):
+        raise typer.BadParameter(f"--engine {engine!r}: tgi or vllm")
     try:
         resolved = resolve_model(model)
+        adapters = parse_adapters(adapter or []) or None
     except VerificationError as err:  # nothing serves files that differ from what was registered
         typer.secho(f"llmops serve: refused {model}: {err}", fg="red", err=True)
         raise typer.Exit(3) from None
+    url = f"http://{host}:{port}"
     if resolved.name and model.startswith("models:/") and "@" in model:
-        write_local_record(resolved.name, model.rsplit("@", 1)[1], f"http://{host}:{port}", resolved.version)
-    typer.echo(f"serving {resolved.model_id} from {resolved.path} on http://{host}:{port}")
+        write_local_record(resolved.name, model.rsplit("@", 1)[1], url, resolved.version, engine)
+    typer.echo(f"serving {resolved.model_id} from {resolved.path} on {url} ({engine})")
+    if engine == "vllm":
+        _exec_vllm(resolved, host, port, max_total_tokens, adapters, vllm_python, kv_cache_gb, threads, vllm_arg)
     run_server(
         str(resolved.path),
         host=host,
         port=port,
         model_id=resolved.model_id,
         model_sha=resolved.model_sha,
-        adapters=parse_adapters(adapter or []) or None,
+        adapters=adapters,
         max_input_tokens=max_input_tokens,
         max_total_tokens=max_total_tokens,
         max_concurrent_requests=max_concurrent_requests,
+        max_client_batch_size=max_client_batch_size,
         max_batch_size=max_batch_size,
         dtype=dtype,
         threads=threads,
         max_body_bytes=payload_limit,
     )
+
+
+def _exec_vllm(resolved, host, port, max_total_tokens, adapters, python, kv_cache_gb, threads, extra) -> None:
+    """Replace this process with vLLM serving the verified directory: the deployer's (or the user's) signals then
+    reach vLLM itself, and nothing of ours stays in memory beside it."""
+    import os
+
+    from serving.engines import EngineRefusal
+    from serving.vllm_local import command, environment, missing, python_path
+
+    python = python_path(python)
+    if reason := missing(python):
+        typer.secho(f"llmops serve: {reason}", fg="red", err=True)
+        raise typer.Exit(4)
+    name = resolved.name or resolved.path.name
+    try:
+        argv = command(
+            python,
+            model_dir=str(resolved.path),
+            host=host,
+            port=port,
+            name=name,
+            version=resolved.version or "local",
+            max_total_tokens=max_total_tokens or 2048,
+            adapters=adapters,
+            extra=extra,
+        )
+    except EngineRefusal as err:
+        raise typer.BadParameter(str(err)) from err
+    os.execve(argv[0], argv, environment(kv_cache_gb, threads))
 
 
 @app.command()
@@ -89,16 +137,35 @@ def chat(
 
 
 @app.command()
-def promote(name: str, version: str, alias: Annotated[str, typer.Option(help="the alias that deploys")] = "champion"):
-    """Point ALIAS (default champion) at VERSION of NAME; the deployer deploys it.
+def promote(
+    name: str,
+    version: str,
+    alias: Annotated[str, typer.Option(help="the alias that deploys")] = "champion",
+    wait: Annotated[
+        bool, typer.Option(help="wait for the deployer's outcome, as `kubectl rollout status` does")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the outcome")] = 900.0,
+):
+    """Point ALIAS (default champion) at VERSION of NAME, then wait until the deployer serves it (printing the
+    endpoint) or says why not. Rolling back is promoting the old version.
 
-    Rolling back is promoting the old version."""
+    Run as: llmops promote llmops-demo 1"""
     from mlflow import MlflowClient
+
+    from serving.promotion import await_outcome, clear_outcome
 
     client = MlflowClient()
     client.get_model_version(name, version)  # a clear error for a version that does not exist
+    clear_outcome(client, name, version, alias)  # an earlier outcome must not pass for this promotion's
     client.set_registered_model_alias(name, alias, version)
     typer.echo(f"{name}@{alias} -> version {version}")
+    if not wait:
+        return
+    typer.echo("waiting for the deployer (--no-wait returns at once)...")
+    outcome = await_outcome(client, name, version, timeout)
+    typer.secho(outcome.message, fg="green" if outcome.ok else "red", err=not outcome.ok)
+    if not outcome.ok:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -118,16 +185,22 @@ def deployer(
     import uvicorn
     from mlflow.exceptions import MlflowException
 
-    from serving.backends import KubeBackend, LocalBackend
+    from serving.backends import KubeBackend
     from serving.deployer import Deployer
     from serving.deployer_app import create_app, register_webhook
+    from serving.local_backend import LocalBackend
     from serving.webhooks import Verifier, load_secret
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = _deploy_settings(profile, overrides)
     if mode == "auto":
         mode = "kubernetes" if os.environ.get("KUBERNETES_SERVICE_HOST") else "local"
-    backend = KubeBackend(cfg) if mode == "kubernetes" else LocalBackend()
+    if mode == "kubernetes" and not cfg.models:
+        raise typer.BadParameter(
+            "deploy.models is empty: in a cluster the deployer serves only the registered models listed there "
+            "(set them in the profile, or deploy.models=[name,...])"
+        )
+    backend = KubeBackend(cfg) if mode == "kubernetes" else LocalBackend(cfg)
     secret = load_secret()
     try:
         register_webhook(public_url or f"http://{host}:{port}", secret)

@@ -2,7 +2,9 @@
 
 The endpoint URL is found, in order, from LLMOPS_ENDPOINT_URL, the deployment record on the model
 version (the `deploy.endpoint` tag the deployer writes), or the record a local `llmops serve` leaves.
-Requests time out, and only 429, 503 and connection errors are retried, with backoff.
+The engine behind it picks the LangChain class: ChatHuggingFace for TGI (and our TGI-protocol server),
+ChatOpenAI on vLLM's /v1. Requests time out, and only 429, 503 and connection errors are retried, with backoff.
+`constrained=True` holds the answer to the version's label set (`prompt.label_set`) on either engine.
 """
 
 from __future__ import annotations
@@ -10,19 +12,19 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx2
 
+from serving.deploy_tags import ENDPOINT_TAG, REASON_TAG, SERVED_ENGINE_TAG, STATUS_TAG
+from serving.manifests import object_name
+
 RETRY_STATUSES = {429, 503}
-ENDPOINT_TAG = "deploy.endpoint"
-# <service>.<namespace>.svc[.cluster.local]: DNS-1035 labels, as serving/manifests.py names the TGI Services
-SERVICE_HOST = re.compile(
-    r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.svc(\.cluster\.local)?"
-)
+SERVING_NAMESPACE = "llmops-serving"  # DeploySection.namespace's default: where the deployer's Services live
+LABEL_SET_TAG = "prompt.label_set"
 
 
 def records_dir() -> Path:
@@ -38,10 +40,11 @@ def parse_ref(ref: str) -> tuple[str, str]:
     return name, alias
 
 
-def write_local_record(name: str, alias: str, url: str, version: str | None) -> Path:
+def write_local_record(name: str, alias: str, url: str, version: str | None, engine: str = "tgi") -> Path:
     path = records_dir() / f"{name}@{alias}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"url": url, "version": version, "pid": os.getpid(), "time": time.time()}))
+    record = {"url": url, "version": version, "engine": engine, "pid": os.getpid(), "time": time.time()}
+    path.write_text(json.dumps(record))
     return path
 
 
@@ -59,48 +62,137 @@ def _is_loopback_ip(host: str) -> bool:
         return False
 
 
-def trusted_endpoint(url: str, ref: str) -> str:
-    """A `deploy.endpoint` tag, when it names what the deployer writes: an in-cluster Service or loopback.
+def trusted_endpoint(url: str, ref: str, namespace: str = SERVING_NAMESPACE) -> str:
+    """A `deploy.endpoint` tag, when it names what the deployer writes: the model's own Service in the serving
+    namespace, or loopback (where `served_version` must then agree).
 
     Anyone who may tag a version could otherwise send an application's prompts (and its credentials) to a
-    host of their choosing; only the deployer writes this tag, and only these two kinds of address.
+    host of their choosing, or to another Service of theirs; only the deployer may create Services in the
+    serving namespace (infra/k8s/base/deployer-rbac.yaml), and it names each after its model.
     """
+    name, _ = parse_ref(ref)
     parsed = urlsplit(url)
     host = parsed.hostname or ""
     loopback = host == "localhost" or _is_loopback_ip(host)
-    in_cluster = bool(SERVICE_HOST.fullmatch(host))
+    service = f"{object_name(name)}.{namespace}.svc"
+    in_cluster = host in (service, f"{service}.cluster.local")
     if parsed.scheme in ("http", "https") and (loopback or in_cluster) and not parsed.username:
         return url
     raise LookupError(
-        f"{ref}: its {ENDPOINT_TAG} tag {url!r} is neither an in-cluster Service (<name>.<namespace>.svc"
-        "[.cluster.local]) nor loopback, so it was not written by the deployer; set LLMOPS_ENDPOINT_URL to "
-        "call another address on purpose"
+        f"{ref}: its {ENDPOINT_TAG} tag {url!r} is neither {name}'s Service in the serving namespace "
+        f"({service}[.cluster.local]) nor loopback, so it was not written by the deployer; set LLMOPS_ENDPOINT_URL "
+        "to call another address on purpose"
     )
 
 
-def resolve_endpoint(ref: str) -> str:
-    if os.environ.get("LLMOPS_ENDPOINT_URL"):
-        return os.environ["LLMOPS_ENDPOINT_URL"].rstrip("/")
-    name, alias = parse_ref(ref)
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
+def served_version(url: str, name: str) -> str | None:
+    """The version of `name` the server at `url` says it serves: our server's and TGI's /info model_id, or the
+    `models:/name/VERSION` name vLLM serves under."""
+    try:
+        info = httpx2.get(f"{url}/info", timeout=5.0)
+        if info.status_code == 200:
+            model_id = str(info.json().get("model_id", ""))
+            return model_id.rsplit("/", 1)[1] if model_id.startswith(f"models:/{name}/") else None
+        ids = [m.get("id", "") for m in httpx2.get(f"{url}/v1/models", timeout=5.0).json().get("data", [])]
+    except (httpx2.HTTPError, ValueError, AttributeError):
+        return None
+    prefix = f"models:/{name}/"
+    return next((i.removeprefix(prefix) for i in ids if i.startswith(prefix)), None)
 
-        try:
-            version = MlflowClient().get_model_version_by_alias(name, alias)
-        except MlflowException as err:
-            raise LookupError(f"no version of {name!r} carries the alias {alias!r}: {err.message}") from err
-        if version.tags.get(ENDPOINT_TAG):
-            return trusted_endpoint(version.tags[ENDPOINT_TAG], f"{name}@{alias}").rstrip("/")
+
+def deployed_endpoint(version, ref: str, namespace: str = SERVING_NAMESPACE) -> str:
+    """The endpoint the deployer recorded for `version`, when what it recorded holds: the version is
+    `deploy.status=deployed`, the tag names its own Service (or loopback), and a loopback server says it
+    serves this very version."""
+    tags = version.tags
+    if tags.get(STATUS_TAG) != "deployed":
+        why = f": {tags[REASON_TAG]}" if tags.get(REASON_TAG) else ""
+        raise LookupError(
+            f"{ref} names version {version.version}, which is deploy.status={tags.get(STATUS_TAG) or 'unset'}{why}; "
+            "nothing the deployer started serves it"
+        )
+    if not tags.get(ENDPOINT_TAG):
+        raise LookupError(f"{ref} names version {version.version}, which is deployed but has no {ENDPOINT_TAG} tag")
+    url = trusted_endpoint(tags[ENDPOINT_TAG], ref, namespace).rstrip("/")
+    host = urlsplit(url).hostname or ""
+    if (host == "localhost" or _is_loopback_ip(host)) and served_version(url, version.name) != version.version:
+        raise LookupError(f"{ref}: the server at {url} does not serve version {version.version} of {version.name}")
+    return url
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    engine: str | None  # tgi or vllm, as the deployer or `llmops serve` recorded it; None: ask the server
+    model: str  # the name the engine serves it under (vLLM checks it; TGI ignores it)
+    labels: tuple[str, ...] = ()  # the version's label set, for constrained answers
+
+
+def find_endpoint(ref: str, namespace: str = SERVING_NAMESPACE) -> Endpoint:
+    name, alias = parse_ref(ref)
+    override = os.environ.get("LLMOPS_ENDPOINT_URL")
+    version = _aliased(name, alias, strict=not override)  # read once: its endpoint, its labels, its number
+    labels = label_set(version.tags) if version else ()
+    if override:
+        return Endpoint(override.rstrip("/"), None, name, labels)
+    if version and (version.tags.get(ENDPOINT_TAG) or version.tags.get(STATUS_TAG)):
+        url = deployed_endpoint(version, f"{name}@{alias}", namespace)
+        return Endpoint(url, version.tags.get(SERVED_ENGINE_TAG), name, labels)
     record = records_dir() / f"{name}@{alias}.json"
     if record.exists():
-        url = json.loads(record.read_text())["url"]
-        if _alive(url):
-            return url
+        found = json.loads(record.read_text())
+        # with a registry at hand, the server must serve the alias's version
+        if _alive(found["url"]) and (version is None or served_version(found["url"], name) == version.version):
+            return Endpoint(found["url"], found.get("engine", "tgi"), name, labels)
     raise LookupError(
         f"no endpoint serves {name}@{alias}: deploy it (set the alias with a deployer running) "
         f"or start one with `llmops serve models:/{name}@{alias}`"
     )
+
+
+def resolve_endpoint(ref: str) -> str:
+    return find_endpoint(ref).url
+
+
+def label_set(tags: dict) -> tuple[str, ...]:
+    return tuple(json.loads(tags[LABEL_SET_TAG])) if tags.get(LABEL_SET_TAG) else ()
+
+
+def _aliased(name: str, alias: str, strict: bool):
+    """The version behind name@alias when a registry is set (None without one); a missing alias is a
+    LookupError when `strict`, else None."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if strict:
+            raise LookupError(f"no version of {name!r} carries the alias {alias!r}: {err.message}") from err
+        return None
+
+
+def engine_of(url: str) -> str:
+    """TGI (and our server) answer /info; vLLM has no such route."""
+    try:
+        return "tgi" if httpx2.get(f"{url}/info", timeout=5.0).status_code == 200 else "vllm"
+    except httpx2.HTTPError:
+        return "tgi"
+
+
+# The characters Rust's regex crate (TGI, llguidance) treats as syntax; escaping any other one is an error there.
+REGEX_SYNTAX = set("\\.+*?()|[]{}^$#&-~")
+
+
+def label_regex(labels: tuple[str, ...]) -> str:
+    """A regex matching exactly one of the labels, valid for Python, Rust (TGI) and llguidance alike."""
+
+    def escaped(label: str) -> str:
+        return "".join("\\" + c if c in REGEX_SYNTAX else c for c in label)
+
+    return "(" + "|".join(escaped(label) for label in labels) + ")"
 
 
 class RetryTransport(httpx2.HTTPTransport):
@@ -141,19 +233,45 @@ def chat_model(
     timeout: float = 60.0,
     streaming: bool = False,
     retries: int = 4,
+    constrained: bool = False,
+    namespace: str = SERVING_NAMESPACE,
 ):
-    """A ChatHuggingFace over the endpoint serving `ref` ("name@alias")."""
+    """A LangChain chat model over the endpoint serving `ref` ("name@alias"): ChatHuggingFace on TGI and our
+    server, ChatOpenAI on vLLM. constrained=True: every answer is one label of the version's label set, decoded
+    under that constraint by the engine itself (TGI's regex grammar; vLLM's structured outputs)."""
+    endpoint = find_endpoint(ref, namespace)
+    engine = endpoint.engine or engine_of(endpoint.url)
+    if constrained and not endpoint.labels:
+        raise LookupError(f"{ref} has no {LABEL_SET_TAG} tag: only a label task's version can answer constrained")
+    # Both engines sample unless temperature is 0, and the wrappers default to sampling: greedy must be explicit.
+    temperature = temperature or 0.0
+    if engine == "vllm":
+        from langchain_openai import ChatOpenAI
+
+        extra = {"structured_outputs": {"choice": list(endpoint.labels)}} if constrained else None
+        return ChatOpenAI(
+            base_url=f"{endpoint.url}/v1",
+            api_key="EMPTY",  # vLLM started without --api-key checks none
+            model=endpoint.model,
+            temperature=temperature,
+            max_tokens=max_new_tokens,
+            timeout=timeout,
+            max_retries=retries,  # the openai client retries 429, 5xx and connection errors with backoff
+            streaming=streaming,
+            extra_body=extra,
+        )
     from langchain_huggingface import ChatHuggingFace, HuggingFaceEndpoint
 
     install_retries(attempts=retries, timeout=timeout)
-    # TGI's chat route samples unless temperature is 0, and both wrappers default to 0.8: greedy must be explicit.
-    temperature = temperature or 0.0
     llm = HuggingFaceEndpoint(
-        endpoint_url=resolve_endpoint(ref),
+        endpoint_url=endpoint.url,
         max_new_tokens=max_new_tokens,
         timeout=timeout,
         streaming=streaming,
         temperature=temperature,
         do_sample=temperature > 0,
     )
-    return ChatHuggingFace(llm=llm, temperature=temperature, max_tokens=max_new_tokens)
+    chat = ChatHuggingFace(llm=llm, temperature=temperature, max_tokens=max_new_tokens)
+    if constrained:
+        return chat.bind(response_format={"type": "regex", "value": label_regex(endpoint.labels)})
+    return chat

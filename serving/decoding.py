@@ -1,8 +1,8 @@
 """One request's decoding, following TGI's rules: its settings (`Sampling`), the job the scheduler runs (`Job`),
 what it streams (`Step`, `Generated`) and the row state that picks, detokenizes and stops each token (`Row`).
 
-Every row keeps its own logits processors, random generator and stopping state, so requests with different
-sampling settings, seeds and stop sequences share one decode batch.
+Every row keeps its own logits processors, random generator, grammar state (`serving.grammar`) and stopping state,
+so requests with different sampling settings, seeds, grammars and stop sequences share one decode batch.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tokenizers.decoders import DecodeStream
@@ -21,6 +21,9 @@ from transformers import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
+
+if TYPE_CHECKING:
+    from serving.grammar import Constraint
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,8 @@ class Job:
     sampling: Sampling
     adapter: str | None
     emit: Callable[[Step | Exception], None]  # called from the scheduler's thread
-    cancelled: bool = False  # set by the server when the client has gone; the row leaves at the next step
+    grammar: Constraint | None = None  # compiled at validation; used only by the scheduler's thread after that
+    cancelled: bool = False  # set by `Scheduler.cancel` when its request has ended; the row leaves at the next step
 
 
 def finite(value: float) -> float | None:
@@ -122,6 +126,8 @@ class Row:
             next_id = int(scores.argmax())
         else:
             next_id = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=self.generator))
+        if self.job.grammar is not None:
+            self.job.grammar.advance(next_id)
         logprob = torch.log_softmax(scores, -1)[next_id].item()
         self.ids.append(next_id)
         self.generated += 1
@@ -145,6 +151,8 @@ class Row:
         if s.frequency_penalty:  # as TGI's batched path: the penalty times each token's share of the sequence
             counts = torch.bincount(torch.tensor(self.ids), minlength=scores.shape[-1])[: scores.shape[-1]]
             scores = scores - s.frequency_penalty * counts / len(self.ids)
+        if self.job.grammar is not None:  # TGI's order: penalties, grammar, warpers (which then pick among the allowed)
+            scores = self.job.grammar.mask(scores)
         for warper in self.warpers:
             scores = warper(None, scores)  # warpers look at scores only
         return scores

@@ -17,11 +17,20 @@ import logging
 import threading
 from datetime import datetime, timezone
 
-from serving.backends import ShuttingDown, Target
+from components.weights_manifest import MANIFEST_TAG
+from serving.backends import Backend, DeployOutcome, ShuttingDown, Target
+from serving.deploy_tags import (
+    BACKEND_TAG,
+    ENDPOINT_TAG,
+    GATE_OVERRIDE_KEPT_TAG,
+    REASON_TAG,
+    SERVED_ENGINE_TAG,
+    STATUS_TAG,
+    TIME_TAG,
+)
 
 log = logging.getLogger("llmops.deployer")
-STATUS_TAG, TIME_TAG, ENDPOINT_TAG, BACKEND_TAG = "deploy.status", "deploy.time", "deploy.endpoint", "deploy.backend"
-REASON_TAG, OVERRIDE_TAG = "deploy.reason", "gate.override"
+OVERRIDE_TAG = "gate.override"
 
 
 def promotion_refusal(tags: dict) -> str | None:
@@ -39,7 +48,12 @@ def promotion_refusal(tags: dict) -> str | None:
 
 class Deployer:
     def __init__(
-        self, backend, alias: str = "champion", client=None, interval_s: float = 30.0, models: list[str] | None = None
+        self,
+        backend: Backend,
+        alias: str = "champion",
+        client=None,
+        interval_s: float = 30.0,
+        models: list[str] | None = None,
     ):
         from mlflow import MlflowClient
 
@@ -52,6 +66,7 @@ class Deployer:
         self.passes = 0
         self.page_size = 100
         self.absent: dict[str, int] = {}  # served model -> consecutive passes its alias was missing
+        self.recorded: dict[str, str | None] = {}  # registration run -> the manifest digest it recorded
 
     def registered(self):
         """Every registered model, page by page (the registry answers at most `page_size` per call)."""
@@ -103,28 +118,83 @@ class Deployer:
             # Named by the cluster but not recorded as deployed: a deployer stopped mid-rollout, a rollback that
             # failed, a hand-edited tag. The cluster settles it: wait for the rollout, or roll it back.
             if target.tags.get(STATUS_TAG) != "deployed":
-                ok, said = self.backend.finish(target, actual)
-                if not ok and (target.tags.get(STATUS_TAG), target.tags.get(REASON_TAG)) == ("failed", said):
+                outcome = self.backend.finish(target, actual)
+                if not outcome.ok and (target.tags.get(STATUS_TAG), target.tags.get(REASON_TAG)) == (
+                    "failed",
+                    outcome.reason,
+                ):
                     return None  # settled as failed before (nothing to roll back to), and still so
-                return self._record(target, ok, said)
+                return self._record(target, outcome, engine=actual.get("engine"))
             if target.tags.get(ENDPOINT_TAG) != (endpoint := self.backend.endpoint(target.name)):
                 return self._retag(target, {ENDPOINT_TAG: endpoint})
             return None
-        if refusal := promotion_refusal(target.tags):
+        if refusal := promotion_refusal(target.tags) or self._tag_refusal(target) or self.backend.refusal(target):
             if target.tags.get(STATUS_TAG) != "refused" or target.tags.get(REASON_TAG) != refusal:
                 return self._refuse(target, refusal)
             return None  # the endpoint keeps what it serves
         if target.tags.get(STATUS_TAG) == "failed" and target.tags.get(BACKEND_TAG) == self.backend.kind:
             return None  # it failed here before; moving the alias (or deleting the tag) retries
-        return self._deploy(target)
+        done = self._deploy(target)
+        if actual and actual.get("version") != target.version and done.startswith("deployed"):
+            self._supersede(target.name, actual["version"])
+        return done
+
+    def _supersede(self, name: str, version: str) -> None:
+        """The version that served before says it no longer does: an alias moved back to it must not lead
+        applications to the endpoint (which serves its successor) until the deployer has deployed it again."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_model_version_tag(name, version, STATUS_TAG, "superseded")
+        except MlflowException:  # deleted meanwhile: nothing to say it on
+            log.warning("could not mark %s version %s superseded", name, version)
+
+    def _tag_refusal(self, target: Target) -> str | None:
+        """The version's manifest tag must be the digest its registration run recorded: a run's params never
+        change, a tag can, and what serves is checked against the tag (pinned into the pod at deploy time)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if target.run_id not in self.recorded:  # params never change: one read per run
+                self.recorded[target.run_id] = self.client.get_run(target.run_id).data.params.get(MANIFEST_TAG)
+            recorded = self.recorded[target.run_id]
+        except MlflowException as err:
+            return (
+                f"could not read the registration run {target.run_id} to check {MANIFEST_TAG} ({err.error_code}): "
+                "the deployer needs READ on the run's experiment. Nothing was deployed"
+            )
+        if recorded and recorded == target.tags.get(MANIFEST_TAG):
+            return None
+        return (
+            f"the version's {MANIFEST_TAG} tag is {target.tags.get(MANIFEST_TAG) or 'missing'}, but its registration "
+            f"run recorded {recorded or 'none'}: the tag was changed after registration (or the version was not "
+            "registered by the register stage). Nothing was deployed"
+        )
 
     def _gone(self, desired: dict[str, Target]) -> list[str]:
-        """Models served here whose alias (or registration) is gone in two passes in a row: one registry answer
-        that lacks a model (a search cut short, a permission change) never takes an endpoint down."""
+        """Models served here whose alias (or registration) is gone in two passes in a row, and confirmed gone by
+        a direct read: a listing that lacks a model (a search cut short, a permission revoked) never takes an
+        endpoint down."""
         served = {n for n in self.backend.managed() if not self.models or n in self.models}
         absent = served - desired.keys()
         self.absent = {name: self.absent.get(name, 0) + 1 for name in absent}
-        return sorted(name for name, passes in self.absent.items() if passes >= 2)
+        return sorted(name for name, passes in self.absent.items() if passes >= 2 and self._confirmed_gone(name))
+
+    def _confirmed_gone(self, name: str) -> bool:
+        """The registry says, when asked for this model by name, that it or its alias no longer exists. Any other
+        answer (a 403 after a revoked permission, an outage) keeps what serves."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.client.get_registered_model(name)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return True
+            log.warning(
+                "%s is missing from the listing, but reading it said %s: it keeps serving", name, err.error_code
+            )
+            return False
+        return self.alias not in (model.aliases or {})
 
     def _retag(self, target: Target, tags: dict) -> str:
         log.warning("%s version %s serves, but its tags said %s; restored", target.name, target.version, tags)
@@ -151,6 +221,7 @@ class Deployer:
 
     def _refuse(self, target: Target, reason: str) -> str:
         log.warning("refused %s version %s: %s", target.name, target.version, reason)
+        self.client.set_model_version_tag(target.name, target.version, TIME_TAG, datetime.now(timezone.utc).isoformat())
         self.client.set_model_version_tag(target.name, target.version, REASON_TAG, reason)
         self.client.set_model_version_tag(target.name, target.version, STATUS_TAG, "refused")
         return f"refused {target.name}/{target.version}"
@@ -169,29 +240,31 @@ class Deployer:
         log.info("deploying %s version %s", target.name, target.version)
         self.client.set_model_version_tag(target.name, target.version, STATUS_TAG, "deploying")
         try:
-            ok, endpoint = self.backend.deploy(target)  # on failure, the second item is the reason
+            outcome = self.backend.deploy(target)
         except ShuttingDown:  # not attempted: deploy.status stays `deploying`, so the next start deploys it
             return f"interrupted {target.name}/{target.version}"
         except Exception as err:  # a broken deploy must not stop the loop; it is recorded on the version
             log.exception("deploy of %s/%s failed", target.name, target.version)
-            ok, endpoint = False, f"error: {err}"[:500]
-        return self._record(target, ok, endpoint, override)
+            outcome = DeployOutcome.failed(f"error: {err}"[:500])
+        return self._record(target, outcome, override)
 
-    def _record(self, target: Target, ok: bool, endpoint: str, override: str = "") -> str:
+    def _record(self, target: Target, outcome: DeployOutcome, override: str = "", engine: str | None = None) -> str:
         """The outcome on the version. The status goes last: whoever sees deploy.status=deployed also finds the
         endpoint and time."""
+        ok, endpoint = outcome.ok, outcome.endpoint
         tags = {TIME_TAG: datetime.now(timezone.utc).isoformat(), BACKEND_TAG: self.backend.kind}
         if ok:
             tags[ENDPOINT_TAG] = endpoint
+            tags[SERVED_ENGINE_TAG] = engine or self.backend.engine(target)  # what runs, where the backend knows
         else:
-            tags[REASON_TAG] = endpoint
+            tags[REASON_TAG] = outcome.reason
         if override:
-            tags["deploy.gate_override"] = override
+            tags[GATE_OVERRIDE_KEPT_TAG] = override
         tags[STATUS_TAG] = "deployed" if ok else "failed"
         if ok and self.backend.kind == "local":
             from serving.client import write_local_record
 
-            write_local_record(target.name, self.alias, endpoint, target.version)
+            write_local_record(target.name, self.alias, endpoint, target.version, tags[SERVED_ENGINE_TAG])
         for key, value in tags.items():
             self.client.set_model_version_tag(target.name, target.version, key, value)
         self.state[target.name] = {

@@ -1,6 +1,10 @@
 """Init container entry point: put a registered model version where TGI will load it.
 
-    python -m serving.fetch_model models:/<name>/<version> /data/model
+    python -m serving.fetch_model models:/<name>/<version> /data/model [--manifest-sha256 DIGEST]
+
+DIGEST is the manifest digest the deployer read from the version's tag when it deployed it: every pod start
+checks the files against it, never against the tag as it reads now, so a tag or file changed after the deploy
+keeps the new pod out of service while the replicas already serving go on.
 
 Credentials come from the environment (MLFLOW_TRACKING_URI, MLFLOW_TRACKING_*, AWS_*), which the
 Deployment fills from Kubernetes Secrets. A non-zero exit keeps the pod out of service, so the
@@ -14,7 +18,10 @@ import shutil
 import sys
 from pathlib import Path
 
-USAGE = "usage: python -m serving.fetch_model MODEL_URI DEST   (e.g. models:/llmops-demo/3 /data/model)"
+USAGE = (
+    "usage: python -m serving.fetch_model MODEL_URI DEST [--manifest-sha256 DIGEST]   "
+    "(e.g. models:/llmops-demo/3 /data/model)"
+)
 
 
 class FetchError(RuntimeError):
@@ -29,13 +36,14 @@ def check_model_dir(path: Path) -> None:
         raise FetchError(f"{path} has no *.safetensors file: TGI would fail to load the weights")
 
 
-def fetch(model_uri: str, dest: Path) -> Path:
+def fetch(model_uri: str, dest: Path, pinned: str | None = None) -> Path:
     """Download the version into a staging directory beside dest, verify every file, then move it into place.
 
     Nothing reaches dest unless every file matches the manifest recorded at registration.
     """
+    from components.weights_manifest import VerificationError
     from serving.resolve import REF
-    from serving.verified_model import VerificationError, download_verified, model_version
+    from serving.verified_model import download_verified, model_version
 
     match = REF.match(model_uri)
     if not match:
@@ -43,7 +51,7 @@ def fetch(model_uri: str, dest: Path) -> Path:
     staging = dest.parent / f".{dest.name}.download"
     try:
         mv = model_version(match["name"], match["version"], match["alias"])
-        verified = download_verified(mv, staging)
+        verified = download_verified(mv, staging, pinned)
     except VerificationError as exc:
         raise FetchError(f"refused {model_uri}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any failure (registry, S3, network) means the same to the pod
@@ -64,11 +72,14 @@ def fetch(model_uri: str, dest: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    pinned = None
+    if len(args) == 4 and args[2] == "--manifest-sha256":
+        args, pinned = args[:2], args[3]
     if len(args) != 2:
         print(USAGE, file=sys.stderr)
         return 2
     try:
-        local = fetch(args[0], Path(args[1]))
+        local = fetch(args[0], Path(args[1]), pinned)
     except FetchError as exc:
         print(f"fetch_model: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Kubernetes objects (plain dicts) that serve one registered model version with Hugging Face TGI.
+"""Kubernetes objects (plain dicts) that serve one registered model version with TGI or vLLM.
 
 Pure functions: no cluster access, so they are validated offline against the Kubernetes schemas.
 The Deployment's name and selector depend only on the registered model name, so a new version is a
@@ -12,6 +12,8 @@ import hashlib
 import math
 import re
 
+from components.weights_manifest import MANIFEST_TAG
+from serving.engines import Engine, tgi_args, vllm_args
 from serving.settings import DeploySection
 
 ANN_PREFIX = "llmops.io/"
@@ -19,11 +21,12 @@ ANN_NAME = ANN_PREFIX + "model-name"
 ANN_VERSION = ANN_PREFIX + "model-version"
 ANN_RUN = ANN_PREFIX + "run-id"
 ANN_QUANTIZE = ANN_PREFIX + "quantize"
+ANN_ENGINE = ANN_PREFIX + "engine"
+ANN_MANIFEST = ANN_PREFIX + "manifest-sha256"  # the manifest digest pinned at deploy time
 
 CONTAINER_PORT = 8080  # unprivileged, so the port does not depend on TGI running as root
 DATA_DIR = "/data"
 MODEL_DIR = DATA_DIR + "/model"
-QUANTIZE_VALUES = ("bitsandbytes-nf4", "bitsandbytes", "none")  # what components/register.py writes
 GRACE_PERIOD_S = 120  # in-flight generations finish after SIGTERM; long completions take a while
 PRESTOP_SLEEP_S = 10  # lets endpoints drop the pod before TGI stops accepting connections
 STARTUP_PERIOD_S = 10
@@ -67,35 +70,6 @@ def common_labels(model_name: str) -> dict[str, str]:
     }
 
 
-def quantize_arg(tags: dict) -> list[str]:
-    value = tags.get("recommended_quantize", "none")
-    if value not in QUANTIZE_VALUES:
-        # Fail at render time: TGI would only crash-loop on an unknown --quantize value.
-        raise ValueError(f"recommended_quantize={value!r} is not one of {QUANTIZE_VALUES}")
-    return [] if value == "none" else ["--quantize", value]
-
-
-def tgi_args(cfg: DeploySection, tags: dict) -> list[str]:
-    if cfg.max_batch_prefill_tokens < cfg.max_input_tokens:
-        raise ValueError("deploy.max_batch_prefill_tokens must be >= deploy.max_input_tokens (TGI refuses to start)")
-    # --hostname: TGI's launcher reads $HOSTNAME, which Kubernetes sets to the pod name.
-    return [
-        "--model-id",
-        MODEL_DIR,
-        *quantize_arg(tags),
-        "--max-input-tokens",
-        str(cfg.max_input_tokens),
-        "--max-total-tokens",
-        str(cfg.max_total_tokens),
-        "--max-batch-prefill-tokens",
-        str(cfg.max_batch_prefill_tokens),
-        "--hostname",
-        "0.0.0.0",
-        "--port",
-        str(CONTAINER_PORT),
-    ]
-
-
 def _probe(period_s: int, timeout_s: int, failures: int) -> dict:
     return {
         "httpGet": {"path": "/health", "port": "http"},
@@ -123,19 +97,42 @@ def sized(cpu: str, memory: str, extra: dict | None = None) -> dict:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def tgi_container(cfg: DeploySection, tags: dict) -> dict:
+def engine_command(cfg: DeploySection, engine: Engine, name: str, version: str, tags: dict) -> dict:
+    """The serving container's command and args: TGI's launcher (the image's entrypoint), or vLLM's OpenAI
+    server named explicitly (the vllm-openai image's entrypoint has changed between releases)."""
+    if engine == "tgi":
+        limits = {k: getattr(cfg, k) for k in ("max_input_tokens", "max_total_tokens", "max_batch_prefill_tokens")}
+        extra = cfg.extra_args.get("tgi", [])
+        return {"args": tgi_args(model_dir=MODEL_DIR, port=CONTAINER_PORT, tags=tags, limits=limits, extra=extra)}
+    args = vllm_args(
+        model_dir=MODEL_DIR,
+        host="0.0.0.0",
+        port=CONTAINER_PORT,
+        name=name,
+        version=version,
+        tags=tags,
+        max_total_tokens=cfg.max_total_tokens,
+        extra=cfg.extra_args.get("vllm", []),
+        on_gpu=cfg.gpu_count > 0,
+    )
+    return {"command": ["python3", "-m", "vllm.entrypoints.openai.api_server"], "args": args}
+
+
+ENGINE_ENV = {  # offline, no telemetry, HOME on the /tmp emptyDir (a non-root UID has no home in either image)
+    "tgi": {"HF_HUB_OFFLINE": "1", "USAGE_STATS": "off", "HOME": "/tmp"},
+    "vllm": {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HOME": "/tmp"},
+}
+
+
+def engine_container(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
+    engine = cfg.engine_of(name, tags)
     gpus = {cfg.gpu_resource: str(cfg.gpu_count)} if cfg.gpu_count > 0 else {}
     container = {
-        "name": "tgi",
-        "image": cfg.tgi_image,
+        "name": engine,
+        "image": getattr(cfg, f"{engine}_image"),
         "imagePullPolicy": "IfNotPresent",
-        "args": tgi_args(cfg, tags),
-        # HOME on the /tmp emptyDir: a non-root UID has no home directory in TGI's image.
-        "env": [
-            {"name": "HF_HUB_OFFLINE", "value": "1"},
-            {"name": "USAGE_STATS", "value": "off"},
-            {"name": "HOME", "value": "/tmp"},
-        ],
+        **engine_command(cfg, engine, name, version, tags),
+        "env": [{"name": key, "value": value} for key, value in ENGINE_ENV[engine].items()],
         "ports": [{"name": "http", "containerPort": CONTAINER_PORT, "protocol": "TCP"}],
         "volumeMounts": [
             {"name": "shm", "mountPath": "/dev/shm"},
@@ -143,25 +140,28 @@ def tgi_container(cfg: DeploySection, tags: dict) -> dict:
             {"name": "tmp", "mountPath": "/tmp"},
         ],
         # The model is already on disk (init container) when probes start; loading it onto the GPU is the
-        # slow part, so the startup probe allows as long as the rollout itself may take.
+        # slow part, so the startup probe allows as long as the rollout itself may take. Both engines answer
+        # /health with 200 once they serve.
         "startupProbe": _probe(STARTUP_PERIOD_S, 5, max(6, math.ceil(cfg.rollout_timeout_s / STARTUP_PERIOD_S))),
         "readinessProbe": _probe(10, 5, 3),
         "livenessProbe": _probe(30, 10, 3),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
-        # TGI's image defaults to root, but writes only to /data, /tmp and $HOME: emptyDirs, group-writable
-        # through the pod's fsGroup. deploy.tgi_user (1000 by default) runs it without root.
+        # Both images default to root, but write only to /data, /tmp and $HOME: emptyDirs, group-writable
+        # through the pod's fsGroup. deploy.tgi_user (1000 by default) runs either without root.
         "securityContext": locked_down(cfg.tgi_user),
         "resources": sized(cfg.tgi_cpu, cfg.tgi_memory, gpus),
     }
     return container
 
 
-def fetch_container(cfg: DeploySection, name: str, version: str) -> dict:
+def fetch_container(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
+    # The manifest digest as the deployer reads it now, at deploy time: every later pod start checks against it.
+    pin = ["--manifest-sha256", tags[MANIFEST_TAG]] if tags.get(MANIFEST_TAG) else []
     return {
         "name": "fetch-model",
         "image": cfg.fetch_image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["python", "-m", "serving.fetch_model", f"models:/{name}/{version}", MODEL_DIR],
+        "command": ["python", "-m", "serving.fetch_model", f"models:/{name}/{version}", MODEL_DIR, *pin],
         # HOME=/tmp: the fixed non-root uid below may have no home directory in the image.
         "env": [{"name": "MLFLOW_TRACKING_URI", "value": cfg.mlflow_tracking_uri}, {"name": "HOME", "value": "/tmp"}],
         # Only Secret names appear here; the values stay in the cluster.
@@ -176,12 +176,14 @@ def fetch_container(cfg: DeploySection, name: str, version: str) -> dict:
     }
 
 
-def version_annotations(name: str, version: str, run_id: str, tags: dict) -> dict[str, str]:
+def version_annotations(name: str, version: str, run_id: str, tags: dict, engine: Engine) -> dict[str, str]:
     return {
         ANN_NAME: name,
         ANN_VERSION: str(version),
         ANN_RUN: run_id,
         ANN_QUANTIZE: tags.get("recommended_quantize", "none"),
+        ANN_ENGINE: engine,
+        ANN_MANIFEST: tags.get(MANIFEST_TAG, ""),
     }
 
 
@@ -199,8 +201,8 @@ def pod_spec(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
         # TGI never talks to the API server; service links would add env vars TGI's launcher might read.
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "initContainers": [fetch_container(cfg, name, version)],
-        "containers": [tgi_container(cfg, tags)],
+        "initContainers": [fetch_container(cfg, name, version, tags)],
+        "containers": [engine_container(cfg, name, version, tags)],
         "volumes": [
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}},
             {"name": "data", "emptyDir": {"sizeLimit": cfg.model_volume_size}},
@@ -216,7 +218,7 @@ def pod_spec(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
 
 def render_deployment(cfg: DeploySection, *, name: str, version: str, run_id: str, tags: dict) -> dict:
     version = str(version)
-    annotations = version_annotations(name, version, run_id, tags)
+    annotations = version_annotations(name, version, run_id, tags, cfg.engine_of(name, tags))
     labels = {**common_labels(name), **version_labels(version, run_id)}
     return {
         "apiVersion": "apps/v1",

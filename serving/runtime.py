@@ -1,7 +1,8 @@
 """What the server's routes share: the engine, its scheduler, the limits and TGI's Prometheus metrics.
 
 `Runtime` turns a request into validated jobs and hands their steps back to the routes in `serving.server`. Every
-request, `/tokenize` included, holds one of `max_concurrent_requests` slots until it ends or its client leaves.
+prompt of a request, `/tokenize`'s included, holds one of `max_concurrent_requests` slots until the request ends or
+its client leaves; a request's prompts are admitted, queued and ended together (`serving.request_jobs`).
 """
 
 from __future__ import annotations
@@ -9,21 +10,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from contextlib import contextmanager
-from typing import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, contextmanager
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from serving import schemas
-from serving.decoding import Job, Step
+from serving.decoding import Generated, Job, Step
 from serving.engine import Engine
+from serving.grammar import Grammars
+from serving.request_jobs import JobState, RequestJobs
 from serving.scheduler import Scheduler
 from serving.schemas import ApiError, ChatRequest, GenerateParameters, invalid
 
 TGI_VERSION = "3.3.6-dev0"  # the protocol version of the spec this server follows
-# What a client reads when the model fails; the exception and its traceback go to the server's log only.
-GENERATION_FAILED = "Request failed during generation: Server error: the model failed on this request"
 
 
 class Metrics:
@@ -53,24 +54,31 @@ class Runtime:
         self.engine, self.info, self.in_flight = engine, info, 0
         self.scheduler = Scheduler(engine, max_batch_size=max_batch_size, threads=threads)
         self.metrics = Metrics(self.scheduler, info["max_total_tokens"])
+        self.grammars = Grammars(engine.tokenizer, engine.eos_ids, engine.model.get_output_embeddings().out_features)
         self.fingerprint = f"{TGI_VERSION}-{info['docker_label']}"
 
     @contextmanager
     def slot(self):
-        """One of the `max_concurrent_requests` slots, or TGI's 429; freed however the request ends. Every
-        request is counted here, and every error it answers with, the 429 included."""
+        """One slot for a request that generates nothing (the tokenize routes), counted with the error it answers
+        with, the 429 included."""
         self.metrics.requests.inc()
         try:
-            if self.in_flight >= self.info["max_concurrent_requests"]:
-                raise ApiError(429, "Model is overloaded", "overloaded")
-            self.in_flight += 1
-            try:
+            with self._slots(1):
                 yield
-            finally:
-                self.in_flight -= 1
         except ApiError as err:
             self.metrics.failure.labels(err.error_type).inc()
             raise
+
+    @contextmanager
+    def _slots(self, n: int):
+        """`n` of the `max_concurrent_requests` slots, all or none (TGI's 429), freed however the request ends."""
+        if self.in_flight + n > self.info["max_concurrent_requests"]:
+            raise ApiError(429, "Model is overloaded", "overloaded")
+        self.in_flight += n
+        try:
+            yield
+        finally:
+            self.in_flight -= n
 
     def encode(self, text: str, special: bool, *, offsets: bool = False) -> dict:
         try:
@@ -121,67 +129,90 @@ class Runtime:
         params.check(inputs, stream=stream, max_input_tokens=max_input)
         ids = self.encode(inputs, special)["input_ids"][-params.truncate if params.truncate else 0 :]
         max_new = schemas.token_budget(len(ids), params.max_new_tokens, max_input, max_total)
-        if params.grammar is not None:
-            raise invalid("grammar is not supported")
+        grammar = self.grammars.constraint(params.grammar) if params.grammar is not None else None
         if params.adapter_id is not None and params.adapter_id not in self.engine.adapter_names:
             raise invalid(f"adapter `{params.adapter_id}` is not loaded; loaded: {sorted(self.engine.adapter_names)}")
         self.metrics.input_length.observe(len(ids))
-        return Job(ids, params.to_sampling(max_new), params.adapter_id, emit)
+        return Job(ids, params.to_sampling(max_new), params.adapter_id, emit, grammar)
+
+    @contextmanager
+    def _admitted(
+        self, prompts: list[str], params: GenerateParameters, *, stream: bool, special: bool
+    ) -> Iterator[RequestJobs]:
+        """A slot and a validated job for every prompt, then all queued at once: a request with one invalid prompt
+        queues nothing. However the block ends, the jobs still scheduled are cancelled, so the scheduler drops them,
+        and the slots are freed. Each prompt counts as a request, and as failed when the request answers an error
+        before the prompt's last step."""
+        group = RequestJobs()
+        self.metrics.requests.inc(len(prompts))
+        try:
+            with self._slots(len(prompts)):
+                for index, prompt in enumerate(prompts):
+                    group.add(self.job(prompt, params, stream=stream, special=special, emit=group.emitter(index)))
+                self.scheduler.submit(*group.jobs)
+                try:
+                    yield group
+                finally:
+                    self.scheduler.cancel(group.cancel())
+        except ApiError as err:
+            self.metrics.failure.labels(err.error_type).inc(len(prompts) - group.count(JobState.FINISHED))
+            raise
+
+    async def generate_all(
+        self, prompts: list[str], params: GenerateParameters, *, stream: bool = False, special: bool = True
+    ) -> AsyncIterator[tuple[int, Step]]:
+        """Each prompt's steps as they come, with its index; raises ApiError when overloaded, when any prompt is
+        invalid (before any is queued), or when any fails in the model, which ends the others too."""
+        with self._admitted(prompts, params, stream=stream, special=special) as group:
+            while group.scheduled():
+                index, step = await group.next()
+                if step.end is not None:
+                    self._finished(step.end, group.start)
+                yield index, step
 
     async def generate(
         self, inputs: str, params: GenerateParameters, *, stream: bool = False, special: bool = True
     ) -> AsyncIterator[Step]:
-        """The steps of one request; raises ApiError when overloaded, invalid, or when generation fails."""
-        start, job = time.perf_counter(), None
-        out: asyncio.Queue[Step | Exception] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        try:
-            with self.slot():
-                job = self.job(
-                    inputs,
-                    params,
-                    stream=stream,
-                    special=special,
-                    emit=lambda item: loop.call_soon_threadsafe(out.put_nowait, item),
-                )
-                self.scheduler.submit(job)
-                while not (step := await self._next(out)).end:
-                    yield step
-                self.metrics.success.inc()
-                self.metrics.generated.observe(step.end.generated_tokens)
-                self.metrics.duration.observe(time.perf_counter() - start)
+        """The steps of a request of one prompt; raises as `generate_all` does."""
+        async with aclosing(self.generate_all([inputs], params, stream=stream, special=special)) as steps:
+            async for _, step in steps:
                 yield step
-        finally:
-            if job is not None:
-                job.cancelled = True  # a client that went away frees its row at the next step
 
-    @staticmethod
-    async def _next(out: asyncio.Queue[Step | Exception]) -> Step:
-        item = await out.get()
-        if isinstance(item, Exception):  # the scheduler logged it with its traceback; the client gets TGI's words
-            raise ApiError(424, GENERATION_FAILED, "generation")
-        return item
+    def _finished(self, end: Generated, start: float) -> None:
+        self.metrics.success.inc()
+        self.metrics.generated.observe(end.generated_tokens)
+        self.metrics.duration.observe(time.perf_counter() - start)
 
-    async def complete(self, gone: Callable[[], Awaitable[None]], *runs: AsyncIterator[Step]) -> list[list[Step]]:
-        """Every step of each run (`generate` iterators), unless `gone` (awaiting the client's disconnect) returns
-        first: then the request is abandoned, its slots freed at once and its rows at the scheduler's next step."""
-        work = asyncio.ensure_future(asyncio.gather(*(self._collect(run) for run in runs)))
-        left = asyncio.ensure_future(gone())
+    async def complete(
+        self,
+        gone: Callable[[], Awaitable[None]],
+        prompts: list[str],
+        params: GenerateParameters,
+        *,
+        special: bool = True,
+    ) -> list[list[Step]]:
+        """Every step of each prompt, unless `gone` (awaiting the client's disconnect) returns first: then the request
+        is abandoned, its slots freed at once and its rows at the scheduler's next step."""
+        runs: list[list[Step]] = [[] for _ in prompts]
+
+        async def collect() -> None:
+            async with aclosing(self.generate_all(prompts, params, special=special)) as steps:
+                async for index, step in steps:
+                    runs[index].append(step)
+
+        work, left = asyncio.ensure_future(collect()), asyncio.ensure_future(gone())
         try:
             await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             left.cancel()
             abandoned = not work.done()
             if abandoned:
-                work.cancel()  # closes the generators: their slots are freed and their jobs marked cancelled
+                work.cancel()  # closes the steps: the request's jobs are cancelled and its slots freed
                 await asyncio.gather(work, return_exceptions=True)
         if abandoned:
             raise ClientGone()
-        return work.result()
-
-    @staticmethod
-    async def _collect(steps: AsyncIterator[Step]) -> list[Step]:
-        return [step async for step in steps]
+        work.result()  # raises the request's error
+        return runs
 
 
 class ClientGone(Exception):

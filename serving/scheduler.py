@@ -1,10 +1,10 @@
 """Continuous batching: one thread that admits waiting jobs into the running batch between decode steps.
 
-Each turn of the loop (1) drops rows whose clients have gone, (2) prefills waiting jobs while the batch has room,
+Each turn of the loop (1) drops rows whose requests have ended, (2) prefills waiting jobs while the batch has room,
 each alone, and lets them join, (3) decodes one token for every row, (4) lets finished rows leave. A request that
 arrives mid-generation therefore starts at the next step instead of waiting for the longest row of a static batch,
-and a row whose client left stops within one step. The thread is apart from the event loop, so the server keeps
-answering (health, 429s, streams) while the model computes.
+and a row whose request has ended (its client left, or a sibling prompt failed) stops within one step. The thread is
+apart from the event loop, so the server keeps answering (health, 429s, streams) while the model computes.
 """
 
 from __future__ import annotations
@@ -39,13 +39,24 @@ class Scheduler:
     def alive(self) -> bool:
         return self.thread.is_alive()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, *jobs: Job) -> None:
+        """Queue a request's jobs, all validated, in one go: the scheduler's next turn sees all of them or none."""
         with self.wake:
-            self.waiting.append(job)
+            self.waiting.extend(jobs)
             self.wake.notify()
 
+    def cancel(self, jobs: list[Job]) -> None:
+        """Drop the jobs of a request that has ended: waiting ones leave the queue now, running rows at the next
+        step, and a job popped for this turn's prefills is skipped."""
+        if not jobs:
+            return
+        with self.wake:
+            for job in jobs:
+                job.cancelled = True
+            self.waiting = deque(job for job in self.waiting if not job.cancelled)
+
     def queued(self) -> int:
-        return sum(not job.cancelled for job in list(self.waiting))
+        return len(self.waiting)
 
     def running(self) -> int:
         return len(self.batch)
@@ -74,11 +85,12 @@ class Scheduler:
                 self.wake.wait()
             if self.stopped:
                 return None
-            self.waiting = deque(job for job in self.waiting if not job.cancelled)
             room = self.max_batch_size - len(self.batch)
             return [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
 
     def _start(self, job: Job) -> None:
+        if job.cancelled:  # its request ended while it waited for the prefills before it
+            return
         try:
             row, cache = self.engine.prefill(job)
             if not row.done:

@@ -12,7 +12,7 @@ import json
 import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from serving.decoding import Sampling
 
@@ -42,6 +42,43 @@ class Strict(BaseModel):
     model_config = ConfigDict(strict=True)
 
 
+class JsonGrammar(Strict):
+    type: Literal["json", "json_object"]  # TGI reads `json_object` as `json`
+    value: Any  # a JSON Schema: an object, or a string holding one
+
+
+class RegexGrammar(Strict):
+    type: Literal["regex"]
+    value: str
+
+
+class JsonSchemaConfig(Strict):
+    name: str | None = None
+    schema_: Any = Field(alias="schema")  # `schema` would shadow a BaseModel method
+
+
+class JsonSchemaGrammar(Strict):
+    type: Literal["json_schema"]
+    value: JsonSchemaConfig
+
+
+def _openai_form(data: Any) -> Any:
+    """OpenAI's response_format spellings, read as TGI's GrammarType: a bare `json_object` is any JSON object, and
+    `json_schema` carries its config under `json_schema` where TGI has `value`."""
+    if isinstance(data, dict) and "value" not in data:
+        if data.get("type") == "json_object":
+            return {"type": "json", "value": {"type": "object"}}
+        if data.get("type") == "json_schema" and "json_schema" in data:
+            return {"type": "json_schema", "value": data["json_schema"]}
+    return data
+
+
+# TGI's GrammarType, `{"type", "value"}` tagged by `type`, compiled by `serving.grammar`
+GrammarType = Annotated[
+    JsonGrammar | RegexGrammar | JsonSchemaGrammar, Field(discriminator="type"), BeforeValidator(_openai_form)
+]
+
+
 class GenerateParameters(Strict):
     adapter_id: str | None = None
     best_of: USIZE | None = None
@@ -49,7 +86,7 @@ class GenerateParameters(Strict):
     details: bool = False
     do_sample: bool = False
     frequency_penalty: float | None = None
-    grammar: dict | None = None
+    grammar: GrammarType | None = None
     max_new_tokens: U32 | None = None
     repetition_penalty: float | None = None
     return_full_text: bool | None = None
@@ -239,7 +276,7 @@ class ChatRequest(OpenAIRequest):
     tools: list[dict] | None = None
     tool_prompt: str | None = None
     tool_choice: Any = "auto"
-    response_format: dict | None = None
+    response_format: GrammarType | None = None
     stream_options: StreamOptions | None = None
 
     def parameters(self, **extra: Any) -> GenerateParameters:
@@ -248,22 +285,24 @@ class ChatRequest(OpenAIRequest):
             repetition_penalty=penalty, top_n_tokens=self.top_logprobs, grammar=self.grammar(), **extra
         )
 
-    def grammar(self) -> dict | None:
-        """The constraint TGI would decode under: the response format, or a JSON grammar over the tools."""
+    def grammar(self) -> GrammarType | None:
+        """The constraint to decode under: the response format. TGI would decode tools under a JSON grammar of
+        their calls and answer `tool_calls`; this server has no tool calls, so it says so rather than answer text."""
         if self.response_format is not None and self.tools:
             raise ApiError(422, "Tool error: Grammar and tools are mutually exclusive", "tool_error")
         if self.tools and self.tool_choice != "none":
-            return {"type": "json", "value": {"tools": self.tools}}
+            raise invalid("tool calls are not supported")
         return self.response_format
 
 
 class CompletionRequest(OpenAIRequest):
     prompt: str | Annotated[list[str], Field(min_length=1)]
     repetition_penalty: float | None = None
+    response_format: GrammarType | None = None  # not in TGI's completions (vLLM's has it): as in chat here
     suffix: str | None = None
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else self.prompt
 
     def parameters(self, **extra: Any) -> GenerateParameters:
-        return super().parameters(repetition_penalty=self.repetition_penalty, **extra)
+        return super().parameters(repetition_penalty=self.repetition_penalty, grammar=self.response_format, **extra)

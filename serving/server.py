@@ -64,7 +64,7 @@ def _generate_events(rt: Runtime, req: GenerateRequest) -> AsyncIterator[str]:
 @router.post("/generate")
 async def generate(req: GenerateRequest, request: Request):
     rt = _rt(request)
-    [steps] = await rt.complete(_gone(request), rt.generate(req.inputs, req.parameters))
+    [steps] = await rt.complete(_gone(request), [req.inputs], req.parameters)
     return responses.generated(req.inputs, req.parameters, steps)
 
 
@@ -97,39 +97,36 @@ async def chat_completions(chat: ChatRequest, request: Request):
                 tail=sse.DONE,
             )
         )
-    [steps] = await rt.complete(_gone(request), rt.generate(inputs, params, special=False))
+    [steps] = await rt.complete(_gone(request), [inputs], params, special=False)
     return responses.chat_completion(head, steps, bool(chat.logprobs))
 
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
+    """Several prompts are one request: all validated before any is queued, and ended together when one fails (the
+    others cancelled, their slots freed), streamed or not (`serving.request_jobs`)."""
     rt, prompts = _rt(request), req.prompts()
+    limit = rt.info["max_client_batch_size"]
     if req.suffix is not None:
         raise ApiError(
             422, "Suffix is not supported and can be achieved by preprocessing the prompt.", "suffix not supported"
         )
-    if len(prompts) > MAX_CLIENT_BATCH_SIZE:
+    if len(prompts) > limit:
         raise ApiError(
-            422,
-            f"Number of prompts exceeds the maximum allowed batch size of {MAX_CLIENT_BATCH_SIZE}",
-            "batch size exceeded",
+            422, f"Number of prompts exceeds the maximum allowed batch size of {limit}", "batch size exceeded"
         )
     params = req.parameters(adapter_id=rt.adapter_for(req.model))
     head = rt.head(rt.info["model_id"])
-    if req.stream:
+    if req.stream:  # the prompts' chunks interleaved as they come; one error event ends the stream
         return sse.response(
-            sse.merged(
-                [
-                    sse.events(
-                        rt.generate(prompt, params, stream=True),
-                        lambda step, i=i: [responses.completion_chunk(head, i, step)],
-                        responses.openai_error,
-                    )
-                    for i, prompt in enumerate(prompts)
-                ]
+            sse.events(
+                rt.generate_all(prompts, params, stream=True),
+                lambda indexed: [responses.completion_chunk(head, *indexed)],
+                responses.openai_error,
+                tail=sse.DONE,
             )
         )
-    runs = await rt.complete(_gone(request), *(rt.generate(prompt, params) for prompt in prompts))
+    runs = await rt.complete(_gone(request), prompts, params)
     return responses.completion(head, [steps[-1].end for steps in runs])
 
 
@@ -219,6 +216,7 @@ def create_app(
     max_total_tokens: int | None = None,
     max_concurrent_requests: int = 128,
     max_batch_size: int = 16,
+    max_client_batch_size: int = MAX_CLIENT_BATCH_SIZE,
     adapters: dict[str, str] | None = None,
     dtype: str = "auto",
     threads: int = 1,
@@ -228,7 +226,8 @@ def create_app(
 
     `dtype="auto"` serves a bfloat16 checkpoint in bfloat16 where the CPU computes it natively (see
     `serving.engine.compute_dtype`). In any dtype a greedy answer is the same alone or in a batch, because each row
-    attends only to its own columns (`serving.decode_batch`). `max_body_bytes` is TGI's `--payload-limit`.
+    attends only to its own columns (`serving.decode_batch`). `max_body_bytes` is TGI's `--payload-limit`,
+    `max_client_batch_size` its `--max-client-batch-size` (prompts in one `/v1/completions` request).
     """
     engine = Engine(str(model_dir), dtype=dtype, adapters=adapters)
     positions = engine.config.max_position_embeddings
@@ -249,7 +248,7 @@ def create_app(
         "max_input_tokens": max_input,
         "max_total_tokens": max_total,
         "validation_workers": 1,
-        "max_client_batch_size": MAX_CLIENT_BATCH_SIZE,
+        "max_client_batch_size": max_client_batch_size,
         "router": "text-generation-router",
         "version": TGI_VERSION,
         "sha": None,

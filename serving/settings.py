@@ -1,4 +1,4 @@
-"""Serving's settings: how the deployer serves a promoted version (TGI on Kubernetes, or a local server).
+"""Serving's settings: how the deployer serves a promoted version (TGI or vLLM on Kubernetes, or locally).
 
 Loaded from a deployer profile in serving/configs (local, cluster) or any YAML path, then `deploy.key=value`
 overrides, as `llmops deployer --profile cluster deploy.gpu_count=0`.
@@ -8,18 +8,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from components.config import Profiled, Section, load_settings
+from serving.engines import Engine, engine_for, vetted_args
 
 PROFILE_DIR = Path(__file__).resolve().parent / "configs"
 PLACEHOLDER = "@sha256:" + "0" * 64  # the default images' digest: no registry serves it
 
 
 class DeploySection(Section):
-    """How a promoted version is served: TGI on Kubernetes, or the local TGI-protocol server."""
+    """How a promoted version is served: TGI or vLLM on Kubernetes, or locally (our server or real vLLM)."""
 
     alias: str = Field("champion", description="the registry alias that deploys")
+    engine: Engine = Field(
+        "tgi",
+        description="the serving engine: tgi or vllm (a version's deploy.engine tag, then deploy.engines, "
+        "override it); locally, tgi means our TGI-protocol server",
+    )
+    engines: dict[str, Engine] = Field({}, description="registered model name -> engine, over deploy.engine")
+    extra_args: dict[Engine, list[str]] = Field(
+        {},
+        description="engine -> extra engine flags, e.g. {vllm: [--tensor-parallel-size, '2']}; only vetted flags "
+        "(parallelism, batching, context length, ngram speculation) pass, see serving/engines.py",
+    )
     models: list[str] = Field(
         [], description="registered model names this deployer serves (an allowlist); empty: every registered model"
     )
@@ -35,6 +47,17 @@ class DeploySection(Section):
         pattern=r"^[^\s@]+@sha256:[0-9a-f]{64}$",
         description="TGI image, pinned by digest",
     )
+    vllm_image: str = Field(
+        "vllm/vllm-openai:v0.32.0@sha256:" + "0" * 64,
+        pattern=r"^[^\s@]+@sha256:[0-9a-f]{64}$",
+        description="vLLM's OpenAI-server image, pinned by digest",
+    )
+    vllm_python: str = Field(
+        "",
+        description="local backend: the Python of the virtual environment vLLM is installed in (`make vllm`); "
+        "empty: .venv-vllm/bin/python in the project checkout",
+    )
+    vllm_kv_cache_gb: int = Field(1, ge=1, description="local vLLM on CPU: GB of KV cache (VLLM_CPU_KVCACHE_SPACE)")
     fetch_image: str = Field(
         "ghcr.io/llmops/llmops-cpu:0.1.0@sha256:" + "0" * 64,
         pattern=r"^[^\s@]+@sha256:[0-9a-f]{64}$",
@@ -83,9 +106,21 @@ class DeploySection(Section):
         description="Secret (in the serving namespace) with the MLflow login of the init container: READ only",
     )
 
-    def unpinned(self) -> list[str]:
-        """The image settings still carrying the placeholder digest."""
-        return [f"deploy.{key}" for key in ("tgi_image", "fetch_image") if getattr(self, key).endswith(PLACEHOLDER)]
+    def engine_of(self, name: str, tags: dict) -> Engine:
+        """The engine that serves version `tags` of model `name`: its tag, then deploy.engines, then deploy.engine."""
+        return engine_for(tags, self.engine, self.engines, name)
+
+    def unpinned(self, engine: Engine) -> list[str]:
+        """The image settings a rollout on `engine` needs that still carry the placeholder digest."""
+        keys = (f"{engine}_image", "fetch_image")
+        return [f"deploy.{key}" for key in keys if getattr(self, key).endswith(PLACEHOLDER)]
+
+    @field_validator("extra_args")
+    @classmethod
+    def _vetted(cls, value: dict[Engine, list[str]]) -> dict[Engine, list[str]]:
+        for engine, args in value.items():
+            vetted_args(engine, args)  # an unknown or dangerous flag stops the deployer at start, named
+        return value
 
     @model_validator(mode="after")
     def _token_limits(self) -> DeploySection:

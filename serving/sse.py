@@ -1,9 +1,8 @@
 """Server-sent events as TGI sends them: one `data:` line per event, errors as a last event inside a 200 stream,
-OpenAI-style streams closed by `[DONE]`, several prompts' streams interleaved as their events come."""
+OpenAI-style streams closed by `[DONE]`."""
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
@@ -35,28 +34,3 @@ async def events(
         yield responses.sse(error(err))
     if tail:
         yield tail
-
-
-async def merged(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
-    """Interleave the prompts' streams as their events come, then close with [DONE], as TGI does."""
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
-
-    async def pump(stream: AsyncIterator[str]) -> None:
-        try:
-            async for event in stream:
-                await queue.put(event)
-        finally:
-            await queue.put(None)
-
-    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
-    try:
-        open_streams = len(tasks)
-        while open_streams:
-            if (event := await queue.get()) is None:
-                open_streams -= 1
-            else:
-                yield event
-        yield DONE
-    finally:
-        for task in tasks:
-            task.cancel()

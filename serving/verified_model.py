@@ -1,9 +1,9 @@
-"""A registered version's served directory, downloaded and verified before anything serves it.
+"""A registered version, downloaded and verified before anything serves or loads it.
 
-A version is an MLflow model (the pyfunc in components/chat_pyfunc.py): its MLmodel names where the
-merged Hugging Face directory and the weights manifest sit among its artifacts. Every file of that
-directory is checked against the manifest, and the manifest against the version's tag
-`weights.manifest_sha256`; any difference refuses, naming the file. The TGI init container
+A version is an MLflow model (the pyfunc in components/chat_pyfunc.py, logged from code). Every file
+of it, MLmodel and the code file MLflow runs included, is checked against the manifest at its root, and
+the manifest against the version's tag `weights.manifest_sha256`; any difference refuses, naming the
+file. Only then is MLmodel read for where the merged Hugging Face directory sits. The TGI init container
 (serving/fetch_model.py) and `llmops serve models:/...` both come through here.
 """
 
@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.chat_pyfunc import artifact_paths
-from components.weights_manifest import MANIFEST_TAG, VerificationError, verify
+from components.chat_pyfunc import download_version, verify_version
+
+MODEL_SUBDIR = "mlflow_model"  # the version's files, as the store holds them; the download marker stays outside
 
 
 @dataclass(frozen=True)
@@ -35,27 +36,21 @@ def model_version(name: str, version: str | None = None, alias: str | None = Non
     return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
 
 
-def verify_download(root: Path, mv) -> tuple[Path, int]:
-    expected = mv.tags.get(MANIFEST_TAG)
-    if not expected:
-        raise VerificationError(
-            f"version {mv.version} of {mv.name} has no {MANIFEST_TAG} tag: it was not "
-            "registered by the register stage, so its files cannot be checked"
-        )
-    served, manifest = artifact_paths(root)
-    return served, verify(served, manifest, expected)
+def verify_download(root: Path, mv, pinned: str | None = None) -> tuple[Path, int]:
+    """(served directory, bytes checked) of version `mv` downloaded into root; raises VerificationError."""
+    return verify_version(root, mv, pinned)
 
 
-def download_verified(mv, dest: Path) -> Verified:
-    """Download version `mv` (once) into dest and verify every served file; raises VerificationError."""
-    import mlflow
-
+def download_verified(mv, dest: Path, pinned: str | None = None) -> Verified:
+    """Download version `mv` (once) into dest and verify every file of it, against the manifest digest the deploy
+    pinned when given; raises VerificationError."""
     started = time.perf_counter()
     dest = Path(dest)
-    marker = dest / ".downloaded"
+    root, marker = dest / MODEL_SUBDIR, dest / ".complete"
     if not marker.exists():
         shutil.rmtree(dest, ignore_errors=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dest))
+        root.mkdir(parents=True)
+        download_version(mv, root)
         marker.touch()
-    served, checked = verify_download(dest, mv)  # every start, cached or not: the cache could be edited too
+    served, checked = verify_download(root, mv, pinned)  # every start, cached or not: the cache could be edited too
     return Verified(served, mv.name, mv.version, mv.run_id, checked, time.perf_counter() - started)

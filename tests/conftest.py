@@ -22,6 +22,20 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# A label task for constrained decoding (serving/grammar.py): its labels, TGI's regex grammar over them, a schema.
+GRAMMAR_LABELS = ("refund", "card_lost", "balance")
+LABEL_GRAMMAR = {"type": "regex", "value": "(refund|card_lost|balance)"}
+INTENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "intent": {"enum": list(GRAMMAR_LABELS)},
+        "score": {"type": "integer", "minimum": 0, "maximum": 100},
+        "urgent": {"type": "boolean"},
+    },
+    "required": ["intent", "score", "urgent"],
+    "additionalProperties": False,
+}
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -338,6 +352,7 @@ def register_served(name: str, model_dir: Path, tags: dict | None = None, experi
     mlflow.set_experiment(experiment)
     with mlflow.start_run() as run:
         info, manifest_sha = log_chat_model(Path(model_dir), {})
+        mlflow.log_param(MANIFEST_TAG, manifest_sha)  # as register records it, where it cannot change
     return client.create_model_version(
         name,
         f"models:/{info.model_id}",
@@ -351,3 +366,32 @@ def logged_model_files(server_root: Path, version) -> Path:
     """Where the artifact store keeps a version's served directory (to tamper with it, as an attacker would)."""
     model_id = version.source.removeprefix("models:/")
     return next(Path(server_root).glob(f"artifacts/*/models/{model_id}/artifacts/artifacts/model"))
+
+
+def decoded_together(server: Live, monkeypatch, requests_: list, answer) -> tuple[list, list[int]]:
+    """`answer(*request)` for every request at once, decoded as one batch: the scheduler's first prefill waits
+    until every request has been submitted. Returns (the answers in request order, the batch sizes decoded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scheduler, prefill, decode = server.app.state.runtime.scheduler, server.engine.prefill, server.engine.decode
+    submit, submitted, sizes = scheduler.submit, [], []
+
+    def counted(*jobs):  # on the event loop: this test's own jobs, whatever else the module's server holds
+        submitted.extend(jobs)
+        return submit(*jobs)
+
+    def gathered(job):  # in the scheduler's thread: the first prefill waits until every request has been submitted
+        if not sizes:
+            sizes.append(0)
+            wait_for(lambda: len(submitted) == len(requests_), timeout=60, what="every request to be submitted")
+        return prefill(job)
+
+    def recording(batch):
+        sizes.append(len(batch))
+        return decode(batch)
+
+    monkeypatch.setattr(scheduler, "submit", counted)
+    monkeypatch.setattr(server.engine, "prefill", gathered)
+    monkeypatch.setattr(server.engine, "decode", recording)
+    with ThreadPoolExecutor(len(requests_)) as pool:
+        return list(pool.map(lambda request: answer(*request), requests_)), sizes

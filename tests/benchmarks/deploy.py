@@ -33,10 +33,10 @@ def measure() -> dict:
     from mlflow import MlflowClient
 
     from pipelines import mlflow_local
-    from serving.backends import LocalBackend
     from serving.client import chat_model
     from serving.deployer import Deployer
     from serving.deployer_app import WEBHOOK_NAME, create_app, register_webhook
+    from serving.local_backend import LocalBackend
     from serving.webhooks import Verifier
     from tests.benchmarks.serving import base_dir
     from tests.conftest import Live, free_port

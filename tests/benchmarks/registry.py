@@ -16,9 +16,8 @@ REPEATS = 3
 def measure() -> dict:
     import mlflow
 
-    from components.chat_pyfunc import artifact_paths
+    from components.chat_pyfunc import download_version, verify_version
     from components.util import dir_size
-    from components.weights_manifest import MANIFEST_TAG, verify
     from pipelines import mlflow_local
     from serving.verified_model import model_version
     from tests.benchmarks.serving import base_dir
@@ -41,11 +40,10 @@ def measure() -> dict:
             del model
             dest = root / f"download-{i}"
             started = time.perf_counter()
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
+            download_version(mv, dest)
             downloads.append(time.perf_counter() - started)
-            served, manifest = artifact_paths(dest)
             started = time.perf_counter()
-            verify(served, manifest, mv.tags[MANIFEST_TAG])
+            verify_version(dest, mv)
             checks.append(time.perf_counter() - started)
             shutil.rmtree(dest)
         return {"gigabytes": gigabytes, "load_s": min(loads), "download_s": min(downloads), "verify_s": min(checks)}

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from tests.benchmarks import (
     deploy,
+    engines,
     evaluation,
     limits,
     memory_plan,
@@ -63,6 +64,13 @@ SECTIONS = [
         "same dtype, threads and prompts, run first. Every figure is the median of 3 runs. Closed loop: each "
         "client sends its next request when its last is answered. ContinuousBatchingManager runs in-process "
         "(no HTTP) on the server's cores, with sdpa attention and 64-token pages.",
+    ),
+    Section(
+        "engines",
+        "engines: our server against real vLLM 0.32 on CPU, same cores, prompts and load (SmolLM2-135M-Instruct)",
+        "vLLM / ours",
+        engines,
+        engines.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
     ),
     Section("deploy", "promotion: alias to endpoint (local mode)", "target / value", deploy),
     Section(

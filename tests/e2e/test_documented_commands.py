@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,84 +19,9 @@ import torch
 import yaml
 
 from tests.conftest import ROOT, free_port, shared_path, wait_for
+from tests.e2e.workspace import ANSWER, QUESTION, documented, healthy, stop
 
 pytestmark = pytest.mark.e2e
-README = (ROOT / "README.md").read_text()
-LLMOPS = str(Path(sys.executable).with_name("llmops"))
-QUESTION = "Hi, I lost my credit card yesterday"
-# The demo's label for that question (components/demo_data.py).
-ANSWER = "card_lost"
-
-
-def documented(command: str) -> str:
-    assert command in README, f"the README no longer documents {command!r}: update this test with it"
-    return command
-
-
-class Workspace:
-    """A user's shell: a fresh directory, the repo's Makefile, and a local MLflow server on a free port."""
-
-    def __init__(self, path: Path):
-        self.path, self.root = path, path / ".llmops"
-        port = free_port()
-        self.tracking_uri = f"http://127.0.0.1:{port}"
-        drop = ("MLFLOW_TRACKING_URI", "LLMOPS_ENDPOINT_URL", "LLMOPS_SERVING_DIR")
-        self.env = {k: v for k, v in os.environ.items() if k not in drop}
-        # COLUMNS: rich wraps at the terminal width, and a pipe has none.
-        self.env.update(LLMOPS_MLFLOW_PORT=str(port), COLUMNS="200")
-
-    def make(self, target: str, timeout: float, **variables: str) -> subprocess.CompletedProcess:
-        args = ["make", "-C", str(ROOT), target] + [f"{k}={v}" for k, v in variables.items()]
-        return self.run(args, timeout)
-
-    def llmops(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return self.run([LLMOPS, *args], timeout)
-
-    def run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
-        done = subprocess.run(args, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=timeout)
-        assert done.returncode == 0, f"{args} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-        return done
-
-    def start(self, *args: str) -> subprocess.Popen:
-        """A long-running command in its own process group, so everything it starts can be stopped with it."""
-        return subprocess.Popen(
-            [LLMOPS, *args],
-            cwd=self.path,
-            env=self.env,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=(self.path / f"{args[0]}.log").open("w"),
-        )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # a child left behind (a model server) goes with its group
-    except ProcessLookupError:
-        pass
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    ws = Workspace(tmp_path_factory.mktemp("user"))
-    yield ws
-    subprocess.run([LLMOPS, "mlflow-stop", "--root", str(ws.root)], cwd=ws.path, env=ws.env, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def demo_run(workspace):
-    """`make run`, the README's first command: the demo data, the local profile, a local MLflow server."""
-    documented("make run    #")
-    done = workspace.make("run", timeout=1200, ARGS=f"--root {workspace.root}")
-    os.environ["MLFLOW_TRACKING_URI"] = workspace.tracking_uri  # for this process's MLflow client only
-    return done
 
 
 def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(workspace, demo_run, tmp_path):
@@ -158,7 +80,7 @@ def test_readme_promote_then_chat_answers_with_the_label(workspace, demo_run):
     port = free_port()
     deployer = workspace.start("deployer", "--port", str(port), "--interval", "5")
     try:
-        wait_for(lambda: _healthy(f"http://127.0.0.1:{port}"), 120, "the deployer to listen")
+        wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), 120, "the deployer to listen")
         workspace.llmops("promote", "llmops-demo", "1")
         client = MlflowClient()
         status = wait_for(
@@ -196,7 +118,7 @@ def test_serve_a_registered_alias(workspace, demo_run):
     server = workspace.start("serve", "models:/llmops-demo@challenger", "--port", str(port))
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _healthy(url) or server.poll() is not None, 180, "llmops serve to answer /health")
+        wait_for(lambda: healthy(url) or server.poll() is not None, 180, "llmops serve to answer /health")
         assert server.poll() is None, (workspace.path / "serve.log").read_text()[-3000:]
         info = requests.get(f"{url}/info", timeout=10).json()
         assert info["model_id"] == "models:/llmops-demo/1"
@@ -254,13 +176,6 @@ def test_banking77_profile_registers_a_version_on_all_77_labels(workspace, demo_
     report = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/reports/eval_report.json")
     assert len(report["labels"]) == 77 and "reverted_card_payment?" in report["labels"]
     assert "from the kfp cache (same inputs and code): base-model" in done.stdout  # the demo run's base model
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/health", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def demo_outputs(workspace) -> tuple[Path, Path, Path]:

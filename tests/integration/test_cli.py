@@ -36,11 +36,13 @@ def test_promote_moves_the_alias_and_refuses_unknown_versions(mlflow_server, tin
             mlflow.log_artifact(str(tiny_base / "config.json"), "model")
         for _ in range(2):
             client.create_model_version("cli-promote", f"{run.info.artifact_uri}/model", run.info.run_id)
-        assert runner.invoke(app, ["promote", "cli-promote", "2"]).exit_code == 0
+        assert runner.invoke(app, ["promote", "cli-promote", "2", "--no-wait"]).exit_code == 0
         assert client.get_model_version_by_alias("cli-promote", "champion").version == "2"
-        assert runner.invoke(app, ["promote", "cli-promote", "1"]).exit_code == 0  # a rollback moves the alias back
+        # a rollback moves the alias back; with no deployer running, the wait ends at its timeout and says why
+        result = runner.invoke(app, ["promote", "cli-promote", "1", "--timeout", "1"])
+        assert result.exit_code == 1 and "no deployer settled cli-promote/1 within 1s" in result.output
         assert client.get_model_version_by_alias("cli-promote", "champion").version == "1"
-        result = runner.invoke(app, ["promote", "cli-promote", "9"])
+        result = runner.invoke(app, ["promote", "cli-promote", "9", "--no-wait"])
         assert result.exit_code != 0 and client.get_model_version_by_alias("cli-promote", "champion").version == "1"
     finally:
         client.delete_registered_model("cli-promote")  # the shared server keeps no model from this test

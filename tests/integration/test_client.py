@@ -77,7 +77,9 @@ def test_endpoint_resolution_order(monkeypatch, tmp_path):
     "url, trusted",
     [
         ("http://tgi-llmops-demo.llmops-serving.svc.cluster.local:80", True),
-        ("http://tgi-x.ns.svc:80", True),
+        ("http://tgi-llmops-demo.llmops-serving.svc:80", True),
+        ("http://tgi-x.llmops-serving.svc:80", False),  # another model's Service
+        ("http://tgi-llmops-demo.attacker-ns.svc:80", False),  # a Service of the same name in another namespace
         ("http://127.0.0.1:8090", True),
         ("http://localhost:8090", True),
         ("https://evil.example.com/v1", False),
@@ -85,13 +87,53 @@ def test_endpoint_resolution_order(monkeypatch, tmp_path):
         ("http://tgi.ns.svc.cluster.local.evil.example.com", False),
         ("http://127.evil.example:8090", False),  # a name that merely starts like a loopback address
         ("http://[::1]:8090", True),
-        ("http://user:pw@tgi-x.ns.svc:80", False),
+        ("http://user:pw@tgi-llmops-demo.llmops-serving.svc:80", False),
         ("file:///etc/passwd", False),
     ],
 )
-def test_an_endpoint_tag_is_followed_only_to_an_in_cluster_service_or_loopback(url, trusted):
+def test_an_endpoint_tag_is_followed_only_to_the_models_own_service_or_loopback(url, trusted):
     if trusted:
-        assert client.trusted_endpoint(url, "m@champion") == url
+        assert client.trusted_endpoint(url, "llmops-demo@champion") == url
     else:
-        with pytest.raises(LookupError, match="neither an in-cluster Service.*LLMOPS_ENDPOINT_URL"):
-            client.trusted_endpoint(url, "m@champion")
+        with pytest.raises(LookupError, match="neither llmops-demo's Service in the serving namespace.*LLMOPS_"):
+            client.trusted_endpoint(url, "llmops-demo@champion")
+
+
+def test_an_endpoint_is_followed_only_when_the_deployer_says_deployed_and_a_loopback_server_agrees(
+    mlflow_server, tiny_base, monkeypatch
+):
+    """A foreign deploy.endpoint on a refused version, or on a version whose loopback server serves another,
+    is refused with the reason; the version the deployer deployed is followed."""
+    import uuid
+
+    from mlflow import MlflowClient
+
+    from serving.server import create_app
+    from tests.conftest import Live, register_served
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.delenv("LLMOPS_ENDPOINT_URL", raising=False)
+    name = f"client-{uuid.uuid4().hex[:6]}"
+    mlflow = MlflowClient()
+    try:
+        for _ in range(2):
+            register_served(name, tiny_base, {"gate.verdict": "passed"}, experiment="client-tests")
+        with Live(create_app(str(tiny_base), model_id=f"models:/{name}/1")) as live:
+            mlflow.set_registered_model_alias(name, "champion", "2")
+            foreign = {"deploy.status": "refused", "deploy.reason": "gate.verdict is failed"}
+            for key, value in {**foreign, "deploy.endpoint": "http://tgi-mine.llmops-serving.svc:80"}.items():
+                mlflow.set_model_version_tag(name, "2", key, value)
+            with pytest.raises(LookupError, match="deploy.status=refused: gate.verdict is failed"):
+                client.resolve_endpoint(f"{name}@champion")
+            mlflow.set_model_version_tag(name, "2", "deploy.status", "deployed")
+            with pytest.raises(LookupError, match="neither"):
+                client.resolve_endpoint(f"{name}@champion")
+            mlflow.set_model_version_tag(name, "2", "deploy.endpoint", live.url)  # serves version 1, not 2
+            with pytest.raises(LookupError, match="does not serve version 2"):
+                client.resolve_endpoint(f"{name}@champion")
+            mlflow.set_registered_model_alias(name, "champion", "1")
+            for key, value in {"deploy.status": "deployed", "deploy.endpoint": live.url}.items():
+                mlflow.set_model_version_tag(name, "1", key, value)
+            assert client.resolve_endpoint(f"{name}@champion") == live.url
+    finally:
+        mlflow.delete_registered_model(name)

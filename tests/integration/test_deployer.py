@@ -560,3 +560,130 @@ def test_a_local_deployer_stopped_with_sigterm_stops_the_servers_it_started(mlfl
         for pid in serving_processes(f"models:/{name}/{version}"):
             os.kill(pid, signal.SIGKILL)
         client.delete_registered_model(name)
+
+
+VLLM_PINNED = {**PINNED, "vllm_image": "vllm/vllm-openai:v0.32.0@sha256:" + "ef" * 32}
+
+
+def test_a_quantization_the_engine_cannot_honour_is_refused_on_the_version(model_name):
+    """vLLM as the profile's engine: a 16-bit version rolls out as a vLLM Deployment; the int8 version is refused
+    with the reason and nothing is applied; its deploy.engine=tgi tag serves it with TGI in the same Deployment;
+    a vLLM version that never gets ready is rolled back to what served."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    cfg = DeploySection(namespace="ns1", rollout_timeout_s=3, engine="vllm", **VLLM_PINNED)
+    try:
+        with FakeKube() as kube, AutoController(kube, "ns1", fail_versions={"1"}):
+            deployer = Deployer(KubeBackend(cfg, api_client=kube.api_client(), poll_s=0.05), models=[model_name])
+            client.set_registered_model_alias(model_name, "champion", "3")  # recommended_quantize none
+            assert deployer.reconcile_once() == [f"deployed {model_name}/3"]
+            container = deployed_version(kube, model_name)[1]["spec"]["template"]["spec"]["containers"][0]
+            assert container["name"] == "vllm" and container["image"] == VLLM_PINNED["vllm_image"]
+            assert client.get_model_version(model_name, "3").tags["deploy.served_engine"] == "vllm"
+
+            client.set_registered_model_alias(model_name, "champion", "2")  # bitsandbytes (LLM.int8)
+            writes = len(kube.writes())
+            assert deployer.reconcile_once() == [f"refused {model_name}/2"]
+            tags = client.get_model_version(model_name, "2").tags
+            assert tags["deploy.status"] == "refused" and "4-bit only" in tags["deploy.reason"]
+            assert len(kube.writes()) == writes and deployed_version(kube, model_name)[0] == "3"
+
+            client.set_model_version_tag(model_name, "2", "deploy.engine", "tgi")  # a person picks TGI for it
+            assert deployer.reconcile_once() == [f"deployed {model_name}/2"]
+            version, obj = deployed_version(kube, model_name)
+            container = obj["spec"]["template"]["spec"]["containers"][0]
+            assert version == "2" and container["name"] == "tgi" and "bitsandbytes" in container["args"]
+
+            client.set_registered_model_alias(model_name, "champion", "1")  # NF4 on a GPU vLLM: never ready here
+            assert deployer.reconcile_once() == [f"failed {model_name}/1"]
+            assert deployed_version(kube, model_name)[0] == "2"  # rolled back: TGI's version 2 serves on
+    finally:
+        for version in ("1", "2", "3"):
+            clear_deploy_tags(client, model_name, version)
+        client.delete_model_version_tag(model_name, "2", "deploy.engine")
+
+
+def test_promote_waits_for_the_outcome_and_prints_the_endpoint_or_the_reason(model_name):
+    """`llmops promote` returns when the deployer has settled the version: the endpoint, or the refusal's reason
+    with exit code 1; a version that failed before is tried again by promoting it."""
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    client = MlflowClient()
+    cfg = DeploySection(namespace="ns1", rollout_timeout_s=5, **PINNED)
+    runner = CliRunner()
+    client.set_model_version_tag(model_name, "1", "deploy.status", "failed")  # an outcome from an earlier try
+    client.set_model_version_tag(model_name, "1", "deploy.backend", "kubernetes")
+    try:
+        with FakeKube() as kube, AutoController(kube, "ns1"):
+            deployer = Deployer(
+                KubeBackend(cfg, api_client=kube.api_client(), poll_s=0.05), interval_s=0.2, models=[model_name]
+            )
+            stop = threading.Event()
+            loop = threading.Thread(target=deployer.run, args=(stop,), daemon=True)
+            loop.start()
+            try:
+                done = runner.invoke(app, ["promote", model_name, "1", "--timeout", "60"])
+                assert done.exit_code == 0, done.output
+                assert f"{model_name}/1 serves at http://{object_name(model_name)}.ns1.svc" in done.output
+                assert deployed_version(kube, model_name)[0] == "1"  # failed before, deployed now
+
+                done = runner.invoke(app, ["promote", model_name, "3", "--timeout", "60"])
+                assert done.exit_code == 0 and f"{model_name}/3 serves at" in done.output
+                # the version replaced says so: an alias moved back to it finds no endpoint until it serves again
+                assert client.get_model_version(model_name, "1").tags["deploy.status"] == "superseded"
+                statuses = []  # promoting what serves clears nothing: applications are never turned away
+                watch = threading.Thread(
+                    target=lambda: statuses.extend(
+                        client.get_model_version(model_name, "3").tags.get("deploy.status") for _ in range(5)
+                    )
+                )
+                watch.start()
+                assert runner.invoke(app, ["promote", model_name, "3", "--timeout", "60"]).exit_code == 0
+                watch.join()
+                assert set(statuses) == {"deployed"}
+
+                client.set_model_version_tag(model_name, "2", "gate.verdict", "failed")
+                done = runner.invoke(app, ["promote", model_name, "2", "--timeout", "60"])
+                assert done.exit_code == 1 and f"{model_name}/2 refused: gate.verdict is failed" in done.output
+
+                done = runner.invoke(app, ["promote", model_name, "1", "--no-wait"])
+                assert done.exit_code == 0 and "waiting" not in done.output
+            finally:
+                stop.set()
+                deployer.notify()
+                loop.join(timeout=30)
+    finally:
+        client.set_model_version_tag(model_name, "2", "gate.verdict", "passed")
+        for version in ("1", "2", "3"):
+            clear_deploy_tags(client, model_name, version)
+        client.delete_model_version_tag(model_name, "1", "deploy.backend")
+
+
+def test_a_manifest_tag_changed_after_registration_is_refused(model_name):
+    """Whoever can write the store and the tags swaps the weights, a manifest that matches them and the version's
+    tag, then moves champion away and back so the deployer renders again: the tag no longer matches the digest
+    the registration run recorded (a run's params never change), so nothing is deployed."""
+    from mlflow import MlflowClient
+
+    from components.weights_manifest import MANIFEST_TAG
+
+    client = MlflowClient()
+    original = client.get_model_version(model_name, "3").tags[MANIFEST_TAG]
+    client.set_registered_model_alias(model_name, "champion", "3")
+    try:
+        with FakeKube() as kube, AutoController(kube, "ns1"):
+            deployer = kube_deployer(kube, model_name)
+            client.set_model_version_tag(model_name, "3", MANIFEST_TAG, "ab" * 32)
+            assert deployer.reconcile_once() == [f"refused {model_name}/3"]
+            reason = client.get_model_version(model_name, "3").tags["deploy.reason"]
+            assert f"its registration run recorded {original}" in reason and kube.writes() == []
+            client.set_model_version_tag(model_name, "3", MANIFEST_TAG, original)
+            client.delete_model_version_tag(model_name, "3", "deploy.status")
+            assert deployer.reconcile_once() == [f"deployed {model_name}/3"]
+    finally:
+        client.set_model_version_tag(model_name, "3", MANIFEST_TAG, original)
+        clear_deploy_tags(client, model_name, "3")

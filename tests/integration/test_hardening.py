@@ -231,6 +231,20 @@ def test_finalize_closes_a_killed_run_and_deletes_a_half_registered_version(mlfl
     assert half.version not in [v.version for v in mlflow_env.search_model_versions(f"name='{cfg.model_name}'")]
 
 
+def test_a_version_that_holds_an_alias_survives_finalize_whatever_its_tags_say(mlflow_env, tmp_path):
+    """A served version whose lineage tag was edited looks incomplete: finalize keeps it, because an alias names it."""
+    cfg = RegisterSection(model_name="hard-aliased")
+    result = register.run(cfg, fake_stage_outputs(tmp_path), "run-aliased")
+    mlflow_env.set_registered_model_alias(cfg.model_name, "champion", result["version"])
+    # a lineage tag deleted by hand: the version now looks half-registered
+    mlflow_env.delete_model_version_tag(cfg.model_name, result["version"], "dataset_sha256")
+    register.finalize(cfg, "run-aliased", "FAILED")
+    assert versions_of(mlflow_env, cfg.model_name, "run-aliased") == [result["version"]]
+    mlflow_env.delete_registered_model_alias(cfg.model_name, "champion")
+    register.finalize(cfg, "run-aliased", "FAILED")  # with no alias left, an incomplete version goes
+    assert versions_of(mlflow_env, cfg.model_name, "run-aliased") == []
+
+
 def test_finalize_publishes_the_summary_of_a_successful_run(mlflow_env, tmp_path):
     cfg = RegisterSection(model_name="hard-final-ok")
     result = register.run(cfg, fake_stage_outputs(tmp_path), "run-ok")

@@ -141,3 +141,92 @@ def test_a_signed_webhook_still_reaches_the_deployer(auth_server, monkeypatch, t
                 MlflowClient().set_registered_model_alias(name, "champion", version)
                 listener.notified.wait(1.0)
     assert listener.notified.is_set(), "no verified webhook reached the deployer"
+
+
+class StubServing:
+    """A backend that serves one model and records what the deployer retires."""
+
+    kind = "stub"
+
+    def __init__(self, name: str):
+        self.names, self.retired = {name}, []
+
+    def managed(self):
+        return set(self.names)
+
+    def actual(self, name):
+        return None
+
+    def retire(self, name, reason):
+        self.retired.append(name)
+        self.names.discard(name)
+
+
+def test_a_deployer_whose_permission_was_revoked_scales_nothing_down(auth_server, monkeypatch, tmp_path):
+    """The deployer's listing stops showing a model it may no longer read: it keeps serving it, since reading the
+    model by name answers 403, not 404. Only once a direct read shows the alias gone does it scale to zero."""
+    from mlflow import MlflowClient
+    from mlflow.server import get_app_client
+
+    from serving.deployer import Deployer
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_server.url)
+    name = f"revoked-{uuid.uuid4().hex[:6]}"
+    (tmp_path / "config.json").write_text("{}")
+    with identity("admin", ADMIN["admin_password"]):
+        admin = MlflowClient()
+        admin.create_registered_model(name)
+        run = admin.create_run(admin.create_experiment(f"revoked-{name}"))
+        admin.log_artifact(run.info.run_id, str(tmp_path / "config.json"), "model")
+        version = admin.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id).version
+        admin.set_registered_model_alias(name, "champion", version)
+        grants = get_app_client("basic-auth", tracking_uri=auth_server.url)
+        grants.grant_user_permission("deployer", "registered_model", name, "READ")
+    backend = StubServing(name)
+    with identity("deployer", USERS["deployer"]):
+        deployer = Deployer(backend, models=[name])
+        assert name in deployer.desired()
+    with identity("admin", ADMIN["admin_password"]):  # revoked: the server's default for it is NO_PERMISSIONS
+        grants.revoke_user_permission("deployer", "registered_model", name)
+    with identity("deployer", USERS["deployer"]):
+        assert [m.name for m in deployer.registered() if m.name == name] == []  # the listing hides it
+        for _ in range(3):
+            assert deployer.reconcile_once() == []
+        assert backend.retired == []
+    with identity("admin", ADMIN["admin_password"]):
+        admin.delete_registered_model_alias(name, "champion")
+        grants.grant_user_permission("deployer", "registered_model", name, "READ")
+    with identity("deployer", USERS["deployer"]):  # absent from the listings before, now confirmed by name
+        assert deployer.reconcile_once() == [f"retired {name}"] and backend.retired == [name]
+
+
+def test_the_serving_pods_identity_downloads_with_exactly_the_grants_the_readme_gives(
+    auth_server, monkeypatch, tmp_path, tiny_base
+):
+    """The init container's `tgi-reader` login, granted as infra/k8s/README.md says: READ on the registered model
+    alone does not let MLflow 3.17.2 hand out the files (it checks downloads against the logged model's
+    experiment); with READ on that experiment too, the verified download succeeds."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    from serving.verified_model import download_verified, model_version
+    from tests.conftest import register_served
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_server.url)
+    name = f"served-{uuid.uuid4().hex[:6]}"
+    with identity("admin", ADMIN["admin_password"]):
+        grants = get_app_client("basic-auth", tracking_uri=auth_server.url)
+        grants.create_user("tgi-reader", "tgi-reader-password-1")
+        version = register_served(name, tiny_base, experiment=f"served-{name}")
+        experiment = MlflowClient().get_experiment_by_name(f"served-{name}").experiment_id
+        grants.grant_user_permission("tgi-reader", "registered_model", name, "READ")
+    with identity("tgi-reader", "tgi-reader-password-1"):
+        mv = model_version(name, version.version)
+        with pytest.raises((MlflowException, requests.HTTPError), match="Permission denied|PERMISSION_DENIED|403"):
+            download_verified(mv, tmp_path / "model-only")  # the artifact proxy answers 403
+    with identity("admin", ADMIN["admin_password"]):
+        grants.grant_user_permission("tgi-reader", "experiment", experiment, "READ")
+    with identity("tgi-reader", "tgi-reader-password-1"):
+        verified = download_verified(model_version(name, version.version), tmp_path / "with-experiment")
+        assert (verified.path / "config.json").is_file() and verified.bytes_checked > 0

@@ -113,6 +113,7 @@ def test_pyfunc_from_the_alias_answers_like_the_server(mlflow_server, stage_outp
     import mlflow
     from mlflow import MlflowClient
 
+    from components.chat_pyfunc import load_verified
     from serving.resolve import resolve_model
     from serving.server import create_app
     from tests.conftest import Live
@@ -120,8 +121,11 @@ def test_pyfunc_from_the_alias_answers_like_the_server(mlflow_server, stage_outp
     result = register.run(RegisterSection(model_name="tiny-pyfunc"), stage_outputs, "pipeline-pyfunc")
     MlflowClient().set_registered_model_alias("tiny-pyfunc", "challenger", result["version"])
     chats = [[{"role": "user", "content": text}] for text in ("I lost my card", "Where is my parcel?", "refund")]
-    model = mlflow.pyfunc.load_model("models:/tiny-pyfunc@challenger")
-    answers = model.predict([{"messages": chat} for chat in chats], params={"max_tokens": 6})
+    rows = [{"messages": chat} for chat in chats]
+    answers = load_verified("models:/tiny-pyfunc@challenger").predict(rows, params={"max_tokens": 6})
+    # The README's plain load still works (it checks nothing) and answers the same.
+    plain = mlflow.pyfunc.load_model("models:/tiny-pyfunc@challenger")
+    assert plain.predict(rows, params={"max_tokens": 6}) == answers
     served = resolve_model("models:/tiny-pyfunc@challenger").path
     with Live(create_app(str(served), max_total_tokens=512)) as live:
         for chat, answer in zip(chats, answers):

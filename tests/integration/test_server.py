@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.conftest import Live, shared_path, wait_for
+from tests.conftest import Live, decoded_together, shared_path, wait_for
 
 PROMPTS = [
     "I lost my card",
@@ -216,7 +216,11 @@ def test_routes_answer_as_the_spec_says(server, spec, method, path, body):
         ("/generate", {"inputs": 3}, "Failed to deserialize the JSON body"),
         ("/", {"inputs": "card " * 200}, "must be <= 128"),
         ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "Failed to deserialize the JSON body"),
-        ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json", "value": {}}}, "grammar"),
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "response_format": {"type": "regex", "value": "(ab"}},
+            "grammar is not valid",
+        ),
         ("/v1/completions", {"prompt": "card", "suffix": "x"}, "Suffix is not supported"),
     ],
 )
@@ -423,30 +427,14 @@ def test_answers_are_the_same_alone_and_in_a_batch_of_mixed_adapters_and_setting
         return details["finish_reason"], [t["id"] for t in details["tokens"]], [t["logprob"] for t in details["tokens"]]
 
     alone = [answer(*request) for request in requests_]
-    scheduler, prefill, decode = server.app.state.runtime.scheduler, server.engine.prefill, server.engine.decode
-    submit, submitted, sizes = scheduler.submit, [], []
-
-    def counted(job):  # on the event loop: this test's own jobs, whatever else the module's server holds
-        submitted.append(job)
-        return submit(job)
-
-    def gathered(job):  # in the scheduler's thread: the first prefill waits until every request has been submitted
-        if not sizes:
-            sizes.append(0)
-            wait_for(lambda: len(submitted) == len(requests_), timeout=60, what="every request to be submitted")
-        return prefill(job)
-
-    def recording(batch):
-        sizes.append(len(batch))
-        return decode(batch)
-
-    monkeypatch.setattr(scheduler, "submit", counted)
-    monkeypatch.setattr(server.engine, "prefill", gathered)
-    monkeypatch.setattr(server.engine, "decode", recording)
-    with ThreadPoolExecutor(len(requests_)) as pool:
-        together = list(pool.map(lambda request: answer(*request), requests_))
+    together, sizes = decoded_together(server, monkeypatch, requests_, answer)
     assert max(sizes) == len(requests_)  # all sixteen rows decoded together
-    assert together == alone  # tokens and logprobs to the bit: each row attends only to its own columns
+    # The same tokens, and logprobs within float rounding: each row attends only to its own columns. A batched
+    # matmul need not sum in the same order as a single row's (bit-equal on one CPU, 3e-4 apart on an AMD
+    # EPYC); a row that saw another row's columns moves its logprobs by far more than 1e-3.
+    assert [(reason, ids) for reason, ids, _ in together] == [(reason, ids) for reason, ids, _ in alone]
+    for (_, _, got), (_, _, want) in zip(together, alone):
+        assert got == pytest.approx(want, abs=1e-3)
 
 
 @pytest.mark.integration

@@ -239,6 +239,25 @@ def test_overlay_renders_the_whole_stack(overlay):
         assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_serving_namespace_caps_gpus_and_memory_whatever_the_registry_holds(overlay):
+    """No registry write can take more GPUs than the quota: every served pod is Guaranteed, so its GPU and memory
+    count against these caps, and two 1-GPU models fit with one rollout in flight."""
+    from serving.manifests import render_deployment
+    from serving.settings import DeploySection
+
+    quota = find(render(overlay), "ResourceQuota", "serving")
+    assert quota["metadata"]["namespace"] == SERVING_NAMESPACE
+    hard = quota["spec"]["hard"]
+    cfg = DeploySection()
+    assert {f"requests.{cfg.gpu_resource}", "requests.memory", "limits.memory", "pods"} <= hard.keys()
+    pod = render_deployment(cfg, name="m", version="1", run_id="r", tags={})["spec"]["template"]["spec"]
+    gpus = sum(int(c["resources"]["requests"].get(cfg.gpu_resource, 0)) for c in pod["containers"])
+    assert gpus * 2 < int(hard[f"requests.{cfg.gpu_resource}"]) <= gpus * 3  # two models, one surge pod
+    for container in pod["containers"] + pod["initContainers"]:
+        assert container["resources"]["requests"] == container["resources"]["limits"]  # quota counts both alike
+
+
 def test_kustomizations_stay_within_kustomize_v2_0_3():
     """kubectl 1.20 (Debian's kubernetes-client) embeds kustomize v2.0.3: no `patches`, `labels`, `components`,
     `replacements`; and `resources:` takes files only (directories go in `bases:`)."""
@@ -501,6 +520,16 @@ def test_backing_services_take_credentials_from_secrets(overlay):
 # --------------------------------------------------------------------------------------------------------------
 # Deployer
 # --------------------------------------------------------------------------------------------------------------
+def test_a_cluster_deployer_without_an_allowlist_refuses_to_start(monkeypatch):
+    from typer.testing import CliRunner
+
+    from llmops.cli import app
+
+    monkeypatch.setenv("LLMOPS_WEBHOOK_SECRET", "s")
+    done = CliRunner().invoke(app, ["deployer", "--mode", "kubernetes", "deploy.models=[]"])
+    assert done.exit_code == 2 and "deploy.models is empty" in done.output
+
+
 def deployer_cli_params(args: list[str]) -> dict:
     """Parse the container's arguments with the real `llmops` CLI, without running it."""
     import typer
@@ -539,6 +568,7 @@ def test_deployer_runs_the_cli_against_mlflow(overlay):
         "cluster",
     )
     cfg = load_deployer_config(params["profile"], params["overrides"]).deploy  # the overrides are valid config
+    assert cfg.models, "a cluster deployer serves an allowlist of registered models"
     assert cfg.namespace == SERVING_NAMESPACE
 
     variables = env(container)
@@ -743,8 +773,9 @@ def test_every_image_is_pinned_by_digest_and_the_placeholders_are_refused():
             for container in containers(template["spec"]):
                 assert container["image"].endswith(PLACEHOLDER), container["image"]
     cfg = load_deployer_config("cluster").deploy
-    assert cfg.unpinned() == ["deploy.tgi_image", "deploy.fetch_image"]
+    assert cfg.unpinned("tgi") == ["deploy.tgi_image", "deploy.fetch_image"]
+    assert cfg.unpinned("vllm") == ["deploy.vllm_image", "deploy.fetch_image"]
     pinned = DeploySection(tgi_image="tgi@sha256:" + "a" * 64, fetch_image="ours@sha256:" + "b" * 64)
-    assert pinned.unpinned() == []
+    assert pinned.unpinned("tgi") == [] and pinned.unpinned("vllm") == ["deploy.vllm_image"]
     with pytest.raises(ValueError, match="fetch_image"):
         DeploySection(fetch_image="ghcr.io/llmops/llmops-cpu:0.1.0")  # a tag alone is refused at load

@@ -279,3 +279,116 @@ def test_fetch_model_reports_download_failures(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "could not download models:/m/1" in err and "connection refused" in err
     assert fetch_model.main(["not-a-model-uri", str(tmp_path / "model")]) == 1
+
+
+def vllm_cfg(**kw) -> DeploySection:
+    return DeploySection(engine="vllm", **kw)
+
+
+@pytest.mark.parametrize(
+    "cfg", [vllm_cfg(), vllm_cfg(gpu_count=0, node_selector={}, tolerations=[]), vllm_cfg(replicas=2)]
+)
+def test_vllm_objects_are_schema_valid(cfg):
+    quantize = "bitsandbytes-nf4" if cfg.gpu_count else "none"
+    for obj in manifests.render(cfg, name="llmops-demo", version="3", run_id=RUN_ID, tags=tags(quantize)):
+        validate(obj)
+
+
+def test_vllm_container_serves_the_fetched_directory_under_the_registered_name():
+    dep = deployment(vllm_cfg(max_total_tokens=4096))
+    container, pod = tgi(dep), dep["spec"]["template"]["spec"]
+    assert container["name"] == "vllm" and container["image"] == DeploySection().vllm_image
+    assert container["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    args = container["args"]
+    assert arg(args, "--model") == "/data/model" and arg(args, "--max-model-len") == "4096"
+    names = args[args.index("--served-model-name") + 1 : args.index("--served-model-name") + 3]
+    assert names == ["llmops-demo", "models:/llmops-demo/3"]
+    assert arg(args, "--port") == str(container["ports"][0]["containerPort"])
+    assert arg(args, "--quantization") == "bitsandbytes"  # the NF4 recommendation, as vLLM's in-flight 4-bit
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_NO_USAGE_STATS"] == "1"
+    # everything the TGI pod has: the same init container, probes, hardening, volumes, rollout strategy
+    assert pod["initContainers"][0]["name"] == "fetch-model"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert {v["name"] for v in pod["volumes"]} == {"shm", "data", "tmp"}
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert dep["spec"]["template"]["metadata"]["annotations"][manifests.ANN_ENGINE] == "vllm"
+
+
+def test_a_version_tag_chooses_the_engine_over_the_profile():
+    tgi_profile = DeploySection(engines={"other": "vllm"})
+    by_tag = manifests.render_deployment(
+        tgi_profile, name="llmops-demo", version="3", run_id=RUN_ID, tags={**tags(), "deploy.engine": "vllm"}
+    )
+    assert tgi(by_tag)["name"] == "vllm"
+    by_model = manifests.render_deployment(tgi_profile, name="other", version="1", run_id=RUN_ID, tags=tags())
+    assert tgi(by_model)["name"] == "vllm"
+    assert tgi(deployment(tgi_profile))["name"] == "tgi"
+    from serving.engines import EngineRefusal
+
+    with pytest.raises(EngineRefusal, match="deploy.engine='sglang'"):
+        manifests.render_deployment(
+            tgi_profile, name="m", version="1", run_id=RUN_ID, tags={**tags(), "deploy.engine": "sglang"}
+        )
+
+
+def test_quantization_vllm_cannot_honour_is_refused_with_the_reason():
+    from serving.engines import EngineRefusal
+
+    with pytest.raises(EngineRefusal, match="4-bit only"):
+        deployment(vllm_cfg(), quantize="bitsandbytes")
+    with pytest.raises(EngineRefusal, match="CUDA"):
+        deployment(vllm_cfg(gpu_count=0), quantize="bitsandbytes-nf4")
+    assert "--quantization" not in tgi(deployment(vllm_cfg(), quantize="none"))["args"]
+
+
+def test_extra_args_pass_only_vetted_flags_with_valid_values():
+    from serving.engines import EngineRefusal, vetted_args
+
+    cfg = vllm_cfg(
+        extra_args={"vllm": ["--tensor-parallel-size", "2", "--enable-prefix-caching", "--max-model-len=8192"]}
+    )
+    args = tgi(deployment(cfg))["args"]
+    assert arg(args, "--tensor-parallel-size") == "2" and "--enable-prefix-caching" in args
+    assert args.count("--max-model-len") == 1 and arg(args, "--max-model-len") == "8192"  # the profile's wins
+    tgi_args = tgi(deployment(DeploySection(extra_args={"tgi": ["--num-shard", "4"]})))["args"]
+    assert arg(tgi_args, "--num-shard") == "4"
+    assert vetted_args("vllm", ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}'])
+    refused = {
+        "--trust-remote-code": "not a vetted vllm flag",
+        "--chat-template=/tmp/x": "not a vetted vllm flag",
+        "--model=/etc": "set by the deployer",
+        "--lora-modules": "adapter promotion",
+        "--tensor-parallel-size=0": "at least 1",
+        "--tensor-parallel-size=+2": "whole number",
+        "--trust-remote": "not a vetted vllm flag",  # an abbreviation argparse would expand
+        "-tp": "not a vetted vllm flag",
+        "--gpu-memory-utilization=1.5": r"\(0, 1\]",
+        "--kv-cache-dtype=int3": "one of",
+        "--enforce-eager=yes": "takes no value",
+    }
+    for flag, why in refused.items():
+        with pytest.raises(EngineRefusal, match=why):
+            vetted_args("vllm", [flag])
+    with pytest.raises(EngineRefusal, match="only ngram"):
+        vetted_args("vllm", ["--speculative-config", '{"model": "meta-llama/draft", "num_speculative_tokens": 4}'])
+    with pytest.raises(ValueError, match="not a vetted tgi flag"):
+        DeploySection(extra_args={"tgi": ["--trust-remote-code"]})  # a profile with one never loads
+
+
+def test_the_init_container_checks_against_the_digest_read_at_deploy_time():
+    pinned = {**tags(), "weights.manifest_sha256": "ab" * 32}
+    dep = manifests.render_deployment(DeploySection(), name="llmops-demo", version="3", run_id=RUN_ID, tags=pinned)
+    command = dep["spec"]["template"]["spec"]["initContainers"][0]["command"]
+    assert command[-3:] == ["/data/model", "--manifest-sha256", "ab" * 32]
+    assert dep["spec"]["template"]["metadata"]["annotations"][manifests.ANN_MANIFEST] == "ab" * 32
+    # the digest is part of the pod template: a changed tag on redeploy rolls the pods
+    other = manifests.render_deployment(
+        DeploySection(),
+        name="llmops-demo",
+        version="3",
+        run_id=RUN_ID,
+        tags={**pinned, "weights.manifest_sha256": "cd" * 32},
+    )
+    assert other["spec"]["template"] != dep["spec"]["template"]
