@@ -39,6 +39,10 @@ class DecodeBatch:
     """The rows in flight and their shared cache; `starts[i]` is the first column that belongs to row i."""
 
     def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        """No rows, no cache."""
         self.rows: list = []
         self.starts: list[int] = []
         self.cache: DynamicCache | None = None
@@ -73,7 +77,7 @@ class DecodeBatch:
     def keep(self, index: list[int]) -> None:
         """Keep only the rows at `index`, and drop the columns that no remaining row uses."""
         if not index:
-            self.__init__()
+            self.clear()
             return
         if len(index) < len(self.rows):
             self.cache.batch_select_indices(torch.tensor(index))

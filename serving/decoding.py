@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -65,6 +66,20 @@ class Step:
     end: Generated | None = None
 
 
+class RequestStatus(Enum):
+    """Where one job (one prompt) stands in the scheduler. The scheduler's thread moves it, except CANCELLED,
+    which `Scheduler.cancel` sets under its lock; the last three are final."""
+
+    WAITING = "waiting"  # queued, not yet admitted
+    RUNNING = "running"  # admitted by `Scheduler.schedule`: prefilling, then a row of the decode batch
+    FINISHED = "finished"  # its last token was emitted (length, EOS or a stop sequence)
+    FAILED = "failed"  # the model failed on it, and its error was emitted
+    CANCELLED = "cancelled"  # its request ended first (the client left, or a sibling prompt failed)
+
+
+FINAL = (RequestStatus.FINISHED, RequestStatus.FAILED, RequestStatus.CANCELLED)
+
+
 @dataclass(eq=False)
 class Job:
     ids: list[int]
@@ -72,7 +87,7 @@ class Job:
     adapter: str | None
     emit: Callable[[Step | Exception], None]  # called from the scheduler's thread
     grammar: Constraint | None = None  # compiled at validation; used only by the scheduler's thread after that
-    cancelled: bool = False  # set by `Scheduler.cancel` when its request has ended; the row leaves at the next step
+    status: RequestStatus = RequestStatus.WAITING
 
 
 def finite(value: float) -> float | None:
@@ -100,23 +115,27 @@ class Row:
     def __init__(self, engine, job: Job):
         self.engine, self.job = engine, job
         self.ids = list(job.ids)
-        self.generated, self.done, self.tail = 0, False, ""
+        self.generated, self.tail = 0, ""
         self.longest_stop = max(map(len, job.sampling.stop), default=0)
         self.generator = torch.Generator().manual_seed(job.sampling.seed) if job.sampling.do_sample else None
         self.warpers = _warpers(job.sampling)
         # tokenizers' own incremental decoder, primed with the prompt's tail so the first token's space comes out
         self.stream = DecodeStream(ids=job.ids[-5:], skip_special_tokens=False)
 
+    @property
+    def done(self) -> bool:
+        """The row leaves the batch at the end of this step."""
+        return self.job.status in FINAL
+
     def step(self, logits: torch.Tensor, prefill: list[dict] | None = None) -> int:
         """Choose and emit the next token; a failure here fails this row only."""
-        if self.job.cancelled:
-            self.done = True
+        if self.done:  # cancelled: its request has ended
             return self.engine.pad_id
         try:
             return self._advance(logits, prefill)
         except Exception as err:  # noqa: BLE001 - reported to the client as a generation error
             log.exception("row failed")
-            self.done = True
+            self.job.status = RequestStatus.FAILED
             self.job.emit(err)
             return self.engine.pad_id
 
@@ -136,7 +155,7 @@ class Row:
         reason = self._finish_reason(next_id, text)
         end = None
         if reason:
-            self.done = True
+            self.job.status = RequestStatus.FINISHED
             s = self.job.sampling
             end = Generated(
                 self._final_text(), reason, self.generated, s.seed if s.do_sample else None, len(self.job.ids)

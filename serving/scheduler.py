@@ -1,7 +1,8 @@
 """Continuous batching: one thread that admits waiting jobs into the running batch between decode steps.
 
-Each turn of the loop (1) drops rows whose requests have ended, (2) prefills waiting jobs while the batch has room,
-each alone, and lets them join, (3) decodes one token for every row, (4) lets finished rows leave. A request that
+Each turn (`step`) (1) admits waiting jobs while the batch has room (`schedule` decides, and names each job's state
+with a RequestStatus), (2) prefills each alone and lets it join, (3) drops rows whose requests have ended, (4) decodes
+one token for every row, (5) lets finished rows leave. A request that
 arrives mid-generation therefore starts at the next step instead of waiting for the longest row of a static batch,
 and a row whose request has ended (its client left, or a sibling prompt failed) stops within one step. The thread is
 apart from the event loop, so the server keeps answering (health, 429s, streams) while the model computes.
@@ -16,7 +17,7 @@ from collections import deque
 import torch
 
 from serving.decode_batch import DecodeBatch
-from serving.decoding import Job
+from serving.decoding import FINAL, Job, RequestStatus
 from serving.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,14 @@ class Scheduler:
 
     def cancel(self, jobs: list[Job]) -> None:
         """Drop the jobs of a request that has ended: waiting ones leave the queue now, running rows at the next
-        step, and a job popped for this turn's prefills is skipped."""
+        step, and a job admitted this turn but not yet prefilled is skipped. A job already final stays as it is."""
         if not jobs:
             return
         with self.wake:
             for job in jobs:
-                job.cancelled = True
-            self.waiting = deque(job for job in self.waiting if not job.cancelled)
+                if job.status not in FINAL:
+                    job.status = RequestStatus.CANCELLED
+            self.waiting = deque(job for job in self.waiting if job.status is RequestStatus.WAITING)
 
     def queued(self) -> int:
         return len(self.waiting)
@@ -68,28 +70,41 @@ class Scheduler:
             self.wake.notify()
         self.thread.join(timeout=30)
 
+    def schedule(self) -> list[Job]:
+        """Decide this turn's admissions, without waiting: the oldest waiting jobs, as many as the batch has room
+        for. Each is RUNNING from here on, so a later cancel marks it, and `step` skips it."""
+        with self.wake:
+            room = self.max_batch_size - len(self.batch)
+            admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            for job in admitted:
+                job.status = RequestStatus.RUNNING
+            return admitted
+
+    def step(self) -> None:
+        """One turn, executed on the scheduler's thread (or a test's): drop rows whose requests have ended,
+        prefill each admitted job and let it join, decode one token for every row, let finished rows leave."""
+        for job in self.schedule():
+            self._start(job)
+        self.batch.keep([i for i, row in enumerate(self.batch.rows) if not row.done])
+        if len(self.batch):
+            self._decode()
+
     def _run(self) -> None:
         # On a shared CPU an OpenMP team stalls whenever one of its cores is busy elsewhere: measured here, a
         # decode step took 100 ms with 2 threads and 1 ms with 1. Batching, not intra-op threads, buys throughput.
         torch.set_num_threads(self.threads)
-        while (jobs := self._admit()) is not None:
-            for job in jobs:
-                self._start(job)
-            if len(self.batch):
-                self._decode()
+        while self._work():
+            self.step()
 
-    def _admit(self) -> list[Job] | None:
-        """Jobs to start now, as many as the batch has room for; waits while there is nothing to do."""
+    def _work(self) -> bool:
+        """Wait until there is something to do; False once the scheduler is closed."""
         with self.wake:
             while not self.stopped and not self.waiting and not len(self.batch):
                 self.wake.wait()
-            if self.stopped:
-                return None
-            room = self.max_batch_size - len(self.batch)
-            return [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            return not self.stopped
 
     def _start(self, job: Job) -> None:
-        if job.cancelled:  # its request ended while it waited for the prefills before it
+        if job.status is RequestStatus.CANCELLED:  # its request ended while it waited for the prefills before it
             return
         try:
             row, cache = self.engine.prefill(job)
@@ -97,18 +112,17 @@ class Scheduler:
                 self.batch.join(row, cache)
         except Exception as err:  # noqa: BLE001 - this client gets a generation error, the others go on
             log.exception("prefill failed")
+            job.status = RequestStatus.FAILED
             job.emit(err)
 
     def _decode(self) -> None:
-        self.batch.keep([i for i, row in enumerate(self.batch.rows) if not row.job.cancelled])
-        if not len(self.batch):
-            return
         try:
             self.engine.decode(self.batch)
         except Exception as err:  # noqa: BLE001 - the batch's clients get a generation error, the server lives
             log.exception("decode step of %d rows failed", len(self.batch))
             for row in self.batch.rows:
+                row.job.status = RequestStatus.FAILED
                 row.job.emit(err)
-            self.batch.keep([])
+            self.batch.clear()
             return
         self.batch.keep([i for i, row in enumerate(self.batch.rows) if not row.done])
