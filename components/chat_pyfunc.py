@@ -25,7 +25,8 @@ from pathlib import Path
 import mlflow
 
 from components.artifacts import MANIFEST_FILE
-from components.weights_manifest import MANIFEST_TAG, VerificationError, verify
+from components.registry_tags import MANIFEST_TAG
+from components.weights_manifest import VerificationError, verify
 
 MODEL_KEY = "model"  # the merged directory, at artifacts/model/ inside the logged model
 CODE_FILE = Path(__file__).with_name("chat_pyfunc_code.py")  # the models-from-code file MLflow copies and runs

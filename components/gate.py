@@ -13,6 +13,17 @@ from pathlib import Path
 
 from components.artifacts import EvalReport, PreparedData
 from components.config import EvalSection, GateSection
+from components.registry_tags import (
+    GATE_CHAMPION_VERSION,
+    GATE_GAIN_OVER_BASE,
+    GATE_GAIN_OVER_CHAMPION,
+    GATE_METRIC,
+    GATE_REASON,
+    GATE_VERDICT,
+    QUANTIZE_TAG,
+    Verdict,
+    eval_tag,
+)
 from components.tracking import configure_retries
 from components.util import console, heading
 
@@ -56,8 +67,8 @@ def champion_score(
     if champion.version == candidate_version:
         return None
     ours = PreparedData(data_dir).stats()["prepared_sha256"]
-    tag = champion.tags.get(f"eval.tuned.{cfg.metric}")
-    same_rows = champion.tags.get("eval.tuned.examples") == str(rows)
+    tag = champion.tags.get(eval_tag("tuned", cfg.metric))
+    same_rows = champion.tags.get(eval_tag("tuned", "examples")) == str(rows)
     if champion.tags.get("prepared_dataset_sha256") == ours and same_rows and tag is not None:
         return champion.version, float(tag)
     return champion.version, _evaluate_champion(champion, cfg, data_dir, rows)
@@ -75,7 +86,7 @@ def _evaluate_champion(champion, cfg: GateSection, data_dir: Path, rows: int) ->
     local = download_version(champion, Path(tempfile.mkdtemp()))
     model_dir, _ = verify_version(local, champion)
     data = PreparedData(data_dir)
-    model = load_as_served(model_dir, champion.tags.get("recommended_quantize", "none"))
+    model = load_as_served(model_dir, champion.tags.get(QUANTIZE_TAG, "none"))
     # The champion may have another tokenizer (another base): it reads the strings, never this run's token ids.
     rows_as_text = [{k: v for k, v in e.items() if not k.endswith("_ids")} for e in data.examples("eval")[:rows]]
     scored = score_model(
@@ -91,7 +102,7 @@ def _evaluate_champion(champion, cfg: GateSection, data_dir: Path, rows: int) ->
 
 def base_on_served_rows(metric: str, registration: dict, report_dir: Path) -> float | None:
     """The base model's figure on the rows the served model was scored on (None when it cannot be had)."""
-    rows, scored = int(registration["eval.tuned.examples"]), int(registration["eval.base.examples"])
+    rows, scored = int(registration[eval_tag("tuned", "examples")]), int(registration[eval_tag("base", "examples")])
     report = EvalReport(report_dir).report()
     if rows == scored:
         return report["base"][metric]
@@ -111,7 +122,7 @@ def run(cfg: GateSection, registration: dict, report_dir: Path, data_dir: Path) 
     configure_retries()  # every call below is idempotent (reads, tag and alias sets), so retrying is safe
     client = MlflowClient()
     name, version = registration["name"], str(registration["version"])
-    rows = int(registration["eval.tuned.examples"])
+    rows = int(registration[eval_tag("tuned", "examples")])
     base = base_on_served_rows(cfg.metric, registration, report_dir)
     if base is None:
         verdict = {
@@ -119,25 +130,25 @@ def run(cfg: GateSection, registration: dict, report_dir: Path, data_dir: Path) 
             "gain_over_base": float("nan"),
             "gain_over_champion": None,
             "champion_version": None,
-            "reason": f"quantize scored {rows} eval rows and evaluate {registration['eval.base.examples']}: "
+            "reason": f"quantize scored {rows} eval rows and evaluate {registration[eval_tag('base', 'examples')]}: "
             f"{cfg.metric} of the base on the served rows is unknown; set quantize.eval_examples=null",
         }
         champ = None
     else:
         champ = champion_score(client, name, cfg, version, data_dir, rows)
-        verdict = decide(cfg, registration[f"eval.tuned.{cfg.metric}"], base, champ and champ[1])
+        verdict = decide(cfg, registration[eval_tag("tuned", cfg.metric)], base, champ and champ[1])
         verdict["champion_version"] = champ and champ[0]
     tags = {
-        "gate.verdict": "passed" if verdict["passed"] else "failed",
-        "gate.reason": verdict["reason"],
-        "gate.metric": cfg.metric,
-        "gate.gain_over_base": f"{verdict['gain_over_base']:.4f}",
-        "gate.gain_over_champion": "n/a" if champ is None else f"{verdict['gain_over_champion']:.4f}",
-        "gate.champion_version": str(verdict["champion_version"] or "none"),
+        GATE_VERDICT: Verdict.PASSED if verdict["passed"] else Verdict.FAILED,
+        GATE_REASON: verdict["reason"],
+        GATE_METRIC: cfg.metric,
+        GATE_GAIN_OVER_BASE: f"{verdict['gain_over_base']:.4f}",
+        GATE_GAIN_OVER_CHAMPION: "n/a" if champ is None else f"{verdict['gain_over_champion']:.4f}",
+        GATE_CHAMPION_VERSION: str(verdict["champion_version"] or "none"),
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    console.print(f"gate {tags['gate.verdict']}: {verdict['reason']}")
+    console.print(f"gate {tags[GATE_VERDICT]}: {verdict['reason']}")
     return verdict
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from components.artifacts import MANIFEST_FILE, PreparedData
 from components.progress import megabytes
 from components.util import console
 
-ADAPTER_MODEL_TAG = "llmops.adapter_model_id"
 DATASET_COLUMNS = ("id", "answer", "prompt", "completion")
 
 
@@ -102,8 +102,9 @@ def log_chat_model(model_dir: Path, params: dict[str, str]):
     return info, flavor.manifest_sha256
 
 
-def log_adapter_model(adapter_dir: Path, run_id: str, experiment_id: str, base_sha256: str) -> str:
-    """The LoRA adapter as a LoggedModel of the same run; returns its model id."""
+def log_adapter_model(adapter_dir: Path, run_id: str, experiment_id: str, base_sha256: str) -> tuple[str, str]:
+    """The LoRA adapter as a LoggedModel of the same run, its manifest beside its files (as the served model's
+    is), so whatever serves it checks every file first; returns (its model id, the manifest's sha256)."""
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelStatus
 
@@ -115,9 +116,13 @@ def log_adapter_model(adapter_dir: Path, run_id: str, experiment_id: str, base_s
         model_type="peft-lora",
         tags={"base_model_sha256": base_sha256},
     )
-    client.log_model_artifacts(model.model_id, str(adapter_dir))
+    with tempfile.TemporaryDirectory() as scratch:
+        manifest = Path(scratch) / MANIFEST_FILE
+        manifest_sha = weights_manifest.write(adapter_dir, manifest)
+        client.log_model_artifacts(model.model_id, str(adapter_dir))
+        client.log_model_artifact(model.model_id, str(manifest))
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    return model.model_id
+    return model.model_id, manifest_sha
 
 
 def is_logged_model_whole(client, model_id: str) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 from components.artifacts import PreparedData, QuantizeReport, record_config
 from components.config import EvalSection, QuantizeSection
 from components.inference import TGI_FLAG, VARIANT_OF_FLAG, bnb_config, load_model, load_tokenizer
+from components.registry_tags import QUANTIZE_TAG
 from components.scoring import score_model
 from components.util import console, dir_size, heading, quiet_libraries, write_json
 
@@ -88,7 +89,7 @@ def run(cfg: QuantizeSection, merged_dir: Path, data_dir: Path, out_dir: Path) -
         served = {**results[VARIANT_OF_FLAG.get(flag, "merged")], "quantize": flag, "examples": len(examples)}
         report = {
             "results": results,
-            "recommended_quantize": flag,
+            QUANTIZE_TAG: flag,  # register copies it to the version tag of the same name
             "served": served,
             "examples": len(examples),
             "thresholds": {
@@ -100,11 +101,11 @@ def run(cfg: QuantizeSection, merged_dir: Path, data_dir: Path, out_dir: Path) -
         tracker.log_metrics(
             {f"quantize.{name}.{k}": v for name, r in results.items() for k, v in r.items() if not isinstance(v, dict)}
         )
-        tracker.set_tags({"recommended_quantize": report["recommended_quantize"]})
+        tracker.set_tags({QUANTIZE_TAG: report[QUANTIZE_TAG]})
     for name, r in results.items():
         console.print(
             f"{name:>6}: {r['disk_bytes'] / 1e6:7.1f} MB on disk, {r['memory_bytes'] / 1e6:7.1f} MB in memory, "
             f"exact match {r['exact_match']:.3f}, perplexity {r['perplexity']:.3f}"
         )
-    console.print(f"recommended TGI --quantize: {report['recommended_quantize']}")
+    console.print(f"recommended TGI --quantize: {report[QUANTIZE_TAG]}")
     return report

@@ -27,18 +27,31 @@ from components.artifacts import (
 )
 from components.config import RegisterSection
 from components.logged_model import (
-    ADAPTER_MODEL_TAG,
     is_logged_model_whole,
     log_adapter_model,
     log_chat_model,
     log_datasets,
 )
 from components.prompt_contract import read_contract
+from components.registry_tags import (
+    ADAPTER_MANIFEST_TAG,
+    ADAPTER_MODEL_TAG,
+    GATE_REASON,
+    GATE_VERDICT,
+    MANIFEST_TAG,
+    MODEL_ID_TAG,
+    PIPELINE_RUN_TAG,
+    PROMPT_ANSWER_FORMAT,
+    PROMPT_LABEL_SET,
+    PROMPT_LABELS,
+    PROMPT_SYSTEM,
+    PROMPT_USER_PREFIX,
+    QUANTIZE_TAG,
+    eval_tag,
+)
 from components.tracking import EXPERIMENT_ENV, configure_retries, flatten, numeric, safe_names
 from components.util import console, heading, read_json, text_sha256
-from components.weights_manifest import MANIFEST_TAG
 
-PIPELINE_RUN_TAG = "llmops.pipeline_run"
 HEADLINE = ("exact_match", "label_accuracy", "perplexity")
 
 
@@ -72,13 +85,13 @@ def contract_tags(model_dir: Path) -> dict:
     if contract is None:
         return {}
     tags = {
-        "prompt.system_prompt": contract["system_prompt"],
-        "prompt.user_prefix": contract["user_prefix"],
-        "prompt.answer_format": contract["answer_format"],
-        "prompt.labels": str(len(contract["labels"])),
+        PROMPT_SYSTEM: contract["system_prompt"],
+        PROMPT_USER_PREFIX: contract["user_prefix"],
+        PROMPT_ANSWER_FORMAT: contract["answer_format"],
+        PROMPT_LABELS: str(len(contract["labels"])),
     }
     if contract["labels"]:  # the set an application constrains answers to (serving.client, constrained=True)
-        tags["prompt.label_set"] = json.dumps(contract["labels"], ensure_ascii=False, separators=(",", ":"))
+        tags[PROMPT_LABEL_SET] = json.dumps(contract["labels"], ensure_ascii=False, separators=(",", ":"))
     return tags
 
 
@@ -99,7 +112,7 @@ def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
         "config_sha256": text_sha256(repr(sorted((c["stage"], c["config"]) for c in configs))),
         "git_commit": git_commit(),
         PIPELINE_RUN_TAG: pipeline_run,
-        "recommended_quantize": quant["recommended_quantize"],
+        QUANTIZE_TAG: quant[QUANTIZE_TAG],  # the report names its field as the tag
         "chat_template_sha256": chat_template_hash(MergedModel(paths["merged"]).model_dir),
         "chat_template": base.get("chat_template", "own"),  # the format trained and served (model.chat_template)
         "task_format": data["format"],
@@ -107,11 +120,11 @@ def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
     }
     served = quant["served"]
     metrics = {
-        **{f"eval.base.{k}": evald["base"][k] for k in HEADLINE if k in evald["base"]},
-        **{f"eval.adapter.{k}": evald["tuned"][k] for k in HEADLINE if k in evald["tuned"]},
-        **{f"eval.tuned.{k}": served[k] for k in HEADLINE if k in served},  # what serves: merged, under the flag
-        "eval.tuned.examples": served["examples"],
-        "eval.base.examples": evald["base"]["n"],
+        **{eval_tag("base", k): evald["base"][k] for k in HEADLINE if k in evald["base"]},
+        **{eval_tag("adapter", k): evald["tuned"][k] for k in HEADLINE if k in evald["tuned"]},
+        **{eval_tag("tuned", k): served[k] for k in HEADLINE if k in served},  # what serves: merged, under the flag
+        eval_tag("tuned", "examples"): served["examples"],
+        eval_tag("base", "examples"): evald["base"]["n"],
         "merge.parity": merge["parity"],
         "train.steps": train["steps"],
         "train.loss": train["train_loss"],
@@ -132,7 +145,7 @@ REQUIRED_TAGS = (
     "config_sha256",
     "git_commit",
     PIPELINE_RUN_TAG,
-    "recommended_quantize",
+    QUANTIZE_TAG,
     "chat_template_sha256",
     MANIFEST_TAG,
 )
@@ -227,10 +240,16 @@ def log_models(paths: dict[str, Path], metrics: dict, params: dict[str, str], ru
     # The run's params never change; the version's tag can. The deployer checks the tag against this.
     mlflow.log_param(MANIFEST_TAG, manifest_sha)
     mlflow.log_metrics(safe_names(metrics)[0], model_id=info.model_id, dataset=eval_ds)
-    adapter_id = log_adapter_model(
+    adapter_id, adapter_sha = log_adapter_model(
         paths["train"], run.info.run_id, run.info.experiment_id, BaseModelDir(paths["base"]).info()["weights_sha256"]
     )
-    return {MANIFEST_TAG: manifest_sha, ADAPTER_MODEL_TAG: adapter_id, "llmops.model_id": info.model_id}
+    mlflow.log_param(ADAPTER_MANIFEST_TAG, adapter_sha)
+    return {
+        MANIFEST_TAG: manifest_sha,
+        ADAPTER_MODEL_TAG: adapter_id,
+        ADAPTER_MANIFEST_TAG: adapter_sha,
+        MODEL_ID_TAG: info.model_id,
+    }
 
 
 def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict:
@@ -249,7 +268,7 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
             "version": found.version,
             "run_id": found.run_id,
             "reused": True,
-            "quantize": tags["recommended_quantize"],
+            "quantize": tags[QUANTIZE_TAG],
             **metrics,
         }
     mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, cfg.experiment))
@@ -259,15 +278,16 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
         tags.update(log_models(paths, metrics, params, run))
         ensure_registered_model(client, cfg.model_name)
         # Created last, tags in the same request: a version never exists without its files or lineage.
-        model_id = tags["llmops.model_id"]
+        model_id = tags[MODEL_ID_TAG]
         client.create_model_version(
             cfg.model_name,
             source=f"models:/{model_id}",
             run_id=run.info.run_id,
             tags=tags,
             model_id=model_id,
-            description=f"base {tags['base_model']}; served exact match {metrics['eval.tuned.exact_match']:.3f} "
-            f"under --quantize {tags['recommended_quantize']} (base {metrics['eval.base.exact_match']:.3f})",
+            description=f"base {tags['base_model']}; served exact match "
+            f"{metrics[eval_tag('tuned', 'exact_match')]:.3f} under --quantize {tags[QUANTIZE_TAG]} "
+            f"(base {metrics[eval_tag('base', 'exact_match')]:.3f})",
         )
         version = keep_one_complete_version(client, cfg.model_name, pipeline_run)
         if version is None:
@@ -278,7 +298,7 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
         "version": version.version,
         "run_id": run.info.run_id,
         "reused": False,
-        "quantize": tags["recommended_quantize"],
+        "quantize": tags[QUANTIZE_TAG],
         **metrics,
     }
 
@@ -324,9 +344,9 @@ def finalize(cfg: RegisterSection, pipeline_run: str, state: str) -> dict:
             else {"name": cfg.model_name, "version": version.version, "run_id": version.run_id}
         )
         current = client.get_model_version(cfg.model_name, version.version)  # a search leaves aliases out
-        if verdict := current.tags.get("gate.verdict"):
+        if verdict := current.tags.get(GATE_VERDICT):
             aliases = ", ".join(current.aliases) or "no alias"
-            summary["gate"] = f"{verdict} ({current.tags.get('gate.reason', '')}); {aliases}"
+            summary["gate"] = f"{verdict} ({current.tags.get(GATE_REASON, '')}); {aliases}"
     console.print(
         f"pipeline run {pipeline_run} {state}: {len(open_runs)} open MLflow run(s) marked FAILED"
         + (f"; version {version.version} of {cfg.model_name}" if version else "; no version registered")

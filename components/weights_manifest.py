@@ -16,8 +16,6 @@ from pathlib import Path
 
 from components.util import file_sha256
 
-MANIFEST_TAG = "weights.manifest_sha256"
-
 
 class VerificationError(RuntimeError):
     """A file differs from what was registered; the message names the file."""

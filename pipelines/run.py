@@ -11,6 +11,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from components.registry_tags import eval_tag
 from components.tracking import EXPERIMENT_ENV
 from components.util import console
 from pipelines.config import PipelineConfig
@@ -155,18 +156,18 @@ def print_summary(summary: dict) -> None:
     )
     table = Table("metric", "base", "adapter on 16-bit base", f"served (--quantize {summary.get('quantize', '?')})")
     for metric in ("exact_match", "label_accuracy", "perplexity"):
-        if f"eval.tuned.{metric}" in summary:
+        if eval_tag("tuned", metric) in summary:
             table.add_row(
                 metric,
                 *(
-                    f"{summary[f'eval.{who}.{metric}']:.3f}" if f"eval.{who}.{metric}" in summary else ""
+                    f"{summary[eval_tag(who, metric)]:.3f}" if eval_tag(who, metric) in summary else ""
                     for who in ("base", "adapter", "tuned")
                 ),
             )
     console.print(table)
     console.print(
-        f"served figures on {summary.get('eval.tuned.examples', '?')} eval rows; base and adapter on "
-        f"{summary.get('eval.base.examples', '?')}. Gate: {summary.get('gate', 'see the version tags')}"
+        f"served figures on {summary.get(eval_tag('tuned', 'examples'), '?')} eval rows; base and adapter on "
+        f"{summary.get(eval_tag('base', 'examples'), '?')}. Gate: {summary.get('gate', 'see the version tags')}"
     )
     stages = Table("stage", "seconds", "cached")
     for name, info in summary.get("stages", {}).items():

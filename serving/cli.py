@@ -57,6 +57,7 @@ def serve(
     from serving.client import write_local_record
     from serving.resolve import parse_adapters, resolve_model
     from serving.server import serve as run_server
+    from serving.settings import ServerSettings
 
     if engine not in ("tgi", "vllm"):
         raise typer.BadParameter(f"--engine {engine!r}: tgi or vllm")
@@ -72,10 +73,8 @@ def serve(
     typer.echo(f"serving {resolved.model_id} from {resolved.path} on {url} ({engine})")
     if engine == "vllm":
         _exec_vllm(resolved, host, port, max_total_tokens, adapters, vllm_python, kv_cache_gb, threads, vllm_arg)
-    run_server(
-        str(resolved.path),
-        host=host,
-        port=port,
+    settings = ServerSettings(
+        model_dir=str(resolved.path),
         model_id=resolved.model_id,
         model_sha=resolved.model_sha,
         adapters=adapters,
@@ -88,6 +87,7 @@ def serve(
         threads=threads,
         max_body_bytes=payload_limit,
     )
+    run_server(settings, host=host, port=port)
 
 
 def _exec_vllm(resolved, host, port, max_total_tokens, adapters, python, kv_cache_gb, threads, extra) -> None:

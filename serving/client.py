@@ -19,12 +19,18 @@ from urllib.parse import urlsplit
 
 import httpx2
 
-from serving.deploy_tags import ENDPOINT_TAG, REASON_TAG, SERVED_ENGINE_TAG, STATUS_TAG
+from components.registry_tags import (
+    ENDPOINT_TAG,
+    PROMPT_LABEL_SET,
+    REASON_TAG,
+    SERVED_ENGINE_TAG,
+    STATUS_TAG,
+    DeployStatus,
+)
 from serving.manifests import object_name
 
 RETRY_STATUSES = {429, 503}
 SERVING_NAMESPACE = "llmops-serving"  # DeploySection.namespace's default: where the deployer's Services live
-LABEL_SET_TAG = "prompt.label_set"
 
 
 def records_dir() -> Path:
@@ -105,7 +111,7 @@ def deployed_endpoint(version, ref: str, namespace: str = SERVING_NAMESPACE) -> 
     `deploy.status=deployed`, the tag names its own Service (or loopback), and a loopback server says it
     serves this very version."""
     tags = version.tags
-    if tags.get(STATUS_TAG) != "deployed":
+    if tags.get(STATUS_TAG) != DeployStatus.DEPLOYED:
         why = f": {tags[REASON_TAG]}" if tags.get(REASON_TAG) else ""
         raise LookupError(
             f"{ref} names version {version.version}, which is deploy.status={tags.get(STATUS_TAG) or 'unset'}{why}; "
@@ -155,7 +161,7 @@ def resolve_endpoint(ref: str) -> str:
 
 
 def label_set(tags: dict) -> tuple[str, ...]:
-    return tuple(json.loads(tags[LABEL_SET_TAG])) if tags.get(LABEL_SET_TAG) else ()
+    return tuple(json.loads(tags[PROMPT_LABEL_SET])) if tags.get(PROMPT_LABEL_SET) else ()
 
 
 def _aliased(name: str, alias: str, strict: bool):
@@ -242,7 +248,7 @@ def chat_model(
     endpoint = find_endpoint(ref, namespace)
     engine = endpoint.engine or engine_of(endpoint.url)
     if constrained and not endpoint.labels:
-        raise LookupError(f"{ref} has no {LABEL_SET_TAG} tag: only a label task's version can answer constrained")
+        raise LookupError(f"{ref} has no {PROMPT_LABEL_SET} tag: only a label task's version can answer constrained")
     # Both engines sample unless temperature is 0, and the wrappers default to sampling: greedy must be explicit.
     temperature = temperature or 0.0
     if engine == "vllm":

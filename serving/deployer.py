@@ -17,32 +17,36 @@ import logging
 import threading
 from datetime import datetime, timezone
 
-from components.weights_manifest import MANIFEST_TAG
-from serving.backends import Backend, DeployOutcome, ShuttingDown, Target
-from serving.deploy_tags import (
+from components.registry_tags import (
     BACKEND_TAG,
     ENDPOINT_TAG,
+    GATE_OVERRIDE,
     GATE_OVERRIDE_KEPT_TAG,
+    GATE_REASON,
+    GATE_VERDICT,
+    MANIFEST_TAG,
     REASON_TAG,
     SERVED_ENGINE_TAG,
     STATUS_TAG,
     TIME_TAG,
+    DeployStatus,
+    Verdict,
 )
+from serving.backends import Backend, DeployOutcome, ShuttingDown, Target
 
 log = logging.getLogger("llmops.deployer")
-OVERRIDE_TAG = "gate.override"
 
 
 def promotion_refusal(tags: dict) -> str | None:
     """Why a version may not serve, or None. Only a passed gate deploys, unless a person overrides it on
-    purpose: the tag gate.override holds their reason."""
-    if tags.get("gate.verdict") == "passed" or tags.get(OVERRIDE_TAG, "").strip():
+    purpose: the tag GATE_OVERRIDE (gate.override) holds their reason."""
+    if tags.get(GATE_VERDICT) == Verdict.PASSED or tags.get(GATE_OVERRIDE, "").strip():
         return None
-    verdict = tags.get("gate.verdict") or "missing"
-    why = f": {tags['gate.reason']}" if tags.get("gate.reason") else ""
+    verdict = tags.get(GATE_VERDICT) or "missing"
+    why = f": {tags[GATE_REASON]}" if tags.get(GATE_REASON) else ""
     return (
-        f"gate.verdict is {verdict}{why}. Nothing was deployed; to serve it anyway, set the tag "
-        f"{OVERRIDE_TAG} to your reason"
+        f"{GATE_VERDICT} is {verdict}{why}. Nothing was deployed; to serve it anyway, set the tag "
+        f"{GATE_OVERRIDE} to your reason"
     )
 
 
@@ -117,10 +121,10 @@ class Deployer:
         if actual and actual.get("version") == target.version and actual.get("run_id") == target.run_id:
             # Named by the cluster but not recorded as deployed: a deployer stopped mid-rollout, a rollback that
             # failed, a hand-edited tag. The cluster settles it: wait for the rollout, or roll it back.
-            if target.tags.get(STATUS_TAG) != "deployed":
+            if target.tags.get(STATUS_TAG) != DeployStatus.DEPLOYED:
                 outcome = self.backend.finish(target, actual)
                 if not outcome.ok and (target.tags.get(STATUS_TAG), target.tags.get(REASON_TAG)) == (
-                    "failed",
+                    DeployStatus.FAILED,
                     outcome.reason,
                 ):
                     return None  # settled as failed before (nothing to roll back to), and still so
@@ -129,10 +133,10 @@ class Deployer:
                 return self._retag(target, {ENDPOINT_TAG: endpoint})
             return None
         if refusal := promotion_refusal(target.tags) or self._tag_refusal(target) or self.backend.refusal(target):
-            if target.tags.get(STATUS_TAG) != "refused" or target.tags.get(REASON_TAG) != refusal:
+            if target.tags.get(STATUS_TAG) != DeployStatus.REFUSED or target.tags.get(REASON_TAG) != refusal:
                 return self._refuse(target, refusal)
             return None  # the endpoint keeps what it serves
-        if target.tags.get(STATUS_TAG) == "failed" and target.tags.get(BACKEND_TAG) == self.backend.kind:
+        if target.tags.get(STATUS_TAG) == DeployStatus.FAILED and target.tags.get(BACKEND_TAG) == self.backend.kind:
             return None  # it failed here before; moving the alias (or deleting the tag) retries
         done = self._deploy(target)
         if actual and actual.get("version") != target.version and done.startswith("deployed"):
@@ -145,7 +149,7 @@ class Deployer:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.set_model_version_tag(name, version, STATUS_TAG, "superseded")
+            self.client.set_model_version_tag(name, version, STATUS_TAG, DeployStatus.SUPERSEDED)
         except MlflowException:  # deleted meanwhile: nothing to say it on
             log.warning("could not mark %s version %s superseded", name, version)
 
@@ -214,7 +218,7 @@ class Deployer:
 
             try:
                 self.client.set_model_version_tag(name, actual["version"], REASON_TAG, reason)
-                self.client.set_model_version_tag(name, actual["version"], STATUS_TAG, "retired")
+                self.client.set_model_version_tag(name, actual["version"], STATUS_TAG, DeployStatus.RETIRED)
             except MlflowException:  # the model itself was deleted: nothing to tag
                 pass
         return f"retired {name}"
@@ -223,22 +227,22 @@ class Deployer:
         log.warning("refused %s version %s: %s", target.name, target.version, reason)
         self.client.set_model_version_tag(target.name, target.version, TIME_TAG, datetime.now(timezone.utc).isoformat())
         self.client.set_model_version_tag(target.name, target.version, REASON_TAG, reason)
-        self.client.set_model_version_tag(target.name, target.version, STATUS_TAG, "refused")
+        self.client.set_model_version_tag(target.name, target.version, STATUS_TAG, DeployStatus.REFUSED)
         return f"refused {target.name}/{target.version}"
 
     def _deploy(self, target: Target) -> str:
         # Reached only past promotion_refusal: a version whose gate did not pass carries a person's override.
-        override = target.tags.get(OVERRIDE_TAG, "").strip() if target.tags.get("gate.verdict") != "passed" else ""
+        override = target.tags.get(GATE_OVERRIDE, "").strip() if target.tags.get(GATE_VERDICT) != Verdict.PASSED else ""
         if override:
             log.warning(
                 "deploying %s version %s although its gate %s: overridden (%s)",
                 target.name,
                 target.version,
-                target.tags.get("gate.verdict") or "never ran",
+                target.tags.get(GATE_VERDICT) or "never ran",
                 override,
             )
         log.info("deploying %s version %s", target.name, target.version)
-        self.client.set_model_version_tag(target.name, target.version, STATUS_TAG, "deploying")
+        self.client.set_model_version_tag(target.name, target.version, STATUS_TAG, DeployStatus.DEPLOYING)
         try:
             outcome = self.backend.deploy(target)
         except ShuttingDown:  # not attempted: deploy.status stays `deploying`, so the next start deploys it
@@ -260,7 +264,7 @@ class Deployer:
             tags[REASON_TAG] = outcome.reason
         if override:
             tags[GATE_OVERRIDE_KEPT_TAG] = override
-        tags[STATUS_TAG] = "deployed" if ok else "failed"
+        tags[STATUS_TAG] = DeployStatus.DEPLOYED if ok else DeployStatus.FAILED
         if ok and self.backend.kind == "local":
             from serving.client import write_local_record
 

@@ -12,11 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from serving.deploy_tags import ENGINE_TAG
+from components.registry_tags import ENGINE_TAG, QUANTIZE_TAG
 
 Engine = Literal["tgi", "vllm"]
 ENGINES: tuple[Engine, ...] = ("tgi", "vllm")
-QUANTIZE_TAG = "recommended_quantize"
 QUANTIZE_VALUES = ("bitsandbytes-nf4", "bitsandbytes", "none")  # what components/register.py writes
 
 

@@ -12,7 +12,7 @@ import hashlib
 import math
 import re
 
-from components.weights_manifest import MANIFEST_TAG
+from components.registry_tags import MANIFEST_TAG, QUANTIZE_TAG
 from serving.engines import Engine, tgi_args, vllm_args
 from serving.settings import DeploySection
 
@@ -181,7 +181,7 @@ def version_annotations(name: str, version: str, run_id: str, tags: dict, engine
         ANN_NAME: name,
         ANN_VERSION: str(version),
         ANN_RUN: run_id,
-        ANN_QUANTIZE: tags.get("recommended_quantize", "none"),
+        ANN_QUANTIZE: tags.get(QUANTIZE_TAG, "none"),
         ANN_ENGINE: engine,
         ANN_MANIFEST: tags.get(MANIFEST_TAG, ""),
     }

@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from serving.deploy_tags import ENDPOINT_TAG, REASON_TAG, STATUS_TAG
+from components.registry_tags import ENDPOINT_TAG, REASON_TAG, STATUS_TAG, DeployStatus
 
-SETTLED = ("deployed", "refused", "failed")
-RETRIED = ("refused", "failed")  # cleared by a promotion, so the deployer decides again
+SETTLED = (DeployStatus.DEPLOYED, DeployStatus.REFUSED, DeployStatus.FAILED)
+RETRIED = (DeployStatus.REFUSED, DeployStatus.FAILED)  # cleared by a promotion, so the deployer decides again
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,9 @@ def clear_outcome(client, name: str, version: str, alias: str) -> None:
 
 def read_outcome(tags: dict, name: str, version: str) -> Outcome | None:
     status = tags.get(STATUS_TAG)
-    if status == "deployed":
+    if status == DeployStatus.DEPLOYED:
         return Outcome(True, status, f"{name}/{version} serves at {tags.get(ENDPOINT_TAG)}")
-    if status in ("refused", "failed"):
+    if status in RETRIED:
         return Outcome(False, status, f"{name}/{version} {status}: {tags.get(REASON_TAG, 'no reason recorded')}")
     return None
 

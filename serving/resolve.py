@@ -60,19 +60,33 @@ def resolve_model(ref: str, artifact: str | None = None) -> Resolved:
 
 
 def _adapter(mv) -> Path:
+    """The version's LoRA adapter, downloaded once and checked file by file against the manifest its
+    registration pinned (`weights.adapter_manifest_sha256`) every time it is resolved, as the merged model is."""
     import mlflow
 
-    from components.logged_model import ADAPTER_MODEL_TAG
+    from components.artifacts import MANIFEST_FILE
+    from components.registry_tags import ADAPTER_MANIFEST_TAG, ADAPTER_MODEL_TAG
+    from components.weights_manifest import VerificationError, verify
 
-    model_id = mv.tags.get(ADAPTER_MODEL_TAG)
+    model_id, expected = mv.tags.get(ADAPTER_MODEL_TAG), mv.tags.get(ADAPTER_MANIFEST_TAG)
     if not model_id:
         raise FileNotFoundError(
             f"version {mv.version} of {mv.name} has no {ADAPTER_MODEL_TAG} tag: no adapter was logged"
         )
+    if not expected:
+        raise VerificationError(
+            f"version {mv.version} of {mv.name} has no {ADAPTER_MANIFEST_TAG} tag: its adapter was registered "
+            "before adapters carried a manifest, so nothing can vouch for its files; register it again"
+        )
     target = cache_dir() / mv.name / mv.version / "adapter"
-    if not (target / ".complete").exists():
+    done = target.with_name("adapter.complete")  # beside the directory: the manifest lists every file in it
+    if not done.exists():
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(target))
-        (target / ".complete").touch()
+        done.touch()
+    try:
+        verify(target, target / MANIFEST_FILE, expected)
+    except VerificationError as err:
+        raise VerificationError(f"the adapter of {mv.name}/{mv.version}: {err}") from None
     return target
 
 

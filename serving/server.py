@@ -23,7 +23,6 @@ from serving.body_limit import BodyLimit
 from serving.engine import Engine
 from serving.runtime import TGI_VERSION, ClientGone, Runtime
 from serving.schemas import (
-    MAX_CLIENT_BATCH_SIZE,
     MAX_STOP_SEQUENCES,
     ApiError,
     ChatRequest,
@@ -31,6 +30,7 @@ from serving.schemas import (
     CompletionRequest,
     GenerateRequest,
 )
+from serving.settings import ServerSettings
 
 router = APIRouter()
 
@@ -207,54 +207,40 @@ async def _body_error(_: Request, err: RequestValidationError) -> JSONResponse:
     )
 
 
-def create_app(
-    model_dir: str,
-    *,
-    model_id: str | None = None,
-    model_sha: str | None = None,
-    max_input_tokens: int | None = None,
-    max_total_tokens: int | None = None,
-    max_concurrent_requests: int = 128,
-    max_batch_size: int = 16,
-    max_client_batch_size: int = MAX_CLIENT_BATCH_SIZE,
-    adapters: dict[str, str] | None = None,
-    dtype: str = "auto",
-    threads: int = 1,
-    max_body_bytes: int = 2_000_000,
-) -> FastAPI:
+def create_app(settings: ServerSettings) -> FastAPI:
     """Load the model (and adapters) now and return the app; the scheduler's thread starts with the app.
 
     `dtype="auto"` serves a bfloat16 checkpoint in bfloat16 where the CPU computes it natively (see
     `serving.engine.compute_dtype`). In any dtype a greedy answer is the same alone or in a batch, because each row
-    attends only to its own columns (`serving.decode_batch`). `max_body_bytes` is TGI's `--payload-limit`,
-    `max_client_batch_size` its `--max-client-batch-size` (prompts in one `/v1/completions` request).
+    attends only to its own columns (`serving.decode_batch`).
     """
-    engine = Engine(str(model_dir), dtype=dtype, adapters=adapters)
+    s = settings
+    engine = Engine(s.model_dir, dtype=s.dtype, adapters=s.adapters)
     positions = engine.config.max_position_embeddings
-    max_total = max_total_tokens or min(positions, 4096)
-    max_input = max_input_tokens or max_total - 1
+    max_total = s.max_total_tokens or min(positions, 4096)
+    max_input = s.max_input_tokens or max_total - 1
     if not 0 < max_input < max_total <= positions:
         raise ValueError(
             f"need 0 < max_input_tokens ({max_input}) < max_total_tokens ({max_total}) "
             f"<= the model's max_position_embeddings ({positions})"
         )
     info = {
-        "model_id": model_id or str(model_dir),
-        "model_sha": model_sha,
+        "model_id": s.model_id or s.model_dir,
+        "model_sha": s.model_sha,
         "model_pipeline_tag": None,
-        "max_concurrent_requests": max_concurrent_requests,
+        "max_concurrent_requests": s.max_concurrent_requests,
         "max_best_of": 1,
         "max_stop_sequences": MAX_STOP_SEQUENCES,
         "max_input_tokens": max_input,
         "max_total_tokens": max_total,
         "validation_workers": 1,
-        "max_client_batch_size": max_client_batch_size,
+        "max_client_batch_size": s.max_client_batch_size,
         "router": "text-generation-router",
         "version": TGI_VERSION,
         "sha": None,
         "docker_label": "llmops",
     }
-    runtime = Runtime(engine, info, max_batch_size=max_batch_size, threads=threads)
+    runtime = Runtime(engine, info, max_batch_size=s.max_batch_size, threads=s.threads)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -269,10 +255,10 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _body_error)
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(Exception, _unexpected)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)
     return app
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8080, **kw) -> None:
-    """Serve `model_dir` until interrupted; keyword arguments go to `create_app`."""
-    uvicorn.run(create_app(model_dir, **kw), host=host, port=port)
+def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Serve until interrupted."""
+    uvicorn.run(create_app(settings), host=host, port=port)

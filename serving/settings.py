@@ -1,4 +1,5 @@
-"""Serving's settings: how the deployer serves a promoted version (TGI or vLLM on Kubernetes, or locally).
+"""Serving's settings: how the deployer serves a promoted version (TGI or vLLM on Kubernetes, or locally), and
+what `llmops serve` tells our server (ServerSettings).
 
 Loaded from a deployer profile in serving/configs (local, cluster) or any YAML path, then `deploy.key=value`
 overrides, as `llmops deployer --profile cluster deploy.gpu_count=0`.
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from components.config import Profiled, Section, load_settings
+from components.registry_tags import ENGINE_TAG
 from serving.engines import Engine, engine_for, vetted_args
+from serving.schemas import MAX_CLIENT_BATCH_SIZE
 
 PROFILE_DIR = Path(__file__).resolve().parent / "configs"
 PLACEHOLDER = "@sha256:" + "0" * 64  # the default images' digest: no registry serves it
@@ -23,10 +26,10 @@ class DeploySection(Section):
     alias: str = Field("champion", description="the registry alias that deploys")
     engine: Engine = Field(
         "tgi",
-        description="the serving engine: tgi or vllm (a version's deploy.engine tag, then deploy.engines, "
-        "override it); locally, tgi means our TGI-protocol server",
+        description=f"the serving engine: tgi or vllm (a version's {ENGINE_TAG} tag, then `engines`, override "
+        "it); locally, tgi means our TGI-protocol server",
     )
-    engines: dict[str, Engine] = Field({}, description="registered model name -> engine, over deploy.engine")
+    engines: dict[str, Engine] = Field({}, description="registered model name -> engine, over `engine`")
     extra_args: dict[Engine, list[str]] = Field(
         {},
         description="engine -> extra engine flags, e.g. {vllm: [--tensor-parallel-size, '2']}; only vetted flags "
@@ -136,3 +139,26 @@ class DeployerConfig(Profiled):
 def load_deployer_config(profile: str = "local", overrides: list[str] | None = None) -> DeployerConfig:
     """A deployer profile by name (serving/configs/NAME.yaml) or by path, then `deploy.key=value` overrides."""
     return load_settings(DeployerConfig, profile, PROFILE_DIR, overrides)
+
+
+class ServerSettings(BaseModel):
+    """Everything `llmops serve` tells our TGI-protocol server, validated once and handed to `create_app` whole.
+
+    The limits are TGI launcher flags of the same names (`--max-input-tokens`, `--max-total-tokens`,
+    `--max-concurrent-requests`, `--max-client-batch-size`, `--payload-limit`); the token limits default from
+    the model's context when unset."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_dir: str = Field(description="the model directory served")
+    model_id: str | None = Field(None, description="the name /info reports (models:/name/version), else the path")
+    model_sha: str | None = Field(None, description="the version's run id, reported by /info")
+    adapters: dict[str, str] | None = Field(None, description="adapter id -> PEFT adapter directory")
+    max_input_tokens: int | None = Field(None, gt=0, description="the longest prompt, in tokens")
+    max_total_tokens: int | None = Field(None, gt=1, description="prompt plus generated tokens")
+    max_concurrent_requests: int = Field(128, gt=0, description="requests in flight before 429")
+    max_batch_size: int = Field(16, gt=0, description="rows decoded together")
+    max_client_batch_size: int = Field(MAX_CLIENT_BATCH_SIZE, gt=0, description="prompts in one /v1/completions")
+    dtype: str = Field("auto", description="auto, bfloat16, float16 or float32")
+    threads: int = Field(1, gt=0, description="torch threads of the scheduler")
+    max_body_bytes: int = Field(2_000_000, gt=0, description="TGI's --payload-limit")

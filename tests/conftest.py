@@ -342,7 +342,7 @@ def register_served(name: str, model_dir: Path, tags: dict | None = None, experi
     from mlflow.exceptions import MlflowException
 
     from components.logged_model import log_chat_model
-    from components.weights_manifest import MANIFEST_TAG
+    from components.registry_tags import MANIFEST_TAG
 
     client = MlflowClient()
     try:
@@ -395,3 +395,11 @@ def decoded_together(server: Live, monkeypatch, requests_: list, answer) -> tupl
     monkeypatch.setattr(server.engine, "decode", recording)
     with ThreadPoolExecutor(len(requests_)) as pool:
         return list(pool.map(lambda request: answer(*request), requests_)), sizes
+
+
+def server_app(model_dir, **settings):
+    """Our TGI-protocol server's app on `model_dir`, with ServerSettings fields as keywords."""
+    from serving.server import create_app
+    from serving.settings import ServerSettings
+
+    return create_app(ServerSettings(model_dir=str(model_dir), **settings))

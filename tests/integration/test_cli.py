@@ -10,10 +10,9 @@ runner = CliRunner()
 
 
 def test_chat_streams_the_answer_from_the_endpoint(tiny_base, monkeypatch):
-    from serving.server import create_app
-    from tests.conftest import Live
+    from tests.conftest import Live, server_app
 
-    with Live(create_app(str(tiny_base), max_total_tokens=256)) as live:
+    with Live(server_app(str(tiny_base), max_total_tokens=256)) as live:
         monkeypatch.setenv("LLMOPS_ENDPOINT_URL", live.url)
         expected = live.post(
             "/v1/chat/completions",

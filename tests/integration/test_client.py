@@ -108,8 +108,7 @@ def test_an_endpoint_is_followed_only_when_the_deployer_says_deployed_and_a_loop
 
     from mlflow import MlflowClient
 
-    from serving.server import create_app
-    from tests.conftest import Live, register_served
+    from tests.conftest import Live, register_served, server_app
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     monkeypatch.delenv("LLMOPS_ENDPOINT_URL", raising=False)
@@ -118,7 +117,7 @@ def test_an_endpoint_is_followed_only_when_the_deployer_says_deployed_and_a_loop
     try:
         for _ in range(2):
             register_served(name, tiny_base, {"gate.verdict": "passed"}, experiment="client-tests")
-        with Live(create_app(str(tiny_base), model_id=f"models:/{name}/1")) as live:
+        with Live(server_app(str(tiny_base), model_id=f"models:/{name}/1")) as live:
             mlflow.set_registered_model_alias(name, "champion", "2")
             foreign = {"deploy.status": "refused", "deploy.reason": "gate.verdict is failed"}
             for key, value in {**foreign, "deploy.endpoint": "http://tgi-mine.llmops-serving.svc:80"}.items():

@@ -27,9 +27,9 @@ def spec() -> dict:
 @pytest.fixture(scope="module")
 def batch_server(tiny_base):
     """Eight slots, and eight prompts allowed in one request; room for 64 new tokens after a 32-token prompt."""
-    from serving.server import create_app
+    from tests.conftest import server_app
 
-    app = create_app(
+    app = server_app(
         str(tiny_base),
         model_id="tiny-llama",
         max_input_tokens=32,

@@ -669,7 +669,7 @@ def test_a_manifest_tag_changed_after_registration_is_refused(model_name):
     the registration run recorded (a run's params never change), so nothing is deployed."""
     from mlflow import MlflowClient
 
-    from components.weights_manifest import MANIFEST_TAG
+    from components.registry_tags import MANIFEST_TAG
 
     client = MlflowClient()
     original = client.get_model_version(model_name, "3").tags[MANIFEST_TAG]

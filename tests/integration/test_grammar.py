@@ -32,9 +32,9 @@ def spec() -> dict:
 
 @pytest.fixture(scope="module")
 def server(tiny_base):
-    from serving.server import create_app
+    from tests.conftest import server_app
 
-    with Live(create_app(str(tiny_base), model_id="tiny-llama", max_concurrent_requests=32)) as live:
+    with Live(server_app(str(tiny_base), model_id="tiny-llama", max_concurrent_requests=32)) as live:
         yield live
 
 

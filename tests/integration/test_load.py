@@ -20,9 +20,9 @@ def ask(url: str, prompt: str) -> tuple[int, str]:
 
 
 def test_concurrency_16_loses_nothing_and_matches_sequential_outputs(tiny_base):
-    from serving.server import create_app
+    from tests.conftest import server_app
 
-    with Live(create_app(str(tiny_base), max_total_tokens=256, max_concurrent_requests=16, max_batch_size=8)) as live:
+    with Live(server_app(str(tiny_base), max_total_tokens=256, max_concurrent_requests=16, max_batch_size=8)) as live:
         sequential = [ask(live.url, p) for p in PROMPTS[:12]]
         with ThreadPoolExecutor(16) as pool:
             loaded = list(pool.map(lambda p: ask(live.url, p), PROMPTS))  # 48 requests, 16 in flight at most
@@ -33,9 +33,9 @@ def test_concurrency_16_loses_nothing_and_matches_sequential_outputs(tiny_base):
 
 
 def test_overload_gets_429s_keeps_health_and_recovers(tiny_base):
-    from serving.server import create_app
+    from tests.conftest import server_app
 
-    with Live(create_app(str(tiny_base), max_total_tokens=256, max_concurrent_requests=2, max_batch_size=2)) as live:
+    with Live(server_app(str(tiny_base), max_total_tokens=256, max_concurrent_requests=2, max_batch_size=2)) as live:
         with ThreadPoolExecutor(16) as pool:
             burst = pool.map(lambda p: ask(live.url, p), PROMPTS[:32])
             health = [requests.get(f"{live.url}/health", timeout=10).status_code for _ in range(5)]

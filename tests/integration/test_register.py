@@ -109,14 +109,52 @@ def test_version_is_an_mlflow_model_with_lineage_metrics_params_and_data(mlflow_
     assert {a.path for a in client.list_artifacts(result["run_id"])} == {"reports"}
 
 
+def test_a_registered_adapter_serves_only_as_registered(mlflow_server, stage_outputs, tiny_base, tmp_path, monkeypatch):
+    """`llmops serve --adapter ID=models:/...` takes the run's adapter, checked file by file against the manifest
+    registration pinned: the files trained, and a changed byte (in the cache or in the store) is refused by name."""
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from components.weights_manifest import VerificationError
+    from llmops.cli import app
+    from serving.resolve import parse_adapters
+    from tests.integration.test_verified_weights import flip_a_byte
+
+    client = MlflowClient()
+    result = register.run(RegisterSection(model_name="tiny-adapter-reg"), stage_outputs, "pipeline-adapter")
+    version = client.get_model_version("tiny-adapter-reg", result["version"])
+    pinned = version.tags["weights.adapter_manifest_sha256"]
+    assert client.get_run(result["run_id"]).data.params["weights.adapter_manifest_sha256"] == pinned
+    monkeypatch.setenv("LLMOPS_SERVING_DIR", str(tmp_path / "cache"))
+    ref = f"models:/tiny-adapter-reg/{result['version']}"
+
+    served = Path(parse_adapters([f"a={ref}"])["a"])
+    trained = {p.name: p.read_bytes() for p in stage_outputs["train"].iterdir() if p.is_file()}
+    assert {name: (served / name).read_bytes() for name in trained} == trained
+    assert {p.name for p in served.iterdir()} == set(trained) | {"weights_manifest.json"}
+
+    flip_a_byte(served / "adapter_config.json")  # the cached copy, between two serves
+    with pytest.raises(VerificationError, match="adapter_config.json differs"):
+        parse_adapters([f"a={ref}"])
+
+    model_id = version.tags["llmops.adapter_model_id"]
+    stored = next(Path(mlflow_server.root).glob(f"artifacts/*/models/{model_id}/artifacts/adapter_model.safetensors"))
+    flip_a_byte(stored)
+    refused = CliRunner().invoke(
+        app,
+        ["serve", str(tiny_base), "--adapter", f"a={ref}", "--port", "1"],
+        env={"LLMOPS_SERVING_DIR": str(tmp_path / "fresh")},
+    )
+    assert refused.exit_code == 3 and "adapter_model.safetensors differs" in refused.output, refused.output
+
+
 def test_pyfunc_from_the_alias_answers_like_the_server(mlflow_server, stage_outputs):
     import mlflow
     from mlflow import MlflowClient
 
     from components.chat_pyfunc import load_verified
     from serving.resolve import resolve_model
-    from serving.server import create_app
-    from tests.conftest import Live
+    from tests.conftest import Live, server_app
 
     result = register.run(RegisterSection(model_name="tiny-pyfunc"), stage_outputs, "pipeline-pyfunc")
     MlflowClient().set_registered_model_alias("tiny-pyfunc", "challenger", result["version"])
@@ -127,7 +165,7 @@ def test_pyfunc_from_the_alias_answers_like_the_server(mlflow_server, stage_outp
     plain = mlflow.pyfunc.load_model("models:/tiny-pyfunc@challenger")
     assert plain.predict(rows, params={"max_tokens": 6}) == answers
     served = resolve_model("models:/tiny-pyfunc@challenger").path
-    with Live(create_app(str(served), max_total_tokens=512)) as live:
+    with Live(server_app(str(served), max_total_tokens=512)) as live:
         for chat, answer in zip(chats, answers):
             body = live.post("/v1/chat/completions", {"messages": chat, "max_tokens": 6, "temperature": 0}).json()
             assert body["choices"][0]["message"]["content"] == answer
@@ -230,8 +268,7 @@ def test_a_registered_label_version_answers_a_bare_message_with_a_label(
     from components.jsonl import read_jsonl
     from components.prompt_contract import read_contract
     from serving.resolve import resolve_model
-    from serving.server import create_app
-    from tests.conftest import Live
+    from tests.conftest import Live, server_app
 
     outputs = run_stages(mapping_base, with_validation, early_stopped[2] / "adapter", tmp_path, variants=[])
     result = register.run(RegisterSection(model_name="tiny-labels"), outputs, "pipeline-labels")
@@ -240,7 +277,7 @@ def test_a_registered_label_version_answers_a_bare_message_with_a_label(
     served = resolve_model("models:/tiny-labels@champion").path
     labels = read_contract(served)["labels"]
     rows = read_jsonl(with_validation / "eval.jsonl")
-    with Live(create_app(str(served), max_total_tokens=512)) as live:
+    with Live(server_app(str(served), max_total_tokens=512)) as live:
         bare, framed = [], []
         for row in rows:
             message = row["prompt"].split("Message: ")[1].split("<|im_end|>")[0]  # the text the user typed

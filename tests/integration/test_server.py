@@ -77,9 +77,9 @@ def adapters(tiny_base, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tiny_base, adapters):
-    from serving.server import create_app
+    from tests.conftest import server_app
 
-    app = create_app(
+    app = server_app(
         str(tiny_base),
         model_id="tiny-llama",
         max_input_tokens=96,
@@ -95,9 +95,9 @@ def server(tiny_base, adapters):
 @pytest.fixture(scope="module")
 def plain_server(tiny_base):
     """No adapters, and room for only two requests at once."""
-    from serving.server import create_app
+    from tests.conftest import server_app
 
-    with Live(create_app(str(tiny_base), model_id="tiny-llama", max_concurrent_requests=2)) as live:
+    with Live(server_app(str(tiny_base), model_id="tiny-llama", max_concurrent_requests=2)) as live:
         yield live
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 def test_a_base_without_a_template_is_trained_merged_and_served_in_the_chosen_format(tmp_path, llmops_cache):
     from transformers import AutoTokenizer
 
-    from serving.server import create_app
+    from tests.conftest import server_app
 
     source = build_tiny_llama(tmp_path / "source", chat_template=None)
     assert "chat_template" not in json.loads((source / "tokenizer_config.json").read_text())
@@ -32,7 +32,7 @@ def test_a_base_without_a_template_is_trained_merged_and_served_in_the_chosen_fo
     assert all(r["prompt"].startswith("[INST] <<SYS>>\n") and r["prompt"].endswith(" [/INST]") for r in rows)
     tok = AutoTokenizer.from_pretrained(merged / "model")
     assert tok.chat_template.endswith(chat_templates.LLAMA2)  # after the prompt contract's preamble
-    with Live(create_app(str(merged / "model"), model_id="templateless")) as live:
+    with Live(server_app(str(merged / "model"), model_id="templateless")) as live:
         for row in rows:
             message = row["prompt"].split("Message: ")[1].removesuffix(" [/INST]")  # what the user typed
             bare = [{"role": "user", "content": message}]

@@ -39,9 +39,9 @@ def tg_python(tmp_path_factory):
 
 
 def test_text_generation_client_generate_and_stream(tg_python, tiny_base):
-    from serving.server import create_app
+    from tests.conftest import server_app
 
-    with Live(create_app(str(tiny_base), max_total_tokens=256)) as live:
+    with Live(server_app(str(tiny_base), max_total_tokens=256)) as live:
         prompt = "I lost my card"
         expected = live.text(prompt, max_new_tokens=8)
         out = subprocess.run([tg_python, "-c", SCRIPT, live.url, prompt], capture_output=True, text=True, timeout=120)

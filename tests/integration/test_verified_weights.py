@@ -155,7 +155,8 @@ def test_a_pod_start_checks_the_digest_pinned_at_deploy_time_not_the_tag_as_it_r
     start refuses, whether the files match their new manifest or not."""
     from mlflow import MlflowClient
 
-    from components.weights_manifest import MANIFEST_TAG, write
+    from components.registry_tags import MANIFEST_TAG
+    from components.weights_manifest import write
     from serving.manifests import ANN_MANIFEST, render_deployment
     from serving.settings import DeploySection
 
