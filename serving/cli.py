@@ -6,6 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from serving.engines import ENGINES
+from serving.schemas import MAX_CLIENT_BATCH_SIZE
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve registered models.")
 
 Profile = Annotated[str, typer.Option("--profile", "-p", help="deployer profile name (serving/configs) or YAML path")]
@@ -32,7 +35,9 @@ def serve(
     max_input_tokens: Optional[int] = None,
     max_total_tokens: Optional[int] = None,
     max_concurrent_requests: int = 128,
-    max_client_batch_size: Annotated[int, typer.Option(help="prompts one request may carry (TGI's flag)")] = 4,
+    max_client_batch_size: Annotated[
+        int, typer.Option(help="prompts one request may carry (TGI's flag)")
+    ] = MAX_CLIENT_BATCH_SIZE,
     max_batch_size: Annotated[int, typer.Option(help="rows decoded together; new requests join between steps")] = 16,
     dtype: Annotated[
         str, typer.Option(help="auto: bfloat16 checkpoints in bfloat16 where the CPU has native bfloat16, else float32")
@@ -59,7 +64,7 @@ def serve(
     from serving.server import serve as run_server
     from serving.settings import ServerSettings
 
-    if engine not in ("tgi", "vllm"):
+    if engine not in ENGINES:
         raise typer.BadParameter(f"--engine {engine!r}: tgi or vllm")
     try:
         resolved = resolve_model(model)

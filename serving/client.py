@@ -28,9 +28,10 @@ from components.registry_tags import (
     DeployStatus,
 )
 from serving.manifests import object_name
+from serving.settings import DeploySection
 
 RETRY_STATUSES = {429, 503}
-SERVING_NAMESPACE = "llmops-serving"  # DeploySection.namespace's default: where the deployer's Services live
+SERVING_NAMESPACE = DeploySection.model_fields["namespace"].default  # where the deployer's Services live
 
 
 def records_dir() -> Path:
@@ -61,7 +62,9 @@ def _alive(url: str) -> bool:
         return False
 
 
-def _is_loopback_ip(host: str) -> bool:
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a name, not an address (127.evil.example is a name)
@@ -79,7 +82,7 @@ def trusted_endpoint(url: str, ref: str, namespace: str = SERVING_NAMESPACE) -> 
     name, _ = parse_ref(ref)
     parsed = urlsplit(url)
     host = parsed.hostname or ""
-    loopback = host == "localhost" or _is_loopback_ip(host)
+    loopback = _is_loopback(host)
     service = f"{object_name(name)}.{namespace}.svc"
     in_cluster = host in (service, f"{service}.cluster.local")
     if parsed.scheme in ("http", "https") and (loopback or in_cluster) and not parsed.username:
@@ -121,7 +124,7 @@ def deployed_endpoint(version, ref: str, namespace: str = SERVING_NAMESPACE) -> 
         raise LookupError(f"{ref} names version {version.version}, which is deployed but has no {ENDPOINT_TAG} tag")
     url = trusted_endpoint(tags[ENDPOINT_TAG], ref, namespace).rstrip("/")
     host = urlsplit(url).hostname or ""
-    if (host == "localhost" or _is_loopback_ip(host)) and served_version(url, version.name) != version.version:
+    if _is_loopback(host) and served_version(url, version.name) != version.version:
         raise LookupError(f"{ref}: the server at {url} does not serve version {version.version} of {version.name}")
     return url
 

@@ -16,6 +16,11 @@ from components.registry_tags import ENGINE_TAG, QUANTIZE_TAG
 
 Engine = Literal["tgi", "vllm"]
 ENGINES: tuple[Engine, ...] = ("tgi", "vllm")
+# Each engine's process environment wherever it runs: offline (no Hub), no usage reports.
+ENGINE_ENV: dict[Engine, dict[str, str]] = {
+    "tgi": {"HF_HUB_OFFLINE": "1", "USAGE_STATS": "off"},
+    "vllm": {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"},
+}
 QUANTIZE_VALUES = ("bitsandbytes-nf4", "bitsandbytes", "none")  # what components/register.py writes
 
 

@@ -13,7 +13,7 @@ import math
 import re
 
 from components.registry_tags import MANIFEST_TAG, QUANTIZE_TAG
-from serving.engines import Engine, tgi_args, vllm_args
+from serving.engines import ENGINE_ENV, Engine, tgi_args, vllm_args
 from serving.settings import DeploySection
 
 ANN_PREFIX = "llmops.io/"
@@ -118,10 +118,7 @@ def engine_command(cfg: DeploySection, engine: Engine, name: str, version: str, 
     return {"command": ["python3", "-m", "vllm.entrypoints.openai.api_server"], "args": args}
 
 
-ENGINE_ENV = {  # offline, no telemetry, HOME on the /tmp emptyDir (a non-root UID has no home in either image)
-    "tgi": {"HF_HUB_OFFLINE": "1", "USAGE_STATS": "off", "HOME": "/tmp"},
-    "vllm": {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HOME": "/tmp"},
-}
+POD_HOME = {"HOME": "/tmp"}  # on the /tmp emptyDir: a non-root UID has no home in either image
 
 
 def engine_container(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
@@ -132,7 +129,7 @@ def engine_container(cfg: DeploySection, name: str, version: str, tags: dict) ->
         "image": getattr(cfg, f"{engine}_image"),
         "imagePullPolicy": "IfNotPresent",
         **engine_command(cfg, engine, name, version, tags),
-        "env": [{"name": key, "value": value} for key, value in ENGINE_ENV[engine].items()],
+        "env": [{"name": key, "value": value} for key, value in {**ENGINE_ENV[engine], **POD_HOME}.items()],
         "ports": [{"name": "http", "containerPort": CONTAINER_PORT, "protocol": "TCP"}],
         "volumeMounts": [
             {"name": "shm", "mountPath": "/dev/shm"},

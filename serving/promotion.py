@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from components.registry_tags import ENDPOINT_TAG, REASON_TAG, STATUS_TAG, DeployStatus
 
-SETTLED = (DeployStatus.DEPLOYED, DeployStatus.REFUSED, DeployStatus.FAILED)
 RETRIED = (DeployStatus.REFUSED, DeployStatus.FAILED)  # cleared by a promotion, so the deployer decides again
 
 

@@ -67,6 +67,7 @@ def _adapter(mv) -> Path:
     from components.artifacts import MANIFEST_FILE
     from components.registry_tags import ADAPTER_MANIFEST_TAG, ADAPTER_MODEL_TAG
     from components.weights_manifest import VerificationError, verify
+    from serving.verified_model import download_once
 
     model_id, expected = mv.tags.get(ADAPTER_MODEL_TAG), mv.tags.get(ADAPTER_MANIFEST_TAG)
     if not model_id:
@@ -78,11 +79,13 @@ def _adapter(mv) -> Path:
             f"version {mv.version} of {mv.name} has no {ADAPTER_MANIFEST_TAG} tag: its adapter was registered "
             "before adapters carried a manifest, so nothing can vouch for its files; register it again"
         )
-    target = cache_dir() / mv.name / mv.version / "adapter"
-    done = target.with_name("adapter.complete")  # beside the directory: the manifest lists every file in it
-    if not done.exists():
+    dest = cache_dir() / mv.name / mv.version / "adapter"
+    target = dest / "files"  # below the download marker: the manifest lists every file in it
+
+    def fetch():
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(target))
-        done.touch()
+
+    download_once(dest, fetch, expected)
     try:
         verify(target, target / MANIFEST_FILE, expected)
     except VerificationError as err:

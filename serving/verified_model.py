@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.chat_pyfunc import download_version, verify_version
+from components.registry_tags import MANIFEST_TAG
 
 MODEL_SUBDIR = "mlflow_model"  # the version's files, as the store holds them; the download marker stays outside
 
@@ -36,9 +37,17 @@ def model_version(name: str, version: str | None = None, alias: str | None = Non
     return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
 
 
-def verify_download(root: Path, mv, pinned: str | None = None) -> tuple[Path, int]:
-    """(served directory, bytes checked) of version `mv` downloaded into root; raises VerificationError."""
-    return verify_version(root, mv, pinned)
+def download_once(dest: Path, fetch, digest: str) -> None:
+    """Run `fetch` to fill dest unless an earlier fetch of the same manifest `digest` completed there. A fetch
+    cut short is started over, so no stray file of it reaches the manifest check; a copy of another registration
+    under the same name and number (a model deleted and registered again, another registry) is fetched anew
+    instead of being refused for ever. A cached file edited since is still refused by the check that follows."""
+    marker = Path(dest) / ".complete"
+    if not marker.exists() or marker.read_text() != digest:
+        shutil.rmtree(dest, ignore_errors=True)
+        Path(dest).mkdir(parents=True)
+        fetch()
+        marker.write_text(digest)
 
 
 def download_verified(mv, dest: Path, pinned: str | None = None) -> Verified:
@@ -46,11 +55,7 @@ def download_verified(mv, dest: Path, pinned: str | None = None) -> Verified:
     pinned when given; raises VerificationError."""
     started = time.perf_counter()
     dest = Path(dest)
-    root, marker = dest / MODEL_SUBDIR, dest / ".complete"
-    if not marker.exists():
-        shutil.rmtree(dest, ignore_errors=True)
-        root.mkdir(parents=True)
-        download_version(mv, root)
-        marker.touch()
-    served, checked = verify_download(root, mv, pinned)  # every start, cached or not: the cache could be edited too
+    root = dest / MODEL_SUBDIR
+    download_once(dest, lambda: download_version(mv, root), mv.tags.get(MANIFEST_TAG, ""))
+    served, checked = verify_version(root, mv, pinned)  # every start, cached or not: the cache could be edited too
     return Verified(served, mv.name, mv.version, mv.run_id, checked, time.perf_counter() - started)

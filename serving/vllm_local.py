@@ -12,7 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from serving.engines import vllm_args
+from serving.engines import ENGINE_ENV, vllm_args
 
 PROJECT = Path(__file__).resolve().parents[1]
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -49,11 +49,9 @@ def environment(kv_cache_gb: int, threads: int) -> dict[str, str]:
     bind = "0" if threads <= 1 else f"0-{min(threads, cores) - 1}"
     return {
         **os.environ,
+        **ENGINE_ENV["vllm"],
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb),
         "VLLM_CPU_OMP_THREADS_BIND": bind,
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
     }
 
 
@@ -82,6 +80,5 @@ def command(
         max_total_tokens=max_total_tokens,
         extra=list(extra or []),
         adapters=adapters,
-        on_gpu=False,
     )
     return [str(python), "-m", SERVER_MODULE, *args, "--dtype", "bfloat16"]
