@@ -228,6 +228,11 @@ class RegisterSection(Section):
 
     model_name: str = Field("llmops-demo", description="registered model name in MLflow: letters, digits, _, - and .")
     experiment: str = Field("llmops", description="MLflow experiment of the stage runs")
+    adapters: bool = Field(
+        True,
+        description="also register the LoRA adapter as a version of <model_name>-adapter, and the base it trained "
+        "against as a version of <model_name>-base (once per distinct base): adapters you can promote onto it",
+    )
 
     @field_validator("model_name")
     @classmethod

@@ -148,6 +148,11 @@ def run(cfg: GateSection, registration: dict, report_dir: Path, data_dir: Path) 
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    if adapter := registration.get("adapter"):
+        # The adapter on its base is what the merge reproduces (the merge stage's parity check): one verdict.
+        same = {**tags, GATE_REASON: f"as version {version} of {name}, its merge: {verdict['reason']}"}
+        for key, value in same.items():
+            client.set_model_version_tag(adapter[0], adapter[1], key, value)
     console.print(f"gate {tags[GATE_VERDICT]}: {verdict['reason']}")
     return verdict
 

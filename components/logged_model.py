@@ -68,7 +68,7 @@ class _PyfuncWithManifest:
         self.manifest_sha256 = weights_manifest.write(path, Path(path) / MANIFEST_FILE)
 
 
-def log_chat_model(model_dir: Path, params: dict[str, str]):
+def log_chat_model(model_dir: Path, params: dict[str, str], name: str = "model"):
     """Log the served model from code; returns (ModelInfo, sha256 of its manifest)."""
     from mlflow.models import Model
 
@@ -80,7 +80,7 @@ def log_chat_model(model_dir: Path, params: dict[str, str]):
     try:
         info = Model.log(
             artifact_path=None,
-            name="model",
+            name=name,
             flavor=flavor,
             flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model records for a code file
             python_model=str(chat_pyfunc.CODE_FILE),  # models-from-code: MLflow copies the file, pickles nothing
@@ -98,7 +98,7 @@ def log_chat_model(model_dir: Path, params: dict[str, str]):
     files = [p for p in Path(model_dir).rglob("*") if p.is_file()]
     size = megabytes(sum(p.stat().st_size for p in files))
     elapsed = time.perf_counter() - started
-    console.print(f"uploaded the served model to MLflow: {len(files)} files ({size}) in {elapsed:.1f} s")
+    console.print(f"uploaded the {name} model to MLflow: {len(files)} files ({size}) in {elapsed:.1f} s")
     return info, flavor.manifest_sha256
 
 

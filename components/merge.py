@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components.artifacts import CONTRACT_FILE, MergedModel, PreparedData, TrainedAdapter, record_config
+from components.artifacts import CONTRACT_FILE, MergedModel, PreparedData, record_config
 from components.config import MergeSection
 from components.inference import bnb_config, generate, load_model, load_tokenizer
 from components.literal_text import model_input
 from components.memory_plan import model_shape
 from components.prompt_contract import read_contract, wrap_template
-from components.streaming_merge import nf4_rounding, stream_merge
+from components.streaming_merge import nf4_rounding, stream_merge, trained_base
 from components.util import console, dir_size, heading, quiet_libraries, write_json
 
 # The merge and its parity check run on the host, as memory_plan.merge_plan plans them, even in a pod with a
@@ -27,19 +27,6 @@ HOST = "cpu"
 
 class ParityError(RuntimeError):
     pass
-
-
-def trained_base(adapter_dir: Path) -> dict | None:
-    """How the train stage quantized the base under this adapter, for NF4 (else None): double_quant, and the
-    dtype the base was loaded in. The NF4 codes depend on it: quantized from float32 rather than bfloat16,
-    the tiny model's dequantized weights differ by up to 2e-4."""
-    adapter = TrainedAdapter(adapter_dir)
-    record = adapter.stage_config()
-    train = record["config"] if record else {}
-    if train.get("quantization") != "nf4":
-        return None
-    resolved = adapter.metrics().get("compute_dtype") if adapter.metrics_file.exists() else None
-    return {"double_quant": train.get("double_quant", True), "dtype": resolved or "bfloat16"}
 
 
 def merge_base(cfg: MergeSection, adapter_dir: Path) -> str:

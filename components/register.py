@@ -15,6 +15,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from components.adapter_registry import register_adapter
 from components.artifacts import (
     REGISTRATION_SUMMARY,
     BaseModelDir,
@@ -292,6 +293,10 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
         version = keep_one_complete_version(client, cfg.model_name, pipeline_run)
         if version is None:
             raise RuntimeError(f"the new version of {cfg.model_name} for {pipeline_run} is incomplete; deleted it")
+        adapter = {}
+        if cfg.adapters:  # the adapter as a version you can promote, on its base's version
+            create = lambda n: ensure_registered_model(client, n)  # noqa: E731
+            adapter = register_adapter(client, cfg.model_name, paths, tags, run.info.run_id, create)
     console.print(f"registered {cfg.model_name} version {version.version} (run {run.info.run_id})")
     return {
         "name": cfg.model_name,
@@ -299,6 +304,7 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
         "run_id": run.info.run_id,
         "reused": False,
         "quantize": tags[QUANTIZE_TAG],
+        **adapter,
         **metrics,
     }
 

@@ -33,12 +33,39 @@ PROMPT_LABEL_SET = "prompt.label_set"  # the labels, as a JSON list: what a cons
 # weights.*: what serves, pinned (components/weights_manifest.py)
 MANIFEST_TAG = "weights.manifest_sha256"
 ADAPTER_MANIFEST_TAG = "weights.adapter_manifest_sha256"  # the LoRA adapter's files, checked before it serves
+BASE_MANIFEST_TAG = "weights.base_manifest_sha256"  # on an adapter version: the base version it must serve on
+FILES_TAG = "weights.files_sha256"  # a base version's Hugging Face files alone: one version per distinct base
 
 # register's registry tags
 QUANTIZE_TAG = "recommended_quantize"  # the serving flag quantize measured as best (none, bitsandbytes, -nf4)
 PIPELINE_RUN_TAG = "llmops.pipeline_run"
 ADAPTER_MODEL_TAG = "llmops.adapter_model_id"  # the LoggedModel holding the run's LoRA adapter
 MODEL_ID_TAG = "llmops.model_id"  # the LoggedModel the version was registered from
+KIND_TAG = "llmops.kind"  # a ModelKind; a version without it is a merged model
+ADAPTER_RANK_TAG = "llmops.lora_rank"  # on an adapter version: its LoRA rank (vLLM's --max-lora-rank)
+BASE_ROUNDING_TAG = "llmops.base_rounding"  # on a base version: nf4 (what QLoRA trained against) or 16bit
+BASE_VERSION_TAG = "llmops.base_version"  # on an adapter version: name/version of the base registered with it
+
+
+class ModelKind(StrEnum):
+    """What a version holds. A merged model serves alone; an adapter serves on the running deployment of the
+    base version its BASE_MANIFEST_TAG names; a base serves the adapters placed on it."""
+
+    MODEL = "model"
+    ADAPTER = "adapter"
+    BASE = "base"
+
+
+def kind_of(tags: dict) -> ModelKind:
+    return ModelKind(tags.get(KIND_TAG) or ModelKind.MODEL)
+
+
+# The registration run's param that pins each kind's MANIFEST_TAG: a run's params never change, a tag can.
+RECORDED_MANIFEST = {
+    ModelKind.MODEL: MANIFEST_TAG,
+    ModelKind.ADAPTER: ADAPTER_MANIFEST_TAG,
+    ModelKind.BASE: BASE_MANIFEST_TAG,
+}
 
 # deploy.*: written by the deployer, waited on by `llmops promote`, followed by applications
 STATUS_TAG = "deploy.status"  # a DeployStatus
@@ -49,6 +76,7 @@ BACKEND_TAG = "deploy.backend"  # kubernetes or local
 SERVED_ENGINE_TAG = "deploy.served_engine"  # the engine it serves on
 ENGINE_TAG = "deploy.engine"  # set by a person: the engine this version asks for
 GATE_OVERRIDE_KEPT_TAG = "deploy.gate_override"  # a person's gate.override, kept with the deploy it allowed
+PLACED_ON_TAG = "deploy.base"  # on an adapter version: name/version of the base deployment that serves it
 
 
 class DeployStatus(StrEnum):

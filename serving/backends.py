@@ -47,6 +47,7 @@ class Target:
     version: str
     run_id: str
     tags: dict
+    adapters: tuple = ()  # serving.placement.PlacedAdapter: the adapters placed on this (base) deployment
 
 
 class Backend(Protocol):
@@ -87,7 +88,14 @@ class KubeBackend:
         from serving.manifests import render
 
         try:
-            render(self.cfg, name=target.name, version=target.version, run_id=target.run_id, tags=target.tags)
+            render(
+                self.cfg,
+                name=target.name,
+                version=target.version,
+                run_id=target.run_id,
+                tags=target.tags,
+                adapters=target.adapters,
+            )
         except EngineRefusal as err:
             return f"{err}. Nothing was deployed"
         return None
@@ -155,6 +163,7 @@ class KubeBackend:
                 version=target.version,
                 run_id=target.run_id,
                 tags=target.tags,
+                adapters=target.adapters,
                 api_client=self.api_client,
                 poll_s=self.poll_s,
             )

@@ -21,11 +21,16 @@ import httpx2
 
 from components.registry_tags import (
     ENDPOINT_TAG,
+    PLACED_ON_TAG,
     PROMPT_LABEL_SET,
+    PROMPT_SYSTEM,
+    PROMPT_USER_PREFIX,
     REASON_TAG,
     SERVED_ENGINE_TAG,
     STATUS_TAG,
     DeployStatus,
+    ModelKind,
+    kind_of,
 )
 from serving.manifests import object_name
 from serving.settings import DeploySection
@@ -71,7 +76,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def trusted_endpoint(url: str, ref: str, namespace: str = SERVING_NAMESPACE) -> str:
+def trusted_endpoint(url: str, ref: str, namespace: str = SERVING_NAMESPACE, service_of: str | None = None) -> str:
     """A `deploy.endpoint` tag, when it names what the deployer writes: the model's own Service in the serving
     namespace, or loopback (where `served_version` must then agree).
 
@@ -79,7 +84,7 @@ def trusted_endpoint(url: str, ref: str, namespace: str = SERVING_NAMESPACE) -> 
     host of their choosing, or to another Service of theirs; only the deployer may create Services in the
     serving namespace (infra/k8s/base/deployer-rbac.yaml), and it names each after its model.
     """
-    name, _ = parse_ref(ref)
+    name = service_of or parse_ref(ref)[0]  # an adapter's endpoint is its base's Service
     parsed = urlsplit(url)
     host = parsed.hostname or ""
     loopback = _is_loopback(host)
@@ -122,11 +127,26 @@ def deployed_endpoint(version, ref: str, namespace: str = SERVING_NAMESPACE) -> 
         )
     if not tags.get(ENDPOINT_TAG):
         raise LookupError(f"{ref} names version {version.version}, which is deployed but has no {ENDPOINT_TAG} tag")
-    url = trusted_endpoint(tags[ENDPOINT_TAG], ref, namespace).rstrip("/")
+    name, number = version.name, version.version
+    if kind_of(tags) == ModelKind.ADAPTER:  # it serves on its base's deployment, which the deployer named
+        name, _, number = tags.get(PLACED_ON_TAG, "").rpartition("/")
+        if not name:
+            raise LookupError(f"{ref} is an adapter with no {PLACED_ON_TAG} tag: no base deployment serves it")
+    url = trusted_endpoint(tags[ENDPOINT_TAG], ref, namespace, service_of=name).rstrip("/")
     host = urlsplit(url).hostname or ""
-    if _is_loopback(host) and served_version(url, version.name) != version.version:
-        raise LookupError(f"{ref}: the server at {url} does not serve version {version.version} of {version.name}")
+    if _is_loopback(host) and served_version(url, name) != number:
+        raise LookupError(f"{ref}: the server at {url} does not serve version {number} of {name}")
+    if _is_loopback(host) and name != version.name and version.name not in served_models(url):
+        raise LookupError(f"{ref}: the server at {url} serves {name} without the adapter {version.name}")
     return url
+
+
+def served_models(url: str) -> list[str]:
+    """The names an OpenAI-speaking server answers to: the model and, on vLLM and ours, each adapter loaded."""
+    try:
+        return [m.get("id", "") for m in httpx2.get(f"{url}/v1/models", timeout=5.0).json().get("data", [])]
+    except (httpx2.HTTPError, ValueError, AttributeError):
+        return []
 
 
 @dataclass(frozen=True)
@@ -135,6 +155,8 @@ class Endpoint:
     engine: str | None  # tgi or vllm, as the deployer or `llmops serve` recorded it; None: ask the server
     model: str  # the name the engine serves it under (vLLM checks it; TGI ignores it)
     labels: tuple[str, ...] = ()  # the version's label set, for constrained answers
+    adapter: bool = False  # an adapter version: `model` names the adapter on its base's server
+    contract: tuple[str, str] = ("", "")  # the system prompt and user prefix it was trained with
 
 
 def find_endpoint(ref: str, namespace: str = SERVING_NAMESPACE) -> Endpoint:
@@ -146,6 +168,9 @@ def find_endpoint(ref: str, namespace: str = SERVING_NAMESPACE) -> Endpoint:
         return Endpoint(override.rstrip("/"), None, name, labels)
     if version and (version.tags.get(ENDPOINT_TAG) or version.tags.get(STATUS_TAG)):
         url = deployed_endpoint(version, f"{name}@{alias}", namespace)
+        if kind_of(version.tags) == ModelKind.ADAPTER:
+            contract = (version.tags.get(PROMPT_SYSTEM, ""), version.tags.get(PROMPT_USER_PREFIX, ""))
+            return Endpoint(url, version.tags.get(SERVED_ENGINE_TAG), name, labels, True, contract)
         return Endpoint(url, version.tags.get(SERVED_ENGINE_TAG), name, labels)
     record = records_dir() / f"{name}@{alias}.json"
     if record.exists():
@@ -246,7 +271,9 @@ def chat_model(
     namespace: str = SERVING_NAMESPACE,
 ):
     """A LangChain chat model over the endpoint serving `ref` ("name@alias"): ChatHuggingFace on TGI and our
-    server, ChatOpenAI on vLLM. constrained=True: every answer is one label of the version's label set, decoded
+    server, ChatOpenAI on vLLM. An adapter version ("name-adapter@champion") is reached on its base's endpoint,
+    named by `model` over the OpenAI route of either engine, its prompt contract applied to bare messages.
+    constrained=True: every answer is one label of the version's label set, decoded
     under that constraint by the engine itself (TGI's regex grammar; vLLM's structured outputs)."""
     endpoint = find_endpoint(ref, namespace)
     engine = endpoint.engine or engine_of(endpoint.url)
@@ -254,11 +281,18 @@ def chat_model(
         raise LookupError(f"{ref} has no {PROMPT_LABEL_SET} tag: only a label task's version can answer constrained")
     # Both engines sample unless temperature is 0, and the wrappers default to sampling: greedy must be explicit.
     temperature = temperature or 0.0
-    if engine == "vllm":
-        from langchain_openai import ChatOpenAI
+    if engine == "vllm" or endpoint.adapter:  # an adapter is named by `model`, which only the OpenAI route reads
+        from serving.contract_chat import ContractChatOpenAI
 
-        extra = {"structured_outputs": {"choice": list(endpoint.labels)}} if constrained else None
-        return ChatOpenAI(
+        extra = None
+        if constrained:
+            extra = (
+                {"structured_outputs": {"choice": list(endpoint.labels)}}
+                if engine == "vllm"
+                else {"response_format": {"type": "regex", "value": label_regex(endpoint.labels)}}
+            )
+        return ContractChatOpenAI(
+            contract=endpoint.contract,
             base_url=f"{endpoint.url}/v1",
             api_key="EMPTY",  # vLLM started without --api-key checks none
             model=endpoint.model,

@@ -25,21 +25,29 @@ from components.registry_tags import (
     GATE_REASON,
     GATE_VERDICT,
     MANIFEST_TAG,
+    PLACED_ON_TAG,
     REASON_TAG,
+    RECORDED_MANIFEST,
     SERVED_ENGINE_TAG,
     STATUS_TAG,
     TIME_TAG,
     DeployStatus,
+    ModelKind,
     Verdict,
+    kind_of,
 )
 from serving.backends import Backend, DeployOutcome, ShuttingDown, Target
+from serving.placement import keys, parse_key, place
 
 log = logging.getLogger("llmops.deployer")
 
 
 def promotion_refusal(tags: dict) -> str | None:
     """Why a version may not serve, or None. Only a passed gate deploys, unless a person overrides it on
-    purpose: the tag GATE_OVERRIDE (gate.override) holds their reason."""
+    purpose: the tag GATE_OVERRIDE (gate.override) holds their reason. A base version (the unchanged base its
+    adapters were gated against) has no gate of its own: it serves only the adapters whose gate passed."""
+    if kind_of(tags) == ModelKind.BASE:
+        return None
     if tags.get(GATE_VERDICT) == Verdict.PASSED or tags.get(GATE_OVERRIDE, "").strip():
         return None
     verdict = tags.get(GATE_VERDICT) or "missing"
@@ -70,7 +78,7 @@ class Deployer:
         self.passes = 0
         self.page_size = 100
         self.absent: dict[str, int] = {}  # served model -> consecutive passes its alias was missing
-        self.recorded: dict[str, str | None] = {}  # registration run -> the manifest digest it recorded
+        self.recorded: dict[tuple, str | None] = {}  # (registration run, param) -> the manifest digest it recorded
 
     def registered(self):
         """Every registered model, page by page (the registry answers at most `page_size` per call)."""
@@ -100,7 +108,12 @@ class Deployer:
             self.passes += 1
             actions = []
             desired = self.desired()
-            for name, target in desired.items():
+            served, refused = place(desired, self._adapter_refusal, self.alias)
+            for name, reason in refused.items():
+                target = desired[name]
+                if target.tags.get(STATUS_TAG) != DeployStatus.REFUSED or target.tags.get(REASON_TAG) != reason:
+                    actions.append(self._refuse(target, reason))
+            for name, target in served.items():
                 try:
                     if action := self._converge(target):
                         actions.append(action)
@@ -115,10 +128,14 @@ class Deployer:
                     actions.append(f"error {name}")
             return actions
 
+    def _adapter_refusal(self, target: Target) -> str | None:
+        return promotion_refusal(target.tags) or self._tag_refusal(target)
+
     def _converge(self, target: Target) -> str | None:
         actual = self.backend.actual(target.name)
         self.state[target.name] = {"desired": target.version, "actual": actual and actual.get("version")}
-        if actual and actual.get("version") == target.version and actual.get("run_id") == target.run_id:
+        same = actual and tuple(actual.get("adapters", ())) == keys(target.adapters)  # else roll the base
+        if same and actual.get("version") == target.version and actual.get("run_id") == target.run_id:
             # Named by the cluster but not recorded as deployed: a deployer stopped mid-rollout, a rollback that
             # failed, a hand-edited tag. The cluster settles it: wait for the rollout, or roll it back.
             if target.tags.get(STATUS_TAG) != DeployStatus.DEPLOYED:
@@ -131,6 +148,7 @@ class Deployer:
                 return self._record(target, outcome, engine=actual.get("engine"))
             if target.tags.get(ENDPOINT_TAG) != (endpoint := self.backend.endpoint(target.name)):
                 return self._retag(target, {ENDPOINT_TAG: endpoint})
+            self._record_adapters(target, DeployOutcome.serving(endpoint), actual.get("engine"))
             return None
         if refusal := promotion_refusal(target.tags) or self._tag_refusal(target) or self.backend.refusal(target):
             if target.tags.get(STATUS_TAG) != DeployStatus.REFUSED or target.tags.get(REASON_TAG) != refusal:
@@ -141,6 +159,9 @@ class Deployer:
         done = self._deploy(target)
         if actual and actual.get("version") != target.version and done.startswith("deployed"):
             self._supersede(target.name, actual["version"])
+        if actual and done.startswith("deployed"):  # adapters the rolled base no longer serves
+            for name, version in (parse_key(k) for k in set(actual.get("adapters", ())) - set(keys(target.adapters))):
+                self._supersede(name, version)
         return done
 
     def _supersede(self, name: str, version: str) -> None:
@@ -155,13 +176,16 @@ class Deployer:
 
     def _tag_refusal(self, target: Target) -> str | None:
         """The version's manifest tag must be the digest its registration run recorded: a run's params never
-        change, a tag can, and what serves is checked against the tag (pinned into the pod at deploy time)."""
+        change, a tag can, and what serves is checked against the tag (pinned into the pod at deploy time).
+        A run registers a merged model, an adapter and a base, each recorded under its own param."""
         from mlflow.exceptions import MlflowException
 
+        param = RECORDED_MANIFEST[kind_of(target.tags)]
         try:
-            if target.run_id not in self.recorded:  # params never change: one read per run
-                self.recorded[target.run_id] = self.client.get_run(target.run_id).data.params.get(MANIFEST_TAG)
-            recorded = self.recorded[target.run_id]
+            if (target.run_id, param) not in self.recorded:  # params never change: one read per run
+                params = self.client.get_run(target.run_id).data.params
+                self.recorded[(target.run_id, param)] = params.get(param)
+            recorded = self.recorded[(target.run_id, param)]
         except MlflowException as err:
             return (
                 f"could not read the registration run {target.run_id} to check {MANIFEST_TAG} ({err.error_code}): "
@@ -171,7 +195,8 @@ class Deployer:
             return None
         return (
             f"the version's {MANIFEST_TAG} tag is {target.tags.get(MANIFEST_TAG) or 'missing'}, but its registration "
-            f"run recorded {recorded or 'none'}: the tag was changed after registration (or the version was not "
+            f"run recorded {param}={recorded or 'none'}: the tag was changed after registration (or the version "
+            "was not "
             "registered by the register stage). Nothing was deployed"
         )
 
@@ -271,12 +296,33 @@ class Deployer:
             write_local_record(target.name, self.alias, endpoint, target.version, tags[SERVED_ENGINE_TAG])
         for key, value in tags.items():
             self.client.set_model_version_tag(target.name, target.version, key, value)
+        self._record_adapters(target, outcome, tags.get(SERVED_ENGINE_TAG))
         self.state[target.name] = {
             "desired": target.version,
             "actual": target.version if ok else None,
             "status": tags[STATUS_TAG],
         }
         return f"{tags[STATUS_TAG]} {target.name}/{target.version}"
+
+    def _record_adapters(self, target: Target, outcome: DeployOutcome, engine: str | None) -> None:
+        """Each adapter placed on the base says where it serves (the base's endpoint, under its own name), or why
+        not; only tags that differ are written, so a settled pass writes nothing."""
+        for adapter in target.adapters:
+            current = self.client.get_model_version(adapter.name, adapter.version).tags
+            tags = {PLACED_ON_TAG: f"{target.name}/{target.version}", BACKEND_TAG: self.backend.kind}
+            if outcome.ok:
+                tags.update({ENDPOINT_TAG: outcome.endpoint, SERVED_ENGINE_TAG: engine or self.backend.engine(target)})
+            else:
+                tags[REASON_TAG] = f"its base {target.name}/{target.version} did not deploy: {outcome.reason}"
+            tags[STATUS_TAG] = DeployStatus.DEPLOYED if outcome.ok else DeployStatus.FAILED
+            changed = {k: v for k, v in tags.items() if current.get(k) != v}
+            if outcome.ok and REASON_TAG in current:  # a refusal from before its base served no longer holds
+                self.client.delete_model_version_tag(adapter.name, adapter.version, REASON_TAG)
+            if changed:
+                changed[TIME_TAG] = datetime.now(timezone.utc).isoformat()
+                changed[STATUS_TAG] = tags[STATUS_TAG]  # last, as for a model
+                for key, value in changed.items():
+                    self.client.set_model_version_tag(adapter.name, adapter.version, key, value)
 
     def notify(self) -> None:
         self.wake.set()

@@ -160,18 +160,49 @@ def vetted_args(engine: Engine, args: list[str]) -> list[str]:
     return out
 
 
-def tgi_args(*, model_dir: str, port: int, tags: dict, limits: dict[str, int], extra: list[str]) -> list[str]:
-    """TGI's launcher arguments. `limits`: max_input_tokens, max_total_tokens, max_batch_prefill_tokens."""
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's accepted --max-lora-rank values
+
+
+def max_lora_rank(ranks: list[int]) -> int:
+    """The least --max-lora-rank vLLM accepts that holds every adapter (16, vLLM's default, at the least)."""
+    need = max([16, *ranks])
+    for rank in VLLM_LORA_RANKS:
+        if rank >= need:
+            return rank
+    raise EngineRefusal(f"a LoRA adapter of rank {need} is above vLLM's largest --max-lora-rank, {VLLM_LORA_RANKS[-1]}")
+
+
+def tgi_args(
+    *,
+    model_dir: str,
+    port: int,
+    tags: dict,
+    limits: dict[str, int],
+    extra: list[str],
+    adapters: dict[str, str] | None = None,
+) -> list[str]:
+    """TGI's launcher arguments. `limits`: max_input_tokens, max_total_tokens, max_batch_prefill_tokens.
+    `adapters` (name -> directory) are loaded at start; a request names one by `adapter_id` (or chat `model`)."""
     if limits["max_batch_prefill_tokens"] < limits["max_input_tokens"]:
         raise EngineRefusal("deploy.max_batch_prefill_tokens must be >= deploy.max_input_tokens (TGI refuses to start)")
     # --hostname: TGI's launcher reads $HOSTNAME, which Kubernetes sets to the pod name.
     return [
-        "--model-id", model_dir, *quantize_args("tgi", tags),
-        "--max-input-tokens", str(limits["max_input_tokens"]),
-        "--max-total-tokens", str(limits["max_total_tokens"]),
-        "--max-batch-prefill-tokens", str(limits["max_batch_prefill_tokens"]),
-        "--hostname", "0.0.0.0", "--port", str(port), *vetted_args("tgi", extra),
-    ]  # fmt: skip
+        "--model-id",
+        model_dir,
+        *quantize_args("tgi", tags),
+        "--max-input-tokens",
+        str(limits["max_input_tokens"]),
+        "--max-total-tokens",
+        str(limits["max_total_tokens"]),
+        "--max-batch-prefill-tokens",
+        str(limits["max_batch_prefill_tokens"]),
+        "--hostname",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        *vetted_args("tgi", extra),
+    ] + (["--lora-adapters", ",".join(f"{a}={path}" for a, path in sorted(adapters.items()))] if adapters else [])
+    # fmt: skip
 
 
 def served_names(name: str, version: str) -> list[str]:

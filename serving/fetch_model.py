@@ -1,6 +1,7 @@
 """Init container entry point: put a registered model version where TGI will load it.
 
     python -m serving.fetch_model models:/<name>/<version> /data/model [--manifest-sha256 DIGEST]
+        [--adapter=NAME=models:/<adapter-model>/<version>@DIGEST ...]
 
 DIGEST is the manifest digest the deployer read from the version's tag when it deployed it: every pod start
 checks the files against it, never against the tag as it reads now, so a tag or file changed after the deploy
@@ -9,6 +10,8 @@ keeps the new pod out of service while the replicas already serving go on.
 Credentials come from the environment (MLFLOW_TRACKING_URI, MLFLOW_TRACKING_*, AWS_*), which the
 Deployment fills from Kubernetes Secrets. A non-zero exit keeps the pod out of service, so the
 previous version goes on serving instead of TGI crash-looping on a half-empty directory.
+Each adapter placed on the deployment (serving/placement.py) lands in <DEST>/../adapters/NAME, checked against
+the digest pinned for it the same way.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import sys
 from pathlib import Path
 
 USAGE = (
-    "usage: python -m serving.fetch_model MODEL_URI DEST [--manifest-sha256 DIGEST]   "
-    "(e.g. models:/llmops-demo/3 /data/model)"
+    "usage: python -m serving.fetch_model MODEL_URI DEST [--manifest-sha256 DIGEST] [--adapter=NAME=URI@DIGEST ...]"
+    "   (e.g. models:/llmops-demo/3 /data/model)"
 )
 
 
@@ -70,8 +73,36 @@ def fetch(model_uri: str, dest: Path, pinned: str | None = None) -> Path:
     return dest
 
 
+def fetch_adapter(spec: str, root: Path) -> Path:
+    """`NAME=models:/name/version@DIGEST` into root/NAME, every file checked against DIGEST."""
+    from components.weights_manifest import VerificationError
+    from serving.resolve import REF
+    from serving.verified_model import download_verified_adapter, model_version
+
+    name, _, rest = spec.partition("=")
+    uri, _, digest = rest.partition("@")
+    match = REF.match(uri)
+    if not name or not match or not digest or not match["version"]:
+        raise FetchError(f"--adapter {spec!r}: expected NAME=models:/name/version@DIGEST")
+    dest = root / name
+    staging = root / f".{name}.download"
+    try:
+        files = download_verified_adapter(model_version(match["name"], match["version"]), staging, digest)
+    except VerificationError as exc:
+        raise FetchError(f"refused adapter {uri}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - as for the model: the pod stays out of service, saying why
+        raise FetchError(f"could not download adapter {uri}: {type(exc).__name__}: {exc}") from exc
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(files, dest)
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f"fetch_model: adapter {name} verified against {digest[:12]}")
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    adapters = [a.removeprefix("--adapter=") for a in args if a.startswith("--adapter=")]
+    args = [a for a in args if not a.startswith("--adapter=")]
     pinned = None
     if len(args) == 4 and args[2] == "--manifest-sha256":
         args, pinned = args[:2], args[3]
@@ -80,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         local = fetch(args[0], Path(args[1]), pinned)
+        for spec in adapters:
+            fetch_adapter(spec, Path(args[1]).parent / "adapters")
     except FetchError as exc:
         print(f"fetch_model: {exc}", file=sys.stderr)
         return 1

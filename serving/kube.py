@@ -29,7 +29,7 @@ from kubernetes.client.exceptions import ApiException
 
 from serving import manifests
 from serving.kube_client import API_ERRORS, call, default_client, describe, kind_ops, read_object, retriable
-from serving.manifests import ANN_NAME, ANN_PREFIX, ANN_RUN, ANN_VERSION
+from serving.manifests import ANN_ADAPTERS, ANN_NAME, ANN_PREFIX, ANN_RUN, ANN_VERSION
 
 if TYPE_CHECKING:
     from serving.settings import DeploySection
@@ -69,7 +69,8 @@ def version_of(obj: dict | None) -> dict | None:
     ann = _annotations(obj)
     if ANN_VERSION not in ann:
         return None
-    return {"name": ann.get(ANN_NAME), "version": ann.get(ANN_VERSION), "run_id": ann.get(ANN_RUN)}
+    placed = tuple(sorted(filter(None, ann.get(ANN_ADAPTERS, "").split(","))))
+    return {"name": ann.get(ANN_NAME), "version": ann.get(ANN_VERSION), "run_id": ann.get(ANN_RUN), "adapters": placed}
 
 
 def rollout_state(deployment: dict, generation: int | None = None) -> RolloutState:
@@ -228,13 +229,14 @@ def deploy_version(
     version: str,
     run_id: str,
     tags: dict,
+    adapters: tuple = (),
     api_client: k8s.ApiClient | None = None,
     timeout_s: float | None = None,
     poll_s: float = 2.0,
 ) -> bool:
     """Apply one version, wait for it, and roll back if it never becomes ready. True when it serves."""
     api_client = api_client or default_client()
-    objects = manifests.render(cfg, name=name, version=version, run_id=run_id, tags=tags)
+    objects = manifests.render(cfg, name=name, version=version, run_id=run_id, tags=tags, adapters=adapters)
     try:
         results = apply(objects, cfg.namespace, api_client=api_client)
     except API_ERRORS as err:  # nothing of this version rolls out; what served before still does

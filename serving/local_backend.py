@@ -3,6 +3,7 @@ replaced when the alias moves; the previous one serves until its successor answe
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from serving.backends import DeployOutcome, ShuttingDown, Target
 from serving.client import served_version
 from serving.engines import Engine, EngineRefusal
+from serving.placement import keys
 from serving.settings import DeploySection
 
 
@@ -25,6 +27,7 @@ class Served:
     engine: Engine
     version: str
     run_id: str
+    adapters: tuple[str, ...] = ()  # serving.placement keys of the adapters it was started with
 
 
 class LocalBackend:
@@ -49,7 +52,15 @@ class LocalBackend:
         self.closing, self.lock = threading.Event(), threading.Lock()
 
     def engine(self, target: Target) -> Engine:
-        return self.cfg.engine_of(target.name, target.tags)
+        return self.cfg.engine_of(target.name, target.tags, auto=self.auto_engine)
+
+    @functools.cached_property
+    def auto_engine(self) -> Engine:
+        """deploy.engine=auto: real vLLM where it imports (it generated 1.8-2.6x our tokens/s on the same cores,
+        docs/BENCHMARKS.md, engines), else our server. Asked once: importing vLLM takes seconds."""
+        from serving.vllm_local import missing, python_path
+
+        return "tgi" if missing(python_path(self.cfg.vllm_python)) else "vllm"
 
     def refusal(self, target: Target) -> str | None:
         try:
@@ -64,7 +75,13 @@ class LocalBackend:
             return None
         if served_version(f"http://{self.host}:{served.port}", name) != served.version:
             return None
-        return {"name": name, "version": served.version, "run_id": served.run_id, "engine": served.engine}
+        return {
+            "name": name,
+            "version": served.version,
+            "run_id": served.run_id,
+            "engine": served.engine,
+            "adapters": served.adapters,
+        }
 
     def _free_port(self) -> int:
         """base_port when free, else any port the OS offers: the old server holds its port until the new one is up."""
@@ -82,6 +99,8 @@ class LocalBackend:
     def _command(self, target: Target, engine: Engine, port: int) -> list[str]:
         command = [sys.executable, "-m", "serving.cli", "serve", f"models:/{target.name}/{target.version}"]
         command += ["--host", self.host, "--port", str(port), "--engine", engine]
+        # each placed adapter under its registered model's name, verified by `llmops serve` before it loads
+        command += [f"--adapter={adapter.name}={adapter.uri}" for adapter in target.adapters]
         if engine == "vllm":
             command += ["--vllm-python", self.cfg.vllm_python] if self.cfg.vllm_python else []
             command += ["--kv-cache-gb", str(self.cfg.vllm_kv_cache_gb)]
@@ -126,7 +145,7 @@ class LocalBackend:
                 _stop(proc)
                 raise ShuttingDown(f"{target.name}/{target.version}")
             old = self.servers.get(target.name)
-            self.servers[target.name] = Served(proc, port, engine, target.version, target.run_id)
+            self.servers[target.name] = Served(proc, port, engine, target.version, target.run_id, keys(target.adapters))
         if old:
             _stop(old.proc)
         return DeployOutcome.serving(url)

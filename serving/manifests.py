@@ -13,7 +13,7 @@ import math
 import re
 
 from components.registry_tags import MANIFEST_TAG, QUANTIZE_TAG
-from serving.engines import ENGINE_ENV, Engine, tgi_args, vllm_args
+from serving.engines import ENGINE_ENV, Engine, max_lora_rank, tgi_args, vllm_args
 from serving.settings import DeploySection
 
 ANN_PREFIX = "llmops.io/"
@@ -23,10 +23,18 @@ ANN_RUN = ANN_PREFIX + "run-id"
 ANN_QUANTIZE = ANN_PREFIX + "quantize"
 ANN_ENGINE = ANN_PREFIX + "engine"
 ANN_MANIFEST = ANN_PREFIX + "manifest-sha256"  # the manifest digest pinned at deploy time
+ANN_ADAPTERS = ANN_PREFIX + "adapters"  # the adapters placed on it, name/version@digest, comma-separated
 
 CONTAINER_PORT = 8080  # unprivileged, so the port does not depend on TGI running as root
 DATA_DIR = "/data"
 MODEL_DIR = DATA_DIR + "/model"
+ADAPTER_ROOT = DATA_DIR + "/adapters"  # one directory per placed adapter, named as its registered model
+
+
+def adapter_dirs(adapters: tuple) -> dict[str, str]:
+    return {adapter.name: f"{ADAPTER_ROOT}/{adapter.name}" for adapter in adapters}
+
+
 GRACE_PERIOD_S = 120  # in-flight generations finish after SIGTERM; long completions take a while
 PRESTOP_SLEEP_S = 10  # lets endpoints drop the pod before TGI stops accepting connections
 STARTUP_PERIOD_S = 10
@@ -97,13 +105,18 @@ def sized(cpu: str, memory: str, extra: dict | None = None) -> dict:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def engine_command(cfg: DeploySection, engine: Engine, name: str, version: str, tags: dict) -> dict:
+def engine_command(cfg: DeploySection, engine: Engine, name: str, version: str, tags: dict, adapters: tuple) -> dict:
     """The serving container's command and args: TGI's launcher (the image's entrypoint), or vLLM's OpenAI
     server named explicitly (the vllm-openai image's entrypoint has changed between releases)."""
     if engine == "tgi":
         limits = {k: getattr(cfg, k) for k in ("max_input_tokens", "max_total_tokens", "max_batch_prefill_tokens")}
         extra = cfg.extra_args.get("tgi", [])
-        return {"args": tgi_args(model_dir=MODEL_DIR, port=CONTAINER_PORT, tags=tags, limits=limits, extra=extra)}
+        dirs = adapter_dirs(adapters)
+        return {
+            "args": tgi_args(
+                model_dir=MODEL_DIR, port=CONTAINER_PORT, tags=tags, limits=limits, extra=extra, adapters=dirs
+            )
+        }
     args = vllm_args(
         model_dir=MODEL_DIR,
         host="0.0.0.0",
@@ -114,6 +127,8 @@ def engine_command(cfg: DeploySection, engine: Engine, name: str, version: str, 
         max_total_tokens=cfg.max_total_tokens,
         extra=cfg.extra_args.get("vllm", []),
         on_gpu=cfg.gpu_count > 0,
+        adapters=adapter_dirs(adapters),
+        max_lora_rank=max_lora_rank([adapter.rank for adapter in adapters]),
     )
     return {"command": ["python3", "-m", "vllm.entrypoints.openai.api_server"], "args": args}
 
@@ -121,14 +136,14 @@ def engine_command(cfg: DeploySection, engine: Engine, name: str, version: str, 
 POD_HOME = {"HOME": "/tmp"}  # on the /tmp emptyDir: a non-root UID has no home in either image
 
 
-def engine_container(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
+def engine_container(cfg: DeploySection, name: str, version: str, tags: dict, adapters: tuple = ()) -> dict:
     engine = cfg.engine_of(name, tags)
     gpus = {cfg.gpu_resource: str(cfg.gpu_count)} if cfg.gpu_count > 0 else {}
     container = {
         "name": engine,
         "image": getattr(cfg, f"{engine}_image"),
         "imagePullPolicy": "IfNotPresent",
-        **engine_command(cfg, engine, name, version, tags),
+        **engine_command(cfg, engine, name, version, tags, adapters),
         "env": [{"name": key, "value": value} for key, value in {**ENGINE_ENV[engine], **POD_HOME}.items()],
         "ports": [{"name": "http", "containerPort": CONTAINER_PORT, "protocol": "TCP"}],
         "volumeMounts": [
@@ -151,9 +166,11 @@ def engine_container(cfg: DeploySection, name: str, version: str, tags: dict) ->
     return container
 
 
-def fetch_container(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
+def fetch_container(cfg: DeploySection, name: str, version: str, tags: dict, adapters: tuple = ()) -> dict:
     # The manifest digest as the deployer reads it now, at deploy time: every later pod start checks against it.
     pin = ["--manifest-sha256", tags[MANIFEST_TAG]] if tags.get(MANIFEST_TAG) else []
+    # each adapter pinned the same way, into its own directory
+    pin += [f"--adapter={a.name}={a.uri}@{a.manifest}" for a in sorted(adapters, key=lambda a: a.name)]
     return {
         "name": "fetch-model",
         "image": cfg.fetch_image,
@@ -173,8 +190,12 @@ def fetch_container(cfg: DeploySection, name: str, version: str, tags: dict) -> 
     }
 
 
-def version_annotations(name: str, version: str, run_id: str, tags: dict, engine: Engine) -> dict[str, str]:
+def version_annotations(
+    name: str, version: str, run_id: str, tags: dict, engine: Engine, adapters: tuple = ()
+) -> dict[str, str]:
+    placed = {ANN_ADAPTERS: ",".join(sorted(a.key for a in adapters))} if adapters else {}
     return {
+        **placed,
         ANN_NAME: name,
         ANN_VERSION: str(version),
         ANN_RUN: run_id,
@@ -188,7 +209,7 @@ def version_labels(version: str, run_id: str) -> dict[str, str]:
     return {ANN_VERSION: label_value(version), ANN_RUN: label_value(run_id)}
 
 
-def pod_spec(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
+def pod_spec(cfg: DeploySection, name: str, version: str, tags: dict, adapters: tuple = ()) -> dict:
     spec = {
         "securityContext": {
             "fsGroup": cfg.tgi_user or FETCH_USER,  # the emptyDirs' group: both containers read and write them
@@ -198,8 +219,8 @@ def pod_spec(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
         # TGI never talks to the API server; service links would add env vars TGI's launcher might read.
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "initContainers": [fetch_container(cfg, name, version, tags)],
-        "containers": [engine_container(cfg, name, version, tags)],
+        "initContainers": [fetch_container(cfg, name, version, tags, adapters)],
+        "containers": [engine_container(cfg, name, version, tags, adapters)],
         "volumes": [
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}},
             {"name": "data", "emptyDir": {"sizeLimit": cfg.model_volume_size}},
@@ -213,9 +234,11 @@ def pod_spec(cfg: DeploySection, name: str, version: str, tags: dict) -> dict:
     return spec
 
 
-def render_deployment(cfg: DeploySection, *, name: str, version: str, run_id: str, tags: dict) -> dict:
+def render_deployment(
+    cfg: DeploySection, *, name: str, version: str, run_id: str, tags: dict, adapters: tuple = ()
+) -> dict:
     version = str(version)
-    annotations = version_annotations(name, version, run_id, tags, cfg.engine_of(name, tags))
+    annotations = version_annotations(name, version, run_id, tags, cfg.engine_of(name, tags), adapters)
     labels = {**common_labels(name), **version_labels(version, run_id)}
     return {
         "apiVersion": "apps/v1",
@@ -239,7 +262,7 @@ def render_deployment(cfg: DeploySection, *, name: str, version: str, run_id: st
                     "labels": {**selector_labels(name), **version_labels(version, run_id)},
                     "annotations": dict(annotations),
                 },
-                "spec": pod_spec(cfg, name, version, tags),
+                "spec": pod_spec(cfg, name, version, tags, adapters),
             },
         },
     }
@@ -269,11 +292,11 @@ def render_disruption_budget(cfg: DeploySection, *, name: str) -> dict:
     }
 
 
-def render(cfg: DeploySection, *, name: str, version: str, run_id: str, tags: dict) -> list[dict]:
-    """Everything one version needs, in apply order."""
+def render(cfg: DeploySection, *, name: str, version: str, run_id: str, tags: dict, adapters: tuple = ()) -> list[dict]:
+    """Everything one version (and the adapters placed on it, serving.placement) needs, in apply order."""
     budget = [render_disruption_budget(cfg, name=name)] if cfg.replicas >= 2 else []
     return [
         render_service(cfg, name=name),
         *budget,
-        render_deployment(cfg, name=name, version=version, run_id=run_id, tags=tags),
+        render_deployment(cfg, name=name, version=version, run_id=run_id, tags=tags, adapters=adapters),
     ]

@@ -60,37 +60,11 @@ def resolve_model(ref: str, artifact: str | None = None) -> Resolved:
 
 
 def _adapter(mv) -> Path:
-    """The version's LoRA adapter, downloaded once and checked file by file against the manifest its
-    registration pinned (`weights.adapter_manifest_sha256`) every time it is resolved, as the merged model is."""
-    import mlflow
+    """The version's LoRA adapter (an adapter model's version, or the adapter a merged version's run logged),
+    downloaded once into the serving cache and checked file by file every time it is resolved."""
+    from serving.verified_model import download_verified_adapter
 
-    from components.artifacts import MANIFEST_FILE
-    from components.registry_tags import ADAPTER_MANIFEST_TAG, ADAPTER_MODEL_TAG
-    from components.weights_manifest import VerificationError, verify
-    from serving.verified_model import download_once
-
-    model_id, expected = mv.tags.get(ADAPTER_MODEL_TAG), mv.tags.get(ADAPTER_MANIFEST_TAG)
-    if not model_id:
-        raise FileNotFoundError(
-            f"version {mv.version} of {mv.name} has no {ADAPTER_MODEL_TAG} tag: no adapter was logged"
-        )
-    if not expected:
-        raise VerificationError(
-            f"version {mv.version} of {mv.name} has no {ADAPTER_MANIFEST_TAG} tag: its adapter was registered "
-            "before adapters carried a manifest, so nothing can vouch for its files; register it again"
-        )
-    dest = cache_dir() / mv.name / mv.version / "adapter"
-    target = dest / "files"  # below the download marker: the manifest lists every file in it
-
-    def fetch():
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(target))
-
-    download_once(dest, fetch, expected)
-    try:
-        verify(target, target / MANIFEST_FILE, expected)
-    except VerificationError as err:
-        raise VerificationError(f"the adapter of {mv.name}/{mv.version}: {err}") from None
-    return target
+    return download_verified_adapter(mv, cache_dir() / mv.name / mv.version / "adapter")
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:

@@ -8,6 +8,7 @@ overrides, as `llmops deployer --profile cluster deploy.gpu_count=0`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -24,10 +25,11 @@ class DeploySection(Section):
     """How a promoted version is served: TGI or vLLM on Kubernetes, or locally (our server or real vLLM)."""
 
     alias: str = Field("champion", description="the registry alias that deploys")
-    engine: Engine = Field(
+    engine: Literal["auto", "tgi", "vllm"] = Field(
         "tgi",
         description=f"the serving engine: tgi or vllm (a version's {ENGINE_TAG} tag, then `engines`, override "
-        "it); locally, tgi means our TGI-protocol server",
+        "it); locally, tgi means our TGI-protocol server. auto (the local profile's): real vLLM where `make vllm` "
+        "installed it (1.8-2.6x our tokens/s, docs/BENCHMARKS.md), else our server; tgi in a cluster",
     )
     engines: dict[str, Engine] = Field({}, description="registered model name -> engine, over `engine`")
     extra_args: dict[Engine, list[str]] = Field(
@@ -109,9 +111,10 @@ class DeploySection(Section):
         description="Secret (in the serving namespace) with the MLflow login of the init container: READ only",
     )
 
-    def engine_of(self, name: str, tags: dict) -> Engine:
-        """The engine that serves version `tags` of model `name`: its tag, then deploy.engines, then deploy.engine."""
-        return engine_for(tags, self.engine, self.engines, name)
+    def engine_of(self, name: str, tags: dict, auto: Engine = "tgi") -> Engine:
+        """The engine that serves version `tags` of model `name`: its tag, then deploy.engines, then deploy.engine
+        (`auto` standing for the backend's choice)."""
+        return engine_for(tags, auto if self.engine == "auto" else self.engine, self.engines, name)
 
     def unpinned(self, engine: Engine) -> list[str]:
         """The image settings a rollout on `engine` needs that still carry the placeholder digest."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.chat_pyfunc import download_version, verify_version
-from components.registry_tags import MANIFEST_TAG
+from components.registry_tags import ADAPTER_MANIFEST_TAG, ADAPTER_MODEL_TAG, MANIFEST_TAG, ModelKind, kind_of
 
 MODEL_SUBDIR = "mlflow_model"  # the version's files, as the store holds them; the download marker stays outside
 
@@ -59,3 +59,51 @@ def download_verified(mv, dest: Path, pinned: str | None = None) -> Verified:
     download_once(dest, lambda: download_version(mv, root), mv.tags.get(MANIFEST_TAG, ""))
     served, checked = verify_version(root, mv, pinned)  # every start, cached or not: the cache could be edited too
     return Verified(served, mv.name, mv.version, mv.run_id, checked, time.perf_counter() - started)
+
+
+def adapter_source(mv) -> tuple[str, str]:
+    """(LoggedModel id, manifest digest) of the adapter `mv` stands for: an adapter model's version is the adapter
+    itself; a merged version names the adapter its run logged."""
+    from components.weights_manifest import VerificationError
+
+    if kind_of(mv.tags) == ModelKind.ADAPTER:
+        model_id, expected, tag = mv.source.removeprefix("models:/"), mv.tags.get(MANIFEST_TAG), MANIFEST_TAG
+    else:
+        model_id, expected, tag = (
+            mv.tags.get(ADAPTER_MODEL_TAG),
+            mv.tags.get(ADAPTER_MANIFEST_TAG),
+            ADAPTER_MANIFEST_TAG,
+        )
+        if not model_id:
+            raise FileNotFoundError(
+                f"version {mv.version} of {mv.name} has no {ADAPTER_MODEL_TAG} tag: no adapter was logged"
+            )
+    if not expected:
+        raise VerificationError(
+            f"version {mv.version} of {mv.name} has no {tag} tag: its adapter was registered before adapters "
+            "carried a manifest, so nothing can vouch for its files; register it again"
+        )
+    return model_id, expected
+
+
+def download_verified_adapter(mv, dest: Path, pinned: str | None = None) -> Path:
+    """The adapter behind `mv`, downloaded once into dest/files and checked file by file against the manifest
+    its registration pinned (or the digest a deploy pinned), every time; raises VerificationError."""
+    import mlflow
+
+    from components.artifacts import MANIFEST_FILE
+    from components.weights_manifest import VerificationError, verify
+
+    model_id, expected = adapter_source(mv)
+    expected = pinned or expected
+    target = Path(dest) / "files"  # below the download marker: the manifest lists every file in it
+
+    def fetch():
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(target))
+
+    download_once(Path(dest), fetch, expected)
+    try:
+        verify(target, target / MANIFEST_FILE, expected)
+    except VerificationError as err:
+        raise VerificationError(f"the adapter of {mv.name}/{mv.version}: {err}") from None
+    return target

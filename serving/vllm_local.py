@@ -12,7 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from serving.engines import ENGINE_ENV, vllm_args
+from serving.engines import ENGINE_ENV, max_lora_rank, vllm_args
 
 PROJECT = Path(__file__).resolve().parents[1]
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -55,6 +55,13 @@ def environment(kv_cache_gb: int, threads: int) -> dict[str, str]:
     }
 
 
+def adapter_rank(path: str) -> int:
+    from components.artifacts import TrainedAdapter
+    from components.util import read_json
+
+    return int(read_json(TrainedAdapter(path).config_file)["r"])
+
+
 def command(
     python: Path,
     *,
@@ -80,5 +87,6 @@ def command(
         max_total_tokens=max_total_tokens,
         extra=list(extra or []),
         adapters=adapters,
+        max_lora_rank=max_lora_rank([adapter_rank(path) for path in (adapters or {}).values()]),
     )
     return [str(python), "-m", SERVER_MODULE, *args, "--dtype", "bfloat16"]

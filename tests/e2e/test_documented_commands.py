@@ -92,6 +92,10 @@ def test_readme_promote_then_chat_answers_with_the_label(workspace, demo_run):
             "the deployer to serve version 1",
         )
         assert status["deploy.status"] == "deployed", status
+        # the local profile's engine is auto: real vLLM where `make vllm` installed it, else our server
+        from serving.vllm_local import missing, python_path
+
+        assert status["deploy.served_engine"] == ("tgi" if missing(python_path()) else "vllm"), status
         answer = workspace.llmops("chat", QUESTION, "--model", "llmops-demo@champion").stdout.strip()
         assert answer == ANSWER
 
@@ -101,8 +105,8 @@ def test_readme_promote_then_chat_answers_with_the_label(workspace, demo_run):
         finally:
             os.environ.pop("LLMOPS_SERVING_DIR")
         openai = OpenAI(base_url=status["deploy.endpoint"] + "/v1", api_key="-")
-        reply = openai.chat.completions.create(
-            model="tgi", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=16
+        reply = openai.chat.completions.create(  # vLLM answers to the registered name; ours to any
+            model="llmops-demo", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=16
         )
         assert reply.choices[0].message.content.strip() == ANSWER
     finally:

@@ -533,7 +533,7 @@ def test_a_local_deployer_stopped_with_sigterm_stops_the_servers_it_started(mlfl
     client = MlflowClient()
     env = {**os.environ, "LLMOPS_WEBHOOK_SECRET": SECRET, "LLMOPS_SERVING_DIR": str(tmp_path / "records")}
     llmops = str(Path(sys.executable).with_name("llmops"))
-    args = ["deployer", "--mode", "local", "--port", str(free_port()), "--interval", "1", f"deploy.models=[{name}]"]
+    args = ["deployer", "--mode", "local", "--port", str(free_port()), "--interval", "1", f"deploy.models=[{name}]", "deploy.engine=tgi"]
     log = (tmp_path / "deployer.log").open("w")
     deployer = subprocess.Popen([llmops, *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -680,7 +680,7 @@ def test_a_manifest_tag_changed_after_registration_is_refused(model_name):
             client.set_model_version_tag(model_name, "3", MANIFEST_TAG, "ab" * 32)
             assert deployer.reconcile_once() == [f"refused {model_name}/3"]
             reason = client.get_model_version(model_name, "3").tags["deploy.reason"]
-            assert f"its registration run recorded {original}" in reason and kube.writes() == []
+            assert f"its registration run recorded weights.manifest_sha256={original}" in reason and kube.writes() == []
             client.set_model_version_tag(model_name, "3", MANIFEST_TAG, original)
             client.delete_model_version_tag(model_name, "3", "deploy.status")
             assert deployer.reconcile_once() == [f"deployed {model_name}/3"]

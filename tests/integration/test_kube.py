@@ -75,6 +75,7 @@ def test_new_version_updates_the_same_deployment(kube_api):
         "version": "2",
         "run_id": RUNS["2"],
         "generation": 2,
+        "adapters": (),
     }
 
 
@@ -154,6 +155,7 @@ def test_failed_rollout_rolls_back_to_the_serving_version(kube_api, failure):
         "version": "1",
         "run_id": RUNS["1"],
         "generation": 3,
+        "adapters": (),
     }
     assert kube.rollback(NAME, NS, api_client=api_client).action == "unchanged"  # a second call is a no-op
 
@@ -195,6 +197,7 @@ def test_current_version_and_missing_deployment(kube_api):
         "version": "1",
         "run_id": RUNS["1"],
         "generation": 1,
+        "adapters": (),
     }
 
 
@@ -384,3 +387,55 @@ def test_an_api_server_that_is_away_is_retried_and_then_reported(quick_backoff):
     config.retries = False
     with pytest.raises(kube.RolloutError, match="refused the apply \\(no answer"):
         kube.deploy_version(CFG, name=MODEL, version="1", run_id=RUNS["1"], tags={}, api_client=k8s.ApiClient(config))
+
+
+@pytest.mark.parametrize("engine", ["tgi", "vllm"])
+def test_the_deployer_places_swaps_and_rolls_back_an_adapter_set_on_a_base_deployment(kube_api, engine):
+    """Through the official client against the fake API: a base with two adapters deploys as one Deployment, a
+    moved adapter alias rolls it with the new set, and a rollout that never becomes ready rolls back to the set
+    that served, the new adapter version saying why."""
+    from serving.backends import KubeBackend
+    from serving.deployer import Deployer
+    from tests.unit.test_placement import Registry, adapter_tags, base_tags
+
+    fake, api_client = kube_api
+    pinned = {
+        "tgi_image": "ghcr.io/huggingface/text-generation-inference:3.3.4@sha256:" + "ab" * 32,
+        "vllm_image": "vllm/vllm-openai:v0.32.0@sha256:" + "ef" * 32,
+        "fetch_image": "ghcr.io/llmops/llmops-cpu:0.1.0@sha256:" + "cd" * 32,
+    }
+    cfg = DeploySection(namespace=NS, engine=engine, rollout_timeout_s=2, **pinned)
+    registry = Registry()
+    registry.add("m-base", "1", base_tags())
+    registry.add("banking-adapter", "1", adapter_tags("a1"))
+    registry.add("alpaca-adapter", "1", adapter_tags("b1"))
+    deployer = Deployer(KubeBackend(cfg, api_client=api_client, poll_s=0.05), client=registry)
+    name = manifests.object_name("m-base")
+
+    def placed() -> str:
+        return fake.get("deployments", NS, name)["spec"]["template"]["metadata"]["annotations"][manifests.ANN_ADAPTERS]
+
+    def completes() -> threading.Timer:
+        timer = threading.Timer(0.3, fake.complete_rollout, (NS, name))
+        timer.start()
+        return timer
+
+    timer = completes()
+    assert deployer.reconcile_once() == ["deployed m-base/1"]
+    timer.join()
+    assert placed() == "alpaca-adapter/1@b1,banking-adapter/1@a1"
+    assert registry.tags("banking-adapter", "1")["deploy.endpoint"].startswith(f"http://{name}.{NS}.svc")
+
+    registry.add("banking-adapter", "2", adapter_tags("a2"))
+    timer = completes()
+    assert deployer.reconcile_once() == ["deployed m-base/1"]
+    timer.join()
+    assert placed() == "alpaca-adapter/1@b1,banking-adapter/2@a2"
+    assert fake.get("deployments", NS, name)["metadata"]["generation"] == 2  # rolled once, not re-created
+
+    registry.add("banking-adapter", "3", adapter_tags("a3"))  # this rollout never becomes ready
+    assert deployer.reconcile_once() == ["failed m-base/1"]
+    assert placed() == "alpaca-adapter/1@b1,banking-adapter/2@a2"  # the set that served is back
+    tags = registry.tags("banking-adapter", "3")
+    assert tags["deploy.status"] == "failed" and "its base m-base/1 did not deploy" in tags["deploy.reason"]
+    assert registry.tags("banking-adapter", "2")["deploy.status"] == "deployed"

@@ -148,6 +148,48 @@ def test_a_registered_adapter_serves_only_as_registered(mlflow_server, stage_out
     assert refused.exit_code == 3 and "adapter_model.safetensors differs" in refused.output, refused.output
 
 
+def test_the_adapter_is_a_version_of_its_own_model_on_one_shared_base_version(
+    mlflow_server, stage_outputs, tiny_base, tmp_path, monkeypatch
+):
+    """Two runs: two adapter versions, one base version (the NF4 rounding QLoRA trained against, not the 16-bit
+    base), each pinned by its registration run's params, and each adapter naming that base by its manifest."""
+    import torch
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from components.merge import dequantized_nf4
+    from serving.resolve import parse_adapters, resolve_model
+
+    client = MlflowClient()
+    first = register.run(RegisterSection(model_name="tiny-lora"), stage_outputs, "lora-a")
+    second = register.run(RegisterSection(model_name="tiny-lora"), stage_outputs, "lora-b")
+    assert first["base"] == second["base"] == ["tiny-lora-base", "1"]
+    assert (first["adapter"], second["adapter"]) == (["tiny-lora-adapter", "1"], ["tiny-lora-adapter", "2"])
+    assert len(client.search_model_versions("name='tiny-lora-base'")) == 1
+    adapter = client.get_model_version("tiny-lora-adapter", "1")
+    base = client.get_model_version("tiny-lora-base", "1")
+    assert (adapter.tags["llmops.kind"], base.tags["llmops.kind"]) == ("adapter", "base")
+    assert adapter.tags["weights.base_manifest_sha256"] == base.tags["weights.manifest_sha256"]
+    assert adapter.tags["llmops.lora_rank"] == "8" and base.tags["llmops.base_rounding"].startswith("nf4-")
+    recorded = client.get_run(adapter.run_id).data.params["weights.adapter_manifest_sha256"]
+    assert recorded == adapter.tags["weights.manifest_sha256"]
+    base_param = client.get_run(base.run_id).data.params["weights.base_manifest_sha256"]
+    assert base_param == base.tags["weights.manifest_sha256"]
+
+    monkeypatch.setenv("LLMOPS_SERVING_DIR", str(tmp_path / "cache"))
+    served = load_file(next(resolve_model("models:/tiny-lora-base/1").path.glob("*.safetensors")))
+    rounding = base.tags["llmops.base_rounding"]
+    trained = dequantized_nf4(tiny_base, "-dq" in rounding, rounding.split("-")[1]).state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(served[name].float(), trained[name].to(served[name].dtype).float())
+    original = load_file(next(Path(tiny_base).glob("*.safetensors")))[name]
+    assert not torch.equal(served[name].float(), original.to(served[name].dtype).float())
+    files = Path(parse_adapters(["a=models:/tiny-lora-adapter/1"])["a"])
+    assert (files / "adapter_model.safetensors").read_bytes() == (
+        stage_outputs["train"] / "adapter_model.safetensors"
+    ).read_bytes()
+
+
 def test_pyfunc_from_the_alias_answers_like_the_server(mlflow_server, stage_outputs):
     import mlflow
     from mlflow import MlflowClient

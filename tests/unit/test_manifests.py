@@ -392,3 +392,76 @@ def test_the_init_container_checks_against_the_digest_read_at_deploy_time():
         tags={**pinned, "weights.manifest_sha256": "cd" * 32},
     )
     assert other["spec"]["template"] != dep["spec"]["template"]
+
+
+def placed(*names: str, rank: int = 8):
+    from serving.placement import PlacedAdapter
+
+    return tuple(PlacedAdapter(name, "2", f"digest-{name}", rank) for name in names)
+
+
+@pytest.mark.parametrize("engine", ["tgi", "vllm"])
+def test_adapters_placed_on_a_base_are_fetched_pinned_and_loaded_by_either_engine(engine):
+    cfg = DeploySection(engine=engine)
+    adapters = placed("banking-adapter", "alpaca-adapter")
+    objects = manifests.render(cfg, name="base", version="1", run_id=RUN_ID, tags=tags("none"), adapters=adapters)
+    for obj in objects:
+        validate(obj)
+    dep = objects[-1]
+    pod = dep["spec"]["template"]["spec"]
+    fetch = pod["initContainers"][0]["command"]
+    # every adapter fetched into its own directory, checked against the digest pinned when it was placed
+    assert "--adapter=alpaca-adapter=models:/alpaca-adapter/2@digest-alpaca-adapter" in fetch
+    assert "--adapter=banking-adapter=models:/banking-adapter/2@digest-banking-adapter" in fetch
+    args = tgi(dep)["args"]
+    if engine == "vllm":
+        assert "--enable-lora" in args and arg(args, "--max-loras") == "2" and arg(args, "--max-lora-rank") == "16"
+        at = args.index("--lora-modules")
+        assert args[at + 1 : at + 3] == [
+            "alpaca-adapter=/data/adapters/alpaca-adapter",
+            "banking-adapter=/data/adapters/banking-adapter",
+        ]
+    else:
+        assert arg(args, "--lora-adapters") == (
+            "alpaca-adapter=/data/adapters/alpaca-adapter,banking-adapter=/data/adapters/banking-adapter"
+        )
+    # the set is in the pod template: a changed set rolls the pods, and the deployer reads it back
+    annotation = dep["spec"]["template"]["metadata"]["annotations"][manifests.ANN_ADAPTERS]
+    assert annotation == "alpaca-adapter/2@digest-alpaca-adapter,banking-adapter/2@digest-banking-adapter"
+    bare = manifests.render_deployment(cfg, name="base", version="1", run_id=RUN_ID, tags=tags("none"))
+    assert manifests.ANN_ADAPTERS not in bare["spec"]["template"]["metadata"]["annotations"]
+    assert "--enable-lora" not in tgi(bare)["args"] and "--lora-adapters" not in tgi(bare)["args"]
+
+
+def test_vllm_max_lora_rank_holds_the_largest_adapter_or_is_refused():
+    from serving.engines import EngineRefusal, max_lora_rank
+
+    assert [max_lora_rank(r) for r in ([], [8], [16], [17], [64], [300])] == [16, 16, 16, 32, 64, 320]
+    with pytest.raises(EngineRefusal, match="rank 600"):
+        max_lora_rank([600])
+
+
+def test_fetch_model_puts_each_adapter_beside_the_model_checked_against_its_pinned_digest(tmp_path, monkeypatch):
+    from components.weights_manifest import VerificationError
+    from serving import verified_model
+
+    seen = []
+
+    def download(mv, dest, pinned):
+        seen.append((mv, pinned))
+        if pinned == "bad":
+            raise VerificationError("adapter_model.safetensors differs from the manifest")
+        files = dest / "files"
+        files.mkdir(parents=True)
+        (files / "adapter_config.json").write_text("{}")
+        return files
+
+    monkeypatch.setattr(verified_model, "download_verified_adapter", download)
+    monkeypatch.setattr(verified_model, "model_version", lambda name, version: (name, version))
+    out = fetch_model.fetch_adapter("a=models:/a-adapter/4@good", tmp_path / "adapters")
+    assert out == tmp_path / "adapters" / "a" and (out / "adapter_config.json").exists()
+    assert seen == [(("a-adapter", "4"), "good")]
+    with pytest.raises(fetch_model.FetchError, match="refused adapter models:/a-adapter/4: adapter_model"):
+        fetch_model.fetch_adapter("a=models:/a-adapter/4@bad", tmp_path / "adapters")
+    with pytest.raises(fetch_model.FetchError, match="expected NAME=models:/name/version@DIGEST"):
+        fetch_model.fetch_adapter("a=models:/a-adapter@champion", tmp_path / "adapters")
