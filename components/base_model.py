@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
 from components import chat_templates
 from components.artifacts import BaseModelDir, record_config
 from components.config import PACKAGED_MODEL, ModelSection
+from components.environment import CACHE
 from components.util import console, file_sha256, heading, tree_sha256, write_json
 
 PAD_CANDIDATES = ("<|endoftext|>", "<unk>", "<pad>", "<|finetune_right_pad_id|>")
@@ -35,7 +35,7 @@ def packaged_gguf() -> Path:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LLMOPS_CACHE", Path.home() / ".cache" / "llmops")) / "base_models"
+    return Path(CACHE.get()) / "base_models"
 
 
 def source_key(cfg: ModelSection) -> tuple[str, dict]:

@@ -13,7 +13,6 @@ exists is restored before training.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import tempfile
@@ -24,6 +23,7 @@ from transformers import TrainerCallback
 
 from components.artifacts import BaseModelDir, CheckpointDir, PreparedData, TrainedAdapter
 from components.config import TrainSection
+from components.environment import CHECKPOINT_ROOT, CODE_DIGEST
 from components.util import console, text_sha256
 
 PREFIX = "checkpoint-"
@@ -94,7 +94,7 @@ def last_complete_checkpoint(root: Path) -> Path | None:
 def run_key(cfg: TrainSection, base_dir: Path, data_dir: Path) -> str:
     base = BaseModelDir(base_dir).info()["weights_sha256"]
     data = PreparedData(data_dir).stats()["prepared_sha256"]
-    code = os.environ.get("LLMOPS_CODE_DIGEST", "")  # edited training code must not resume old checkpoints
+    code = CODE_DIGEST.get() or ""  # edited training code must not resume old checkpoints
     return text_sha256(f"{cfg.to_json()}|{base}|{data}|{code}")[:20]
 
 
@@ -107,11 +107,7 @@ class CheckpointStore:
 
     @classmethod
     def for_run(cls, cfg: TrainSection, base_dir: Path, data_dir: Path) -> CheckpointStore:
-        root = (
-            cfg.checkpoint_root
-            or os.environ.get("LLMOPS_CHECKPOINT_ROOT")
-            or str(Path.home() / ".cache/llmops/checkpoints")
-        )
+        root = cfg.checkpoint_root or CHECKPOINT_ROOT.get() or str(Path.home() / ".cache/llmops/checkpoints")
         key = run_key(cfg, base_dir, data_dir)
         if root.startswith("s3://"):
             return cls(Path(tempfile.gettempdir()) / "llmops-checkpoints" / key, f"{root.rstrip('/')}/{key}")

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from components.environment import CHECKPOINT_ROOT
+
 PACKAGED_MODEL = "packaged:smollm2-135m-instruct"
 DEMO_DATA = "demo"
 
@@ -130,7 +132,7 @@ class TrainSection(Section):
     checkpoint_root: str | None = Field(
         None,
         description="directory or s3:// URI of the checkpoint store (default: "
-        "$LLMOPS_CHECKPOINT_ROOT, else ~/.cache/llmops/checkpoints)",
+        f"${CHECKPOINT_ROOT.name}, else ~/.cache/llmops/checkpoints)",
     )
     log_every: int = Field(5, gt=0, description="steps between logged losses")
     seed: int = Field(42, description="seed of the adapter's initial weights and the data order")

@@ -5,7 +5,6 @@ One worker per GPU on NCCL; on CPU the same code path runs on gloo, which is how
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from components.artifacts import TrainedAdapter
 from components.checkpoints import CheckpointStore
 from components.compute import resolved_choices
 from components.config import TrainSection
+from components.environment import SHUTDOWN_TIMEOUT
 from components.util import console
 
 
@@ -22,7 +22,7 @@ def launch(worker: str, cfg: TrainSection, base_dir: Path, data_dir: Path, out_d
     """Run the stage module `worker` (`python -m worker CFG BASE DATA OUT`) under torchrun with
     cfg.num_processes workers in this pod; rank 0 writes the outputs."""
     # torchrun SIGKILLs workers this long after passing on a SIGTERM: it must cover a step plus a save
-    grace = os.environ.get("LLMOPS_SHUTDOWN_TIMEOUT", "90")
+    grace = SHUTDOWN_TIMEOUT.get()
     cmd = [
         sys.executable,
         "-m",

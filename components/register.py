@@ -11,7 +11,6 @@ Re-running register for the same pipeline run returns the existing version inste
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from components.artifacts import (
     TrainedAdapter,
 )
 from components.config import RegisterSection
+from components.environment import GIT_COMMIT
+from components.environment import experiment as experiment_name
 from components.logged_model import (
     is_logged_model_whole,
     log_adapter_model,
@@ -50,15 +51,15 @@ from components.registry_tags import (
     QUANTIZE_TAG,
     eval_tag,
 )
-from components.tracking import EXPERIMENT_ENV, configure_retries, flatten, numeric, safe_names
+from components.tracking import configure_retries, flatten, numeric, safe_names
 from components.util import console, heading, read_json, text_sha256
 
 HEADLINE = ("exact_match", "label_accuracy", "perplexity")
 
 
 def git_commit() -> str:
-    if os.environ.get("LLMOPS_GIT_COMMIT"):
-        return os.environ["LLMOPS_GIT_COMMIT"]
+    if GIT_COMMIT.is_set():
+        return GIT_COMMIT.get()
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -272,7 +273,7 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
             "quantize": tags[QUANTIZE_TAG],
             **metrics,
         }
-    mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, cfg.experiment))
+    mlflow.set_experiment(experiment_name(cfg.experiment))
     with mlflow.start_run(run_name=f"finetune {pipeline_run}", tags={"llmops.stage": "register", **tags}) as run:
         params = model_params(paths)  # the run's params and the LoggedModel's are the same configuration
         log_run_contents(paths, metrics, params)
@@ -330,7 +331,7 @@ def finalize(cfg: RegisterSection, pipeline_run: str, state: str) -> dict:
 
     configure_retries()
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, cfg.experiment))
+    experiment = client.get_experiment_by_name(experiment_name(cfg.experiment))
     open_runs = (
         []
         if experiment is None

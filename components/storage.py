@@ -22,6 +22,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError, NoCredentialsError
 
+from components.environment import AWS_ENDPOINT, AWS_KEY_ID, AWS_SECRET_KEY, MLFLOW_S3_ENDPOINT
 from components.progress import StageProgress, megabytes
 from components.util import console, file_sha256
 
@@ -40,9 +41,9 @@ class IntegrityError(RuntimeError):
 
 def client():
     # AWS_ENDPOINT_URL is read by boto3 itself and wins; MLflow deployments only set MLFLOW_S3_ENDPOINT_URL.
-    endpoint = None if os.environ.get("AWS_ENDPOINT_URL") else os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+    endpoint = None if AWS_ENDPOINT.is_set() else MLFLOW_S3_ENDPOINT.get()
     # MinIO and moto do not serve virtual-host bucket names on a bare host:port.
-    path_style = {"addressing_style": "path"} if endpoint or os.environ.get("AWS_ENDPOINT_URL") else None
+    path_style = {"addressing_style": "path"} if endpoint or AWS_ENDPOINT.is_set() else None
     config = Config(retries={"max_attempts": 5, "mode": "standard"}, s3=path_style)
     # A fresh session: boto3's default one caches the first credentials it sees, ignoring later env changes.
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
@@ -68,7 +69,7 @@ def _errors(uri: str):
     try:
         yield
     except NoCredentialsError as err:
-        raise PermissionError(f"no AWS credentials for {uri}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from err
+        raise PermissionError(f"no AWS credentials for {uri}: set {AWS_KEY_ID}/{AWS_SECRET_KEY}") from err
     except (ClientError, S3UploadFailedError) as err:
         # boto3 wraps upload failures in S3UploadFailedError and keeps the ClientError only as __context__.
         cause = err if isinstance(err, ClientError) else err.__context__
@@ -78,8 +79,7 @@ def _errors(uri: str):
         status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in DENIED or status == 403:
             raise PermissionError(
-                f"access to {uri} denied ({code or status}): check AWS_ACCESS_KEY_ID/"
-                "AWS_SECRET_ACCESS_KEY and the bucket policy"
+                f"access to {uri} denied ({code or status}): check {AWS_KEY_ID}/{AWS_SECRET_KEY} and the bucket policy"
             ) from err
         if code in MISSING or status == 404:
             raise FileNotFoundError(f"{uri} does not exist ({code or status})") from err

@@ -13,24 +13,19 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-EXPERIMENT_ENV = "LLMOPS_EXPERIMENT"
+from components.environment import MLFLOW_RETRIES, TRACKING_URI, experiment
+
 # MLflow's client already retries every REST call (urllib3 Retry on connection errors, 429 and 5xx, for
 # any method) with exponential backoff; we pin its settings rather than loop ourselves. urllib3 retries
 # the first failure at once, then waits 4, 8, 16, 32, 64 s (+ up to 1 s jitter): about 2 minutes, enough
 # for the server's pod to be rescheduled or restarted. Bounded, so a server that stays down fails the
 # stage with a clear connection error that kfp's retry policy and the operator can see, instead of a
-# step that hangs on a dead endpoint. An explicit setting in the environment wins.
-RETRY_ENV = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1.0",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "120",
-}
+# step that hangs on a dead endpoint. An explicit setting in the environment wins (MLFLOW_RETRIES).
 
 
 def configure_retries() -> None:
     """Read by mlflow on every request, so setting them before the first call is enough."""
-    for name, value in RETRY_ENV.items():
+    for name, value in MLFLOW_RETRIES.items():
         os.environ.setdefault(name, value)
 
 
@@ -140,7 +135,7 @@ class Tracker:
 
 
 def tracking_enabled() -> bool:
-    return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    return TRACKING_URI.is_set()
 
 
 @contextmanager
@@ -152,7 +147,7 @@ def stage_run(stage: str, params: dict, tags: dict | None = None):
     import mlflow
 
     configure_retries()
-    mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, "llmops"))
+    mlflow.set_experiment(experiment("llmops"))
     with mlflow.start_run(run_name=stage, tags={"llmops.stage": stage, **safe_names(tags or {})[0]}) as run:
         tracker = Tracker(mlflow, run.info.run_id)
         tracker.log_params(params)

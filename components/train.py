@@ -19,6 +19,7 @@ from components.answer_batches import AnswerBatches, answer_loss, tokenize
 from components.artifacts import PreparedData, TrainedAdapter, record_config
 from components.checkpoints import CheckpointStore, StopOnSigterm, UploadCheckpoints, last_complete_checkpoint
 from components.config import TrainSection
+from components.environment import TRACKING_URI
 from components.inference import bnb_config
 from components.progress import StageProgress
 from components.storage import MANIFEST
@@ -178,7 +179,7 @@ def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dic
 
         return launch("components.train", cfg, base_dir, data_dir, out_dir)  # workers come back into this module
     if int(os.environ.get("RANK", "0")) != 0:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)  # rank 0 alone logs the stage's run
+        os.environ.pop(TRACKING_URI.name, None)  # rank 0 alone logs the stage's run
     return train(cfg, base_dir, data_dir, out_dir)
 
 

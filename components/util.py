@@ -11,6 +11,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from components.environment import TOKENIZERS_PARALLELISM
+
 console = Console(stderr=False, highlight=False)
 
 
@@ -21,7 +23,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*kernels.*")
     # peft still calls the deprecated gradient_checkpointing_enable name inside transformers 5.
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*checkpointing.*deprecated.*")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault(TOKENIZERS_PARALLELISM, "false")
 
 
 def heading(stage: str) -> None:

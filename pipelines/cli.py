@@ -61,8 +61,23 @@ def show_config(
     overrides: Overrides = None,
     profile: Profile = "local",
     schema: Annotated[bool, typer.Option("--schema", help="list every setting: type, default, meaning")] = False,
+    env: Annotated[
+        bool, typer.Option("--env", help="list every environment variable llmops reads, and its value")
+    ] = False,
 ):
-    """Print the validated config (profile plus overrides) as YAML, or with --schema what each setting means."""
+    """Print the validated config (profile plus overrides) as YAML, with --schema what each setting means, or with
+    --env each environment variable llmops reads (components/environment.py), its current value and meaning."""
+    if env:
+        from rich.table import Table
+
+        from components.environment import table as variables
+        from components.util import console
+
+        listing = Table("variable", "value", "meaning", show_lines=False)
+        for row in variables():
+            listing.add_row(*row)
+        console.print(listing)
+        return
     if schema:
         from rich.table import Table
 

@@ -15,9 +15,11 @@ import hashlib
 import inspect
 from pathlib import Path
 
+from components.environment import CODE_DIGEST
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("components", "pipelines", "serving")
-ENV = "LLMOPS_CODE_DIGEST"
+ENV = CODE_DIGEST.name
 
 
 def module_file(name: str, root: Path = ROOT) -> Path | None:

@@ -3,14 +3,15 @@ exact code it runs; override the registry with LLMOPS_IMAGE_REGISTRY at compile 
 
 from __future__ import annotations
 
-import os
 from importlib.metadata import PackageNotFoundError, version
+
+from components.environment import IMAGE_REGISTRY
 
 try:
     VERSION = version("llmops")
 except PackageNotFoundError:  # running from a source tree that was not installed
     VERSION = "0.0.0-dev"
 
-REGISTRY = os.environ.get("LLMOPS_IMAGE_REGISTRY", "ghcr.io/llmops")
+REGISTRY = IMAGE_REGISTRY.get()
 CPU_IMAGE = f"{REGISTRY}/llmops-cpu:{VERSION}"
 GPU_IMAGE = f"{REGISTRY}/llmops-gpu:{VERSION}"

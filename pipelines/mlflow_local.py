@@ -22,6 +22,15 @@ from pathlib import Path
 
 import requests
 
+from components.environment import (
+    MLFLOW_PORT,
+    TRACKING_URI,
+    WEBHOOK_CACHE_TTL,
+    WEBHOOK_ENCRYPTION_KEY,
+    WEBHOOK_PRIVATE_IPS,
+    WEBHOOK_SCHEMES,
+)
+
 DEFAULT_PORT = 5077
 
 
@@ -131,8 +140,8 @@ def _ours(url: str, root: Path, port: int) -> bool:
         record = {"pid": pid, "root": str(root)}  # started on this port before records existed
     if not record:
         raise RuntimeError(
-            f"{url} answers, but it is no MLflow server llmops started here; set LLMOPS_MLFLOW_PORT to a free "
-            "port, or MLFLOW_TRACKING_URI to use that server"
+            f"{url} answers, but it is no MLflow server llmops started here; set {MLFLOW_PORT.name} to a free "
+            f"port, or {TRACKING_URI.name} to use that server"
         )
     theirs = Path(record["root"])
     if (theirs / "mlflow.db").exists():
@@ -140,7 +149,7 @@ def _ours(url: str, root: Path, port: int) -> bool:
             return True
         raise RuntimeError(
             f"{url} is the local MLflow server of another store ({theirs}); stop it with `llmops mlflow-stop "
-            f"--root {theirs.parent}`, or set LLMOPS_MLFLOW_PORT to a free port"
+            f"--root {theirs.parent}`, or set {MLFLOW_PORT.name} to a free port"
         )
     print(f"stopping the local MLflow server on {url}: its store {theirs} was deleted", file=sys.stderr)
     stop_pid(record["pid"])
@@ -167,18 +176,18 @@ def stop_pid(pid: int | None) -> None:
 
 def server_env(root: Path) -> dict:
     env = dict(os.environ)
-    env.setdefault("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "https,http")
-    env.setdefault("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
+    env.setdefault(WEBHOOK_SCHEMES, "https,http")
+    env.setdefault(WEBHOOK_PRIVATE_IPS, "true")
     # The server caches each event's webhook list (60 s by default): a deployer that registers itself
     # just before a promotion would otherwise miss it and wait for its reconcile pass.
-    env.setdefault("MLFLOW_WEBHOOK_CACHE_TTL", "2")
+    env.setdefault(WEBHOOK_CACHE_TTL, "2")
     key_file = root / "webhook-encryption.key"
     if not key_file.exists():  # stable across restarts, or stored webhook secrets become unreadable
         from cryptography.fernet import Fernet
 
         key_file.write_bytes(Fernet.generate_key())
         key_file.chmod(0o600)
-    env.setdefault("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", key_file.read_text().strip())
+    env.setdefault(WEBHOOK_ENCRYPTION_KEY, key_file.read_text().strip())
     return env
 
 

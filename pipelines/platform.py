@@ -8,19 +8,13 @@ verified on the compiled YAML instead.
 
 from kfp import kubernetes
 
+from components import environment as env
+
 # Secret name -> {key in the Secret: environment variable}. Only names travel in the YAML, never values.
 SECRETS = {
-    "llmops-hf": {"HF_TOKEN": "HF_TOKEN"},
-    "llmops-s3": {
-        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-        "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
-    },
-    "llmops-mlflow": {
-        "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
-        "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-        "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
-    },
+    "llmops-hf": {env.HF_TOKEN: env.HF_TOKEN},
+    "llmops-s3": {key: key for key in (env.AWS_KEY_ID, env.AWS_SECRET_KEY, env.AWS_ENDPOINT.name)},
+    "llmops-mlflow": {key: key for key in (env.TRACKING_URI.name, env.MLFLOW_USERNAME, env.MLFLOW_PASSWORD)},
 }
 SHM_SIZE = "8Gi"
 TRAIN_RETRIES = 3

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from components.environment import CACHE, CHECKPOINT_ROOT, EXPERIMENT, MLFLOW_PORT, TRACKING_URI
 from components.registry_tags import eval_tag
-from components.tracking import EXPERIMENT_ENV
 from components.util import console
 from pipelines.config import PipelineConfig
 
@@ -21,13 +20,13 @@ DEFAULT_ROOT = Path(".llmops")
 
 def ensure_tracking(root: Path) -> str:
     """Use MLFLOW_TRACKING_URI if set; otherwise start (or reuse) the local server."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    if TRACKING_URI.is_set():
+        return TRACKING_URI.get()
     from pipelines import mlflow_local
 
-    port = int(os.environ.get("LLMOPS_MLFLOW_PORT", mlflow_local.DEFAULT_PORT))
+    port = int(MLFLOW_PORT.get() or mlflow_local.DEFAULT_PORT)
     server = mlflow_local.start(root / "mlflow", port=port, detach=True)
-    os.environ["MLFLOW_TRACKING_URI"] = server.url
+    TRACKING_URI.set(server.url)
     console.print(
         f"MLflow UI: [bold]{server.url}[/] (local server, store in {root / 'mlflow'}; no login: it "
         "listens on 127.0.0.1 only, for this machine's user; the cluster's server asks for one)",
@@ -114,9 +113,9 @@ def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT, verbose: bool = Fa
 
     root = Path(root).resolve()
     uri = ensure_tracking(root)
-    os.environ[EXPERIMENT_ENV] = cfg.registry.experiment
-    os.environ.setdefault("LLMOPS_CHECKPOINT_ROOT", str(root / "checkpoints"))
-    os.environ.setdefault("LLMOPS_CACHE", str(root / "cache"))
+    EXPERIMENT.set(cfg.registry.experiment)
+    CHECKPOINT_ROOT.set_default(str(root / "checkpoints"))
+    CACHE.set_default(str(root / "cache"))
     # The images are ours, not python:*, which kfp.local cannot know; the code comes from this venv.
     warnings.filterwarnings("ignore", message="You may be attemping")
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")

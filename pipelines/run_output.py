@@ -15,6 +15,8 @@ import re
 import sys
 from contextlib import contextmanager
 
+from components.environment import QUIET_RUN
+
 # kfp's executor and library noise inside a task's output (each line arrives indented by kfp.local).
 NOISE = re.compile(
     r"\[KFP Executor "  # the executor's own log lines
@@ -84,8 +86,8 @@ class _QuietRecords(logging.Filter):
 def quiet_kfp(verbose: bool = False):
     """While kfp.local runs: stage output passes, kfp's plumbing does not (unless verbose)."""
     os.environ.setdefault("COLUMNS", PIPE_WIDTH)  # inherited by every task's subprocess
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the summary links the run itself
+    for name, value in QUIET_RUN.items():  # no progress bars of the Hub's; the summary links the MLflow run itself
+        os.environ.setdefault(name, value)
     if verbose:
         yield
         return

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from components.environment import IN_CLUSTER
 from serving.engines import ENGINES
 from serving.schemas import MAX_CLIENT_BATCH_SIZE
 
@@ -185,7 +186,6 @@ def deployer(
 ):
     """Run the deployer: MLflow webhook receiver plus reconcile loop (alias -> TGI Deployment or local server)."""
     import logging
-    import os
 
     import uvicorn
     from mlflow.exceptions import MlflowException
@@ -199,7 +199,7 @@ def deployer(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = _deploy_settings(profile, overrides)
     if mode == "auto":
-        mode = "kubernetes" if os.environ.get("KUBERNETES_SERVICE_HOST") else "local"
+        mode = "kubernetes" if IN_CLUSTER.is_set() else "local"
     if mode == "kubernetes" and not cfg.models:
         raise typer.BadParameter(
             "deploy.models is empty: in a cluster the deployer serves only the registered models listed there "

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx2
 
+from components.environment import ENDPOINT_URL, SERVING_DIR, TRACKING_URI
 from components.registry_tags import (
     ENDPOINT_TAG,
     PLACED_ON_TAG,
@@ -40,7 +41,7 @@ SERVING_NAMESPACE = DeploySection.model_fields["namespace"].default  # where the
 
 
 def records_dir() -> Path:
-    return Path(os.environ.get("LLMOPS_SERVING_DIR", Path(".llmops") / "serving"))
+    return Path(SERVING_DIR.get())
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
@@ -94,7 +95,7 @@ def trusted_endpoint(url: str, ref: str, namespace: str = SERVING_NAMESPACE, ser
         return url
     raise LookupError(
         f"{ref}: its {ENDPOINT_TAG} tag {url!r} is neither {name}'s Service in the serving namespace "
-        f"({service}[.cluster.local]) nor loopback, so it was not written by the deployer; set LLMOPS_ENDPOINT_URL "
+        f"({service}[.cluster.local]) nor loopback, so it was not written by the deployer; set {ENDPOINT_URL.name} "
         "to call another address on purpose"
     )
 
@@ -161,7 +162,7 @@ class Endpoint:
 
 def find_endpoint(ref: str, namespace: str = SERVING_NAMESPACE) -> Endpoint:
     name, alias = parse_ref(ref)
-    override = os.environ.get("LLMOPS_ENDPOINT_URL")
+    override = ENDPOINT_URL.get()
     version = _aliased(name, alias, strict=not override)  # read once: its endpoint, its labels, its number
     labels = label_set(version.tags) if version else ()
     if override:
@@ -195,7 +196,7 @@ def label_set(tags: dict) -> tuple[str, ...]:
 def _aliased(name: str, alias: str, strict: bool):
     """The version behind name@alias when a registry is set (None without one); a missing alias is a
     LookupError when `strict`, else None."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if not TRACKING_URI.is_set():
         return None
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

@@ -12,15 +12,13 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from components import environment
 from components.registry_tags import ENGINE_TAG, QUANTIZE_TAG
 
 Engine = Literal["tgi", "vllm"]
 ENGINES: tuple[Engine, ...] = ("tgi", "vllm")
 # Each engine's process environment wherever it runs: offline (no Hub), no usage reports.
-ENGINE_ENV: dict[Engine, dict[str, str]] = {
-    "tgi": {"HF_HUB_OFFLINE": "1", "USAGE_STATS": "off"},
-    "vllm": {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"},
-}
+ENGINE_ENV: dict[Engine, dict[str, str]] = environment.ENGINE_ENV
 QUANTIZE_VALUES = ("bitsandbytes-nf4", "bitsandbytes", "none")  # what components/register.py writes
 
 

@@ -21,6 +21,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from components.environment import TRACKING_URI
+
 USAGE = (
     "usage: python -m serving.fetch_model MODEL_URI DEST [--manifest-sha256 DIGEST] [--adapter=NAME=URI@DIGEST ...]"
     "   (e.g. models:/llmops-demo/3 /data/model)"
@@ -58,9 +60,9 @@ def fetch(model_uri: str, dest: Path, pinned: str | None = None) -> Path:
     except VerificationError as exc:
         raise FetchError(f"refused {model_uri}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any failure (registry, S3, network) means the same to the pod
-        tracking = os.environ.get("MLFLOW_TRACKING_URI", "<unset>")
+        tracking = TRACKING_URI.get() or "<unset>"
         raise FetchError(
-            f"could not download {model_uri} (MLFLOW_TRACKING_URI={tracking}): {type(exc).__name__}: {exc}"
+            f"could not download {model_uri} ({TRACKING_URI.name}={tracking}): {type(exc).__name__}: {exc}"
         ) from exc
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(verified.path, dest)  # same volume: a rename, so TGI never sees a half-moved directory

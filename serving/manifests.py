@@ -12,6 +12,7 @@ import hashlib
 import math
 import re
 
+from components.environment import TRACKING_URI
 from components.registry_tags import MANIFEST_TAG, QUANTIZE_TAG
 from serving.engines import ENGINE_ENV, Engine, max_lora_rank, tgi_args, vllm_args
 from serving.settings import DeploySection
@@ -177,7 +178,7 @@ def fetch_container(cfg: DeploySection, name: str, version: str, tags: dict, ada
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "serving.fetch_model", f"models:/{name}/{version}", MODEL_DIR, *pin],
         # HOME=/tmp: the fixed non-root uid below may have no home directory in the image.
-        "env": [{"name": "MLFLOW_TRACKING_URI", "value": cfg.mlflow_tracking_uri}, {"name": "HOME", "value": "/tmp"}],
+        "env": [{"name": TRACKING_URI.name, "value": cfg.mlflow_tracking_uri}, {"name": "HOME", "value": "/tmp"}],
         # Only Secret names appear here; the values stay in the cluster.
         "envFrom": [
             {"secretRef": {"name": cfg.s3_secret}},

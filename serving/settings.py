@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from components.config import Profiled, Section, load_settings
+from components.environment import VLLM_KV_CACHE
 from components.registry_tags import ENGINE_TAG
 from serving.engines import Engine, engine_for, vetted_args
 from serving.schemas import MAX_CLIENT_BATCH_SIZE
@@ -62,7 +63,7 @@ class DeploySection(Section):
         description="local backend: the Python of the virtual environment vLLM is installed in (`make vllm`); "
         "empty: .venv-vllm/bin/python in the project checkout",
     )
-    vllm_kv_cache_gb: int = Field(1, ge=1, description="local vLLM on CPU: GB of KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_kv_cache_gb: int = Field(1, ge=1, description=f"local vLLM on CPU: GB of KV cache ({VLLM_KV_CACHE})")
     fetch_image: str = Field(
         "ghcr.io/llmops/llmops-cpu:0.1.0@sha256:" + "0" * 64,
         pattern=r"^[^\s@]+@sha256:[0-9a-f]{64}$",

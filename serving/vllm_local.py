@@ -12,6 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from components.environment import VLLM_KV_CACHE, VLLM_THREADS_BIND
 from serving.engines import ENGINE_ENV, max_lora_rank, vllm_args
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -50,8 +51,8 @@ def environment(kv_cache_gb: int, threads: int) -> dict[str, str]:
     return {
         **os.environ,
         **ENGINE_ENV["vllm"],
-        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb),
-        "VLLM_CPU_OMP_THREADS_BIND": bind,
+        VLLM_KV_CACHE: str(kv_cache_gb),
+        VLLM_THREADS_BIND: bind,
     }
 
 

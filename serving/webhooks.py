@@ -15,10 +15,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.environment import WEBHOOK_SECRET, WEBHOOK_SECRET_FILE
+
 MAX_AGE_S = 300
 EVENTS = ("model_version_alias.created", "model_version_alias.deleted")
-SECRET_ENV = "LLMOPS_WEBHOOK_SECRET"
-SECRET_FILE_ENV = "LLMOPS_WEBHOOK_SECRET_FILE"  # a mounted Kubernetes Secret
+SECRET_ENV, SECRET_FILE_ENV = WEBHOOK_SECRET.name, WEBHOOK_SECRET_FILE.name  # the file: a mounted Secret
 
 
 class Rejected(Exception):

@@ -533,7 +533,17 @@ def test_a_local_deployer_stopped_with_sigterm_stops_the_servers_it_started(mlfl
     client = MlflowClient()
     env = {**os.environ, "LLMOPS_WEBHOOK_SECRET": SECRET, "LLMOPS_SERVING_DIR": str(tmp_path / "records")}
     llmops = str(Path(sys.executable).with_name("llmops"))
-    args = ["deployer", "--mode", "local", "--port", str(free_port()), "--interval", "1", f"deploy.models=[{name}]", "deploy.engine=tgi"]
+    args = [
+        "deployer",
+        "--mode",
+        "local",
+        "--port",
+        str(free_port()),
+        "--interval",
+        "1",
+        f"deploy.models=[{name}]",
+        "deploy.engine=tgi",
+    ]
     log = (tmp_path / "deployer.log").open("w")
     deployer = subprocess.Popen([llmops, *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -14,7 +14,8 @@ from urllib3.util.retry import Retry
 from components import gate, register
 from components.checkpoints import last_complete_checkpoint
 from components.config import GateSection, RegisterSection
-from components.tracking import RETRY_ENV, stage_run
+from components.environment import MLFLOW_RETRIES as RETRY_ENV
+from components.tracking import stage_run
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

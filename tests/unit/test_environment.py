@@ -1,0 +1,89 @@
+"""Environment variables live in components/environment.py only: a name spelled in another module is a variable
+nobody can find (`llmops config --env` lists what llmops reads) or a second spelling that can drift."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from components import environment
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("components", "pipelines", "serving", "llmops")
+OWNER = ROOT / "components" / "environment.py"
+VARIABLE = re.compile(r"\b(?:LLMOPS|MLFLOW|HF|AWS|VLLM|KUBERNETES|TOKENIZERS)_[A-Z0-9_]*[A-Z0-9]\b")
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring constants: documentation may name a variable; code and messages go through the module."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def env_literals(path: Path, root: Path = ROOT) -> list[str]:
+    """Every string constant in the file (f-strings' literal parts too, docstrings aside) that names a variable."""
+    found = []
+    tree = ast.parse(path.read_text())
+    skip = docstrings(tree)
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in skip
+            and VARIABLE.search(node.value)
+        ):
+            found.append((node.lineno, f"{path.relative_to(root)}:{node.lineno}: {node.value[:60]!r}"))
+    return [hit for _, hit in sorted(found)]
+
+
+def test_every_environment_variable_is_named_in_one_module():
+    sources = [p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py")) if p != OWNER]
+    literals = [hit for path in sources for hit in env_literals(path)]
+    assert not literals, "use components.environment:\n" + "\n".join(literals)
+
+
+def test_the_guard_sees_a_variable_in_code_and_in_prose(tmp_path):
+    source = tmp_path / "stray.py"
+    source.write_text(
+        '"""A module that reads LLMOPS_CACHE (its docstring may say so)."""\n'
+        'a = os.environ.get("LLMOPS_CACHE")\n'
+        'b = f"set LLMOPS_ENDPOINT_URL to {url}"\n'
+        'c = "mlflow_tracking_uri is a setting"\n'  # a setting's name, not a variable
+    )
+    hits = [hit.split(": ", 1)[1] for hit in env_literals(source, tmp_path)]
+    assert hits == ["'LLMOPS_CACHE'", "'set LLMOPS_ENDPOINT_URL to '"]
+
+
+def test_mlflow_experiment_name_wins_over_the_pipelines_own_and_the_config(monkeypatch):
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("LLMOPS_EXPERIMENT", raising=False)
+    assert environment.experiment("from-config") == "from-config"
+    monkeypatch.setenv("LLMOPS_EXPERIMENT", "from-run")
+    assert environment.experiment("from-config") == "from-run"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mlflows-own")
+    assert environment.experiment("from-config") == "mlflows-own"
+
+
+def test_config_env_lists_every_variable_read_with_its_value_and_hides_secrets(monkeypatch):
+    from typer.testing import CliRunner
+
+    from llmops.cli import app
+
+    monkeypatch.setenv("LLMOPS_WEBHOOK_SECRET", "hunter2-never-printed")
+    monkeypatch.setenv("LLMOPS_SERVING_DIR", "/srv/records")
+    monkeypatch.delenv("LLMOPS_SHUTDOWN_TIMEOUT", raising=False)
+    monkeypatch.setenv("COLUMNS", "250")
+    out = CliRunner().invoke(app, ["config", "--env"]).output
+    lines = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 3}
+    assert set(lines) >= {v.name for v in environment.READ}
+    assert "/srv/records" in lines["LLMOPS_SERVING_DIR"]
+    assert "(unset; 90)" in lines["LLMOPS_SHUTDOWN_TIMEOUT"]  # the default it falls back to
+    assert "(set)" in lines["LLMOPS_WEBHOOK_SECRET"] and "hunter2" not in out
