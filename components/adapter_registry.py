@@ -91,7 +91,8 @@ def register_adapter(client, model_name: str, paths: dict[str, Path], tags: dict
     name = adapter_model_name(model_name)
     pipeline_run = tags[PIPELINE_RUN_TAG]
     shared = {k: v for k, v in tags.items() if k not in (MANIFEST_TAG, MODEL_ID_TAG, ADAPTER_MODEL_TAG)}
-    dtype = read_json(MergedModel(paths["merged"]).model_dir / "config.json")["dtype"]  # as the merge stored it
+    merged = read_json(MergedModel(paths["merged"]).model_dir / "config.json")
+    dtype = merged.get("dtype") or merged.get("torch_dtype") or "bfloat16"  # as the merge stored its weights
     with tempfile.TemporaryDirectory() as scratch:
         rounding = write_serving_base(paths["base"], paths["train"], Path(scratch), dtype)
         base = ensure_base_version(client, base_model_name(model_name), Path(scratch), rounding, tags, run_id, create)

@@ -66,6 +66,17 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def _version(target: Target) -> dict:
+    """What the rendered objects are made of: the version and the adapters placed on it."""
+    return {
+        "name": target.name,
+        "version": target.version,
+        "run_id": target.run_id,
+        "tags": target.tags,
+        "adapters": target.adapters,
+    }
+
+
 def server_info(url: str, timeout: float = 3.0) -> dict | None:
     try:
         response = requests.get(f"{url}/info", timeout=timeout)
@@ -88,14 +99,7 @@ class KubeBackend:
         from serving.manifests import render
 
         try:
-            render(
-                self.cfg,
-                name=target.name,
-                version=target.version,
-                run_id=target.run_id,
-                tags=target.tags,
-                adapters=target.adapters,
-            )
+            render(self.cfg, **_version(target))
         except EngineRefusal as err:
             return f"{err}. Nothing was deployed"
         return None
@@ -157,16 +161,7 @@ class KubeBackend:
                 f"(deploy.{engine}_image=IMAGE:TAG@sha256:...) in the deployer's profile; nothing was applied"
             )
         try:
-            ok = kube.deploy_version(
-                self.cfg,
-                name=target.name,
-                version=target.version,
-                run_id=target.run_id,
-                tags=target.tags,
-                adapters=target.adapters,
-                api_client=self.api_client,
-                poll_s=self.poll_s,
-            )
+            ok = kube.deploy_version(self.cfg, **_version(target), api_client=self.api_client, poll_s=self.poll_s)
         except kube.RolloutError as err:
             return DeployOutcome.failed(str(err))
         return DeployOutcome.serving(self.endpoint(target.name)) if ok else DeployOutcome.failed(self._not_ready())

@@ -1,53 +1,29 @@
 """Environment variables live in components/environment.py only: a name spelled in another module is a variable
 nobody can find (`llmops config --env` lists what llmops reads) or a second spelling that can drift."""
 
-import ast
 import re
 from pathlib import Path
 
 import pytest
 
 from components import environment
+from tests.unit.source_scan import ROOT, literals, sources
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("components", "pipelines", "serving", "llmops")
+
 OWNER = ROOT / "components" / "environment.py"
 VARIABLE = re.compile(r"\b(?:LLMOPS|MLFLOW|HF|AWS|VLLM|KUBERNETES|TOKENIZERS)_[A-Z0-9_]*[A-Z0-9]\b")
 
 
-def docstrings(tree: ast.AST) -> set[int]:
-    """ids of the docstring constants: documentation may name a variable; code and messages go through the module."""
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-                found.add(id(first.value))
-    return found
-
-
 def env_literals(path: Path, root: Path = ROOT) -> list[str]:
-    """Every string constant in the file (f-strings' literal parts too, docstrings aside) that names a variable."""
-    found = []
-    tree = ast.parse(path.read_text())
-    skip = docstrings(tree)
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Constant)
-            and isinstance(node.value, str)
-            and id(node) not in skip
-            and VARIABLE.search(node.value)
-        ):
-            found.append((node.lineno, f"{path.relative_to(root)}:{node.lineno}: {node.value[:60]!r}"))
-    return [hit for _, hit in sorted(found)]
+    """Every string constant (docstrings aside) that names a variable."""
+    return literals(path, lambda text: bool(VARIABLE.search(text)), root, with_docstrings=False)
 
 
 def test_every_environment_variable_is_named_in_one_module():
-    sources = [p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py")) if p != OWNER]
-    literals = [hit for path in sources for hit in env_literals(path)]
-    assert not literals, "use components.environment:\n" + "\n".join(literals)
+    found = [hit for path in sources(OWNER) for hit in env_literals(path)]
+    assert not found, "use components.environment:\n" + "\n".join(found)
 
 
 def test_the_guard_sees_a_variable_in_code_and_in_prose(tmp_path):

@@ -1,38 +1,34 @@
 """Registry tag names live in components/registry_tags.py only: a literal elsewhere is a second spelling
 that can drift (the gate writes one, the deployer reads another, and nothing serves)."""
 
-import ast
 from pathlib import Path
 
 import pytest
 
 from components import registry_tags
+from tests.unit.source_scan import ROOT, literals, sources
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("components", "pipelines", "serving", "llmops")
+
 OWNER = ROOT / "components" / "registry_tags.py"
 NAMES = {value for key, value in vars(registry_tags).items() if key.isupper() and isinstance(value, str)}
 # Families only tags use (gate.* is also the gate section's settings, so only its exact names count).
 FAMILIES = ("prompt.", "weights.", "eval.base.", "eval.adapter.", "eval.tuned.")
 
 
+def is_tag(text: str) -> bool:
+    return text in NAMES or text.startswith(FAMILIES) or any(f" {n} " in f" {text} " for n in NAMES)
+
+
 def tag_literals(path: Path, root: Path = ROOT) -> list[str]:
     """Every string constant in the file (f-strings' literal parts too) that names or begins a tag."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            text = node.value
-            if text in NAMES or text.startswith(FAMILIES) or any(f" {n} " in f" {text} " for n in NAMES):
-                found.append((node.lineno, f"{path.relative_to(root)}:{node.lineno}: {text[:60]!r}"))
-    return [hit for _, hit in sorted(found)]
+    return literals(path, is_tag, root)
 
 
 def test_every_tag_name_is_spelled_in_one_module():
-    sources = [p for package in PACKAGES for p in sorted((ROOT / package).glob("*.py")) if p != OWNER]
-    literals = [hit for path in sources for hit in tag_literals(path)]
-    assert not literals, "use components.registry_tags:\n" + "\n".join(literals)
+    found = [hit for path in sources(OWNER) for hit in tag_literals(path)]
+    assert not found, "use components.registry_tags:\n" + "\n".join(found)
 
 
 def test_the_guard_sees_a_literal_tag(tmp_path):
