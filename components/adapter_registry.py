@@ -87,6 +87,8 @@ def register_adapter(client, model_name: str, paths: dict[str, Path], tags: dict
     """Register the run's adapter (and its base, once), from the stage outputs register read (`paths`) and the
     merged version's tags: returns {"adapter": [name, version], "base": [name, version]}. A version of this
     pipeline run already there is returned as it is (a retried register)."""
+    import mlflow
+
     adapter_id, adapter_sha = tags[ADAPTER_MODEL_TAG], tags[ADAPTER_MANIFEST_TAG]
     name = adapter_model_name(model_name)
     pipeline_run = tags[PIPELINE_RUN_TAG]
@@ -96,6 +98,7 @@ def register_adapter(client, model_name: str, paths: dict[str, Path], tags: dict
     with tempfile.TemporaryDirectory() as scratch:
         rounding = write_serving_base(paths["base"], paths["train"], Path(scratch), dtype)
         base = ensure_base_version(client, base_model_name(model_name), Path(scratch), rounding, tags, run_id, create)
+    mlflow.log_param(BASE_MANIFEST_TAG, base.tags[MANIFEST_TAG])  # pins the adapter's pointer to its base
     create(name)
     found = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get(PIPELINE_RUN_TAG) == pipeline_run]
     if found:

@@ -265,12 +265,18 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
     client = MlflowClient()
     if found := keep_one_complete_version(client, cfg.model_name, pipeline_run):
         console.print(f"version {found.version} of {cfg.model_name} already holds pipeline run {pipeline_run}")
+        adapter = {}
+        if cfg.adapters:  # a register cut short after the version: its adapter is registered now (idempotent)
+            with mlflow.start_run(run_id=found.run_id):
+                create = lambda n: ensure_registered_model(client, n)  # noqa: E731
+                adapter = register_adapter(client, cfg.model_name, paths, dict(found.tags), found.run_id, create)
         return {
             "name": cfg.model_name,
             "version": found.version,
             "run_id": found.run_id,
             "reused": True,
             "quantize": tags[QUANTIZE_TAG],
+            **adapter,
             **metrics,
         }
     mlflow.set_experiment(experiment_name(cfg.experiment))

@@ -22,10 +22,7 @@ import httpx2
 from components.environment import ENDPOINT_URL, SERVING_DIR, TRACKING_URI
 from components.registry_tags import (
     ENDPOINT_TAG,
-    PLACED_ON_TAG,
     PROMPT_LABEL_SET,
-    PROMPT_SYSTEM,
-    PROMPT_USER_PREFIX,
     REASON_TAG,
     SERVED_ENGINE_TAG,
     STATUS_TAG,
@@ -33,6 +30,7 @@ from components.registry_tags import (
     ModelKind,
     kind_of,
 )
+from serving.adapter_client import contract_of, placed_base, served_models
 from serving.manifests import object_name
 from serving.settings import DeploySection
 
@@ -130,9 +128,7 @@ def deployed_endpoint(version, ref: str, namespace: str = SERVING_NAMESPACE) -> 
         raise LookupError(f"{ref} names version {version.version}, which is deployed but has no {ENDPOINT_TAG} tag")
     name, number = version.name, version.version
     if kind_of(tags) == ModelKind.ADAPTER:  # it serves on its base's deployment, which the deployer named
-        name, _, number = tags.get(PLACED_ON_TAG, "").rpartition("/")
-        if not name:
-            raise LookupError(f"{ref} is an adapter with no {PLACED_ON_TAG} tag: no base deployment serves it")
+        name, number = placed_base(version, ref, parse_ref(ref)[1])
     url = trusted_endpoint(tags[ENDPOINT_TAG], ref, namespace, service_of=name).rstrip("/")
     host = urlsplit(url).hostname or ""
     if _is_loopback(host) and served_version(url, name) != number:
@@ -140,14 +136,6 @@ def deployed_endpoint(version, ref: str, namespace: str = SERVING_NAMESPACE) -> 
     if _is_loopback(host) and name != version.name and version.name not in served_models(url):
         raise LookupError(f"{ref}: the server at {url} serves {name} without the adapter {version.name}")
     return url
-
-
-def served_models(url: str) -> list[str]:
-    """The names an OpenAI-speaking server answers to: the model and, on vLLM and ours, each adapter loaded."""
-    try:
-        return [m.get("id", "") for m in httpx2.get(f"{url}/v1/models", timeout=5.0).json().get("data", [])]
-    except (httpx2.HTTPError, ValueError, AttributeError):
-        return []
 
 
 @dataclass(frozen=True)
@@ -166,12 +154,13 @@ def find_endpoint(ref: str, namespace: str = SERVING_NAMESPACE) -> Endpoint:
     version = _aliased(name, alias, strict=not override)  # read once: its endpoint, its labels, its number
     labels = label_set(version.tags) if version else ()
     if override:
+        if version and kind_of(version.tags) == ModelKind.ADAPTER:  # the override names the base's server
+            return Endpoint(override.rstrip("/"), None, name, labels, True, contract_of(version.tags))
         return Endpoint(override.rstrip("/"), None, name, labels)
     if version and (version.tags.get(ENDPOINT_TAG) or version.tags.get(STATUS_TAG)):
         url = deployed_endpoint(version, f"{name}@{alias}", namespace)
         if kind_of(version.tags) == ModelKind.ADAPTER:
-            contract = (version.tags.get(PROMPT_SYSTEM, ""), version.tags.get(PROMPT_USER_PREFIX, ""))
-            return Endpoint(url, version.tags.get(SERVED_ENGINE_TAG), name, labels, True, contract)
+            return Endpoint(url, version.tags.get(SERVED_ENGINE_TAG), name, labels, True, contract_of(version.tags))
         return Endpoint(url, version.tags.get(SERVED_ENGINE_TAG), name, labels)
     record = records_dir() / f"{name}@{alias}.json"
     if record.exists():

@@ -19,13 +19,13 @@ from datetime import datetime, timezone
 
 from components.registry_tags import (
     BACKEND_TAG,
+    BASE_MANIFEST_TAG,
     ENDPOINT_TAG,
     GATE_OVERRIDE,
     GATE_OVERRIDE_KEPT_TAG,
     GATE_REASON,
     GATE_VERDICT,
     MANIFEST_TAG,
-    PLACED_ON_TAG,
     REASON_TAG,
     RECORDED_MANIFEST,
     SERVED_ENGINE_TAG,
@@ -36,8 +36,9 @@ from components.registry_tags import (
     Verdict,
     kind_of,
 )
+from serving.adapter_rolls import AdapterRolls
 from serving.backends import Backend, DeployOutcome, ShuttingDown, Target
-from serving.placement import keys, parse_key, place
+from serving.placement import keys, place
 
 log = logging.getLogger("llmops.deployer")
 
@@ -58,7 +59,7 @@ def promotion_refusal(tags: dict) -> str | None:
     )
 
 
-class Deployer:
+class Deployer(AdapterRolls):
     def __init__(
         self,
         backend: Backend,
@@ -78,7 +79,8 @@ class Deployer:
         self.passes = 0
         self.page_size = 100
         self.absent: dict[str, int] = {}  # served model -> consecutive passes its alias was missing
-        self.recorded: dict[tuple, str | None] = {}  # (registration run, param) -> the manifest digest it recorded
+        self.recorded: dict[str, dict] = {}  # registration run -> its params (the digests it recorded)
+        self.failed_sets: dict[str, tuple] = {}  # base -> an adapter set whose rollout failed (tried once)
 
     def registered(self):
         """Every registered model, page by page (the registry answers at most `page_size` per call)."""
@@ -111,8 +113,12 @@ class Deployer:
             served, refused = place(desired, self._adapter_refusal, self.alias)
             for name, reason in refused.items():
                 target = desired[name]
-                if target.tags.get(STATUS_TAG) != DeployStatus.REFUSED or target.tags.get(REASON_TAG) != reason:
-                    actions.append(self._refuse(target, reason))
+                try:
+                    if target.tags.get(STATUS_TAG) != DeployStatus.REFUSED or target.tags.get(REASON_TAG) != reason:
+                        actions.append(self._refuse(target, reason))
+                except Exception:  # noqa: BLE001 - the next pass tries again
+                    log.exception("refusing %s version %s failed", name, target.version)
+                    actions.append(f"error {name}/{target.version}")
             for name, target in served.items():
                 try:
                     if action := self._converge(target):
@@ -134,8 +140,8 @@ class Deployer:
     def _converge(self, target: Target) -> str | None:
         actual = self.backend.actual(target.name)
         self.state[target.name] = {"desired": target.version, "actual": actual and actual.get("version")}
-        same = actual and tuple(actual.get("adapters", ())) == keys(target.adapters)  # else roll the base
-        if same and actual.get("version") == target.version and actual.get("run_id") == target.run_id:
+        same_version = actual and actual.get("version") == target.version and actual.get("run_id") == target.run_id
+        if same_version and tuple(actual.get("adapters", ())) == keys(target.adapters):
             # Named by the cluster but not recorded as deployed: a deployer stopped mid-rollout, a rollback that
             # failed, a hand-edited tag. The cluster settles it: wait for the rollout, or roll it back.
             if target.tags.get(STATUS_TAG) != DeployStatus.DEPLOYED:
@@ -151,17 +157,22 @@ class Deployer:
             self._record_adapters(target, DeployOutcome.serving(endpoint), actual.get("engine"))
             return None
         if refusal := promotion_refusal(target.tags) or self._tag_refusal(target) or self.backend.refusal(target):
+            self._record_adapters(target, DeployOutcome.failed(f"its base {target.name}/{target.version} was "
+                                  f"refused: {refusal}"), status=DeployStatus.REFUSED)  # fmt: skip
             if target.tags.get(STATUS_TAG) != DeployStatus.REFUSED or target.tags.get(REASON_TAG) != refusal:
                 return self._refuse(target, refusal)
             return None  # the endpoint keeps what it serves
+        if same_version and target.tags.get(STATUS_TAG) == DeployStatus.DEPLOYED:
+            return self._roll_adapters(target, actual)  # the base serves on; only its adapter set changes
         if target.tags.get(STATUS_TAG) == DeployStatus.FAILED and target.tags.get(BACKEND_TAG) == self.backend.kind:
+            why = f"its base {target.name}/{target.version} failed here before: {target.tags.get(REASON_TAG, '')}"
+            self._record_adapters(target, DeployOutcome.failed(why))
             return None  # it failed here before; moving the alias (or deleting the tag) retries
         done = self._deploy(target)
         if actual and actual.get("version") != target.version and done.startswith("deployed"):
             self._supersede(target.name, actual["version"])
         if actual and done.startswith("deployed"):  # adapters the rolled base no longer serves
-            for name, version in (parse_key(k) for k in set(actual.get("adapters", ())) - set(keys(target.adapters))):
-                self._supersede(name, version)
+            self._supersede_adapters(set(actual.get("adapters", ())) - set(keys(target.adapters)))
         return done
 
     def _supersede(self, name: str, version: str) -> None:
@@ -177,28 +188,30 @@ class Deployer:
     def _tag_refusal(self, target: Target) -> str | None:
         """The version's manifest tag must be the digest its registration run recorded: a run's params never
         change, a tag can, and what serves is checked against the tag (pinned into the pod at deploy time).
-        A run registers a merged model, an adapter and a base, each recorded under its own param."""
+        A run registers a merged model, an adapter and a base, each recorded under its own param; an adapter's
+        pointer to its base (BASE_MANIFEST_TAG) is pinned the same way."""
         from mlflow.exceptions import MlflowException
 
-        param = RECORDED_MANIFEST[kind_of(target.tags)]
-        try:
-            if (target.run_id, param) not in self.recorded:  # params never change: one read per run
-                params = self.client.get_run(target.run_id).data.params
-                self.recorded[(target.run_id, param)] = params.get(param)
-            recorded = self.recorded[(target.run_id, param)]
-        except MlflowException as err:
-            return (
-                f"could not read the registration run {target.run_id} to check {MANIFEST_TAG} ({err.error_code}): "
-                "the deployer needs READ on the run's experiment. Nothing was deployed"
-            )
-        if recorded and recorded == target.tags.get(MANIFEST_TAG):
-            return None
-        return (
-            f"the version's {MANIFEST_TAG} tag is {target.tags.get(MANIFEST_TAG) or 'missing'}, but its registration "
-            f"run recorded {param}={recorded or 'none'}: the tag was changed after registration (or the version "
-            "was not "
-            "registered by the register stage). Nothing was deployed"
-        )
+        checks = [(MANIFEST_TAG, RECORDED_MANIFEST[kind_of(target.tags)])]
+        if kind_of(target.tags) == ModelKind.ADAPTER:
+            checks.append((BASE_MANIFEST_TAG, BASE_MANIFEST_TAG))
+        for tag, param in checks:
+            try:
+                if target.run_id not in self.recorded:  # params never change: one read per run
+                    self.recorded[target.run_id] = dict(self.client.get_run(target.run_id).data.params)
+                recorded = self.recorded[target.run_id].get(param)
+            except MlflowException as err:
+                return (
+                    f"could not read the registration run {target.run_id} to check {tag} ({err.error_code}): "
+                    "the deployer needs READ on the run's experiment. Nothing was deployed"
+                )
+            if not recorded or recorded != target.tags.get(tag):
+                return (
+                    f"the version's {tag} tag is {target.tags.get(tag) or 'missing'}, but its registration run "
+                    f"recorded {param}={recorded or 'none'}: the tag was changed after registration (or the "
+                    "version was not registered by the register stage). Nothing was deployed"
+                )
+        return None
 
     def _gone(self, desired: dict[str, Target]) -> list[str]:
         """Models served here whose alias (or registration) is gone in two passes in a row, and confirmed gone by
@@ -296,33 +309,15 @@ class Deployer:
             write_local_record(target.name, self.alias, endpoint, target.version, tags[SERVED_ENGINE_TAG])
         for key, value in tags.items():
             self.client.set_model_version_tag(target.name, target.version, key, value)
-        self._record_adapters(target, outcome, tags.get(SERVED_ENGINE_TAG))
+        placed = outcome if ok else DeployOutcome.failed(f"its base {target.name}/{target.version} did not deploy: "
+                                                          f"{outcome.reason}")  # fmt: skip
+        self._record_adapters(target, placed, tags.get(SERVED_ENGINE_TAG))
         self.state[target.name] = {
             "desired": target.version,
             "actual": target.version if ok else None,
             "status": tags[STATUS_TAG],
         }
         return f"{tags[STATUS_TAG]} {target.name}/{target.version}"
-
-    def _record_adapters(self, target: Target, outcome: DeployOutcome, engine: str | None) -> None:
-        """Each adapter placed on the base says where it serves (the base's endpoint, under its own name), or why
-        not; only tags that differ are written, so a settled pass writes nothing."""
-        for adapter in target.adapters:
-            current = self.client.get_model_version(adapter.name, adapter.version).tags
-            tags = {PLACED_ON_TAG: f"{target.name}/{target.version}", BACKEND_TAG: self.backend.kind}
-            if outcome.ok:
-                tags.update({ENDPOINT_TAG: outcome.endpoint, SERVED_ENGINE_TAG: engine or self.backend.engine(target)})
-            else:
-                tags[REASON_TAG] = f"its base {target.name}/{target.version} did not deploy: {outcome.reason}"
-            tags[STATUS_TAG] = DeployStatus.DEPLOYED if outcome.ok else DeployStatus.FAILED
-            changed = {k: v for k, v in tags.items() if current.get(k) != v}
-            if outcome.ok and REASON_TAG in current:  # a refusal from before its base served no longer holds
-                self.client.delete_model_version_tag(adapter.name, adapter.version, REASON_TAG)
-            if changed:
-                changed[TIME_TAG] = datetime.now(timezone.utc).isoformat()
-                changed[STATUS_TAG] = tags[STATUS_TAG]  # last, as for a model
-                for key, value in changed.items():
-                    self.client.set_model_version_tag(adapter.name, adapter.version, key, value)
 
     def notify(self) -> None:
         self.wake.set()

@@ -21,6 +21,7 @@ from components.registry_tags import (
     kind_of,
 )
 from serving.backends import Target
+from serving.engines import EngineRefusal, max_lora_rank
 
 ADAPTERS_DIR = "adapters"  # beside the model in the pod's data volume: /data/adapters/<name>
 
@@ -78,6 +79,11 @@ def place(
                 "nothing was deployed"
             )
             continue
-        rank = int(target.tags.get(ADAPTER_RANK_TAG) or 16)
+        try:  # a tag anyone may edit: checked here, so a bad one refuses this adapter and not its base
+            rank = int(target.tags.get(ADAPTER_RANK_TAG) or 16)
+            max_lora_rank([rank])
+        except (ValueError, EngineRefusal) as err:
+            refused[name] = f"{ADAPTER_RANK_TAG}={target.tags.get(ADAPTER_RANK_TAG)!r} cannot be served: {err}"
+            continue
         placed[bases[needed]].append(PlacedAdapter(name, target.version, target.tags.get(MANIFEST_TAG, ""), rank))
     return {n: replace(t, adapters=tuple(placed[n])) for n, t in served.items()}, refused

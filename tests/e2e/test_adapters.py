@@ -28,7 +28,7 @@ def zero_adapter(tmp: Path) -> str:
     from safetensors.torch import load_file, save_file
 
     from components.logged_model import log_adapter_model
-    from components.registry_tags import ADAPTER_MANIFEST_TAG, GATE_OVERRIDE, MANIFEST_TAG
+    from components.registry_tags import ADAPTER_MANIFEST_TAG, BASE_MANIFEST_TAG, GATE_OVERRIDE, MANIFEST_TAG
     from serving.resolve import parse_adapters
 
     client = MlflowClient()
@@ -46,6 +46,7 @@ def zero_adapter(tmp: Path) -> str:
     with mlflow.start_run(run_name="a second adapter") as run:
         model_id, digest = log_adapter_model(zeroed, run.info.run_id, run.info.experiment_id, tags["base_model_sha256"])
         mlflow.log_param(ADAPTER_MANIFEST_TAG, digest)
+        mlflow.log_param(BASE_MANIFEST_TAG, tags[BASE_MANIFEST_TAG])  # its base, pinned as register pins it
     client.create_registered_model(ZERO)
     deploy_tags = {k: v for k, v in tags.items() if not k.startswith(("deploy.", "gate."))}
     version = client.create_model_version(

@@ -434,8 +434,11 @@ def test_the_deployer_places_swaps_and_rolls_back_an_adapter_set_on_a_base_deplo
     assert fake.get("deployments", NS, name)["metadata"]["generation"] == 2  # rolled once, not re-created
 
     registry.add("banking-adapter", "3", adapter_tags("a3"))  # this rollout never becomes ready
-    assert deployer.reconcile_once() == ["failed m-base/1"]
+    assert deployer.reconcile_once() == ["failed m-base/1 adapters"]
     assert placed() == "alpaca-adapter/1@b1,banking-adapter/2@a2"  # the set that served is back
     tags = registry.tags("banking-adapter", "3")
-    assert tags["deploy.status"] == "failed" and "its base m-base/1 did not deploy" in tags["deploy.reason"]
+    assert tags["deploy.status"] == "failed" and "kept the adapters that served" in tags["deploy.reason"]
+    # what the rolled-back pods serve stays deployed: the base, and both adapters of the old set
+    assert registry.tags("m-base", "1")["deploy.status"] == "deployed"
     assert registry.tags("banking-adapter", "2")["deploy.status"] == "deployed"
+    assert registry.tags("alpaca-adapter", "1")["deploy.status"] == "deployed"

@@ -386,7 +386,9 @@ def test_every_referenced_secret_and_key_is_created_in_the_readme(overlay):
     for name in (cfg.s3_secret, cfg.mlflow_secret):
         assert created[name].startswith(f"kubectl -n {SERVING_NAMESPACE} create secret generic {name}")
     assert "mc admin policy attach llmops-admin readonly --user '<s3-readonly-access-key-id>'" in readme
-    assert 'users.grant_user_permission("tgi-reader", "registered_model", "llmops", "READ")' in readme
+    # the serving identity reads the model, and the base and adapter models the register stage creates beside it
+    assert 'for model in ("llmops", "llmops-base", "llmops-adapter"):' in readme
+    assert 'users.grant_user_permission("tgi-reader", "registered_model", model, "READ")' in readme
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -30,13 +30,20 @@ class Registry:
     def add(self, name: str, version: str, tags: dict, alias: str | None = "champion", recorded: str | None = None):
         model = self.models.setdefault(name, {"aliases": {}, "versions": {}})
         run_id = f"run-{name}-{version}"
-        model["versions"][version] = SimpleNamespace(name=name, version=version, run_id=run_id, tags=dict(tags))
+        model["versions"][version] = SimpleNamespace(
+            name=name, version=version, run_id=run_id, tags=dict(tags), aliases=[]
+        )
         param = {"adapter": "weights.adapter_manifest_sha256", "base": "weights.base_manifest_sha256"}.get(
             tags.get("llmops.kind"), "weights.manifest_sha256"
         )
         self.params[run_id] = {param: recorded or tags["weights.manifest_sha256"]}
+        if tags.get("llmops.kind") == "adapter":  # its pointer to its base, pinned by its run
+            self.params[run_id]["weights.base_manifest_sha256"] = tags["weights.base_manifest_sha256"]
         if alias:
+            for other in model["versions"].values():
+                other.aliases = [a for a in other.aliases if a != alias]
             model["aliases"][alias] = version
+            model["versions"][version].aliases.append(alias)
 
     def tags(self, name: str, version: str) -> dict:
         return self.models[name]["versions"][version].tags
@@ -68,6 +75,7 @@ class Backend:
     def __init__(self):
         self.serving: dict[str, dict] = {}
         self.deploys: list[tuple] = []
+        self.broken: set[str] = set()  # adapter keys whose rollout never becomes ready
 
     def engine(self, target):
         return "vllm"
@@ -80,6 +88,8 @@ class Backend:
 
     def deploy(self, target):
         self.deploys.append((target.name, target.version, keys(target.adapters)))
+        if self.broken & set(keys(target.adapters)):  # rolled back: what served goes on serving
+            return DeployOutcome.failed("the rollout did not become ready within 900s and was rolled back")
         self.serving[target.name] = {
             "version": target.version,
             "run_id": target.run_id,
@@ -192,3 +202,73 @@ def test_a_base_deploys_without_a_gate_but_a_merged_model_does_not():
     registry.add("m", "1", {"weights.manifest_sha256": "m1"})
     actions = Deployer(backend, client=registry).reconcile_once()
     assert sorted(actions) == ["deployed m-base/1", "refused m/1"]
+
+
+def test_an_adapter_set_that_never_becomes_ready_leaves_the_base_and_its_adapters_serving(world):
+    """The base keeps the set that served: it and those adapters stay deployed; only the adapter the failed set
+    added says failed, and why. The same set is not tried every pass; promoting the adapter again retries it."""
+    registry, backend, deployer = world
+    deployer.reconcile_once()
+    registry.add("banking-adapter", "2", adapter_tags("a2"))
+    backend.broken.add("banking-adapter/2@a2")
+    assert deployer.reconcile_once() == ["failed m-base/1 adapters"]
+    assert registry.tags("m-base", "1")["deploy.status"] == "deployed"
+    assert registry.tags("alpaca-adapter", "1")["deploy.status"] == "deployed"
+    assert registry.tags("banking-adapter", "1")["deploy.status"] == "deployed"  # still served: not superseded
+    failed = registry.tags("banking-adapter", "2")
+    assert failed["deploy.status"] == "failed" and "kept the adapters that served" in failed["deploy.reason"]
+    assert deployer.reconcile_once() == [] and len(backend.deploys) == 2  # not retried every pass
+    backend.broken.clear()
+    registry.delete_model_version_tag("banking-adapter", "2", "deploy.status")  # what `llmops promote` clears
+    assert deployer.reconcile_once() == ["deployed m-base/1"]
+    assert registry.tags("banking-adapter", "2")["deploy.status"] == "deployed"
+    assert registry.tags("banking-adapter", "1")["deploy.status"] == "superseded"
+
+
+def test_an_adapter_with_a_rank_no_engine_takes_or_an_edited_base_pointer_is_refused_alone(world):
+    registry, backend, deployer = world
+    registry.add("huge-adapter", "1", {**adapter_tags("h1"), "llmops.lora_rank": "1024"})
+    registry.add("garbled-adapter", "1", {**adapter_tags("g1"), "llmops.lora_rank": "sixteen"})
+    registry.add("moved-adapter", "1", adapter_tags("m1"))
+    registry.tags("moved-adapter", "1")["weights.base_manifest_sha256"] = "another-base"
+    registry.add("other-base", "1", base_tags("another-base"))
+    actions = deployer.reconcile_once()
+    assert {"refused huge-adapter/1", "refused garbled-adapter/1", "refused moved-adapter/1"} <= set(actions)
+    assert "largest --max-lora-rank" in registry.tags("huge-adapter", "1")["deploy.reason"]
+    assert "'sixteen'" in registry.tags("garbled-adapter", "1")["deploy.reason"]
+    moved = registry.tags("moved-adapter", "1")["deploy.reason"]
+    assert "weights.base_manifest_sha256 tag is another-base" in moved and "changed after registration" in moved
+    assert backend.deploys[0] == ("m-base", "1", ("alpaca-adapter/1@b1", "banking-adapter/1@a1"))
+    assert ("other-base", "1", ()) in backend.deploys
+
+
+def test_adapters_on_a_refused_base_say_so(world):
+    registry, backend, deployer = world
+    registry.tags("m-base", "1")["weights.manifest_sha256"] = "edited"  # the run recorded base-digest
+    for name in ("banking-adapter", "alpaca-adapter"):
+        registry.tags(name, "1")["weights.base_manifest_sha256"] = "edited"
+        registry.params[f"run-{name}-1"]["weights.base_manifest_sha256"] = "edited"
+    assert deployer.reconcile_once() == ["refused m-base/1"]
+    tags = registry.tags("banking-adapter", "1")
+    assert tags["deploy.status"] == "refused" and "its base m-base/1 was refused" in tags["deploy.reason"]
+
+
+def test_an_application_follows_an_adapter_only_to_the_base_that_says_it_serves_it(world, monkeypatch):
+    import mlflow
+
+    from serving.adapter_client import placed_base
+
+    registry, backend, deployer = world
+    deployer.reconcile_once()
+    monkeypatch.setattr(mlflow, "MlflowClient", lambda: registry)
+    adapter = registry.get_model_version("banking-adapter", "1")
+    assert placed_base(adapter, "banking-adapter@champion", "champion") == ("m-base", "1")
+    # someone who may tag the adapter points it at another model's Service: refused, saying what the base lacks
+    registry.add("m", "1", {"weights.manifest_sha256": "m1", **GATED})
+    registry.tags("m", "1").update({"deploy.status": "deployed", "deploy.endpoint": backend.endpoint("m")})
+    adapter.tags.update({"deploy.base": "m/1", "deploy.endpoint": backend.endpoint("m")})
+    with pytest.raises(LookupError, match="lacks llmops.kind=base.*the weights.manifest_sha256 the adapter names"):
+        placed_base(adapter, "banking-adapter@champion", "champion")
+    with pytest.raises(LookupError, match="the alias live"):
+        adapter.tags.update({"deploy.base": "m-base/1", "deploy.endpoint": backend.endpoint("m-base")})
+        placed_base(adapter, "banking-adapter@live", "live")
