@@ -23,7 +23,6 @@ def zero_adapter(tmp: Path) -> str:
     """A second adapter of the same base, registered as the register stage registers one (its own LoggedModel,
     manifest, pinning param and tags): the demo's adapter with every lora_B zeroed, so it answers as the base
     does. A person lets it past the gate on purpose (gate.override)."""
-    import mlflow
     from mlflow import MlflowClient
     from safetensors.torch import load_file, save_file
 
@@ -42,11 +41,13 @@ def zero_adapter(tmp: Path) -> str:
             save_file({k: v * 0 if "lora_B" in k else v for k, v in weights.items()}, zeroed / path.name)
         elif path.name == "adapter_config.json":
             (zeroed / path.name).write_bytes(path.read_bytes())
-    mlflow.set_experiment("llmops")
-    with mlflow.start_run(run_name="a second adapter") as run:
-        model_id, digest = log_adapter_model(zeroed, run.info.run_id, run.info.experiment_id, tags["base_model_sha256"])
-        mlflow.log_param(ADAPTER_MANIFEST_TAG, digest)
-        mlflow.log_param(BASE_MANIFEST_TAG, tags[BASE_MANIFEST_TAG])  # its base, pinned as register pins it
+    # MlflowClient only: the fluent API's active experiment is process-wide, and later tiers use other servers
+    experiment = client.get_experiment_by_name("llmops").experiment_id
+    run = client.create_run(experiment, run_name="a second adapter")
+    model_id, digest = log_adapter_model(zeroed, run.info.run_id, experiment, tags["base_model_sha256"])
+    client.log_param(run.info.run_id, ADAPTER_MANIFEST_TAG, digest)
+    client.log_param(run.info.run_id, BASE_MANIFEST_TAG, tags[BASE_MANIFEST_TAG])  # its base, pinned as register does
+    client.set_terminated(run.info.run_id)
     client.create_registered_model(ZERO)
     deploy_tags = {k: v for k, v in tags.items() if not k.startswith(("deploy.", "gate."))}
     version = client.create_model_version(
