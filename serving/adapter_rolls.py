@@ -32,8 +32,7 @@ class AdapterRolls:
         added say failed, and why. The same set is not tried again until one of them is promoted again."""
         served = set(actual.get("adapters", ()))
         added = [a for a in target.adapters if a.key not in served]
-        tags = {a.key: self.client.get_model_version(a.name, a.version).tags for a in added}
-        if added and all(t.get(STATUS_TAG) == DeployStatus.FAILED for t in tags.values()):
+        if added and all(a.tags.get(STATUS_TAG) == DeployStatus.FAILED for a in added):
             return None  # `llmops promote` clears an adapter's failed outcome, and the next pass retries
         if not added and self.failed_sets.get(target.name) == keys(target.adapters):
             return None
@@ -68,7 +67,7 @@ class AdapterRolls:
             self._record_one(adapter, target, outcome, engine, status)
 
     def _record_one(self, adapter, target: Target, outcome: DeployOutcome, engine, status) -> None:
-        current = self.client.get_model_version(adapter.name, adapter.version).tags
+        current = adapter.tags  # read by this pass's desired(): a settled pass reads and writes nothing more
         tags = {PLACED_ON_TAG: f"{target.name}/{target.version}", BACKEND_TAG: self.backend.kind}
         if outcome.ok:
             tags.update({ENDPOINT_TAG: outcome.endpoint, SERVED_ENGINE_TAG: engine or self.backend.engine(target)})

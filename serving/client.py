@@ -106,9 +106,9 @@ def served_version(url: str, name: str) -> str | None:
         if info.status_code == 200:
             model_id = str(info.json().get("model_id", ""))
             return model_id.rsplit("/", 1)[1] if model_id.startswith(f"models:/{name}/") else None
-        ids = [m.get("id", "") for m in httpx2.get(f"{url}/v1/models", timeout=5.0).json().get("data", [])]
     except (httpx2.HTTPError, ValueError, AttributeError):
         return None
+    ids = served_models(url)  # vLLM: no /info; its second served name says the version
     prefix = f"models:/{name}/"
     return next((i.removeprefix(prefix) for i in ids if i.startswith(prefix)), None)
 

@@ -41,6 +41,13 @@ def check_model_dir(path: Path) -> None:
         raise FetchError(f"{path} has no *.safetensors file: TGI would fail to load the weights")
 
 
+def into_place(verified: Path, dest: Path, staging: Path) -> None:
+    """Verified files replace dest. Same volume: a rename, so the engine never sees a half-moved directory."""
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(verified, dest)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def fetch(model_uri: str, dest: Path, pinned: str | None = None) -> Path:
     """Download the version into a staging directory beside dest, verify every file, then move it into place.
 
@@ -64,9 +71,7 @@ def fetch(model_uri: str, dest: Path, pinned: str | None = None) -> Path:
         raise FetchError(
             f"could not download {model_uri} ({TRACKING_URI.name}={tracking}): {type(exc).__name__}: {exc}"
         ) from exc
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(verified.path, dest)  # same volume: a rename, so TGI never sees a half-moved directory
-    shutil.rmtree(staging, ignore_errors=True)
+    into_place(verified.path, dest, staging)
     check_model_dir(dest)
     print(
         f"fetch_model: verified {verified.bytes_checked / 1e6:.1f} MB against the registered manifest "
@@ -94,9 +99,7 @@ def fetch_adapter(spec: str, root: Path) -> Path:
         raise FetchError(f"refused adapter {uri}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - as for the model: the pod stays out of service, saying why
         raise FetchError(f"could not download adapter {uri}: {type(exc).__name__}: {exc}") from exc
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(files, dest)
-    shutil.rmtree(staging, ignore_errors=True)
+    into_place(files, dest, staging)
     print(f"fetch_model: adapter {name} verified against {digest[:12]}")
     return dest
 

@@ -10,7 +10,7 @@ the reason goes on its version. The deployer then rolls a base only when its set
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from components.registry_tags import (
     ADAPTER_RANK_TAG,
@@ -34,6 +34,7 @@ class PlacedAdapter:
     version: str
     manifest: str  # the digest pinned when it was placed: what every pod start checks its files against
     rank: int
+    tags: dict = field(default_factory=dict, compare=False)  # its version's tags, as this pass read them
 
     @property
     def key(self) -> str:
@@ -85,5 +86,7 @@ def place(
         except (ValueError, EngineRefusal) as err:
             refused[name] = f"{ADAPTER_RANK_TAG}={target.tags.get(ADAPTER_RANK_TAG)!r} cannot be served: {err}"
             continue
-        placed[bases[needed]].append(PlacedAdapter(name, target.version, target.tags.get(MANIFEST_TAG, ""), rank))
+        placed[bases[needed]].append(
+            PlacedAdapter(name, target.version, target.tags.get(MANIFEST_TAG, ""), rank, target.tags)
+        )
     return {n: replace(t, adapters=tuple(placed[n])) for n, t in served.items()}, refused
