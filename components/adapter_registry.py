@@ -1,11 +1,12 @@
 """A run's LoRA adapter as a version you can promote, beside the base version it serves on.
 
 Called by the register stage (`register.adapters=true`, the default), inside its MLflow run:
-- `<model_name>-base` holds the base as training saw it (streaming_merge.write_serving_base: the NF4 rounding
+Both go to candidates models, as the merged model does (`llmops promote` copies one into production):
+- `<model_name>-base-candidates` holds the base as training saw it (streaming_merge.write_serving_base: the NF4 rounding
   for QLoRA), logged as the same verified pyfunc as the merged model. One version per distinct set of files
   (`weights.files_sha256`): every later run of the same base and rounding reuses it, so one deployment of it
   can serve every adapter trained on it.
-- `<model_name>-adapter` gets one version per pipeline run: the adapter's LoggedModel, its own manifest in
+- `<model_name>-adapter-candidates` gets one version per pipeline run: the adapter's LoggedModel, its own manifest in
   `weights.manifest_sha256` (pinned by the run's param `weights.adapter_manifest_sha256`), and the base
   version's manifest in `weights.base_manifest_sha256`: the deployer places it only on a running deployment of
   exactly that base, and refuses it, with the reason on the version, where none runs.
@@ -32,12 +33,14 @@ from components.registry_tags import (
     MODEL_ID_TAG,
     PIPELINE_RUN_TAG,
     ModelKind,
+    candidates_of,
 )
 from components.streaming_merge import write_serving_base
 from components.util import console, read_json
 
 
 def adapter_model_name(model_name: str) -> str:
+    """The production model of `model_name`'s adapters (the pipeline registers in its candidates model)."""
     return f"{model_name}-adapter"
 
 
@@ -90,14 +93,15 @@ def register_adapter(client, model_name: str, paths: dict[str, Path], tags: dict
     import mlflow
 
     adapter_id, adapter_sha = tags[ADAPTER_MODEL_TAG], tags[ADAPTER_MANIFEST_TAG]
-    name = adapter_model_name(model_name)
+    name = candidates_of(adapter_model_name(model_name))
     pipeline_run = tags[PIPELINE_RUN_TAG]
     shared = {k: v for k, v in tags.items() if k not in (MANIFEST_TAG, MODEL_ID_TAG, ADAPTER_MODEL_TAG)}
     merged = read_json(MergedModel(paths["merged"]).model_dir / "config.json")
     dtype = merged.get("dtype") or merged.get("torch_dtype") or "bfloat16"  # as the merge stored its weights
     with tempfile.TemporaryDirectory() as scratch:
         rounding = write_serving_base(paths["base"], paths["train"], Path(scratch), dtype)
-        base = ensure_base_version(client, base_model_name(model_name), Path(scratch), rounding, tags, run_id, create)
+        base_name = candidates_of(base_model_name(model_name))
+        base = ensure_base_version(client, base_name, Path(scratch), rounding, tags, run_id, create)
     mlflow.log_param(BASE_MANIFEST_TAG, base.tags[MANIFEST_TAG])  # pins the adapter's pointer to its base
     create(name)
     found = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get(PIPELINE_RUN_TAG) == pipeline_run]

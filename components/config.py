@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from components.environment import CHECKPOINT_ROOT
+from components.registry_tags import CANDIDATES_SUFFIX, candidates_of, production_of
 
 PACKAGED_MODEL = "packaged:smollm2-135m-instruct"
 DEMO_DATA = "demo"
@@ -228,7 +229,11 @@ class QuantizeSection(Section):
 class RegisterSection(Section):
     """The MLflow registered model and experiment a run's version goes to."""
 
-    model_name: str = Field("llmops-demo", description="registered model name in MLflow: letters, digits, _, - and .")
+    model_name: str = Field(
+        "llmops-demo",
+        description="the production registered model in MLflow (letters, digits, _, - and .); the pipeline "
+        "registers its versions in <model_name>-candidates, and `llmops promote` copies one into this model",
+    )
     experiment: str = Field("llmops", description="MLflow experiment of the stage runs")
     adapters: bool = Field(
         True,
@@ -247,7 +252,17 @@ class RegisterSection(Section):
                 f"registry.model_name={value!r} may hold only letters, digits, '_', '-' and '.', "
                 f"starting with a letter or digit (for example {suggestion!r})"
             )
+        if production_of(value) is not None:
+            raise ValueError(
+                f"registry.model_name={value!r} ends in {CANDIDATES_SUFFIX!r}: name the production model "
+                f"({production_of(value)!r}); the pipeline then registers its candidates in {value!r}"
+            )
         return value
+
+    @property
+    def candidates(self) -> str:
+        """The registered model this pipeline registers its versions in (it never writes `model_name`)."""
+        return candidates_of(self.model_name)
 
 
 class GateSection(Section):

@@ -23,6 +23,7 @@ from components.registry_tags import (
     QUANTIZE_TAG,
     Verdict,
     eval_tag,
+    production_of,
 )
 from components.tracking import configure_retries
 from components.util import console, heading
@@ -58,13 +59,17 @@ def decide(cfg: GateSection, candidate: float, base: float, champion: float | No
 def champion_score(
     client, name: str, cfg: GateSection, candidate_version: str, data_dir: Path, rows: int
 ) -> tuple[str, float] | None:
+    """The production champion's version and score; None without one, or when it is this very candidate. The
+    champion lives in the production model (`name` without its candidates suffix), where promotion copied it."""
     from mlflow.exceptions import MlflowException
 
     try:
-        champion = client.get_model_version_by_alias(name, cfg.champion_alias)
-    except MlflowException:
+        champion = client.get_model_version_by_alias(production_of(name) or name, cfg.champion_alias)
+    except MlflowException:  # no production model yet, or no champion in it
         return None
-    if champion.version == candidate_version:
+    if champion.source == f"models:/{name}/{candidate_version}" or (
+        production_of(name) is None and champion.version == candidate_version
+    ):
         return None
     ours = PreparedData(data_dir).stats()["prepared_sha256"]
     tag = champion.tags.get(eval_tag("tuned", cfg.metric))

@@ -263,15 +263,15 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
     paths = {k: Path(v) for k, v in paths.items()}
     tags, metrics = lineage(paths, pipeline_run)
     client = MlflowClient()
-    if found := keep_one_complete_version(client, cfg.model_name, pipeline_run):
-        console.print(f"version {found.version} of {cfg.model_name} already holds pipeline run {pipeline_run}")
+    if found := keep_one_complete_version(client, cfg.candidates, pipeline_run):
+        console.print(f"version {found.version} of {cfg.candidates} already holds pipeline run {pipeline_run}")
         adapter = {}
         if cfg.adapters:  # a register cut short after the version: its adapter is registered now (idempotent)
             with mlflow.start_run(run_id=found.run_id):
                 create = lambda n: ensure_registered_model(client, n)  # noqa: E731
                 adapter = register_adapter(client, cfg.model_name, paths, dict(found.tags), found.run_id, create)
         return {
-            "name": cfg.model_name,
+            "name": cfg.candidates,
             "version": found.version,
             "run_id": found.run_id,
             "reused": True,
@@ -284,11 +284,11 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
         params = model_params(paths)  # the run's params and the LoggedModel's are the same configuration
         log_run_contents(paths, metrics, params)
         tags.update(log_models(paths, metrics, params, run))
-        ensure_registered_model(client, cfg.model_name)
+        ensure_registered_model(client, cfg.candidates)
         # Created last, tags in the same request: a version never exists without its files or lineage.
         model_id = tags[MODEL_ID_TAG]
         client.create_model_version(
-            cfg.model_name,
+            cfg.candidates,
             source=f"models:/{model_id}",
             run_id=run.info.run_id,
             tags=tags,
@@ -297,16 +297,16 @@ def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict
             f"{metrics[eval_tag('tuned', 'exact_match')]:.3f} under --quantize {tags[QUANTIZE_TAG]} "
             f"(base {metrics[eval_tag('base', 'exact_match')]:.3f})",
         )
-        version = keep_one_complete_version(client, cfg.model_name, pipeline_run)
+        version = keep_one_complete_version(client, cfg.candidates, pipeline_run)
         if version is None:
-            raise RuntimeError(f"the new version of {cfg.model_name} for {pipeline_run} is incomplete; deleted it")
+            raise RuntimeError(f"the new version of {cfg.candidates} for {pipeline_run} is incomplete; deleted it")
         adapter = {}
         if cfg.adapters:  # the adapter as a version you can promote, on its base's version
             create = lambda n: ensure_registered_model(client, n)  # noqa: E731
             adapter = register_adapter(client, cfg.model_name, paths, tags, run.info.run_id, create)
-    console.print(f"registered {cfg.model_name} version {version.version} (run {run.info.run_id})")
+    console.print(f"registered {cfg.candidates} version {version.version} (run {run.info.run_id})")
     return {
-        "name": cfg.model_name,
+        "name": cfg.candidates,
         "version": version.version,
         "run_id": run.info.run_id,
         "reused": False,
@@ -348,20 +348,20 @@ def finalize(cfg: RegisterSection, pipeline_run: str, state: str) -> dict:
     )
     for stale in open_runs:
         client.set_terminated(stale.info.run_id, "FAILED")
-    version = keep_one_complete_version(client, cfg.model_name, pipeline_run)
+    version = keep_one_complete_version(client, cfg.candidates, pipeline_run)
     summary = {"state": state, "failed_runs": [r.info.run_id for r in open_runs]}
     if version is not None:
         summary.update(
             mlflow.artifacts.load_dict(f"runs:/{version.run_id}/{REGISTRATION_SUMMARY}")
             if state == "SUCCEEDED"
-            else {"name": cfg.model_name, "version": version.version, "run_id": version.run_id}
+            else {"name": cfg.candidates, "version": version.version, "run_id": version.run_id}
         )
-        current = client.get_model_version(cfg.model_name, version.version)  # a search leaves aliases out
+        current = client.get_model_version(cfg.candidates, version.version)  # a search leaves aliases out
         if verdict := current.tags.get(GATE_VERDICT):
             aliases = ", ".join(current.aliases) or "no alias"
             summary["gate"] = f"{verdict} ({current.tags.get(GATE_REASON, '')}); {aliases}"
     console.print(
         f"pipeline run {pipeline_run} {state}: {len(open_runs)} open MLflow run(s) marked FAILED"
-        + (f"; version {version.version} of {cfg.model_name}" if version else "; no version registered")
+        + (f"; version {version.version} of {cfg.candidates}" if version else "; no version registered")
     )
     return summary

@@ -60,6 +60,28 @@ def kind_of(tags: dict) -> ModelKind:
     return ModelKind(tags.get(KIND_TAG) or ModelKind.MODEL)
 
 
+# promotion.*: written by `llmops promote` on a production version (serving/promotion.py)
+PROMOTED_FROM_TAG = "promotion.from"  # the candidate it was copied from, name/version
+PROMOTED_BY_TAG = "promotion.by"  # the MLflow login that promoted it last (the server's own answer)
+PROMOTION_REASON_TAG = "promotion.reason"  # why, in the promoter's words
+PROMOTION_TIME_TAG = "promotion.time"
+
+# One registered model per environment, as MLflow recommends: the pipeline registers every version in a
+# candidates model it owns; a promoter copies a gated candidate into the production model, the only one the
+# deployer serves. The pipeline's login may read the production model and never write it.
+CANDIDATES_SUFFIX = "-candidates"
+
+
+def candidates_of(production: str) -> str:
+    """The registered model the pipeline registers `production`'s candidates in."""
+    return f"{production}{CANDIDATES_SUFFIX}"
+
+
+def production_of(name: str) -> str | None:
+    """The production model a candidates model promotes into; None for a name that is no candidates model."""
+    return name.removesuffix(CANDIDATES_SUFFIX) if name.endswith(CANDIDATES_SUFFIX) else None
+
+
 # The registration run's param that pins each kind's MANIFEST_TAG: a run's params never change, a tag can.
 RECORDED_MANIFEST = {
     ModelKind.MODEL: MANIFEST_TAG,
@@ -77,6 +99,8 @@ SERVED_ENGINE_TAG = "deploy.served_engine"  # the engine it serves on
 ENGINE_TAG = "deploy.engine"  # set by a person: the engine this version asks for
 GATE_OVERRIDE_KEPT_TAG = "deploy.gate_override"  # a person's gate.override, kept with the deploy it allowed
 PLACED_ON_TAG = "deploy.base"  # on an adapter version: name/version of the base deployment that serves it
+DEPLOYER_TAGS = (STATUS_TAG, REASON_TAG, ENDPOINT_TAG, TIME_TAG, BACKEND_TAG, SERVED_ENGINE_TAG,
+                 GATE_OVERRIDE_KEPT_TAG, PLACED_ON_TAG)  # fmt: skip  # the deployer's own record of a version
 
 
 class DeployStatus(StrEnum):

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from components.environment import CACHE, CHECKPOINT_ROOT, EXPERIMENT, MLFLOW_PORT, TRACKING_URI
-from components.registry_tags import eval_tag
+from components.registry_tags import eval_tag, production_of
 from components.util import console
 from pipelines.config import PipelineConfig
 
@@ -196,10 +196,13 @@ def next_steps(summary: dict) -> list[str]:
             lines.append(f"MLflow run:     {uri}/#/experiments/{experiment}/runs/{summary['run_id']}")
         lines.append(f"model version:  {uri}/#/models/{name}/versions/{version}")
     passed = str(summary.get("gate", "")).startswith("passed")
+    production = production_of(name) or name
+    why = '--reason "why it should serve"' if passed else '--override "why it should serve anyway"'
     lines.append(
         "next: "
-        + ("" if passed else "the gate did not pass, so the deployer would refuse it; to try it anyway, ")
-        + f"`llmops deployer &` then `llmops promote {name} {version}` (alias champion) and "
-        + f'`llmops chat "your question" --model {name}@champion`; or `llmops serve models:/{name}/{version}`'
+        + ("" if passed else "the gate did not pass, so promotion refuses it without an override; to try it, ")
+        + f"`llmops deployer &` then `llmops promote {name} {version} {why}` (copies it into {production}, "
+        + f'alias champion) and `llmops chat "your question" --model {production}@champion`; '
+        + f"or `llmops serve models:/{name}/{version}`"
     )
     return lines

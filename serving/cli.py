@@ -147,21 +147,46 @@ def promote(
     name: str,
     version: str,
     alias: Annotated[str, typer.Option(help="the alias that deploys")] = "champion",
+    reason: Annotated[str, typer.Option(help="why it should serve: kept on the production version")] = "",
+    override: Annotated[
+        str, typer.Option(help="promote a candidate whose gate did not pass, for this reason (kept as gate.override)")
+    ] = "",
     wait: Annotated[
         bool, typer.Option(help="wait for the deployer's outcome, as `kubectl rollout status` does")
     ] = True,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the outcome")] = 900.0,
 ):
-    """Point ALIAS (default champion) at VERSION of NAME, then wait until the deployer serves it (printing the
-    endpoint) or says why not. Rolling back is promoting the old version.
+    """Promote VERSION of NAME: point ALIAS (default champion) at it, then wait until the deployer serves it
+    (printing the endpoint) or says why not. A candidate (NAME ending in -candidates, where the pipeline
+    registers) is first copied into its production model, with your login and --reason recorded on the copy.
+    Rolling back is promoting an earlier production version.
 
-    Run as: llmops promote llmops-demo 1"""
+    Run as: llmops promote llmops-demo-candidates 1 --reason "beats the base on held-out tickets"
+    """
     from mlflow import MlflowClient
 
-    from serving.promotion import await_outcome, clear_outcome
+    from components.registry_tags import production_of
+    from serving.promotion import (
+        PromotionRefused,
+        await_outcome,
+        clear_outcome,
+        copy_candidate,
+        record_promotion,
+        who_promotes,
+    )
 
     client = MlflowClient()
     client.get_model_version(name, version)  # a clear error for a version that does not exist
+    who = who_promotes()
+    try:
+        if production_of(name):
+            name, version = copy_candidate(client, name, version, who, reason or override, override)
+            typer.echo(f"copied to {name} version {version} (promoted by {who})")
+        else:
+            record_promotion(client, name, version, who, reason or override)
+    except PromotionRefused as err:
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(2) from None
     clear_outcome(client, name, version, alias)  # an earlier outcome must not pass for this promotion's
     client.set_registered_model_alias(name, alias, version)
     typer.echo(f"{name}@{alias} -> version {version}")

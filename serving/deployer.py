@@ -23,7 +23,6 @@ from components.registry_tags import (
     ENDPOINT_TAG,
     GATE_OVERRIDE,
     GATE_OVERRIDE_KEPT_TAG,
-    GATE_REASON,
     GATE_VERDICT,
     MANIFEST_TAG,
     REASON_TAG,
@@ -37,26 +36,11 @@ from components.registry_tags import (
     kind_of,
 )
 from serving.adapter_rolls import AdapterRolls
+from serving.admission import candidate_refusal, promotion_refusal
 from serving.backends import Backend, DeployOutcome, ShuttingDown, Target
 from serving.placement import keys, place
 
 log = logging.getLogger("llmops.deployer")
-
-
-def promotion_refusal(tags: dict) -> str | None:
-    """Why a version may not serve, or None. Only a passed gate deploys, unless a person overrides it on
-    purpose: the tag GATE_OVERRIDE (gate.override) holds their reason. A base version (the unchanged base its
-    adapters were gated against) has no gate of its own: it serves only the adapters whose gate passed."""
-    if kind_of(tags) == ModelKind.BASE:
-        return None
-    if tags.get(GATE_VERDICT) == Verdict.PASSED or tags.get(GATE_OVERRIDE, "").strip():
-        return None
-    verdict = tags.get(GATE_VERDICT) or "missing"
-    why = f": {tags[GATE_REASON]}" if tags.get(GATE_REASON) else ""
-    return (
-        f"{GATE_VERDICT} is {verdict}{why}. Nothing was deployed; to serve it anyway, set the tag "
-        f"{GATE_OVERRIDE} to your reason"
-    )
 
 
 class Deployer(AdapterRolls):
@@ -110,7 +94,7 @@ class Deployer(AdapterRolls):
             self.passes += 1
             actions = []
             desired = self.desired()
-            served, refused = place(desired, self._adapter_refusal, self.alias)
+            served, refused = place(desired, self._refusal, self.alias)
             for name, reason in refused.items():
                 target = desired[name]
                 try:
@@ -134,8 +118,12 @@ class Deployer(AdapterRolls):
                     actions.append(f"error {name}")
             return actions
 
-    def _adapter_refusal(self, target: Target) -> str | None:
-        return promotion_refusal(target.tags) or self._tag_refusal(target)
+    def _refusal(self, target: Target) -> str | None:
+        return (
+            candidate_refusal(target.name, target.version)
+            or promotion_refusal(target.tags)
+            or self._tag_refusal(target)
+        )
 
     def _converge(self, target: Target) -> str | None:
         actual = self.backend.actual(target.name)
@@ -156,7 +144,7 @@ class Deployer(AdapterRolls):
                 return self._retag(target, {ENDPOINT_TAG: endpoint})
             self._record_adapters(target, DeployOutcome.serving(endpoint), actual.get("engine"))
             return None
-        if refusal := promotion_refusal(target.tags) or self._tag_refusal(target) or self.backend.refusal(target):
+        if refusal := self._refusal(target) or self.backend.refusal(target):
             self._record_adapters(target, DeployOutcome.failed(f"its base {target.name}/{target.version} was "
                                   f"refused: {refusal}"), status=DeployStatus.REFUSED)  # fmt: skip
             if target.tags.get(STATUS_TAG) != DeployStatus.REFUSED or target.tags.get(REASON_TAG) != refusal:

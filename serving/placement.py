@@ -73,7 +73,7 @@ def place(
         needed = target.tags.get(BASE_MANIFEST_TAG)
         if needed not in bases:
             base_name, _, base_version = target.tags.get(BASE_VERSION_TAG, "").rpartition("/")
-            how = f": `llmops promote {base_name} {base_version} --alias {alias}`" if base_name else ""
+            how = f": `llmops promote {base_name} {base_version} --alias {alias} --reason TEXT`" if base_name else ""
             refused[name] = (
                 f"its base ({BASE_MANIFEST_TAG} {needed or 'missing'}) is not a base version under the alias "
                 f"{alias}: no running deployment has the weights it was trained on. Promote its base first{how}; "

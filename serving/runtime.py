@@ -54,6 +54,10 @@ class Runtime:
         self.engine, self.info, self.in_flight = engine, info, 0
         self.scheduler = Scheduler(engine, max_batch_size=max_batch_size, threads=threads)
         self.metrics = Metrics(self.scheduler, info["max_total_tokens"])
+        # ours, beside TGI's: the slots held now; 0 once every request has ended, however it ended
+        Gauge("llmops_request_slots_in_use", "Request slots held", registry=self.metrics.registry).set_function(
+            lambda: self.in_flight
+        )
         self.grammars = Grammars(engine.tokenizer, engine.eos_ids, engine.model.get_output_embeddings().out_features)
         self.fingerprint = f"{TGI_VERSION}-{info['docker_label']}"
 

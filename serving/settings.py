@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from components.config import Profiled, Section, load_settings
 from components.environment import VLLM_KV_CACHE
-from components.registry_tags import ENGINE_TAG
+from components.registry_tags import ENGINE_TAG, production_of
 from serving.engines import Engine, engine_for, vetted_args
 from serving.schemas import MAX_CLIENT_BATCH_SIZE
 
@@ -39,7 +39,9 @@ class DeploySection(Section):
         "(parallelism, batching, context length, ngram speculation) pass, see serving/engines.py",
     )
     models: list[str] = Field(
-        [], description="registered model names this deployer serves (an allowlist); empty: every registered model"
+        [],
+        description="production models this deployer serves (an allowlist; never a candidates model); empty: "
+        "every production model",
     )
     namespace: str = Field(
         "llmops-serving",
@@ -121,6 +123,17 @@ class DeploySection(Section):
         """The image settings a rollout on `engine` needs that still carry the placeholder digest."""
         keys = (f"{engine}_image", "fetch_image")
         return [f"deploy.{key}" for key in keys if getattr(self, key).endswith(PLACEHOLDER)]
+
+    @field_validator("models")
+    @classmethod
+    def _production_only(cls, names: list[str]) -> list[str]:
+        if candidates := [n for n in names if production_of(n)]:
+            raise ValueError(
+                f"deploy.models names candidates models {candidates}: those hold what the pipeline registered and "
+                "never serve; list the production models `llmops promote` copies them into "
+                f"({[production_of(n) for n in candidates]})"
+            )
+        return names
 
     @field_validator("extra_args")
     @classmethod

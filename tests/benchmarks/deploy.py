@@ -43,6 +43,7 @@ def measure() -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     server = mlflow_local.start(root / "mlflow", port=free_port(), detach=False)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "LLMOPS_SERVING_DIR")}
     os.environ.update(MLFLOW_TRACKING_URI=server.url, LLMOPS_SERVING_DIR=str(root / "serving"))
     backend = LocalBackend(base_port=free_port(), log_dir=root / "logs")
     try:
@@ -78,6 +79,8 @@ def measure() -> dict:
     finally:
         backend.close()
         server.stop()
+        for key, value in saved.items():  # the bench's own MLflow run must not go to this stopped server
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 def rows(result: dict) -> list[tuple[str, str, str, str]]:

@@ -243,12 +243,12 @@ def label_task(work: Path) -> dict | None:
     from serving.verified_model import download_verified, model_version
 
     with patch.dict(os.environ, MLFLOW_TRACKING_URI=MLFLOW), suppress(MlflowException):
-        mv = model_version("llmops-demo", "1")
+        mv = model_version("llmops-demo-candidates", "1")
         run = RUNS / mv.tags.get("llmops.pipeline_run", "-")
         rows, labels = run / "prepare-data" / "dataset" / "eval.jsonl", list(label_set(mv.tags))
         try:
-            model = download_verified(mv, work / "engines-llmops-demo-1").path
-            what = "registered llmops-demo version 1 (tuned), verified download"
+            model = download_verified(mv, work / "engines-llmops-demo-candidates-1").path
+            what = "registered llmops-demo-candidates version 1 (tuned), verified download"
         except VerificationError as err:
             model = run / "merge" / "merged" / "model"
             what = f"llmops-demo version 1 from its pipeline run's merge output (registry copy refused: {err})"
@@ -325,7 +325,9 @@ def rows(result: dict) -> list[tuple[str, str, str, str]]:
             row(f"  same greedy text on both engines, concurrency {LEVELS[0]}", f"{same}/{len(texts[0])}"),
         ]
     if not result["labels"]:
-        return out + [row("label task", f"not measured: needs `make run` first (no llmops-demo version 1 at {MLFLOW})")]
+        return out + [
+            row("label task", f"not measured: needs `make run` first (no llmops-demo-candidates version 1 at {MLFLOW})")
+        ]
     task, o, v = result["task"], result["labels"]["ours"], result["labels"]["vllm"]
     out.append(row("label task", f"{task['what']}; {task['rows']} eval rows, {task['labels']} labels"))
     for mode in ("free", "constrained"):

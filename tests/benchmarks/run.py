@@ -32,6 +32,7 @@ from tests.benchmarks import (
     registry,
     resume,
     serving,
+    soak,
     storage,
     time_to_quality,
     training,
@@ -73,6 +74,13 @@ SECTIONS = [
         engines.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
     ),
     Section("deploy", "promotion: alias to endpoint (local mode)", "target / value", deploy),
+    Section(
+        "soak",
+        "soak: mixed load for 10 minutes through a promotion, a deployer restart and a rollback (local, SmolLM2)",
+        "against the target",
+        soak,
+        soak.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
+    ),
     Section(
         "registry",
         "registry: pyfunc load time and fetch_model's verification overhead (SmolLM2)",

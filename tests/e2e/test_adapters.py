@@ -16,23 +16,25 @@ from tests.e2e.workspace import ANSWER, QUESTION, healthy, stop
 
 pytestmark = pytest.mark.e2e
 
+# The production models applications name; `make run` registered its candidates in `<name>-candidates`.
 ADAPTER, BASE, ZERO = "llmops-demo-adapter", "llmops-demo-base", "llmops-demo-zero-adapter"
+CANDIDATES = {name: f"{name}-candidates" for name in (ADAPTER, BASE, ZERO)}
 
 
 def zero_adapter(tmp: Path) -> str:
     """A second adapter of the same base, registered as the register stage registers one (its own LoggedModel,
     manifest, pinning param and tags): the demo's adapter with every lora_B zeroed, so it answers as the base
-    does. A person lets it past the gate on purpose (gate.override)."""
+    does. It has no gate verdict: a person promotes it on purpose (--override)."""
     from mlflow import MlflowClient
     from safetensors.torch import load_file, save_file
 
     from components.logged_model import log_adapter_model
-    from components.registry_tags import ADAPTER_MANIFEST_TAG, BASE_MANIFEST_TAG, GATE_OVERRIDE, MANIFEST_TAG
+    from components.registry_tags import ADAPTER_MANIFEST_TAG, BASE_MANIFEST_TAG, MANIFEST_TAG
     from serving.resolve import parse_adapters
 
     client = MlflowClient()
-    trained = Path(parse_adapters([f"a=models:/{ADAPTER}/1"])["a"])
-    tags = dict(client.get_model_version(ADAPTER, "1").tags)
+    trained = Path(parse_adapters([f"a=models:/{CANDIDATES[ADAPTER]}/1"])["a"])
+    tags = dict(client.get_model_version(CANDIDATES[ADAPTER], "1").tags)
     zeroed = tmp / "zero"
     zeroed.mkdir()
     for path in trained.iterdir():
@@ -48,14 +50,14 @@ def zero_adapter(tmp: Path) -> str:
     client.log_param(run.info.run_id, ADAPTER_MANIFEST_TAG, digest)
     client.log_param(run.info.run_id, BASE_MANIFEST_TAG, tags[BASE_MANIFEST_TAG])  # its base, pinned as register does
     client.set_terminated(run.info.run_id)
-    client.create_registered_model(ZERO)
+    client.create_registered_model(CANDIDATES[ZERO])
     deploy_tags = {k: v for k, v in tags.items() if not k.startswith(("deploy.", "gate."))}
     version = client.create_model_version(
-        ZERO,
+        CANDIDATES[ZERO],
         source=f"models:/{model_id}",
         run_id=run.info.run_id,
         model_id=model_id,
-        tags={**deploy_tags, MANIFEST_TAG: digest, GATE_OVERRIDE: "e2e: a zeroed adapter, to tell adapters apart"},
+        tags={**deploy_tags, MANIFEST_TAG: digest},
     )
     return version.version
 
@@ -67,22 +69,24 @@ def second_adapter(workspace, demo_run, tmp_path_factory):
 
 def deployer_with_adapters(workspace, alias: str, *settings: str):
     """A local deployer; both adapters promoted to `alias` before their base (refused: no base serves), then the
-    base (one start, both adapters placed on it)."""
+    base (one start, both adapters placed on it). Each promotion copies a candidate into production; promoting
+    the same candidate again (the second engine's run) reuses its copy, so every production version is 1."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     port = free_port()
     deployer = workspace.start("deployer", "--port", str(port), "--interval", "3", f"deploy.alias={alias}", *settings)
     wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), 120, "the deployer to listen")
-    for name in (ADAPTER, ZERO):
-        workspace.llmops("promote", name, "1", "--alias", alias, "--no-wait")
+    workspace.llmops("promote", CANDIDATES[ADAPTER], "1", "--reason", "e2e", "--alias", alias, "--no-wait")
+    zeroed = "e2e: a zeroed adapter, to tell adapters apart"
+    workspace.llmops("promote", CANDIDATES[ZERO], "1", "--override", zeroed, "--alias", alias, "--no-wait")
 
     def status(name: str) -> str | None:
         return client.get_model_version(name, "1").tags.get("deploy.status")
 
     wait_for(lambda: status(ADAPTER) == "refused", 120, "the adapter promoted before its base to be refused")
     refusal = client.get_model_version(ADAPTER, "1").tags["deploy.reason"]
-    promoted = workspace.llmops("promote", BASE, "1", "--alias", alias, timeout=600)
+    promoted = workspace.llmops("promote", CANDIDATES[BASE], "1", "--reason", "e2e", "--alias", alias, timeout=600)
     wait_for(lambda: status(ADAPTER) == status(ZERO) == "deployed", 60, "both adapters to be placed on the base")
     return deployer, refusal, promoted
 

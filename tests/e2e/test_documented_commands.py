@@ -35,23 +35,25 @@ def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(work
     from components.prompt_contract import read_contract
     from components.scoring import score_model
 
-    assert "registered llmops-demo version 1" in demo_run.stdout
+    assert "registered llmops-demo-candidates version 1" in demo_run.stdout
     assert f"MLflow UI: {workspace.tracking_uri}" in demo_run.stdout
     # What a person reads: under 150 lines, no executor JSON, no bar redrawn in a pipe
     printed = (demo_run.stdout + demo_run.stderr).splitlines()
     assert len(printed) < 150, "\n".join(printed)
     assert not any("\r" in line or "executor_input" in line or re.search(r"━\s*\d+/\d+", line) for line in printed)
     assert re.search(r"^\s*train step \d+/\d+ · loss \d", demo_run.stdout, re.M)
-    version = MlflowClient().get_model_version("llmops-demo", "1")
+    version = MlflowClient().get_model_version("llmops-demo-candidates", "1")
     assert float(version.tags["eval.tuned.exact_match"]) > float(version.tags["eval.base.exact_match"]) + 0.5
     assert version.tags["gate.verdict"] == "passed" and version.aliases == ["challenger"]
     assert version.tags["prompt.user_prefix"].startswith("Classify the message into one of these labels:")
 
     # The registry holds an MLflow model: pyfunc answers the README's question from the alias.
-    pyfunc = mlflow.pyfunc.load_model("models:/llmops-demo@challenger")
+    pyfunc = mlflow.pyfunc.load_model("models:/llmops-demo-candidates@challenger")
     assert pyfunc.predict({"messages": [{"role": "user", "content": QUESTION}]}) == [ANSWER]
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/llmops-demo/1", dst_path=str(tmp_path)))
+    local = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri="models:/llmops-demo-candidates/1", dst_path=str(tmp_path))
+    )
     served, _ = artifact_paths(local)
     quant = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/reports/quantize_report.json")
     data_dir = sorted(workspace.root.glob("kfp/finetune-*/prepare-data/dataset"))[0]  # the demo run: the first
@@ -74,14 +76,14 @@ def test_readme_promote_then_chat_answers_with_the_label(workspace, demo_run):
     from serving.client import chat_model
 
     documented(".venv/bin/llmops deployer &")
-    documented(".venv/bin/llmops promote llmops-demo 1")
+    documented('.venv/bin/llmops promote llmops-demo-candidates 1 --reason "first demo"')
     documented(f'.venv/bin/llmops chat "{QUESTION}" --model llmops-demo@champion')
     workspace.env.update(LLMOPS_WEBHOOK_SECRET="e2e-secret", MLFLOW_TRACKING_URI=workspace.tracking_uri)
     port = free_port()
     deployer = workspace.start("deployer", "--port", str(port), "--interval", "5")
     try:
         wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), 120, "the deployer to listen")
-        workspace.llmops("promote", "llmops-demo", "1")
+        workspace.llmops("promote", "llmops-demo-candidates", "1", "--reason", "first demo")
         client = MlflowClient()
         status = wait_for(
             lambda: (
@@ -119,13 +121,13 @@ def test_serve_a_registered_alias(workspace, demo_run):
     documented("`llmops serve models:/llmops-demo@champion`")
     port = free_port()
     workspace.env["MLFLOW_TRACKING_URI"] = workspace.tracking_uri
-    server = workspace.start("serve", "models:/llmops-demo@challenger", "--port", str(port))
+    server = workspace.start("serve", "models:/llmops-demo-candidates@challenger", "--port", str(port))
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: healthy(url) or server.poll() is not None, 180, "llmops serve to answer /health")
         assert server.poll() is None, (workspace.path / "serve.log").read_text()[-3000:]
         info = requests.get(f"{url}/info", timeout=10).json()
-        assert info["model_id"] == "models:/llmops-demo/1"
+        assert info["model_id"] == "models:/llmops-demo-candidates/1"
         reply = OpenAI(base_url=f"{url}/v1", api_key="-").chat.completions.create(
             model="tgi",
             messages=[{"role": "user", "content": "My credit card is missing, please block it"}],

@@ -25,7 +25,8 @@ ALIAS = "live"  # apart from the README flow's champion, which our own server se
 
 @pytest.fixture(scope="module")
 def vllm_deployer(workspace, demo_run):
-    """`llmops deployer` with deploy.engine=vllm, the demo's version 1 promoted to @live through it."""
+    """`llmops deployer` with deploy.engine=vllm, the demo's candidate 1 promoted to @live through it (copied into
+    llmops-demo as its version 1, or that copy reused)."""
     workspace.env.update(LLMOPS_WEBHOOK_SECRET="e2e-secret", MLFLOW_TRACKING_URI=workspace.tracking_uri)
     port = free_port()
     # --enforce-eager through deploy.extra_args (a vetted flag): vLLM skips torch.compile, which its compile
@@ -43,7 +44,9 @@ def vllm_deployer(workspace, demo_run):
     try:
         wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), 120, "the deployer to listen")
         # promote waits for the deployer's outcome and prints it: no polling of our own
-        promoted = workspace.llmops("promote", "llmops-demo", "1", "--alias", ALIAS, timeout=600)
+        promoted = workspace.llmops(
+            "promote", "llmops-demo-candidates", "1", "--reason", "e2e", "--alias", ALIAS, timeout=600
+        )
         yield promoted
     finally:
         stop(deployer)

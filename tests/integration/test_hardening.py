@@ -156,7 +156,7 @@ def test_a_create_retried_after_a_lost_response_leaves_one_version(server, mlflo
         RegisterSection(model_name="hard-dup", adapters=False), fake_stage_outputs(tmp_path), "run-dup"
     )
     assert len(calls) == 2  # the create really was sent twice
-    assert versions_of(mlflow_env, "hard-dup", "run-dup") == [result["version"]] == ["1"]
+    assert versions_of(mlflow_env, "hard-dup-candidates", "run-dup") == [result["version"]] == ["1"]
     again = register.run(
         RegisterSection(model_name="hard-dup", adapters=False), fake_stage_outputs(tmp_path), "run-dup"
     )
@@ -177,8 +177,8 @@ def test_register_rides_out_a_restart_before_the_version_is_created(server, mlfl
         RegisterSection(model_name="hard-restart", adapters=False), fake_stage_outputs(tmp_path), "run-restart"
     )
     assert seen and not armed  # a request failed, the server came back, the retry went through
-    assert versions_of(mlflow_env, "hard-restart", "run-restart") == [result["version"]]
-    assert register.is_complete(mlflow_env, mlflow_env.get_model_version("hard-restart", result["version"]))
+    assert versions_of(mlflow_env, "hard-restart-candidates", "run-restart") == [result["version"]]
+    assert register.is_complete(mlflow_env, mlflow_env.get_model_version("hard-restart-candidates", result["version"]))
     assert mlflow_env.get_run(result["run_id"]).info.status == "FINISHED"
 
 
@@ -190,7 +190,7 @@ def test_gate_rides_out_a_server_restart(server, mlflow_env, retries, tmp_path):
     armed.append(True)
     verdict = gate.run(GateSection(), registration, outputs["eval"], outputs["data"])
     assert seen and verdict["passed"]
-    tags = mlflow_env.get_model_version("hard-gate", registration["version"]).tags
+    tags = mlflow_env.get_model_version(registration["name"], registration["version"]).tags
     assert tags["gate.verdict"] == "passed" and tags["gate.champion_version"] == "none"
 
 
@@ -210,10 +210,10 @@ def test_a_register_failing_midway_marks_its_run_failed_and_registers_nothing(ml
         [mlflow_env.get_experiment_by_name("hardening").experiment_id], "tags.`llmops.pipeline_run` = 'run-fail'"
     )
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert versions_of(mlflow_env, "hard-fail", "run-fail") == []
+    assert versions_of(mlflow_env, "hard-fail-candidates", "run-fail") == []
     monkeypatch.setattr(MlflowClient, "log_model_artifacts", original)  # the retried step registers one whole version
     result = register.run(RegisterSection(model_name="hard-fail", adapters=False), outputs, "run-fail")
-    assert versions_of(mlflow_env, "hard-fail", "run-fail") == [result["version"]] and not result["reused"]
+    assert versions_of(mlflow_env, "hard-fail-candidates", "run-fail") == [result["version"]] and not result["reused"]
 
 
 def test_finalize_closes_a_killed_run_and_deletes_a_half_registered_version(mlflow_env, tmp_path):
@@ -224,9 +224,9 @@ def test_finalize_closes_a_killed_run_and_deletes_a_half_registered_version(mlfl
         mlflow_env.create_experiment("hardening")
     )
     killed = mlflow_env.create_run(experiment.experiment_id, tags={register.PIPELINE_RUN_TAG: "run-killed"})
-    register.ensure_registered_model(mlflow_env, cfg.model_name)
+    register.ensure_registered_model(mlflow_env, cfg.candidates)
     half = mlflow_env.create_model_version(
-        cfg.model_name,
+        cfg.candidates,
         source=f"{killed.info.artifact_uri}/model",
         run_id=killed.info.run_id,
         tags={register.PIPELINE_RUN_TAG: "run-killed"},
@@ -234,22 +234,22 @@ def test_finalize_closes_a_killed_run_and_deletes_a_half_registered_version(mlfl
     summary = register.finalize(cfg, "run-killed", "FAILED")
     assert summary["failed_runs"] == [killed.info.run_id] and "version" not in summary
     assert mlflow_env.get_run(killed.info.run_id).info.status == RunStatus.to_string(RunStatus.FAILED)
-    assert versions_of(mlflow_env, cfg.model_name, "run-killed") == []
-    assert half.version not in [v.version for v in mlflow_env.search_model_versions(f"name='{cfg.model_name}'")]
+    assert versions_of(mlflow_env, cfg.candidates, "run-killed") == []
+    assert half.version not in [v.version for v in mlflow_env.search_model_versions(f"name='{cfg.candidates}'")]
 
 
 def test_a_version_that_holds_an_alias_survives_finalize_whatever_its_tags_say(mlflow_env, tmp_path):
     """A served version whose lineage tag was edited looks incomplete: finalize keeps it, because an alias names it."""
     cfg = RegisterSection(model_name="hard-aliased", adapters=False)
     result = register.run(cfg, fake_stage_outputs(tmp_path), "run-aliased")
-    mlflow_env.set_registered_model_alias(cfg.model_name, "champion", result["version"])
+    mlflow_env.set_registered_model_alias(cfg.candidates, "champion", result["version"])
     # a lineage tag deleted by hand: the version now looks half-registered
-    mlflow_env.delete_model_version_tag(cfg.model_name, result["version"], "dataset_sha256")
+    mlflow_env.delete_model_version_tag(cfg.candidates, result["version"], "dataset_sha256")
     register.finalize(cfg, "run-aliased", "FAILED")
-    assert versions_of(mlflow_env, cfg.model_name, "run-aliased") == [result["version"]]
-    mlflow_env.delete_registered_model_alias(cfg.model_name, "champion")
+    assert versions_of(mlflow_env, cfg.candidates, "run-aliased") == [result["version"]]
+    mlflow_env.delete_registered_model_alias(cfg.candidates, "champion")
     register.finalize(cfg, "run-aliased", "FAILED")  # with no alias left, an incomplete version goes
-    assert versions_of(mlflow_env, cfg.model_name, "run-aliased") == []
+    assert versions_of(mlflow_env, cfg.candidates, "run-aliased") == []
 
 
 def test_finalize_publishes_the_summary_of_a_successful_run(mlflow_env, tmp_path):
@@ -259,7 +259,7 @@ def test_finalize_publishes_the_summary_of_a_successful_run(mlflow_env, tmp_path
     summary = register.finalize(cfg, "run-ok", "SUCCEEDED")
     assert summary["state"] == "SUCCEEDED" and summary["failed_runs"] == []
     assert summary["version"] == result["version"] and summary["stages"]["train"]["seconds"] == 1.0
-    assert versions_of(mlflow_env, cfg.model_name, "run-ok") == [result["version"]]
+    assert versions_of(mlflow_env, cfg.candidates, "run-ok") == [result["version"]]
 
 
 STEPS, EVERY, FAIL_AT = 12, 4, 8

@@ -30,6 +30,7 @@ def test_concurrency_16_loses_nothing_and_matches_sequential_outputs(tiny_base):
     assert [status for status, _ in loaded] == [200] * len(PROMPTS)
     assert loaded[:12] == sequential
     assert "tgi_request_count" in metrics
+    assert "\nllmops_request_slots_in_use 0.0\n" in metrics and "\ntgi_queue_size 0.0\n" in metrics  # none leaked
 
 
 def test_overload_gets_429s_keeps_health_and_recovers(tiny_base):

@@ -52,51 +52,86 @@ class identity:
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
-def test_each_identity_does_its_job_and_an_anonymous_promotion_is_refused(auth_server, monkeypatch, tmp_path):
+def refused(call) -> None:
+    """The real server answers 403 (PERMISSION_DENIED) to this login's call."""
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as err:
+        call()
+    # a copy's failure comes back wrapped (INTERNAL_ERROR) with the server's answer in its message
+    assert err.value.error_code == "PERMISSION_DENIED" or "error code 403" in str(err.value), err.value
+
+
+def test_the_pipeline_registers_candidates_and_only_a_promoter_puts_one_in_production(
+    auth_server, monkeypatch, tmp_path
+):
+    """The grants infra/k8s/README.md gives, on the real basic-auth server: the pipeline owns its candidates model
+    and may only read production; a promoter copies a candidate in (`llmops promote`, recording the login the
+    server saw); the deployer reads and tags; an anonymous or wrong login is turned away."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.server import get_app_client
+    from typer.testing import CliRunner
+
+    from components.registry_tags import candidates_of
+    from llmops.cli import app
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_server.url)
-    name = f"secured-{uuid.uuid4().hex[:6]}"
+    production = f"secured-{uuid.uuid4().hex[:6]}"
+    candidates = candidates_of(production)
     (tmp_path / "config.json").write_text("{}")
-    with identity("pipeline", USERS["pipeline"]):  # registers, and sets challenger on what it registered
-        client = MlflowClient()
-        client.create_registered_model(name)
-        mlflow.set_experiment(f"auth-{name}")
+    with identity("admin", ADMIN["admin_password"]):  # the admin creates the production model, then the grants
+        MlflowClient().create_registered_model(production)
+        grants = get_app_client("basic-auth", tracking_uri=auth_server.url)
+        grants.grant_user_permission("pipeline", "registered_model", production, "READ")  # the gate reads champion
+        grants.grant_user_permission("promoter", "registered_model", production, "EDIT")
+        grants.grant_user_permission("deployer", "registered_model", production, "EDIT")
+    with identity("pipeline", USERS["pipeline"]):  # registers a candidate, and sets challenger on it
+        pipeline = MlflowClient()
+        pipeline.create_registered_model(candidates)
+        mlflow.set_experiment(f"auth-{production}")
         with mlflow.start_run() as run:
             mlflow.log_artifact(str(tmp_path / "config.json"), "model")
-        version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id).version
-        client.set_registered_model_alias(name, "challenger", version)
+        source = f"{run.info.artifact_uri}/model"
+        pipeline.create_model_version(candidates, source, run.info.run_id, tags={"gate.verdict": "passed"})
+        pipeline.set_registered_model_alias(candidates, "challenger", "1")
+        assert pipeline.get_registered_model(production).name == production
+        refused(lambda: pipeline.create_model_version(production, source, run.info.run_id))
+        refused(lambda: pipeline.copy_model_version(f"models:/{candidates}/1", production))
+        with pytest.raises(MlflowException):
+            pipeline.create_webhook(
+                name="not-the-pipelines", url="http://127.0.0.1:9/x", events=["model_version_alias.created"]
+            )
     with identity("admin", ADMIN["admin_password"]):
-        grants = get_app_client("basic-auth", tracking_uri=auth_server.url)
-        grants.grant_user_permission("deployer", "registered_model", name, "EDIT")
-        grants.grant_user_permission("promoter", "registered_model", name, "EDIT")
+        grants.grant_user_permission("promoter", "registered_model", candidates, "READ")
 
-    alias = {"name": name, "alias": "champion", "version": version}
+    with identity("promoter", USERS["promoter"]):
+        promoted = CliRunner().invoke(app, ["promote", candidates, "1", "--reason", "passed review", "--no-wait"])
+        assert promoted.exit_code == 0, promoted.output
+    with identity("pipeline", USERS["pipeline"]):  # production holds a version now: every write of it is refused
+        grants_as_pipeline = get_app_client("basic-auth", tracking_uri=auth_server.url)
+        refused(lambda: pipeline.set_registered_model_alias(production, "champion", "1"))
+        refused(lambda: pipeline.delete_registered_model_alias(production, "champion"))
+        refused(lambda: pipeline.set_model_version_tag(production, "1", "gate.override", "mine now"))
+        refused(lambda: pipeline.delete_model_version(production, "1"))
+        refused(lambda: pipeline.delete_registered_model(production))
+        refused(lambda: grants_as_pipeline.grant_user_permission("pipeline", "registered_model", production, "MANAGE"))
+        assert pipeline.get_model_version_by_alias(production, "champion").version == "1"  # it may still read
+
+    alias = {"name": production, "alias": "champion", "version": "1"}
     anonymous = requests.post(f"{auth_server.url}/api/2.0/mlflow/registered-models/alias", json=alias, timeout=10)
     assert anonymous.status_code == 401
     wrong = requests.post(
-        f"{auth_server.url}/api/2.0/mlflow/registered-models/alias",
-        json=alias,
-        timeout=10,
-        auth=("promoter", "not-the-password"),
+        f"{auth_server.url}/api/2.0/mlflow/registered-models/alias", json=alias, timeout=10, auth=("promoter", "no")
     )
     assert wrong.status_code == 401
-    with identity("promoter", USERS["promoter"]):
-        MlflowClient().set_registered_model_alias(name, "champion", version)
     with identity("deployer", USERS["deployer"]):
         deployer = MlflowClient()
-        assert deployer.get_model_version_by_alias(name, "champion").version == version
-        deployer.set_model_version_tag(name, version, "deploy.status", "deployed")
-    with identity("pipeline", USERS["pipeline"]), pytest.raises(MlflowException):
-        MlflowClient().create_webhook(
-            name="not-for-the-pipeline", url="http://127.0.0.1:9/x", events=["model_version_alias.created"]
-        )  # webhooks are the admin's
-    with identity("admin", ADMIN["admin_password"]):
-        tags = MlflowClient().get_model_version(name, version).tags
-    assert tags["deploy.status"] == "deployed"
+        copy = deployer.get_model_version_by_alias(production, "champion")
+        deployer.set_model_version_tag(production, "1", "deploy.status", "deployed")
+    assert copy.tags["promotion.by"] == "promoter" and copy.tags["promotion.reason"] == "passed review"
+    assert copy.tags["promotion.from"] == f"{candidates}/1" and copy.source == f"models:/{candidates}/1"
 
 
 class Listener:
@@ -203,9 +238,10 @@ def test_a_deployer_whose_permission_was_revoked_scales_nothing_down(auth_server
 def test_the_serving_pods_identity_downloads_with_exactly_the_grants_the_readme_gives(
     auth_server, monkeypatch, tmp_path, tiny_base
 ):
-    """The init container's `tgi-reader` login, granted as infra/k8s/README.md says: READ on the registered model
-    alone does not let MLflow 3.17.2 hand out the files (it checks downloads against the logged model's
-    experiment); with READ on that experiment too, the verified download succeeds."""
+    """The init container's `tgi-reader` login, granted as infra/k8s/README.md says: READ on the production model
+    alone does not let MLflow 3.17.2 hand out a promoted copy's files (it checks downloads against the logged
+    model's experiment); with READ on that experiment too, the verified download succeeds, with no grant on
+    the candidates model the copy came from."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.server import get_app_client
@@ -218,7 +254,9 @@ def test_the_serving_pods_identity_downloads_with_exactly_the_grants_the_readme_
     with identity("admin", ADMIN["admin_password"]):
         grants = get_app_client("basic-auth", tracking_uri=auth_server.url)
         grants.create_user("tgi-reader", "tgi-reader-password-1")
-        version = register_served(name, tiny_base, experiment=f"served-{name}")
+        # what serves is a promoted copy: its files stay the candidate's, and the reader gets no grant on those
+        candidate = register_served(f"{name}-candidates", tiny_base, experiment=f"served-{name}")
+        version = MlflowClient().copy_model_version(f"models:/{candidate.name}/{candidate.version}", name)
         experiment = MlflowClient().get_experiment_by_name(f"served-{name}").experiment_id
         grants.grant_user_permission("tgi-reader", "registered_model", name, "READ")
     with identity("tgi-reader", "tgi-reader-password-1"):

@@ -12,6 +12,7 @@ import yaml
 from pipelines.config import load_config
 
 pytestmark = pytest.mark.integration
+CANDIDATES = "tiny-pipeline-candidates"
 
 
 TINY = [
@@ -22,7 +23,7 @@ TINY = [
     "quantize.variants=[nf4]",
     "merge.parity_prompts=4",
     "eval.batch_size=8",
-    "registry.model_name=tiny-pipeline",
+    "registry.model_name=tiny-pipeline",  # the pipeline registers in tiny-pipeline-candidates
 ]
 
 
@@ -55,7 +56,7 @@ def outcome_lines(stdout: str) -> dict[str, list[str]]:
 
 
 def registered_version(stdout: str) -> str:
-    found = re.search(r"registered tiny-pipeline version (\d+)", stdout)
+    found = re.search(r"registered tiny-pipeline-candidates version (\d+)", stdout)
     assert found, stdout[-3000:]
     return found.group(1)
 
@@ -93,7 +94,7 @@ def test_a_failed_stage_is_fixed_and_reruns_reuse_every_finished_stage(
     assert first.stdout.rstrip().splitlines()[-1].startswith("next: `llmops deployer &` then `llmops promote")
     assert {"evaluate", "merge", "quantize", "register", "gate"} <= set(outcome_lines(first.stdout)["ran"])
     client = MlflowClient()
-    version = client.get_model_version("tiny-pipeline", registered_version(first.stdout))
+    version = client.get_model_version(CANDIDATES, registered_version(first.stdout))
     # The flag the measured numbers imply, recomputed from the quantize report the register run keeps and the
     # thresholds of the config this run used: nf4 (the only variant measured) if it is within both, else none.
     import mlflow
@@ -112,9 +113,11 @@ def test_a_failed_stage_is_fixed_and_reruns_reuse_every_finished_stage(
     )
     assert version.tags["recommended_quantize"] == ("bitsandbytes-nf4" if within else "none"), report["results"]
     assert version.tags["gate.verdict"] == "passed" and version.tags["gate.champion_version"] == "none"
-    assert client.get_model_version_by_alias("tiny-pipeline", "challenger").version == version.version
+    assert client.get_model_version_by_alias(CANDIDATES, "challenger").version == version.version
 
-    client.set_registered_model_alias("tiny-pipeline", "champion", version.version)
+    # promoted as `llmops promote` does: copied into the production model, which holds champion
+    champion = client.copy_model_version(f"models:/{CANDIDATES}/{version.version}", "tiny-pipeline")
+    client.set_registered_model_alias("tiny-pipeline", "champion", champion.version)
     second = checkout.run("gate.min_gain_over_base=1.0")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert set(outcome_lines(second.stdout)["cached"]) == {
@@ -125,12 +128,12 @@ def test_a_failed_stage_is_fixed_and_reruns_reuse_every_finished_stage(
         "merge",
         "quantize",
     }
-    failed = client.get_model_version("tiny-pipeline", registered_version(second.stdout))
+    failed = client.get_model_version(CANDIDATES, registered_version(second.stdout))
     assert failed.version != version.version  # register is never cached: each pipeline run gets its version
     assert failed.tags["gate.verdict"] == "failed" and "gain over base" in failed.tags["gate.reason"]
-    assert failed.tags["gate.champion_version"] == version.version  # compared with the champion too
+    assert failed.tags["gate.champion_version"] == champion.version  # compared with the production champion too
     assert failed.aliases == []  # stays registered, with no alias
-    assert client.get_model_version_by_alias("tiny-pipeline", "challenger").version == version.version
+    assert client.get_model_version_by_alias(CANDIDATES, "challenger").version == version.version
 
 
 def test_compiled_pipeline_is_documented_and_wired(tmp_path):

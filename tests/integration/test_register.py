@@ -57,7 +57,7 @@ def test_version_is_an_mlflow_model_with_lineage_metrics_params_and_data(mlflow_
 
     client = MlflowClient()
     result = register.run(RegisterSection(model_name="tiny-reg"), stage_outputs, "pipeline-run-1")
-    version = client.get_model_version("tiny-reg", result["version"])
+    version = client.get_model_version("tiny-reg-candidates", result["version"])
     for tag in (
         "base_model",
         "base_model_sha256",
@@ -80,7 +80,7 @@ def test_version_is_an_mlflow_model_with_lineage_metrics_params_and_data(mlflow_
 
     local = Path(
         mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/tiny-reg/{result['version']}", dst_path=str(tmp_path)
+            artifact_uri=f"models:/tiny-reg-candidates/{result['version']}", dst_path=str(tmp_path)
         )
     )
     served, manifest = artifact_paths(local)
@@ -122,11 +122,11 @@ def test_a_registered_adapter_serves_only_as_registered(mlflow_server, stage_out
 
     client = MlflowClient()
     result = register.run(RegisterSection(model_name="tiny-adapter-reg"), stage_outputs, "pipeline-adapter")
-    version = client.get_model_version("tiny-adapter-reg", result["version"])
+    version = client.get_model_version("tiny-adapter-reg-candidates", result["version"])
     pinned = version.tags["weights.adapter_manifest_sha256"]
     assert client.get_run(result["run_id"]).data.params["weights.adapter_manifest_sha256"] == pinned
     monkeypatch.setenv("LLMOPS_SERVING_DIR", str(tmp_path / "cache"))
-    ref = f"models:/tiny-adapter-reg/{result['version']}"
+    ref = f"models:/tiny-adapter-reg-candidates/{result['version']}"
 
     served = Path(parse_adapters([f"a={ref}"])["a"])
     trained = {p.name: p.read_bytes() for p in stage_outputs["train"].iterdir() if p.is_file()}
@@ -163,11 +163,14 @@ def test_the_adapter_is_a_version_of_its_own_model_on_one_shared_base_version(
     client = MlflowClient()
     first = register.run(RegisterSection(model_name="tiny-lora"), stage_outputs, "lora-a")
     second = register.run(RegisterSection(model_name="tiny-lora"), stage_outputs, "lora-b")
-    assert first["base"] == second["base"] == ["tiny-lora-base", "1"]
-    assert (first["adapter"], second["adapter"]) == (["tiny-lora-adapter", "1"], ["tiny-lora-adapter", "2"])
-    assert len(client.search_model_versions("name='tiny-lora-base'")) == 1
-    adapter = client.get_model_version("tiny-lora-adapter", "1")
-    base = client.get_model_version("tiny-lora-base", "1")
+    assert first["base"] == second["base"] == ["tiny-lora-base-candidates", "1"]
+    assert (first["adapter"], second["adapter"]) == (
+        ["tiny-lora-adapter-candidates", "1"],
+        ["tiny-lora-adapter-candidates", "2"],
+    )
+    assert len(client.search_model_versions("name='tiny-lora-base-candidates'")) == 1
+    adapter = client.get_model_version("tiny-lora-adapter-candidates", "1")
+    base = client.get_model_version("tiny-lora-base-candidates", "1")
     assert (adapter.tags["llmops.kind"], base.tags["llmops.kind"]) == ("adapter", "base")
     assert adapter.tags["weights.base_manifest_sha256"] == base.tags["weights.manifest_sha256"]
     assert adapter.tags["llmops.lora_rank"] == "8" and base.tags["llmops.base_rounding"].startswith("nf4-")
@@ -177,14 +180,14 @@ def test_the_adapter_is_a_version_of_its_own_model_on_one_shared_base_version(
     assert base_param == base.tags["weights.manifest_sha256"]
 
     monkeypatch.setenv("LLMOPS_SERVING_DIR", str(tmp_path / "cache"))
-    served = load_file(next(resolve_model("models:/tiny-lora-base/1").path.glob("*.safetensors")))
+    served = load_file(next(resolve_model("models:/tiny-lora-base-candidates/1").path.glob("*.safetensors")))
     rounding = base.tags["llmops.base_rounding"]
     trained = dequantized_nf4(tiny_base, "-dq" in rounding, rounding.split("-")[1]).state_dict()
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(served[name].float(), trained[name].to(served[name].dtype).float())
     original = load_file(next(Path(tiny_base).glob("*.safetensors")))[name]
     assert not torch.equal(served[name].float(), original.to(served[name].dtype).float())
-    files = Path(parse_adapters(["a=models:/tiny-lora-adapter/1"])["a"])
+    files = Path(parse_adapters(["a=models:/tiny-lora-adapter-candidates/1"])["a"])
     assert (files / "adapter_model.safetensors").read_bytes() == (
         stage_outputs["train"] / "adapter_model.safetensors"
     ).read_bytes()
@@ -199,14 +202,14 @@ def test_pyfunc_from_the_alias_answers_like_the_server(mlflow_server, stage_outp
     from tests.conftest import Live, server_app
 
     result = register.run(RegisterSection(model_name="tiny-pyfunc"), stage_outputs, "pipeline-pyfunc")
-    MlflowClient().set_registered_model_alias("tiny-pyfunc", "challenger", result["version"])
+    MlflowClient().set_registered_model_alias("tiny-pyfunc-candidates", "challenger", result["version"])
     chats = [[{"role": "user", "content": text}] for text in ("I lost my card", "Where is my parcel?", "refund")]
     rows = [{"messages": chat} for chat in chats]
-    answers = load_verified("models:/tiny-pyfunc@challenger").predict(rows, params={"max_tokens": 6})
+    answers = load_verified("models:/tiny-pyfunc-candidates@challenger").predict(rows, params={"max_tokens": 6})
     # The README's plain load still works (it checks nothing) and answers the same.
-    plain = mlflow.pyfunc.load_model("models:/tiny-pyfunc@challenger")
+    plain = mlflow.pyfunc.load_model("models:/tiny-pyfunc-candidates@challenger")
     assert plain.predict(rows, params={"max_tokens": 6}) == answers
-    served = resolve_model("models:/tiny-pyfunc@challenger").path
+    served = resolve_model("models:/tiny-pyfunc-candidates@challenger").path
     with Live(server_app(str(served), max_total_tokens=512)) as live:
         for chat, answer in zip(chats, answers):
             body = live.post("/v1/chat/completions", {"messages": chat, "max_tokens": 6, "temperature": 0}).json()
@@ -220,7 +223,7 @@ def test_registering_the_same_pipeline_run_twice_reuses_the_version(mlflow_serve
     again = register.run(RegisterSection(model_name="tiny-once"), stage_outputs, "run-a")
     other = register.run(RegisterSection(model_name="tiny-once"), stage_outputs, "run-b")
     assert again["reused"] and again["version"] == first["version"] != other["version"]
-    assert len(MlflowClient().search_model_versions("name='tiny-once'")) == 2
+    assert len(MlflowClient().search_model_versions("name='tiny-once-candidates'")) == 2
 
 
 def test_stage_runs_log_to_mlflow(mlflow_server, tiny_base, tmp_path):
@@ -292,7 +295,7 @@ def test_labels_with_any_characters_pass_evaluate_and_register(mlflow_server, ti
     originals = {renamed.get(name, name).removeprefix("eval.tuned.f1.") for name in f1}
     assert originals == set(AWKWARD)
     assert f1["eval.tuned.f1.reverted_card_payment_"] == report["tuned"]["per_class"]["reverted_card_payment?"]["f1"]
-    version = client.get_model_version("awkward-labels", result["version"])
+    version = client.get_model_version("awkward-labels-candidates", result["version"])
     assert version.tags["prompt.labels"] == str(len(AWKWARD))
 
 
@@ -314,9 +317,9 @@ def test_a_registered_label_version_answers_a_bare_message_with_a_label(
 
     outputs = run_stages(mapping_base, with_validation, early_stopped[2] / "adapter", tmp_path, variants=[])
     result = register.run(RegisterSection(model_name="tiny-labels"), outputs, "pipeline-labels")
-    MlflowClient().set_registered_model_alias("tiny-labels", "champion", result["version"])
+    MlflowClient().set_registered_model_alias("tiny-labels-candidates", "champion", result["version"])
 
-    served = resolve_model("models:/tiny-labels@champion").path
+    served = resolve_model("models:/tiny-labels-candidates@champion").path
     labels = read_contract(served)["labels"]
     rows = read_jsonl(with_validation / "eval.jsonl")
     with Live(server_app(str(served), max_total_tokens=512)) as live:

@@ -386,9 +386,13 @@ def test_every_referenced_secret_and_key_is_created_in_the_readme(overlay):
     for name in (cfg.s3_secret, cfg.mlflow_secret):
         assert created[name].startswith(f"kubectl -n {SERVING_NAMESPACE} create secret generic {name}")
     assert "mc admin policy attach llmops-admin readonly --user '<s3-readonly-access-key-id>'" in readme
-    # the serving identity reads the model, and the base and adapter models the register stage creates beside it
+    # the serving identity and the pipeline read the production models (the model, its base and its adapters),
+    # which the admin creates; nobody but a promoter and the deployer writes them
     assert 'for model in ("llmops", "llmops-base", "llmops-adapter"):' in readme
-    assert 'users.grant_user_permission("tgi-reader", "registered_model", model, "READ")' in readme
+    assert "MlflowClient().create_registered_model(model)" in readme
+    grant = '    for who in ({}):\n        users.grant_user_permission(who, "registered_model", model, "{}")'
+    assert grant.format('"pipeline", "tgi-reader"', "READ") in readme
+    assert grant.format('"deployer", "alice"', "EDIT") in readme
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -522,7 +526,7 @@ def test_backing_services_take_credentials_from_secrets(overlay):
 # --------------------------------------------------------------------------------------------------------------
 # Deployer
 # --------------------------------------------------------------------------------------------------------------
-def test_a_cluster_deployer_without_an_allowlist_refuses_to_start(monkeypatch):
+def test_a_cluster_deployer_without_an_allowlist_or_with_a_candidates_model_on_it_refuses_to_start(monkeypatch):
     from typer.testing import CliRunner
 
     from llmops.cli import app
@@ -530,6 +534,9 @@ def test_a_cluster_deployer_without_an_allowlist_refuses_to_start(monkeypatch):
     monkeypatch.setenv("LLMOPS_WEBHOOK_SECRET", "s")
     done = CliRunner().invoke(app, ["deployer", "--mode", "kubernetes", "deploy.models=[]"])
     assert done.exit_code == 2 and "deploy.models is empty" in done.output
+    # nor with a candidates model on it: only the production models a promoter copies into may serve
+    done = CliRunner().invoke(app, ["deployer", "--mode", "kubernetes", "deploy.models=[m, m-candidates]"])
+    assert done.exit_code == 2 and "deploy.models names candidates models ['m-candidates']" in done.output
 
 
 def deployer_cli_params(args: list[str]) -> dict:

@@ -163,7 +163,7 @@ def test_an_adapter_on_a_base_nobody_serves_is_refused_with_the_reason_on_its_ve
     tags = registry.tags("stray-adapter", "1")
     assert tags["deploy.status"] == "refused"
     assert "another-base" in tags["deploy.reason"] and "no running deployment has the weights" in tags["deploy.reason"]
-    assert "`llmops promote other-base 4 --alias champion`" in tags["deploy.reason"]
+    assert "`llmops promote other-base 4 --alias champion --reason TEXT`" in tags["deploy.reason"]
     assert backend.deploys[0][2] == ("alpaca-adapter/1@b1", "banking-adapter/1@a1")
     assert deployer.reconcile_once() == [], "the refusal is written once"
     # its base promoted later: placed, and the refusal no longer stands on it
@@ -202,6 +202,27 @@ def test_a_base_deploys_without_a_gate_but_a_merged_model_does_not():
     registry.add("m", "1", {"weights.manifest_sha256": "m1"})
     actions = Deployer(backend, client=registry).reconcile_once()
     assert sorted(actions) == ["deployed m-base/1", "refused m/1"]
+
+
+def test_a_candidates_model_never_serves_whatever_alias_its_owner_sets():
+    """The pipeline's login owns its candidates models and can set `champion` there: a model, a base and an
+    adapter under it are each refused, saying how to promote; the production copy of the same version serves."""
+    registry, backend = Registry(), Backend()
+    registry.add("m-candidates", "3", {"weights.manifest_sha256": "m3", **GATED})
+    registry.add("m-base-candidates", "1", base_tags())
+    registry.add("m-adapter-candidates", "2", adapter_tags("a2"))
+    deployer = Deployer(backend, client=registry)
+    actions = deployer.reconcile_once()
+    assert sorted(actions) == [
+        "refused m-adapter-candidates/2",
+        "refused m-base-candidates/1",
+        "refused m-candidates/3",
+    ]
+    assert backend.deploys == []
+    reason = registry.tags("m-candidates", "3")["deploy.reason"]
+    assert "only a production model serves" in reason and "`llmops promote m-candidates 3 --reason TEXT`" in reason
+    registry.add("m", "1", {"weights.manifest_sha256": "m3", **GATED})  # what `llmops promote` copies
+    assert "deployed m/1" in deployer.reconcile_once()
 
 
 def test_an_adapter_set_that_never_becomes_ready_leaves_the_base_and_its_adapters_serving(world):
