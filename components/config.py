@@ -144,6 +144,14 @@ class TrainSection(Section):
         description="data-parallel processes in one pod: one per GPU (NCCL), or CPU "
         "processes on gloo; the global batch is batch_size * grad_accum * num_processes",
     )
+    launcher: Literal["pod", "trainjob"] = Field(
+        "pod",
+        description="where training runs: the train task's own pod, or a Kubeflow Trainer TrainJob it submits and "
+        "waits for (a cluster with Kubeflow Trainer; set at compile time: the task then holds no GPU)",
+    )
+    nodes: int = Field(
+        1, ge=1, description="nodes of a TrainJob, each running num_processes processes (train.launcher=trainjob)"
+    )
     eval_every: int = Field(
         0,
         ge=0,
@@ -161,6 +169,11 @@ class TrainSection(Section):
             raise ValueError("train.method=qlora needs train.quantization=nf4 (a 4-bit base)")
         if self.method == "lora" and self.quantization != "none":
             raise ValueError("train.method=lora trains a 16-bit base: set train.quantization=none")
+        if self.nodes > 1 and self.launcher != "trainjob":
+            raise ValueError(
+                f"train.nodes={self.nodes} trains across nodes on Kubeflow Trainer: compile the pipeline with "
+                "train.launcher=trainjob (`llmops compile --profile cluster train.launcher=trainjob`)"
+            )
         for field in ("target_accuracy", "max_minutes"):
             if getattr(self, field) and not self.eval_every:
                 raise ValueError(f"train.{field} is checked with validation: set train.eval_every")
@@ -175,6 +188,11 @@ class EvalSection(Section):
     max_new_tokens: int = Field(24, gt=0, description="tokens generated per free-text answer")
     dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="dtype the models are evaluated in")
     sample_predictions: int = Field(20, ge=0, description="predictions logged as a sample table")
+    base_form: Literal["auto", "16bit", "nf4"] = Field(
+        "auto",
+        description="the base the adapter is scored on: 16-bit, or NF4 as QLoRA trained it (the trained condition, "
+        "a quarter of the memory); auto: 16bit where the memory plan fits the device, else nf4",
+    )
 
 
 class MergeSection(Section):

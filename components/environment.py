@@ -68,6 +68,10 @@ WEBHOOK_SECRET = Variable("LLMOPS_WEBHOOK_SECRET", "the HMAC secret MLflow signs
 WEBHOOK_SECRET_FILE = Variable("LLMOPS_WEBHOOK_SECRET_FILE", "a file holding it (a mounted Kubernetes Secret)")
 AWS_ENDPOINT = Variable("AWS_ENDPOINT_URL", "the S3 endpoint (MinIO, moto); boto3 reads it too")
 MLFLOW_S3_ENDPOINT = Variable("MLFLOW_S3_ENDPOINT_URL", "MLflow's S3 endpoint, used where AWS_ENDPOINT_URL is unset")
+POD_NAMESPACE = Variable(
+    "LLMOPS_POD_NAMESPACE", "the train task's namespace (the pipeline sets it from the pod): where its TrainJob goes"
+)
+NODE_RANK = Variable("PET_NODE_RANK", "a TrainJob node's rank, set by Kubeflow Trainer: node 0 uploads the adapter")
 IN_CLUSTER = Variable(
     "KUBERNETES_SERVICE_HOST", "set in a pod: `llmops deployer --mode auto` runs the kubernetes backend"
 )
@@ -75,7 +79,7 @@ IN_CLUSTER = Variable(
 READ = (
     TRACKING_URI, EXPERIMENT_NAME, EXPERIMENT, MLFLOW_PORT, CACHE, CHECKPOINT_ROOT, CODE_DIGEST, GIT_COMMIT,
     SHUTDOWN_TIMEOUT, SERVING_DIR, ENDPOINT_URL, IMAGE_REGISTRY, WEBHOOK_SECRET, WEBHOOK_SECRET_FILE, AWS_ENDPOINT,
-    MLFLOW_S3_ENDPOINT, IN_CLUSTER,
+    MLFLOW_S3_ENDPOINT, POD_NAMESPACE, NODE_RANK, IN_CLUSTER,
 )  # fmt: skip
 
 # --- set by llmops for the libraries and processes it runs ---
@@ -101,6 +105,12 @@ VLLM_KV_CACHE, VLLM_THREADS_BIND = "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREA
 HF_TOKEN = "HF_TOKEN"
 AWS_KEY_ID, AWS_SECRET_KEY = "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
 MLFLOW_USERNAME, MLFLOW_PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+# Secret name -> {key in the Secret: environment variable}: what a pipeline task, and a TrainJob's nodes, receive.
+TASK_SECRETS = {
+    "llmops-hf": {HF_TOKEN: HF_TOKEN},
+    "llmops-s3": {key: key for key in (AWS_KEY_ID, AWS_SECRET_KEY, AWS_ENDPOINT.name)},
+    "llmops-mlflow": {key: key for key in (TRACKING_URI.name, MLFLOW_USERNAME, MLFLOW_PASSWORD)},
+}
 
 
 def experiment(configured: str) -> str:

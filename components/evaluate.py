@@ -37,17 +37,33 @@ def plot_confusion(confusion: dict, path: Path, title: str) -> Path:
 
 
 def fitted_eval(cfg: EvalSection, base_dir: Path, adapter_dir: Path, examples: list[dict]) -> EvalSection:
-    """The eval batch the memory plan fits on this device (the configured one when it fits)."""
+    """The base form and eval batch the memory plan fits on this device (the configured ones when they fit):
+    base_form auto scores on the 16-bit base where one batch of it fits, else on the NF4 base."""
     import torch
 
     from components import memory_plan
-    from components.compute import fit_here
+    from components.compute import device_memory, fit_here
 
     shape, lora = memory_plan.model_shape(base_dir), memory_plan.adapter_params(adapter_dir)
     tokens, gpu = memory_plan.longest_row(examples), torch.cuda.is_available()
+    if cfg.base_form == "auto":
+        sixteen = cfg.model_copy(update={"base_form": "16bit"})
+        fits = memory_plan.eval_plan(shape, sixteen, tokens, lora, 1, gpu).total <= device_memory(gpu)
+        cfg = sixteen if fits else cfg.model_copy(update={"base_form": "nf4"})
     plan_for = lambda b: memory_plan.eval_plan(shape, cfg, tokens, lora, b, gpu)  # noqa: E731
     batch = fit_here(plan_for, cfg.batch_size, "eval.batch_size", gpu)
     return cfg.model_copy(update={"batch_size": batch})
+
+
+def base_quantization(cfg: EvalSection, adapter_dir: Path):
+    """None for the 16-bit base; for nf4, the 4-bit loading training used (its recorded double_quant)."""
+    if cfg.base_form != "nf4":
+        return None
+    from components.artifacts import TrainedAdapter
+    from components.inference import bnb_config
+
+    trained = (TrainedAdapter(adapter_dir).stage_config() or {}).get("config", {})
+    return bnb_config("nf4", compute_dtype=cfg.dtype, double_quant=trained.get("double_quant", True))
 
 
 def run(cfg: EvalSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out_dir: Path) -> dict:
@@ -63,7 +79,9 @@ def run(cfg: EvalSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out
     tok = load_tokenizer(base_dir)
     cfg = fitted_eval(cfg, base_dir, adapter_dir, examples)  # before any weight is read
     with stage_run("evaluate", cfg.model_dump()) as tracker:
-        model = load_model(base_dir, cfg.dtype, adapter_dir=adapter_dir)
+        model = load_model(
+            base_dir, cfg.dtype, adapter_dir=adapter_dir, quantization=base_quantization(cfg, adapter_dir)
+        )
         tuned_scored = score_model(model, tok, examples, cfg, labels, "tuned")
         with model.disable_adapter():  # the same weights without the adapter are the base model
             base_scored = score_model(model, tok, examples, cfg, labels, "base")
@@ -72,6 +90,7 @@ def run(cfg: EvalSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out
         constrained = {"base": base_scored.constrained, "tuned": tuned_scored.constrained}
         keys = ("exact_match", "loss", "perplexity") + (("label_accuracy",) if labels else ())
         report = {"base": base, "tuned": tuned, "labels": labels, "delta": {k: tuned[k] - base[k] for k in keys}}
+        report["base_form"] = cfg.base_form  # which base both were scored on: 16bit, or nf4 (the trained condition)
         write_json(out.report_file, report)
         samples = [
             {"id": e["id"], "answer": e["answer"], "base": b, "tuned": t}
@@ -96,7 +115,8 @@ def run(cfg: EvalSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out
             f"invalid free answers {tuned['invalid_rate']:.1%}"
         )
     console.print(
-        f"exact match: base {base['exact_match']:.3f} → tuned {tuned['exact_match']:.3f}; "
+        f"scored on the {cfg.base_form} base; exact match: base {base['exact_match']:.3f} → tuned "
+        f"{tuned['exact_match']:.3f}; "
         f"perplexity {base['perplexity']:.2f} → {tuned['perplexity']:.2f}"
     )
     return report

@@ -215,12 +215,13 @@ def train_plan(shape: ModelShape, cfg: TrainSection, tokens: int, window: int, b
 def eval_plan(
     shape: ModelShape, cfg: EvalSection, tokens: int, lora: int, batch: int | None = None, gpu: bool = True
 ) -> StagePlan:
-    """lora: the adapter's parameters (PEFT keeps them in float32)."""
+    """lora: the adapter's parameters (PEFT keeps them in float32). base_form nf4: the base as QLoRA trained it."""
     batch = batch or cfg.batch_size
     width = 4 if cfg.dtype == "float32" else 2
+    nf4 = cfg.base_form == "nf4"
     plan = StagePlan("evaluate", "gpu" if gpu else "cpu")
     plan.items = {
-        "model and adapter": shape.params * width + lora * 4,
+        "model and adapter": (nf4_model_bytes(shape, True, width) if nf4 else shape.params * width) + lora * 4,
         "KV cache": batch * (tokens + cfg.max_new_tokens) * shape.layers * 2 * shape.kv_width * width,
         "loss-pass logits and log-softmax (float32)": batch * tokens * shape.vocab * 8,
         "runtime": RUNTIME_OVERHEAD if gpu else RUNTIME_HOST,
@@ -320,8 +321,16 @@ def choose_batch(plan_for, available: float, largest: int) -> int | None:
     return max(fits) if fits else None
 
 
+def gpu_count(gpu: str) -> int:
+    """`2xRTX4090` -> 2; a bare type or size is one GPU."""
+    count, x, _ = gpu.partition("x")
+    return int(count) if x and count.isdigit() and int(count) > 0 else 1
+
+
 def gpu_bytes(gpu: str) -> float:
-    """`A10G`, `H100`, ... or a number of GB."""
+    """One GPU's memory: `A10G`, `H100`, ... or a number of GB, after an optional count (`2xRTX4090`)."""
+    if gpu_count(gpu) > 1 or gpu.startswith("1x"):
+        gpu = gpu.partition("x")[2]
     if gpu.upper() in GPU_MEMORY_GB:
         return GPU_MEMORY_GB[gpu.upper()] * GB
     try:

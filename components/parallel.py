@@ -14,20 +14,22 @@ from components.artifacts import TrainedAdapter
 from components.checkpoints import CheckpointStore
 from components.compute import resolved_choices
 from components.config import TrainSection
-from components.environment import SHUTDOWN_TIMEOUT
+from components.environment import NODE_RANK, SHUTDOWN_TIMEOUT
 from components.util import console
 
 
-def launch(worker: str, cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+def launch(worker: str, cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path, nodes: int = 1) -> dict:
     """Run the stage module `worker` (`python -m worker CFG BASE DATA OUT`) under torchrun with
-    cfg.num_processes workers in this pod; rank 0 writes the outputs."""
+    cfg.num_processes workers in this pod; rank 0 writes the outputs. With `nodes` > 1 this pod is one node of a
+    TrainJob: torchrun takes the rendezvous from the PET_* variables Kubeflow Trainer sets, and only node 0 (where
+    global rank 0 runs) has outputs; the other nodes return no metrics."""
     # torchrun SIGKILLs workers this long after passing on a SIGTERM: it must cover a step plus a save
     grace = SHUTDOWN_TIMEOUT.get()
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *(["--standalone"] if nodes == 1 else []),
         f"--nproc-per-node={cfg.num_processes}",
         f"--shutdown-timeout={grace}",
         "-m",
@@ -40,7 +42,8 @@ def launch(worker: str, cfg: TrainSection, base_dir: Path, data_dir: Path, out_d
     store = CheckpointStore.for_run(cfg, base_dir, data_dir)
     store.restore()  # fetched once here, not raced by every worker
     resolved_choices(cfg, base_dir, data_dir, store.local)  # measured once, so every rank trains alike
-    console.print(f"data-parallel training: {cfg.num_processes} processes on {'nccl' if cfg.use_gpu else 'gloo'}")
+    where = f"{cfg.num_processes} processes" + (f" on each of {nodes} nodes" if nodes > 1 else "")
+    console.print(f"data-parallel training: {where} on {'nccl' if cfg.use_gpu else 'gloo'}")
     proc, signalled = subprocess.Popen(cmd), []
 
     def forward(signum, frame):  # torchrun sends SIGTERM on to every worker and waits for them to exit
@@ -55,6 +58,8 @@ def launch(worker: str, cfg: TrainSection, base_dir: Path, data_dir: Path, out_d
     if signalled:  # the workers saved a checkpoint together; exit as a single-process run would, for the retry
         raise SystemExit(128 + signal.SIGTERM)
     out = TrainedAdapter(out_dir)
+    if code == 0 and nodes > 1 and NODE_RANK.get() != "0":
+        return {}  # rank 0 wrote the adapter on node 0
     if code != 0 or not out.metrics_file.exists():
         raise RuntimeError(
             f"data-parallel training failed: torchrun exited with {code} (see the workers' output above)"

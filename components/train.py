@@ -66,8 +66,8 @@ def training_args(cfg: TrainSection, output_dir: Path):
         disable_tqdm=True,
         dataloader_num_workers=0,
         optim="adamw_torch",
-        ddp_backend=("nccl" if cfg.use_gpu else "gloo") if cfg.num_processes > 1 else None,
-        ddp_find_unused_parameters=False if cfg.num_processes > 1 else None,
+        ddp_backend=("nccl" if cfg.use_gpu else "gloo") if cfg.num_processes * cfg.nodes > 1 else None,
+        ddp_find_unused_parameters=False if cfg.num_processes * cfg.nodes > 1 else None,
     )
 
 

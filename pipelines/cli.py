@@ -110,7 +110,9 @@ def plan_memory(
     model: Annotated[
         Optional[str], typer.Option(help="a Hugging Face id or a config.json (default: the profile's base model)")
     ] = None,
-    gpu: Annotated[str, typer.Option(help="GPU type (A10G, L4, A100-40GB, A100-80GB, H100, ...) or GB")] = "A10G",
+    gpu: Annotated[
+        str, typer.Option(help="GPU type (A10G, L4, A100-40GB, A100-80GB, H100, ...) or GB, after a count: 2xRTX4090")
+    ] = "A10G",
     host_gb: Annotated[float, typer.Option(help="host memory of the merge's node, GB")] = 32.0,
     answer_tokens: Annotated[int, typer.Option(help="longest answer: the positions training takes logits at")] = 256,
 ):

@@ -6,6 +6,8 @@ field (pipelines/run_form.py); the defaults are the chosen profile's values, so 
 and validates the whole config and hands each stage only its own section.
 """
 
+import json
+
 from kfp import dsl
 
 from pipelines import platform, steps
@@ -63,11 +65,14 @@ def build_pipeline(cfg: PipelineConfig):
         ).set_display_name("resolve config")
         resolved.set_caching_options(False)  # a second of work; the stages after it cache on their own sections
         sections = resolved.outputs
-        base, data, trained, evaluated, merged, quantized = _model_stages(sections)
-        for task in (trained, evaluated, merged, quantized):
+        base, data, trained, evaluated, merged, quantized = _model_stages(sections, cfg)
+        on_trainer = cfg.train.launcher == "trainjob"  # the train task submits a TrainJob: it holds no GPU
+        for task in (evaluated, merged, quantized) if on_trainer else (trained, evaluated, merged, quantized):
             platform.on_gpu(
                 task, accelerator_type, accelerator_count, cfg.placement.node_selector, cfg.placement.tolerations
             )
+        if on_trainer:
+            platform.launches_trainjobs(trained)
         platform.retry_training(trained)
         # The exit task runs however the registry stages end (it closes what a killed register left open and
         # deletes a half-made version). The model stages stay outside: kfp 2.17 does not wire the placement
@@ -106,13 +111,17 @@ def parameter_docs() -> str:
     return "\n".join(lines)
 
 
-def _model_stages(sections):
+def _model_stages(sections, cfg: PipelineConfig):
     base = steps.base_model(model_cfg=sections["model_cfg"]).set_display_name("base model")
     data = steps.prepare_data(data_cfg=sections["data_cfg"], base_model=base.outputs["model"]).set_display_name(
         "prepare data"
     )
+    placement = {"node_selector": cfg.placement.node_selector, "tolerations": cfg.placement.tolerations}
     trained = steps.train(
-        train_cfg=sections["train_cfg"], base_model=base.outputs["model"], dataset=data.outputs["dataset"]
+        train_cfg=sections["train_cfg"],
+        base_model=base.outputs["model"],
+        dataset=data.outputs["dataset"],
+        placement_json=json.dumps(placement),  # a TrainJob's nodes go where the GPU stages go
     ).set_display_name("train (QLoRA)")
     evaluated = steps.evaluate(
         eval_cfg=sections["eval_cfg"],

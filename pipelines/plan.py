@@ -62,7 +62,52 @@ def _sized(plan_for, available: float, section: str, batch: int) -> Verdict:
     return Verdict(plan_for(1), available, False, f"refused: {plan_for(1).total / mp.GB:.1f} GB even at batch 1")
 
 
+def _evaluate(shape, cfg: PipelineConfig, gpu: float, tokens: int, lora: int) -> Verdict:
+    """eval.base_form auto: the 16-bit base where it fits, else the NF4 base QLoRA trained against."""
+    forms = ["16bit", "nf4"] if cfg.eval.base_form == "auto" else [cfg.eval.base_form]
+    for form in forms:
+        section = cfg.eval.model_copy(update={"base_form": form})
+        verdict = _sized(lambda b, s=section: mp.eval_plan(shape, s, tokens, lora, b), gpu, "eval", section.batch_size)
+        if verdict.fits or form == forms[-1]:
+            if verdict.fits and form == "nf4":
+                verdict.advice += " on the NF4 base (the trained condition; eval.base_form auto)"
+            return verdict
+
+
+SERVE_SEQUENCES = 8  # sequences of data.max_tokens whose KV cache a served model should hold at least
+TP_SIZES = (1, 2, 4, 8)  # tensor-parallel splits both engines take (a Llama's 8 KV heads divide evenly)
+
+
+def serve_plan(shape: mp.ModelShape, shards: int, tokens: int) -> mp.StagePlan:
+    """One GPU of a served model split `shards` ways (tensor parallel): its share of the 16-bit weights and of the
+    KV cache of SERVE_SEQUENCES sequences, and the runtime."""
+    plan = mp.StagePlan("serve", "gpu")
+    plan.items = {
+        f"16-bit weights / {shards}": shape.params * 2 / shards,
+        f"KV cache, {SERVE_SEQUENCES} x {tokens} tokens / {shards}": SERVE_SEQUENCES
+        * tokens
+        * shape.layers
+        * 2
+        * shape.kv_width
+        * 2
+        / shards,
+        "runtime": mp.RUNTIME_OVERHEAD,
+    }
+    return plan
+
+
+def _serve(shape: mp.ModelShape, gpus: int, gpu: float, tokens: int) -> Verdict:
+    planned = serve_plan(shape, gpus, tokens)
+    if planned.total <= gpu:
+        how = f"with deploy.gpu_count={gpus} (tensor parallel over {gpus})" if gpus > 1 else "on one GPU"
+        return Verdict(planned, gpu, True, f"fits {how}")
+    least = next((n for n in TP_SIZES if serve_plan(shape, n, tokens).total <= gpu), None)
+    need = f"deploy.gpu_count={least} of these GPUs" if least else "a larger GPU"
+    return Verdict(planned, gpu, False, f"refused on {gpus} GPU(s): needs {need}")
+
+
 def plan(cfg: PipelineConfig, model: str, gpu: str, host_gb: float, answer_tokens: int) -> list[Verdict]:
+    """Every stage on one GPU of `gpu` (data parallel holds a whole copy on each), and serving split over all."""
     shape = mp.model_shape(model)
     gpu_bytes, host = mp.gpu_bytes(gpu), host_gb * mp.GB
     tokens, lora = cfg.data.max_tokens, mp.lora_params(shape, cfg.train)
@@ -72,7 +117,7 @@ def plan(cfg: PipelineConfig, model: str, gpu: str, host_gb: float, answer_token
     merge = Verdict(merged, host, merged.total <= host, f"fits (peak: {peak})" if merged.total <= host else short)
     return [
         _train(shape, cfg, gpu_bytes, tokens, answer_tokens),
-        _sized(lambda b: mp.eval_plan(shape, cfg.eval, tokens, lora, b), gpu_bytes, "eval", cfg.eval.batch_size),
+        _evaluate(shape, cfg, gpu_bytes, tokens, lora),
         merge,
         _sized(
             lambda b: mp.quantize_plan(shape, cfg.eval.model_copy(update={"batch_size": b}), tokens),
@@ -80,6 +125,7 @@ def plan(cfg: PipelineConfig, model: str, gpu: str, host_gb: float, answer_token
             "eval",
             cfg.eval.batch_size,
         ),
+        _serve(shape, mp.gpu_count(gpu), gpu_bytes, tokens),
     ]
 
 

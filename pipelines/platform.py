@@ -11,11 +11,7 @@ from kfp import kubernetes
 from components import environment as env
 
 # Secret name -> {key in the Secret: environment variable}. Only names travel in the YAML, never values.
-SECRETS = {
-    "llmops-hf": {env.HF_TOKEN: env.HF_TOKEN},
-    "llmops-s3": {key: key for key in (env.AWS_KEY_ID, env.AWS_SECRET_KEY, env.AWS_ENDPOINT.name)},
-    "llmops-mlflow": {key: key for key in (env.TRACKING_URI.name, env.MLFLOW_USERNAME, env.MLFLOW_PASSWORD)},
-}
+SECRETS = env.TASK_SECRETS
 SHM_SIZE = "8Gi"
 TRAIN_RETRIES = 3
 
@@ -33,6 +29,13 @@ def on_gpu(task, accelerator_type, accelerator_count, node_selector: dict, toler
     kubernetes.add_node_selector_json(task, node_selector_json=node_selector)
     kubernetes.add_toleration_json(task, toleration_json=tolerations)
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE)
+    return with_secrets(task)
+
+
+def launches_trainjobs(task):
+    """The train task under train.launcher=trainjob: no GPU, its credentials (the TrainJob's nodes get the same
+    Secrets by name), and its namespace, where it creates the TrainJob (RBAC: infra/k8s/kubeflow/)."""
+    kubernetes.use_field_path_as_env(task, env_name=env.POD_NAMESPACE.name, field_path="metadata.namespace")
     return with_secrets(task)
 
 

@@ -85,17 +85,36 @@ def prepare_data(data_cfg: str, base_model: Input[Model], dataset: Output[Datase
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train(
-    train_cfg: str, base_model: Input[Model], dataset: Input[Dataset], adapter: Output[Model], metrics: Output[Metrics]
+    train_cfg: str,
+    base_model: Input[Model],
+    dataset: Input[Dataset],
+    adapter: Output[Model],
+    metrics: Output[Metrics],
+    placement_json: str = "{}",
 ):
-    """QLoRA training; resumes from the last complete checkpoint of the same inputs."""
+    """QLoRA training; resumes from the last complete checkpoint of the same inputs. With train.launcher=trainjob
+    it submits the stage to Kubeflow Trainer instead (pipelines/trainjob.py) and waits for it."""
+    import json
     import time
 
     from components import train as stage
     from components.config import TrainSection
     from pipelines.kfp_io import publish
 
-    started = time.time()
-    result = stage.run(TrainSection.model_validate_json(train_cfg), base_model.path, dataset.path, adapter.path)
+    started, cfg = time.time(), TrainSection.model_validate_json(train_cfg)
+    if cfg.launcher == "trainjob":
+        from components.environment import TASK_SECRETS
+        from pipelines import trainjob
+        from pipelines.images import GPU_IMAGE
+
+        placement = json.loads(placement_json)
+        result = trainjob.run(
+            cfg, base_model.path, dataset.path, adapter.path, inputs=f"{base_model.uri}\n{dataset.uri}",
+            image=GPU_IMAGE, secrets=TASK_SECRETS, node_selector=placement.get("node_selector"),
+            tolerations=placement.get("tolerations"),
+        )  # fmt: skip
+    else:
+        result = stage.run(cfg, base_model.path, dataset.path, adapter.path)
     publish(metrics, result, adapter.path, "train", started)
 
 

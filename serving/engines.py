@@ -170,6 +170,18 @@ def max_lora_rank(ranks: list[int]) -> int:
     raise EngineRefusal(f"a LoRA adapter of rank {need} is above vLLM's largest --max-lora-rank, {VLLM_LORA_RANKS[-1]}")
 
 
+SHARD_FLAG = {"tgi": "--num-shard", "vllm": "--tensor-parallel-size"}
+
+
+def sharded(engine: Engine, shards: int, extra: list[str]) -> list[str]:
+    """The engine's tensor-parallel flag for a pod with `shards` GPUs (vLLM would use one of them, and TGI every GPU
+    it sees), unless the profile's vetted extra flags choose the split themselves."""
+    flag = SHARD_FLAG[engine]
+    if shards <= 1 or any(arg.partition("=")[0] == flag for arg in extra):
+        return []
+    return [flag, str(shards)]
+
+
 def tgi_args(
     *,
     model_dir: str,
@@ -178,6 +190,7 @@ def tgi_args(
     limits: dict[str, int],
     extra: list[str],
     adapters: dict[str, str] | None = None,
+    shards: int = 1,
 ) -> list[str]:
     """TGI's launcher arguments. `limits`: max_input_tokens, max_total_tokens, max_batch_prefill_tokens.
     `adapters` (name -> directory) are loaded at start; a request names one by `adapter_id` (or chat `model`)."""
@@ -198,6 +211,7 @@ def tgi_args(
         "0.0.0.0",
         "--port",
         str(port),
+        *sharded("tgi", shards, extra),
         *vetted_args("tgi", extra),
     ] + (["--lora-adapters", ",".join(f"{a}={path}" for a, path in sorted(adapters.items()))] if adapters else [])
     # fmt: skip
@@ -222,6 +236,7 @@ def vllm_args(
     adapters: dict[str, str] | None = None,
     max_lora_rank: int = 16,
     on_gpu: bool = True,
+    shards: int = 1,
 ) -> list[str]:
     """vLLM's OpenAI server arguments (after `python -m vllm.entrypoints.openai.api_server`)."""
     args = [
@@ -239,6 +254,7 @@ def vllm_args(
     if adapters:
         args += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max(1, len(adapters)))]
         args += ["--lora-modules", *(f"{adapter_id}={path}" for adapter_id, path in sorted(adapters.items()))]
+    args += sharded("vllm", shards, extra)
     extra = vetted_args("vllm", extra)
     if "--max-model-len" in extra:  # the profile's own choice wins over the token limit
         at = args.index("--max-model-len")

@@ -115,7 +115,13 @@ def engine_command(cfg: DeploySection, engine: Engine, name: str, version: str, 
         dirs = adapter_dirs(adapters)
         return {
             "args": tgi_args(
-                model_dir=MODEL_DIR, port=CONTAINER_PORT, tags=tags, limits=limits, extra=extra, adapters=dirs
+                model_dir=MODEL_DIR,
+                port=CONTAINER_PORT,
+                tags=tags,
+                limits=limits,
+                extra=extra,
+                adapters=dirs,
+                shards=cfg.gpu_count,
             )
         }
     args = vllm_args(
@@ -128,6 +134,7 @@ def engine_command(cfg: DeploySection, engine: Engine, name: str, version: str, 
         max_total_tokens=cfg.max_total_tokens,
         extra=cfg.extra_args.get("vllm", []),
         on_gpu=cfg.gpu_count > 0,
+        shards=cfg.gpu_count,  # every GPU the pod requests holds a shard
         adapters=adapter_dirs(adapters),
         max_lora_rank=max_lora_rank([adapter.rank for adapter in adapters]),
     )

@@ -7,6 +7,7 @@ import os
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 SECRET = "bench-secret"
@@ -20,7 +21,8 @@ def _register(model_dir: Path, name: str) -> list[str]:
     return [register_served(name, model_dir, tags).version for _ in range(2)]
 
 
-def _until(predicate, timeout: float = 300.0) -> float:
+def until(predicate, timeout: float = 300.0) -> float:
+    """Seconds until `predicate()` holds, polled every 50 ms; TimeoutError past `timeout`."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if predicate():
@@ -29,33 +31,48 @@ def _until(predicate, timeout: float = 300.0) -> float:
     raise TimeoutError("benchmark condition not reached")
 
 
-def measure() -> dict:
-    from mlflow import MlflowClient
-
+@contextmanager
+def local_stack(prefix: str, cfg=None):
+    """(root, MLflow server, local backend): a loopback MLflow server and a local serving backend, with the
+    environment pointed at them, all undone on exit (the bench's own MLflow run must not go to a stopped server)."""
     from pipelines import mlflow_local
-    from serving.client import chat_model
-    from serving.deployer import Deployer
-    from serving.deployer_app import WEBHOOK_NAME, create_app, register_webhook
     from serving.local_backend import LocalBackend
-    from serving.webhooks import Verifier
-    from tests.benchmarks.serving import base_dir
-    from tests.conftest import Live, free_port
+    from tests.conftest import free_port
 
-    root = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     server = mlflow_local.start(root / "mlflow", port=free_port(), detach=False)
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "LLMOPS_SERVING_DIR")}
     os.environ.update(MLFLOW_TRACKING_URI=server.url, LLMOPS_SERVING_DIR=str(root / "serving"))
-    backend = LocalBackend(base_port=free_port(), log_dir=root / "logs")
+    backend = LocalBackend(cfg, base_port=free_port(), log_dir=root / "logs")
     try:
+        yield root, server, backend
+    finally:
+        backend.close()
+        server.stop()
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def measure() -> dict:
+    from mlflow import MlflowClient
+
+    from serving.client import chat_model
+    from serving.deployer import Deployer
+    from serving.deployer_app import WEBHOOK_NAME, create_app, register_webhook
+    from serving.webhooks import Verifier
+    from tests.benchmarks.serving import base_dir
+    from tests.conftest import Live
+
+    with local_stack("bench-deploy-") as (_, _, backend):
         name = f"bench-{uuid.uuid4().hex[:6]}"
         first, second = _register(base_dir(), name)
         client, deployer = MlflowClient(), Deployer(backend, interval_s=INTERVAL_S)
         with Live(create_app(deployer, Verifier(SECRET))) as live:
             register_webhook(live.url, SECRET)
-            _until(lambda: deployer.passes >= 1)
+            until(lambda: deployer.passes >= 1)
             started = time.monotonic()
             client.set_registered_model_alias(name, "champion", first)
-            _until(lambda: client.get_model_version(name, first).tags.get("deploy.status") == "deployed")
+            until(lambda: client.get_model_version(name, first).tags.get("deploy.status") == "deployed")
             answer = chat_model(f"{name}@champion", max_new_tokens=16).invoke("Say hello")
             promote_to_answer = time.monotonic() - started
             for hook in client.list_webhooks():  # lose every event from here on
@@ -65,9 +82,9 @@ def measure() -> dict:
             passes = deployer.passes
             started = time.monotonic()
             client.set_registered_model_alias(name, "champion", second)
-            noticed = _until(lambda: deployer.passes > passes and deployer.state.get(name, {}).get("desired") == second)
+            noticed = until(lambda: deployer.passes > passes and deployer.state.get(name, {}).get("desired") == second)
             deployed = (
-                _until(lambda: client.get_model_version(name, second).tags.get("deploy.status") == "deployed") + noticed
+                until(lambda: client.get_model_version(name, second).tags.get("deploy.status") == "deployed") + noticed
             )
         return {
             "promote_to_answer_s": promote_to_answer,
@@ -76,11 +93,6 @@ def measure() -> dict:
             "missed_event_deployed_s": deployed,
             "interval_s": INTERVAL_S,
         }
-    finally:
-        backend.close()
-        server.stop()
-        for key, value in saved.items():  # the bench's own MLflow run must not go to this stopped server
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 def rows(result: dict) -> list[tuple[str, str, str, str]]:

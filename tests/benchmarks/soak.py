@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
 DURATION_S = float(os.environ.get("LLMOPS_SOAK_SECONDS", "600"))
 CLIENTS = 6
@@ -136,36 +134,22 @@ class Deployers:
         self.start()
 
 
-def _until(predicate, timeout: float = 600.0) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError("soak condition not reached")
-        time.sleep(0.2)
-    return time.monotonic() - start
-
-
 def measure() -> dict:
     import psutil
     import requests
     from mlflow import MlflowClient
 
     from components.registry_tags import candidates_of
-    from pipelines import mlflow_local
-    from serving.local_backend import LocalBackend
     from serving.promotion import copy_candidate, who_promotes
     from serving.settings import DeploySection
+    from tests.benchmarks.deploy import local_stack, until
     from tests.benchmarks.serving import base_dir
-    from tests.conftest import free_port, register_served
+    from tests.conftest import register_served
 
-    root = Path(tempfile.mkdtemp(prefix="bench-soak-"))
-    server = mlflow_local.start(root / "mlflow", port=free_port(), detach=False)
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "LLMOPS_SERVING_DIR")}
-    os.environ.update(MLFLOW_TRACKING_URI=server.url, LLMOPS_SERVING_DIR=str(root / "serving"))
-    backend = LocalBackend(DeploySection(engine="tgi"), base_port=free_port(), log_dir=root / "logs")
     name = f"soak-{uuid.uuid4().hex[:6]}"
-    candidates, client, tally, memory = candidates_of(name), MlflowClient(), Tally(), []
-    try:
+    candidates, tally, memory = candidates_of(name), Tally(), []
+    with local_stack("bench-soak-", DeploySection(engine="tgi")) as (_, _, backend):
+        client = MlflowClient()
         for _ in range(2):
             register_served(candidates, base_dir(), {"recommended_quantize": "none", "gate.verdict": "passed"})
         who = who_promotes()
@@ -174,7 +158,7 @@ def measure() -> dict:
             if candidate:
                 version = copy_candidate(client, candidates, candidate, who, "soak")[1]
             client.set_registered_model_alias(name, "champion", version)
-            return _until(lambda: backend.actual(name) and backend.actual(name)["version"] == version)
+            return until(lambda: backend.actual(name) and backend.actual(name)["version"] == version)
 
         deployers = Deployers(backend)
         first_deploy = promote("1")
@@ -201,7 +185,7 @@ def measure() -> dict:
                 done.add("restart")
                 deployers.restart()
                 before = sum(deployers.deploys.values())
-                _until(lambda: deployers.deployer.passes >= 3)
+                until(lambda: deployers.deployer.passes >= 3)
                 redeploys = sum(deployers.deploys.values()) - before
                 events["deploys by the restarted deployer in its first 3 passes"] = redeploys
             elif fraction >= 0.60 and "rollback" not in done:
@@ -233,11 +217,6 @@ def measure() -> dict:
             "rss_first_server_mib": [m[3] for m in memory if m[2] == memory[0][2]],
             "promoted_by": who,
         }
-    finally:
-        backend.close()
-        server.stop()
-        for key, value in saved.items():  # the bench's own MLflow run must not go to this stopped server
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 def rows(result: dict) -> list[tuple[str, str, str, str]]:

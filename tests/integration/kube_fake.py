@@ -33,8 +33,16 @@ KINDS = {
     "deployments": ("apps/v1", "Deployment"),
     "services": ("v1", "Service"),
     "poddisruptionbudgets": ("policy/v1", "PodDisruptionBudget"),
+    "trainjobs": ("trainer.kubeflow.org/v1alpha1", "TrainJob"),
+    "pods": ("v1", "Pod"),
 }
-IMMUTABLE = {"deployments": ["selector"], "services": ["clusterIP", "clusterIPs"], "poddisruptionbudgets": []}
+IMMUTABLE = {
+    "deployments": ["selector"],
+    "services": ["clusterIP", "clusterIPs"],
+    "poddisruptionbudgets": [],
+    "trainjobs": ["runtimeRef", "trainer"],
+    "pods": [],
+}
 
 
 def status_error(code: int, reason: str, message: str) -> JSONResponse:
@@ -75,6 +83,7 @@ class FakeKube:
         self._rv = itertools.count(1)
         self._ips = itertools.count(10)
         self._lock = threading.Lock()
+        self.logs: dict[tuple[str, str], str] = {}  # (namespace, pod) -> what its log says
         self.app = self._build_app()
 
     # --- what tests use -------------------------------------------------------------------------
@@ -127,6 +136,14 @@ class FakeKube:
             },
         )
 
+    def put(self, plural: str, namespace: str, obj: dict) -> None:
+        """Create an object as a controller would (a TrainJob's pods), or set a TrainJob's status."""
+        with self._lock:
+            obj = copy.deepcopy(obj)
+            obj["apiVersion"], obj["kind"] = KINDS[plural]
+            obj["metadata"].update(namespace=namespace, resourceVersion=str(next(self._rv)))
+            self.objects[(plural, namespace, obj["metadata"]["name"])] = obj
+
     def fail(self, method: str, code: int, times: int | None = 1, path: str = "", when=None) -> None:
         """Answer the next `times` requests with `method` whose path contains `path` with `code`; with `when`,
         only while `when(fake)` is true (e.g. once the Deployment names a given version)."""
@@ -173,7 +190,13 @@ class FakeKube:
     # --- the API --------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
         app = FastAPI()
-        prefixes = {"deployments": "/apis/apps/v1", "services": "/api/v1", "poddisruptionbudgets": "/apis/policy/v1"}
+        prefixes = {
+            "deployments": "/apis/apps/v1",
+            "services": "/api/v1",
+            "poddisruptionbudgets": "/apis/policy/v1",
+            "trainjobs": "/apis/trainer.kubeflow.org/v1alpha1",
+            "pods": "/api/v1",
+        }
         for plural, prefix in prefixes.items():
             base = prefix + "/namespaces/{namespace}/" + plural
             app.add_api_route(base, self._route(self._create, plural), methods=["POST"])
@@ -181,6 +204,12 @@ class FakeKube:
             app.add_api_route(base + "/{name}", self._route(self._read, plural), methods=["GET"])
             app.add_api_route(base + "/{name}", self._route(self._replace, plural), methods=["PUT"])
             app.add_api_route(base + "/{name}", self._route(self._patch, plural), methods=["PATCH"])
+        app.add_api_route(
+            "/apis/trainer.kubeflow.org/v1alpha1/namespaces/{namespace}/trainjobs/{name}",
+            self._route(self._delete, "trainjobs"),
+            methods=["DELETE"],
+        )
+        app.add_api_route("/api/v1/namespaces/{namespace}/pods/{name}/log", self._log, methods=["GET"])
         app.add_api_route(
             "/apis/apps/v1/namespaces/{namespace}/deployments/{name}/status",
             self._route(self._patch_status, "deployments"),
@@ -210,6 +239,20 @@ class FakeKube:
         ]
         api_version, kind = KINDS[plural]
         return JSONResponse({"apiVersion": api_version, "kind": f"{kind}List", "metadata": {}, "items": items})
+
+    def _delete(self, plural, namespace, name, body, ctype):
+        obj = self.objects.pop((plural, namespace, name), None)
+        if obj is None:
+            return status_error(404, "NotFound", f'{plural} "{name}" not found')
+        return JSONResponse({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"})
+
+    async def _log(self, request: Request, namespace: str, name: str):
+        from fastapi.responses import PlainTextResponse
+
+        self.requests.append((request.method, request.url.path))
+        if (namespace, name) not in self.logs:
+            return status_error(404, "NotFound", f'pods "{name}" not found')
+        return PlainTextResponse(self.logs[(namespace, name)])
 
     def _read(self, plural, namespace, name, body, ctype):
         obj = self.objects.get((plural, namespace, name))

@@ -52,6 +52,31 @@ def test_evaluate_stage_reports_base_and_tuned(tiny_base, tiny_adapter, demo_pre
     assert len(json.loads((tmp_path / "predictions.json").read_text())) == report["tuned"]["n"]
 
 
+def test_evaluation_falls_back_to_the_nf4_base_the_adapter_trained_on_where_16_bits_do_not_fit(
+    tiny_base, tiny_adapter, demo_prepared, tmp_path, monkeypatch
+):
+    """eval.base_form auto on a device that holds one batch of the NF4 base but not of the 16-bit one: the stage
+    scores the trained condition (the adapter on the NF4 base, as QLoRA trained it) and says so in its report."""
+    from components import compute, memory_plan
+    from components.artifacts import PreparedData
+
+    shape, lora = memory_plan.model_shape(tiny_base), memory_plan.adapter_params(tiny_adapter)
+    tokens = memory_plan.longest_row(PreparedData(demo_prepared).examples("eval"))
+
+    def planned(form: str) -> float:
+        section = EvalSection(batch_size=1, base_form=form)
+        return memory_plan.eval_plan(shape, section, tokens, lora, 1, gpu=False).total
+
+    assert planned("nf4") < planned("16bit")
+    monkeypatch.setattr(compute, "free_memory", lambda gpu: (planned("nf4") + planned("16bit")) / 2)
+    report = evaluate.run(EvalSection(batch_size=8), tiny_base, tiny_adapter, demo_prepared, tmp_path / "auto")
+    assert report["base_form"] == "nf4" and report["tuned"]["loss"] < report["base"]["loss"]
+    monkeypatch.undo()
+    sixteen = evaluate.run(EvalSection(batch_size=1), tiny_base, tiny_adapter, demo_prepared, tmp_path / "16bit")
+    assert sixteen["base_form"] == "16bit"
+    assert report["base"]["loss"] != sixteen["base"]["loss"]  # another base was scored: the 4-bit rounding shows
+
+
 def test_merge_matches_adapter_on_base_and_is_servable(tiny_base, tiny_adapter, demo_prepared, tmp_path):
     report = merge.run(MergeSection(parity_prompts=16), tiny_base, tiny_adapter, demo_prepared, tmp_path)
     assert report["parity"] >= 0.9

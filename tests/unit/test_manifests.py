@@ -343,6 +343,21 @@ def test_quantization_vllm_cannot_honour_is_refused_with_the_reason():
     assert "--quantization" not in tgi(deployment(vllm_cfg(), quantize="none"))["args"]
 
 
+@pytest.mark.parametrize("engine, flag", [("vllm", "--tensor-parallel-size"), ("tgi", "--num-shard")])
+def test_a_pod_with_several_gpus_shards_the_model_over_all_of_them(engine, flag):
+    """vLLM would use one GPU of four (its default is no tensor parallelism): the deployer splits the model over
+    every GPU the pod requests, unless the profile's own vetted flag chooses the split."""
+    four = deployment(DeploySection(engine=engine, gpu_count=4), quantize="none")
+    container = tgi(four)
+    assert arg(container["args"], flag) == "4" and container["args"].count(flag) == 1
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    validate(four)
+    assert flag not in tgi(deployment(DeploySection(engine=engine, gpu_count=1), quantize="none"))["args"]
+    chosen = DeploySection(engine=engine, gpu_count=4, extra_args={engine: [f"{flag}=2"]})
+    args = tgi(deployment(chosen, quantize="none"))["args"]
+    assert args.count(flag) == 1 and arg(args, flag) == "2"
+
+
 def test_extra_args_pass_only_vetted_flags_with_valid_values():
     from serving.engines import EngineRefusal, vetted_args
 

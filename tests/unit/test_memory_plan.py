@@ -147,3 +147,32 @@ def test_the_cluster_profile_compiles_with_settings_its_plan_fits(tmp_path):
     train, evaluate = cfg.train, cfg.eval
     assert f'"batch_size":{train.batch_size},"grad_accum":{train.grad_accum},' in compiled
     assert f'"batch_size":{evaluate.batch_size},"max_new_tokens":{evaluate.max_new_tokens}' in compiled
+
+
+def test_serving_splits_a_model_over_the_gpus_given_and_says_how_many_it_needs():
+    """`--gpu 2xRTX4090`: each training stage is planned per GPU (data parallel holds a whole copy on each), and
+    serving per GPU of a tensor-parallel split over all of them; a split that does not fit names the one that
+    does (the deployer passes deploy.gpu_count on as --tensor-parallel-size / --num-shard)."""
+    cfg = load_config("cluster")
+    assert (mp.gpu_count("2xRTX4090"), mp.gpu_bytes("2xRTX4090")) == (2, 24 * mp.GB)
+    assert (mp.gpu_count("H100"), mp.gpu_count("80"), mp.gpu_bytes("1xH100")) == (1, 1, 80 * mp.GB)
+
+    def serve(model: str, gpu: str):
+        verdict = next(v for v in plan(cfg, config(model), gpu, 128, 256) if v.plan.stage == "serve")
+        return verdict.fits, verdict.advice, verdict.plan.total / mp.GB
+
+    fits, advice, per_gpu = serve("llama-3.1-70b", "2xRTX4090")
+    assert not fits and advice == "refused on 2 GPU(s): needs deploy.gpu_count=8 of these GPUs" and per_gpu > 70
+    fits, advice, per_gpu = serve("llama-3.1-70b", "8xRTX4090")
+    assert fits and advice == "fits with deploy.gpu_count=8 (tensor parallel over 8)" and per_gpu < 24
+    assert serve("llama-3.1-70b", "1xH100")[1] == "refused on 1 GPU(s): needs deploy.gpu_count=2 of these GPUs"
+    assert serve("llama-3.1-8b", "A10G")[:2] == (True, "fits on one GPU")
+
+
+def test_a_70b_evaluates_on_one_h100_in_the_form_it_trained_in():
+    """The 16-bit 70B (141 GB) fits no 80 GB GPU; eval.base_form auto plans the NF4 base with the adapter, which
+    does, while quantize (which scores the 16-bit merge) is still refused."""
+    verdicts = {v.plan.stage: v for v in plan(load_config("cluster"), config("llama-3.1-70b"), "H100", 128, 256)}
+    assert verdicts["evaluate"].fits and "on the NF4 base (the trained condition" in verdicts["evaluate"].advice
+    assert verdicts["evaluate"].plan.items["model and adapter"] / mp.GB < 45
+    assert not verdicts["quantize"].fits
