@@ -167,9 +167,9 @@ def test_banking77_profile_registers_a_version_on_all_77_labels(workspace, demo_
         DATA="../shared/data/banking77/train.csv",
         ARGS=f"--profile banking77 --root {workspace.root} {quick}",
     )
-    found = re.search(r"registered llmops-banking77 version (\d+)", done.stdout)
+    found = re.search(r"registered llmops-banking77-candidates version (\d+)", done.stdout)
     assert found, done.stdout[-3000:]
-    version = MlflowClient().get_model_version("llmops-banking77", found.group(1))
+    version = MlflowClient().get_model_version("llmops-banking77-candidates", found.group(1))
     assert version.tags["prompt.labels"] == "77"
     # Two steps may or may not beat the base: the verdict must follow from the gain the gate recorded
     from components.config import GateSection
