@@ -22,13 +22,12 @@ def _register(model_dir: Path, name: str) -> list[str]:
 
 
 def until(predicate, timeout: float = 300.0) -> float:
-    """Seconds until `predicate()` holds, polled every 50 ms; TimeoutError past `timeout`."""
+    """Seconds until `predicate()` holds (tests.conftest.wait_for: polled, with a deadline)."""
+    from tests.conftest import wait_for
+
     start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise TimeoutError("benchmark condition not reached")
+    wait_for(predicate, timeout, "the benchmark's condition")
+    return time.monotonic() - start
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from collections import Counter
 DURATION_S = float(os.environ.get("LLMOPS_SOAK_SECONDS", "600"))
 CLIENTS = 6
 RETRY_S, RETRY_FOR_S = 0.5, 120.0  # a request waits at most this long for an endpoint
+SAMPLE_S = 5.0  # between memory samples and schedule checks
 QUESTIONS = ["I lost my card", "Where is my parcel?", "How do I reset my PIN?", "Refund my last payment please"]
 
 
@@ -76,28 +77,28 @@ def request(ref: str, mode: str, rng: random.Random, tally: Tally) -> None:
     import requests
 
     from serving.client import find_endpoint
+    from tests.conftest import wait_for
 
-    deadline = time.monotonic() + RETRY_FOR_S
-    while True:
+    def attempt() -> bool:
+        """True once the request has its end (an HTTP answer, or lost); False for a retry."""
         try:
-            outcome = ask(find_endpoint(ref).url, mode, rng)
-            tally.add(f"{mode}: {outcome}")
-            return
+            tally.add(f"{mode}: {ask(find_endpoint(ref).url, mode, rng)}")
         except LookupError:  # the alias names a version its deployer has not yet deployed
-            retry = "retried: the alias's version not yet serving"
+            tally.add("retried: the alias's version not yet serving")
+            return False
         except requests.ConnectionError as err:
-            if "refused" not in str(err):
-                tally.add(f"lost: {type(err).__name__}")
-                return
-            retry = "retried: connection refused (the server was just replaced)"
+            if "refused" in str(err):
+                tally.add("retried: connection refused (the server was just replaced)")
+                return False
+            tally.add(f"lost: {type(err).__name__}")
         except Exception as err:  # noqa: BLE001 - counted, the soak goes on
             tally.add(f"lost: {type(err).__name__}: {str(err)[:80]}")
-            return
-        tally.add(retry)
-        if time.monotonic() > deadline:
-            tally.add("lost: no endpoint within the retry budget")
-            return
-        time.sleep(RETRY_S)
+        return True
+
+    try:
+        wait_for(attempt, RETRY_FOR_S, "an endpoint", poll=RETRY_S)
+    except AssertionError:
+        tally.add("lost: no endpoint within the retry budget")
 
 
 def client_loop(ref: str, seed: int, stop: threading.Event, tally: Tally) -> None:
@@ -192,7 +193,7 @@ def measure() -> dict:
                 done.add("rollback")
                 events["rolled back to version 1, serving after (s)"] = promote(None, "1")
             rss()
-            time.sleep(5)
+            stop.wait(SAMPLE_S)  # set only once the loop ends: a bounded pause between samples
         stop.set()
         for thread in clients:
             thread.join()

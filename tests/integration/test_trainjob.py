@@ -4,7 +4,6 @@ Trainer's reason; a retried task waits for the job it started, or replaces one t
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from components import storage
 from components.config import TrainSection
 from components.environment import TASK_SECRETS
 from pipelines import trainjob
+from tests.conftest import wait_for
 from tests.integration.kube_fake import FakeKube
 
 pytestmark = pytest.mark.integration
@@ -124,10 +124,9 @@ def test_a_completed_trainjob_hands_the_task_its_adapter_and_rank_0s_log(inputs,
     ((_, ns, job_name),) = jobs
     assert ns == NS and job_name == trainjob.job_name(config(), "minio://run/base\nminio://run/data")
     # rank 0's log reached the task's own output, marked with its pod
-    deadline = time.monotonic() + 10
-    while "train step 1/4 on node 0 of 2" not in (out := capsys.readouterr().out) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert f"[{job_name}-node-0-0-abcde] train step 1/4 on node 0 of 2" in out
+    printed: list[str] = []  # readouterr hands each line out once: keep what it gave
+    line = f"[{job_name}-node-0-0-abcde] train step 1/4 on node 0 of 2"
+    wait_for(lambda: printed.append(capsys.readouterr().out) or line in "".join(printed), 10, "rank 0's log line")
 
 
 def test_a_failed_trainjob_fails_the_task_with_trainers_reason_and_a_retry_replaces_it(inputs, tmp_path):
