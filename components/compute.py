@@ -96,7 +96,7 @@ def resolve(cfg: TrainSection, base_dir: Path, longest: int, window: int | None 
         off = cfg.model_copy(update={"compute_dtype": dtype, "gradient_checkpointing": False})
         plan = memory_plan.train_plan(shape, off, longest, window)
         need = plan.items["activations"] + plan.items["logits over the answers"]
-        budget = device_memory(cfg.use_gpu, cfg.num_processes) / 2
+        budget = device_memory(cfg.use_gpu, cfg.per_node) / 2
         checkpointing = need > budget
         console.print(
             f"gradient checkpointing {'on' if checkpointing else 'off'}: activations of the longest "
@@ -114,7 +114,7 @@ def fitted_batch(cfg: TrainSection, shape, longest: int, window: int) -> TrainSe
         cfg.batch_size,
         "train.batch_size",
         cfg.use_gpu,
-        cfg.num_processes,
+        cfg.per_node,
     )
     return cfg.model_copy(
         update={"batch_size": batch, "grad_accum": memory_plan.accumulation(cfg.batch_size, cfg.grad_accum, batch)}

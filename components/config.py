@@ -138,11 +138,23 @@ class TrainSection(Section):
     log_every: int = Field(5, gt=0, description="steps between logged losses")
     seed: int = Field(42, description="seed of the adapter's initial weights and the data order")
     use_gpu: bool = Field(False, description="train on the GPU (the cluster profile)")
-    num_processes: int = Field(
-        1,
+    num_processes: int | None = Field(
+        None,
         ge=1,
-        description="data-parallel processes in one pod: one per GPU (NCCL), or CPU "
-        "processes on gloo; the global batch is batch_size * grad_accum * num_processes",
+        description="processes in each pod (or TrainJob node): one per GPU (NCCL), or CPU processes on gloo; the "
+        "global batch is batch_size * grad_accum * processes. Unset: one per GPU the task requests "
+        "(placement.accelerator_count) on a GPU run, else 1",
+    )
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = Field(
+        "auto",
+        description="how the processes share the work: ddp copies the model to each; fsdp shards the NF4 base, the "
+        "adapter and its optimizer state across them (a model too large for one GPU); auto: ddp when there is more "
+        "than one process, else single",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="with strategy fsdp: each process keeps its shard of the base and of the LoRA state in host "
+        "memory and moves one layer at a time to its GPU (FSDP2's CPU offload), so a 70B trains on two 24 GB GPUs",
     )
     launcher: Literal["pod", "trainjob"] = Field(
         "pod",
@@ -163,12 +175,35 @@ class TrainSection(Section):
         None, gt=0, description="stop after this much wall-clock, keeping the best adapter validated so far"
     )
 
+    @property
+    def per_node(self) -> int:
+        """Processes in each pod or node (the pipeline's run form sets an unset count from the GPUs it requests)."""
+        return self.num_processes or 1
+
+    @property
+    def processes(self) -> int:
+        """Training processes in all: per_node on each of the nodes."""
+        return self.per_node * self.nodes
+
+    @property
+    def parallelism(self) -> Literal["single", "ddp", "fsdp"]:
+        """The strategy, with auto resolved from the process count."""
+        if self.strategy != "auto":
+            return self.strategy
+        return "ddp" if self.processes > 1 else "single"
+
     @model_validator(mode="after")
     def _qlora_needs_4bit(self) -> TrainSection:
         if self.method == "qlora" and self.quantization != "nf4":
             raise ValueError("train.method=qlora needs train.quantization=nf4 (a 4-bit base)")
         if self.method == "lora" and self.quantization != "none":
             raise ValueError("train.method=lora trains a 16-bit base: set train.quantization=none")
+        if self.strategy == "single" and self.processes > 1:
+            raise ValueError(f"train.strategy=single runs one process, not {self.processes}: choose ddp or fsdp")
+        if self.strategy in ("ddp", "fsdp") and self.num_processes is not None and self.processes == 1:
+            raise ValueError(f"train.strategy={self.strategy} needs train.num_processes (or train.nodes) above 1")
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise ValueError("train.cpu_offload offloads FSDP's shards: set train.strategy=fsdp")
         if self.nodes > 1 and self.launcher != "trainjob":
             raise ValueError(
                 f"train.nodes={self.nodes} trains across nodes on Kubeflow Trainer: compile the pipeline with "

@@ -33,18 +33,21 @@ def load_model(
     quantization=None,
     device: str | None = None,
 ):
-    """device: None puts the model on the GPU when the stage's pod has one (evaluate, quantize), else the host.
+    """device: None puts the model on the GPU when the stage's pod has one (evaluate, quantize), over all of them
+    when it has several, else on the host.
     Given explicitly, also a quantized load stays there (bitsandbytes would otherwise pick the GPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     gpu = torch.cuda.is_available()
+    # a pod with several GPUs and no device asked for: the layers split in order over them (accelerate's
+    # device_map auto), for a model one GPU cannot hold (llmops plan: a 70B evaluated on 2 x 24 GB)
+    device_map = "auto" if device is None and torch.cuda.device_count() > 1 else None
     device = device or ("cuda:0" if gpu else "cpu")
+    if gpu and device_map is None:
+        device_map = {"": device}  # without a GPU everything loads on the host anyway
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        dtype=getattr(torch, dtype),
-        quantization_config=quantization,
-        device_map={"": device} if gpu else None,  # without a GPU everything loads on the host anyway
+        model_dir, dtype=getattr(torch, dtype), quantization_config=quantization, device_map=device_map
     )
     head = model.get_output_embeddings()
     if head is not None and device == "cpu":
@@ -64,9 +67,11 @@ TGI_FLAG = {"nf4": "bitsandbytes-nf4", "int8": "bitsandbytes"}
 VARIANT_OF_FLAG = {flag: variant for variant, flag in TGI_FLAG.items()}
 
 
-def bnb_config(variant: str, compute_dtype: str = "bfloat16", double_quant: bool = True):
+def bnb_config(variant: str, compute_dtype: str = "bfloat16", double_quant: bool = True, storage: str = "uint8"):
     """The bitsandbytes loading for `variant` (int8 or nf4). The defaults reproduce TGI's --quantize flag;
-    training's NF4 base is the same quantization with its own compute dtype and double_quant setting."""
+    training's NF4 base is the same quantization with its own compute dtype and double_quant setting.
+    `storage` is the dtype the packed 4-bit codes are stored in: the same codes and scales whatever it is, but FSDP
+    shards only floating-point parameters, so sharded training stores them in its compute dtype."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -77,6 +82,7 @@ def bnb_config(variant: str, compute_dtype: str = "bfloat16", double_quant: bool
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, storage),
     )
 
 
@@ -84,6 +90,16 @@ def load_as_served(model_dir: Path, quantize_flag: str):
     """The merged model loaded the way TGI serves it under `--quantize quantize_flag` ("none": 16-bit as stored)."""
     variant = VARIANT_OF_FLAG.get(quantize_flag)
     return load_model(model_dir, quantization=bnb_config(variant)) if variant else load_model(model_dir)
+
+
+def no_autograd(model):
+    """inference_mode, or no_grad for a model FSDP shards (validation during sharded training): FSDP2 copies the
+    gathered weights into buffers it reuses in place, which inference_mode forbids."""
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = any(isinstance(m, FSDPModule) for m in model.modules())
+    return torch.no_grad() if sharded else torch.inference_mode()
 
 
 def _batches(items: list, size: int):
@@ -105,12 +121,11 @@ def _greedy_batches(
     """Yields (prompt indices, generated token ids) per batch. Batches group prompts of similar length, so
     little is padding; padding is on the left, so every row's new tokens start at the same column.
     `allowed(new_ids) -> token ids` constrains each step (label decoding)."""
-    import torch
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     # none at all inside another live display (validation runs under training's bar)
     shown = StageProgress(progress or "", len(prompts), "prompts", quiet=progress is None)
-    with shown, torch.inference_mode():
+    with shown, no_autograd(model):
         for idx in _batches(order, batch_size):
             enc = encode_prompts(tok, [prompts[i] for i in idx]).to(model.device)
             width = enc["input_ids"].shape[1]

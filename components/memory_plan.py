@@ -5,7 +5,8 @@ figure is the sum of what it holds at its peak, with the settings of its config 
 
 - train: the base weights as training holds them (NF4 codes and scales, the other weights in float32 after
   peft's prepare_model_for_kbit_training; 16 bits for LoRA), the LoRA weights with their gradients and Adam
-  state (float32: 16 bytes per parameter), the tensors autograd saves for one micro-batch (counted per
+  state (float32: 16 bytes per parameter), both split N ways under FSDP (in host memory with
+  train.cpu_offload) plus two decoder layers gathered, the tensors autograd saves for one micro-batch (counted per
   decoder layer in `saved_per_token_layer`; with gradient checkpointing only each layer's input, plus one
   layer recomputed), the float32 logits over the answer window (logits, softmax, gradient), and the runtime;
 - evaluate: the 16-bit model and its float32 adapter, the KV cache of a generation batch, and the float32
@@ -101,6 +102,7 @@ class StagePlan:
     device: str
     items: dict[str, float] = field(default_factory=dict)  # what is held at the working peak -> bytes
     loading: float = 0.0  # the host's peak while the weights load (the mapped checkpoint and the converted model)
+    offloaded: float = 0.0  # one process's share kept in host memory (FSDP with train.cpu_offload)
 
     @property
     def total(self) -> float:
@@ -194,18 +196,22 @@ def train_plan(shape: ModelShape, cfg: TrainSection, tokens: int, window: int, b
         activations = shape.layers * batch * tokens * shape.hidden * stream + per_layer
     else:  # False, or "auto" planned as off: the plan says when it does not fit, and what to turn on
         activations = shape.layers * per_layer
-    base = base_as_trained(shape, cfg)
+    base, shards = base_as_trained(shape, cfg), cfg.processes if cfg.parallelism == "fsdp" else 1
     runtime = RUNTIME_OVERHEAD if cfg.use_gpu else RUNTIME_HOST
     plan = StagePlan("train", "gpu" if cfg.use_gpu else "cpu")
     plan.items = {
-        "base weights": base,
+        "base weights": base / shards,
         # a float32 output head is cast to the compute dtype for each forward (QLoRA)
         "output head in the compute dtype": shape.vocab * shape.hidden * compute if stream != compute else 0.0,
-        "LoRA weights, gradients, Adam": lora_params(shape, cfg) * LORA_TRAIN_BYTES,
+        "LoRA weights, gradients, Adam": lora_params(shape, cfg) * LORA_TRAIN_BYTES / shards,
         "activations": activations,
         "logits over the answers": batch * window * shape.vocab * 4 * 3,
         "runtime": runtime,
     }
+    if shards > 1:  # FSDP gathers one decoder layer whole for its forward and backward, the next one prefetched
+        plan.items["two layers gathered"] = 2 * (base - shape.other_params * stream) / shape.layers
+    if cfg.cpu_offload:  # the shards wait in host memory; a layer comes to the GPU for its compute
+        plan.offloaded = plan.items.pop("base weights") + plan.items.pop("LoRA weights, gradients, Adam")
     if not cfg.use_gpu:
         converted = cfg.method == "qlora" or compute != 2  # else the mapped pages are the weights (no copy)
         plan.loading = base + shape.params * 2 * converted + runtime
@@ -213,16 +219,25 @@ def train_plan(shape: ModelShape, cfg: TrainSection, tokens: int, window: int, b
 
 
 def eval_plan(
-    shape: ModelShape, cfg: EvalSection, tokens: int, lora: int, batch: int | None = None, gpu: bool = True
+    shape: ModelShape,
+    cfg: EvalSection,
+    tokens: int,
+    lora: int,
+    batch: int | None = None,
+    gpu: bool = True,
+    gpus: int = 1,
 ) -> StagePlan:
-    """lora: the adapter's parameters (PEFT keeps them in float32). base_form nf4: the base as QLoRA trained it."""
+    """lora: the adapter's parameters (PEFT keeps them in float32). base_form nf4: the base as QLoRA trained it.
+    gpus > 1: the layers split in order over the pod's GPUs (device_map auto), each holding its share of the
+    weights and of the KV cache; the logits are on the last."""
     batch = batch or cfg.batch_size
     width = 4 if cfg.dtype == "float32" else 2
     nf4 = cfg.base_form == "nf4"
+    model = (nf4_model_bytes(shape, True, width) if nf4 else shape.params * width) + lora * 4
     plan = StagePlan("evaluate", "gpu" if gpu else "cpu")
     plan.items = {
-        "model and adapter": (nf4_model_bytes(shape, True, width) if nf4 else shape.params * width) + lora * 4,
-        "KV cache": batch * (tokens + cfg.max_new_tokens) * shape.layers * 2 * shape.kv_width * width,
+        "model and adapter" + (f" / {gpus}" if gpus > 1 else ""): model / gpus,
+        "KV cache": batch * (tokens + cfg.max_new_tokens) * shape.layers * 2 * shape.kv_width * width / gpus,
         "loss-pass logits and log-softmax (float32)": batch * tokens * shape.vocab * 8,
         "runtime": RUNTIME_OVERHEAD if gpu else RUNTIME_HOST,
     }

@@ -1,4 +1,4 @@
-"""Data-parallel training in one pod: torchrun starts cfg.num_processes workers of the train stage.
+"""Data-parallel training in one pod: torchrun starts cfg.per_node workers of the train stage.
 
 One worker per GPU on NCCL; on CPU the same code path runs on gloo, which is how it is tested here.
 """
@@ -20,7 +20,7 @@ from components.util import console
 
 def launch(worker: str, cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path, nodes: int = 1) -> dict:
     """Run the stage module `worker` (`python -m worker CFG BASE DATA OUT`) under torchrun with
-    cfg.num_processes workers in this pod; rank 0 writes the outputs. With `nodes` > 1 this pod is one node of a
+    cfg.per_node workers in this pod; rank 0 writes the outputs. With `nodes` > 1 this pod is one node of a
     TrainJob: torchrun takes the rendezvous from the PET_* variables Kubeflow Trainer sets, and only node 0 (where
     global rank 0 runs) has outputs; the other nodes return no metrics."""
     # torchrun SIGKILLs workers this long after passing on a SIGTERM: it must cover a step plus a save
@@ -30,7 +30,7 @@ def launch(worker: str, cfg: TrainSection, base_dir: Path, data_dir: Path, out_d
         "-m",
         "torch.distributed.run",
         *(["--standalone"] if nodes == 1 else []),
-        f"--nproc-per-node={cfg.num_processes}",
+        f"--nproc-per-node={cfg.per_node}",
         f"--shutdown-timeout={grace}",
         "-m",
         worker,
@@ -42,7 +42,7 @@ def launch(worker: str, cfg: TrainSection, base_dir: Path, data_dir: Path, out_d
     store = CheckpointStore.for_run(cfg, base_dir, data_dir)
     store.restore()  # fetched once here, not raced by every worker
     resolved_choices(cfg, base_dir, data_dir, store.local)  # measured once, so every rank trains alike
-    where = f"{cfg.num_processes} processes" + (f" on each of {nodes} nodes" if nodes > 1 else "")
+    where = f"{cfg.per_node} processes" + (f" on each of {nodes} nodes" if nodes > 1 else "")
     console.print(f"data-parallel training: {where} on {'nccl' if cfg.use_gpu else 'gloo'}")
     proc, signalled = subprocess.Popen(cmd), []
 

@@ -20,6 +20,7 @@ from components.artifacts import PreparedData, TrainedAdapter, record_config
 from components.checkpoints import CheckpointStore, StopOnSigterm, UploadCheckpoints, last_complete_checkpoint
 from components.config import TrainSection
 from components.environment import TRACKING_URI
+from components.fsdp import ShardedTrainer, fsdp_args, parameter_share, save_adapter
 from components.inference import bnb_config
 from components.progress import StageProgress
 from components.storage import MANIFEST
@@ -42,6 +43,8 @@ def lora_config(cfg: TrainSection):
 def training_args(cfg: TrainSection, output_dir: Path):
     from transformers import TrainingArguments
 
+    fsdp = fsdp_args(cfg)
+    checkpointing = bool(cfg.gradient_checkpointing) and not fsdp
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=cfg.max_steps,
@@ -58,23 +61,28 @@ def training_args(cfg: TrainSection, output_dir: Path):
         data_seed=cfg.seed,
         use_cpu=not cfg.use_gpu,
         bf16=cfg.compute_dtype == "bfloat16",
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         train_sampling_strategy="group_by_length",
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
         optim="adamw_torch",
-        ddp_backend=("nccl" if cfg.use_gpu else "gloo") if cfg.num_processes * cfg.nodes > 1 else None,
-        ddp_find_unused_parameters=False if cfg.num_processes * cfg.nodes > 1 else None,
+        ddp_backend=("nccl" if cfg.use_gpu else "gloo") if cfg.processes > 1 else None,
+        ddp_find_unused_parameters=False if cfg.parallelism == "ddp" else None,
+        **fsdp,
     )
 
 
 def quantization(cfg: TrainSection):
     """The base's 4-bit loading, or None for 16-bit LoRA. One function builds it (inference.bnb_config): the merge
-    rebuilds the same NF4 rounding from it, so the two cannot drift apart."""
-    return bnb_config("nf4", cfg.compute_dtype, cfg.double_quant) if cfg.quantization == "nf4" else None
+    rebuilds the same NF4 rounding from it, so the two cannot drift apart. Under FSDP the codes are stored in the
+    compute dtype, as the FSDP-QLoRA work does, so they can be sharded with the rest."""
+    if cfg.quantization != "nf4":
+        return None
+    storage = cfg.compute_dtype if cfg.parallelism == "fsdp" else "uint8"
+    return bnb_config("nf4", cfg.compute_dtype, cfg.double_quant, storage)
 
 
 def load_model(cfg: TrainSection, base_dir: Path):
@@ -86,7 +94,9 @@ def load_model(cfg: TrainSection, base_dir: Path):
     # each data-parallel rank on its own GPU: a 4-bit model stays where it is loaded
     # (on the host when asked, even where a GPU is present: bitsandbytes would otherwise put a 4-bit model on it)
     device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cfg.use_gpu else None
-    if not cfg.use_gpu and torch.cuda.is_available():
+    if (not cfg.use_gpu and torch.cuda.is_available()) or cfg.parallelism == "fsdp":
+        # FSDP: the base loads on the host, and fully_shard moves each process's shard to its GPU layer by layer
+        # (a whole 70B NF4 base would not fit one 24 GB GPU before sharding)
         device_map = {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
         base_dir, quantization_config=quant, device_map=device_map, dtype=getattr(torch, cfg.compute_dtype)
@@ -101,10 +111,10 @@ def load_model(cfg: TrainSection, base_dir: Path):
                 module.support_avx512bf16_for_cpu = False
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            use_gradient_checkpointing=bool(cfg.gradient_checkpointing) and cfg.parallelism != "fsdp",
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif cfg.gradient_checkpointing:
+    elif cfg.gradient_checkpointing and cfg.parallelism != "fsdp":
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(cfg))
 
@@ -174,7 +184,7 @@ def summarize(trainer, result, resume, elapsed: float, trainable: int, examples:
 
 def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     """The stage's entry point: one process, or torchrun workers that each come back into `train`."""
-    if cfg.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+    if cfg.per_node > 1 and "LOCAL_RANK" not in os.environ:
         from components.parallel import launch
 
         return launch("components.train", cfg, base_dir, data_dir, out_dir)  # workers come back into this module
@@ -184,7 +194,7 @@ def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dic
 
 
 def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
-    from transformers import AutoTokenizer, PrinterCallback, Trainer, set_seed
+    from transformers import AutoTokenizer, PrinterCallback, set_seed
 
     from components.compute import resolved_choices
     from components.inference import load_tokenizer
@@ -227,7 +237,7 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
         sigterm = StopOnSigterm()
         validation = validation_callback(cfg, base_dir, data_dir, store, tracker, started)
         callbacks = [ReportProgress(tracker, cfg.max_steps), UploadCheckpoints(store), sigterm, validation]
-        trainer = Trainer(
+        trainer = ShardedTrainer(
             model=model,
             args=training_args(cfg, store.local),
             train_dataset=dataset,
@@ -242,11 +252,12 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         elapsed = time.perf_counter() - train_started
         sigterm.exit_if_signalled()  # the checkpoint is saved: leave, so the retried pod resumes from it
-        if not trainer.is_world_process_zero():
-            return {}
+        share = parameter_share(model)  # 1/N of the model per process under FSDP
 
         # 6. Hand over the adapter: the best one validation saw, not merely the last one.
-        model.save_pretrained(out_dir)  # the output artifact is the adapter directory itself
+        save_adapter(model, out_dir, trainer.is_world_process_zero())  # the artifact is the adapter directory
+        if not trainer.is_world_process_zero():
+            return {}
         if validation and validation.best:
             shutil.copytree(
                 store.local / validation.best["dir"],
@@ -260,6 +271,8 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
             {
                 "compute_dtype": cfg.compute_dtype,
                 "gradient_checkpointing": cfg.gradient_checkpointing,
+                "parallelism": cfg.parallelism,
+                "parameter_share_per_process": share,
                 "stage_seconds": time.perf_counter() - started,
             }
         )

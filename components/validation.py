@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from components.artifacts import TrainedAdapter
 from components.checkpoints import BEST, VALIDATION, CheckpointStore, any_rank, read_validation
 from components.config import TrainSection
+from components.fsdp import save_adapter
 from components.inference import LabelTrie, load_tokenizer, predict_labels
 from components.literal_text import model_input
 from components.scoring import accuracy
@@ -120,8 +121,8 @@ class ValidateAndStop(TrainerCallback):
             "seconds": self.curve[-1]["seconds"],
             "dir": f"{BEST}-{state.global_step}",
         }
+        save_adapter(model, self.store.local / self.best["dir"], state.is_world_process_zero)
         if state.is_world_process_zero:
-            model.save_pretrained(self.store.local / self.best["dir"])
             self.store.push(self.best["dir"])
         self._save_state(state)
         if state.is_world_process_zero:

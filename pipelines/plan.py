@@ -21,8 +21,30 @@ class Verdict:
     advice: str
 
 
-def _train(shape, cfg: PipelineConfig, gpu: float, tokens: int, window: int) -> Verdict:
-    train = cfg.train
+def _train(shape, cfg: PipelineConfig, gpu: float, gpus: int, tokens: int, window: int) -> Verdict:
+    """The profile's setting on one GPU (data parallel holds a whole copy on each); where that is refused and
+    there are more GPUs, FSDP over all of them (the base and the LoRA state split, train.strategy=fsdp)."""
+    verdict = _train_on(shape, cfg.train, gpu, tokens, window)
+    if verdict.fits or gpus == 1 or cfg.train.parallelism == "fsdp":
+        return verdict
+    for offload in (False, True):
+        sharded = cfg.train.model_copy(update={"strategy": "fsdp", "num_processes": gpus, "cpu_offload": offload})
+        over = _train_on(shape, sharded, gpu, tokens, window)
+        if over.fits:
+            break
+    if not over.fits:
+        return verdict
+    # each process loads the NF4 base on the host before fully_shard moves its share to its GPU
+    host = gpus * mp.base_as_trained(shape, sharded) / mp.GB
+    where = f"train.strategy=fsdp train.num_processes={gpus}" + (" train.cpu_offload=true" if offload else "")
+    over.advice = (
+        over.advice.replace("fits at the profile's settings", "fits")
+        + f", sharded: {where} (over {gpus} GPUs; {host:.0f} GB of host memory to load the base)"
+    )
+    return over
+
+
+def _train_on(shape, train, gpu: float, tokens: int, window: int) -> Verdict:
     planned = mp.train_plan(shape, train, tokens, window)
     if planned.total <= gpu:
         return Verdict(planned, gpu, True, "fits at the profile's settings")
@@ -42,7 +64,11 @@ def _train(shape, cfg: PipelineConfig, gpu: float, tokens: int, window: int) -> 
         return Verdict(plan, gpu, True, f"fits at train.batch_size={batch} train.grad_accum={accum}{extra}")
     least = mp.train_plan(shape, train.model_copy(update={"gradient_checkpointing": True}), tokens, window, 1)
     weights = least.items["base weights"] / mp.GB
-    hint = "train.method=qlora" if train.method == "lora" else "a GPU with more memory, or data.max_tokens lower"
+    hint = (
+        "train.method=qlora"
+        if train.method == "lora"
+        else "more GPUs, a GPU with more memory, or data.max_tokens lower"
+    )
     return Verdict(
         least,
         gpu,
@@ -62,15 +88,23 @@ def _sized(plan_for, available: float, section: str, batch: int) -> Verdict:
     return Verdict(plan_for(1), available, False, f"refused: {plan_for(1).total / mp.GB:.1f} GB even at batch 1")
 
 
-def _evaluate(shape, cfg: PipelineConfig, gpu: float, tokens: int, lora: int) -> Verdict:
-    """eval.base_form auto: the 16-bit base where it fits, else the NF4 base QLoRA trained against."""
+def _evaluate(shape, cfg: PipelineConfig, gpu: float, gpus: int, tokens: int, lora: int) -> Verdict:
+    """eval.base_form auto: the 16-bit base where it fits, else the NF4 base QLoRA trained against; on one GPU
+    where it fits, else with the layers split over the pod's GPUs."""
     forms = ["16bit", "nf4"] if cfg.eval.base_form == "auto" else [cfg.eval.base_form]
-    for form in forms:
+    for form, split in [(form, n) for form in forms for n in dict.fromkeys([1, gpus])]:
         section = cfg.eval.model_copy(update={"base_form": form})
-        verdict = _sized(lambda b, s=section: mp.eval_plan(shape, s, tokens, lora, b), gpu, "eval", section.batch_size)
-        if verdict.fits or form == forms[-1]:
+        verdict = _sized(
+            lambda b, s=section, n=split: mp.eval_plan(shape, s, tokens, lora, b, gpus=n),
+            gpu,
+            "eval",
+            section.batch_size,
+        )
+        if verdict.fits or (form, split) == (forms[-1], gpus):
             if verdict.fits and form == "nf4":
                 verdict.advice += " on the NF4 base (the trained condition; eval.base_form auto)"
+            if verdict.fits and split > 1:
+                verdict.advice += f", its layers split over the {split} GPUs"
             return verdict
 
 
@@ -107,17 +141,18 @@ def _serve(shape: mp.ModelShape, gpus: int, gpu: float, tokens: int) -> Verdict:
 
 
 def plan(cfg: PipelineConfig, model: str, gpu: str, host_gb: float, answer_tokens: int) -> list[Verdict]:
-    """Every stage on one GPU of `gpu` (data parallel holds a whole copy on each), and serving split over all."""
+    """Every stage on `gpu`: on one of its GPUs where that fits, else sharded over all of them (training with
+    FSDP, evaluation with the layers split, serving with tensor parallelism)."""
     shape = mp.model_shape(model)
-    gpu_bytes, host = mp.gpu_bytes(gpu), host_gb * mp.GB
+    gpu_bytes, gpus, host = mp.gpu_bytes(gpu), mp.gpu_count(gpu), host_gb * mp.GB
     tokens, lora = cfg.data.max_tokens, mp.lora_params(shape, cfg.train)
     merged = mp.merge_plan(shape, cfg.train, host)
     peak = next(iter(merged.items))
     short = f"refused: {merged.total / mp.GB:.1f} GB of host memory on {host_gb:.0f} GB ({peak})"
     merge = Verdict(merged, host, merged.total <= host, f"fits (peak: {peak})" if merged.total <= host else short)
     return [
-        _train(shape, cfg, gpu_bytes, tokens, answer_tokens),
-        _evaluate(shape, cfg, gpu_bytes, tokens, lora),
+        _train(shape, cfg, gpu_bytes, gpus, tokens, answer_tokens),
+        _evaluate(shape, cfg, gpu_bytes, gpus, tokens, lora),
         merge,
         _sized(
             lambda b: mp.quantize_plan(shape, cfg.eval.model_copy(update={"batch_size": b}), tokens),
@@ -125,7 +160,7 @@ def plan(cfg: PipelineConfig, model: str, gpu: str, host_gb: float, answer_token
             "eval",
             cfg.eval.batch_size,
         ),
-        _serve(shape, mp.gpu_count(gpu), gpu_bytes, tokens),
+        _serve(shape, gpus, gpu_bytes, tokens),
     ]
 
 

@@ -96,10 +96,22 @@ def resolve(profile_json: str, form: dict[str, Any], overrides: str = "", pipeli
             f"config_overrides: placement.{', placement.'.join(moved)} shape the pods and are compiled in; "
             "set them when compiling: llmops compile --profile cluster placement.resources.train.memory=64Gi ..."
         )
+    _one_process_per_gpu(raw)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
         raise ValueError(_explain(err)) from None
+
+
+def _one_process_per_gpu(raw: dict) -> None:
+    """train.num_processes left unset follows the run's accelerator_count on a GPU run: four GPUs, four
+    processes (a count the profile or the overrides give is kept)."""
+    train, placement = raw.get("train"), raw.get("placement")
+    if not (isinstance(train, dict) and isinstance(placement, dict)):
+        return  # validation names what is wrong with the section
+    count = placement.get("accelerator_count")
+    if train.get("num_processes") is None and train.get("use_gpu") is True and isinstance(count, int) and count > 0:
+        train["num_processes"] = count
 
 
 def checkpoint_root_under(pipeline_root: str) -> str | None:

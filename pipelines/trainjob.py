@@ -87,10 +87,10 @@ def render(
         "command": command,
         "env": env,
         "numNodes": cfg.nodes,
-        "numProcPerNode": cfg.num_processes,
+        "numProcPerNode": cfg.per_node,
     }
     if cfg.use_gpu:
-        count = str(cfg.num_processes)
+        count = str(cfg.per_node)
         trainer["resourcesPerNode"] = {"limits": {gpu_resource: count}, "requests": {gpu_resource: count}}
     pod = {
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],

@@ -176,3 +176,34 @@ def test_a_70b_evaluates_on_one_h100_in_the_form_it_trained_in():
     assert verdicts["evaluate"].fits and "on the NF4 base (the trained condition" in verdicts["evaluate"].advice
     assert verdicts["evaluate"].plan.items["model and adapter"] / mp.GB < 45
     assert not verdicts["quantize"].fits
+
+
+def test_a_70b_trains_and_evaluates_on_two_24_gb_gpus_by_sharding():
+    """The done-when of going past one GPU: one 24 GB GPU cannot hold the 70B's NF4 base (43.7 GB as trained), so
+    the plan shards it: training with FSDP over both GPUs, with the shards in host memory (train.cpu_offload), and
+    evaluation with the NF4 base's layers split over the two."""
+    cfg = load_config("cluster")
+    verdicts = {v.plan.stage: v for v in plan(cfg, config("llama-3.1-70b"), "2xRTX4090", 128, 256)}
+    train, evaluate = verdicts["train"], verdicts["evaluate"]
+    assert train.fits and "train.strategy=fsdp train.num_processes=2 train.cpu_offload=true" in train.advice
+    assert train.plan.total <= 24 * mp.GB and train.plan.offloaded / mp.GB == pytest.approx(43.7 / 2 + 3.3 / 2, 0.02)
+    assert "87 GB of host memory to load the base" in train.advice  # each process loads the NF4 base before sharding
+    assert evaluate.fits and "its layers split over the 2 GPUs" in evaluate.advice
+    assert evaluate.plan.items["model and adapter / 2"] / mp.GB == pytest.approx(40.3 / 2, 0.02)
+    # on one of these GPUs, neither fits
+    alone = {v.plan.stage: v for v in plan(cfg, config("llama-3.1-70b"), "RTX4090", 128, 256)}
+    assert not alone["train"].fits and not alone["evaluate"].fits
+
+
+def test_fsdp_splits_the_base_and_the_lora_state_and_gathers_two_layers():
+    shape = mp.model_shape(config("llama-3.1-8b"))
+    single = load_config("cluster").train.model_copy(update={"gradient_checkpointing": True})
+    sharded = single.model_copy(update={"strategy": "fsdp", "num_processes": 4})
+    one, four = (mp.train_plan(shape, s, 1024, 256) for s in (single, sharded))
+    assert four.items["base weights"] == pytest.approx(one.items["base weights"] / 4)
+    lora = "LoRA weights, gradients, Adam"
+    assert four.items[lora] == pytest.approx(one.items[lora] / 4)
+    assert four.items["activations"] == one.items["activations"]  # each process runs its own micro-batch
+    linear_nf4 = one.items["base weights"] - shape.other_params * 4  # the other weights are float32 in QLoRA
+    assert four.items["two layers gathered"] == pytest.approx(2 * linear_nf4 / shape.layers)
+    assert "two layers gathered" not in one.items and one.offloaded == four.offloaded == 0

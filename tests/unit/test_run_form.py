@@ -15,7 +15,9 @@ def cluster():
 
 
 def test_the_untouched_form_resolves_to_the_profile(cluster):
-    assert resolve(cluster.model_dump_json(), form_values(cluster)) == cluster
+    """With one thing filled in: training's process count, from the GPUs the run requests."""
+    one_per_gpu = cluster.train.model_copy(update={"num_processes": cluster.placement.accelerator_count})
+    assert resolve(cluster.model_dump_json(), form_values(cluster)) == cluster.model_copy(update={"train": one_per_gpu})
 
 
 def test_form_parameters_set_their_fields(cluster):
@@ -71,3 +73,17 @@ def test_every_stage_takes_its_section_from_the_resolve_task(tmp_path, cluster):
             {"componentInputParameter": f"pipelinechannel--resolve-config-{section}"},
         )
     assert set(FORM) <= set(tasks["resolve-config"]["inputs"]["parameters"])
+
+
+def test_the_gpus_a_run_requests_set_its_training_processes_unless_the_config_gives_them(cluster):
+    """Four GPUs on the form, four torchrun workers (one per GPU); a count in the profile or the overrides is kept,
+    and a CPU run stays one process."""
+    assert cluster.train.use_gpu and cluster.train.num_processes is None
+    profile, form = cluster.model_dump_json(), form_values(cluster)
+    assert resolve(profile, form | {"accelerator_count": 4}).train.per_node == 4
+    assert resolve(profile, form | {"accelerator_count": 4}, "train.num_processes=1").train.per_node == 1
+    assert resolve(profile, form | {"accelerator_count": 4}, "train.use_gpu=false").train.per_node == 1
+    sharded = resolve(profile, form | {"accelerator_count": 2}, "train.strategy=fsdp").train
+    assert (sharded.parallelism, sharded.processes) == ("fsdp", 2)
+    with pytest.raises(ValueError, match="train.strategy=fsdp needs train.num_processes"):
+        resolve(profile, form | {"accelerator_count": 1}, "train.strategy=fsdp")

@@ -206,3 +206,33 @@ def test_validation_in_eval_mode_leaves_the_training_gradients_intact(tiny_base,
     assert fresh[first].abs().sum() > 0
     for name, grad in fresh.items():
         torch.testing.assert_close(validated[name], grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_the_strategy_follows_the_process_count_and_refuses_what_cannot_run():
+    from components.config import TrainSection
+
+    assert TrainSection().parallelism == "single" and TrainSection(num_processes=2).parallelism == "ddp"
+    assert TrainSection(num_processes=2, strategy="fsdp").parallelism == "fsdp"
+    for bad, message in [
+        ({"num_processes": 2, "strategy": "single"}, "runs one process, not 2"),
+        ({"num_processes": 1, "strategy": "fsdp"}, "needs train.num_processes"),
+        ({"num_processes": 2, "cpu_offload": True}, "set train.strategy=fsdp"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            TrainSection(**bad)
+
+
+def test_fsdp_takes_its_own_checkpointing_and_the_codes_in_the_compute_dtype():
+    """Under FSDP the per-layer activation checkpointing is FSDP's (the Trainer's would gather each layer twice),
+    and the NF4 codes are stored in the compute dtype so they can be sharded; DDP keeps uint8 and no FSDP."""
+    from components.config import TrainSection
+    from components.fsdp import fsdp_args
+
+    cfg = TrainSection(num_processes=2, strategy="fsdp", gradient_checkpointing=True, compute_dtype="float32")
+    settings = fsdp_args(cfg)["fsdp_config"]
+    assert (settings["version"], settings["activation_checkpointing"], settings["cpu_offload"]) == (2, True, False)
+    assert train.quantization(cfg).bnb_4bit_quant_storage == torch.float32
+    ddp = cfg.model_copy(update={"strategy": "ddp"})
+    assert fsdp_args(ddp) == {} and train.quantization(ddp).bnb_4bit_quant_storage == torch.uint8
+    offloaded = cfg.model_copy(update={"cpu_offload": True})
+    assert fsdp_args(offloaded)["fsdp_config"]["cpu_offload"] is True
