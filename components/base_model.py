@@ -1,5 +1,7 @@
 """Resolve `model.base_model` into a 16-bit safetensors directory, cached by content hash.
 
+Run as: `llmops stage base-model [model.base_model=ID]` (alone), or the first task of `llmops run`.
+
 Accepted sources: the packaged SmolLM2 GGUF, a local directory (HF layout or holding a .gguf),
 an `s3://bucket/prefix` URI, or a Hugging Face hub id (needs network, so it fails offline with a clear error).
 """

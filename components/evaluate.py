@@ -1,5 +1,8 @@
 """The evaluate stage: the base and the tuned model scored on the eval split, side by side.
 
+Run as: `llmops stage evaluate [eval.key=value]` (alone, on a local run's base, adapter and data), or a task of
+`llmops run`.
+
 Scoring itself lives in components.scoring (quantize and the gate use it too); this module runs it
 for both models, writes the report, predictions and confusion matrix, and logs them to MLflow.
 """

@@ -1,5 +1,7 @@
 """The promotion gate: compare what will serve with the base model and the current champion.
 
+Run as: a task of `llmops run`, after register (it reads the registered version and the champion in MLflow).
+
 The candidate's figure is the served model's: the merge under the recommended `--quantize` flag, as the
 quantize stage measured it (the version's `eval.tuned.*`). The base is taken on the same eval rows. The
 champion, also as served, is measured on the candidate's rows unless both were scored on the same ones.

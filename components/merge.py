@@ -1,5 +1,8 @@
 """Merge the adapter into a 16-bit copy of the base and check greedy parity with the model that was trained.
 
+Run as: `llmops stage merge [merge.parity_prompts=8]` (alone, on a local run's base, adapter and data), or a
+task of `llmops run`.
+
 A QLoRA adapter learned to correct the NF4-rounded base, so it is added to those weights, dequantized; the
 parity reference is the adapter unmerged on that same base, which is the trained model's arithmetic in
 float32 (bitsandbytes' own 4-bit kernel computes in bfloat16 on CPU). A 16-bit LoRA adapter goes onto the

@@ -1,5 +1,8 @@
 """Data prep: read, validate, reject, de-duplicate, split and render with the base model's chat template.
 
+Run as: `llmops stage prepare-data [data.key=value]` (alone, on a local run's base model), or a task of
+`llmops run`.
+
 Outputs (in out_dir): train.jsonl, eval.jsonl, rejects.jsonl (every dropped row with file, row,
 field and reason), labels.json for label tasks, and stats.json. kept + rejected == rows read.
 """

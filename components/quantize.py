@@ -1,6 +1,11 @@
 """int8 (LLM.int8) and NF4 variants of the merged model: what quantization costs, and which
-TGI `--quantize` flag to recommend. TGI cannot load bitsandbytes checkpoints, so it is the merged
-16-bit model that gets served, quantized by TGI at load with the recommended flag.
+TGI `--quantize` flag to recommend.
+
+Run as: `llmops stage quantize [quantize.key=value]` (alone, on a local run's merge and data), or a task of
+`llmops run`.
+
+TGI cannot load bitsandbytes checkpoints, so it is the merged 16-bit model that gets served, quantized by TGI at
+load with the recommended flag.
 """
 
 from __future__ import annotations

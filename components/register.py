@@ -1,5 +1,7 @@
 """Register the merged model in the MLflow model registry as an MLflow model, with lineage tags.
 
+Run as: a task of `llmops run` (it needs the run's MLflow server and its pipeline run name).
+
 The version is created from a LoggedModel (components/logged_model.py): a pyfunc around the merged
 directory with a sha256 manifest of every served file, whose digest becomes the version's tag
 `weights.manifest_sha256`. TGI's init container and `llmops serve` verify the files against it.

@@ -1,5 +1,8 @@
 """The train stage, as a recipe: QLoRA (4-bit NF4 base, LoRA adapter), loss on the answer tokens only.
 
+Run as: `llmops stage train [train.max_steps=20]` (alone, on a local run's base model and data), or a task of
+`llmops run`; under torchrun each worker comes back into `run` (`python -m components.train CFG BASE DATA OUT`).
+
 `train` reads top to bottom: checkpoint store and settings, data, model, callbacks, training, hand-over.
 Checkpoints go to a store keyed by the training inputs, so a killed step that is started again with the
 same inputs resumes from the last complete checkpoint instead of step 0.

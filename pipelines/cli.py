@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -41,6 +42,32 @@ def run(
     except PipelineFailed as err:
         typer.secho(f"llmops run: {err}", fg="red", err=True)
         raise typer.Exit(1) from None
+
+
+@app.command("stage")
+def stage(
+    name: Annotated[str, typer.Argument(help="base-model, prepare-data, train, evaluate, merge or quantize")],
+    overrides: Overrides = None,
+    run_dir: Annotated[
+        Optional[Path], typer.Option("--from", help="a local run: <root>/kfp/finetune-<time> (default: the newest)")
+    ] = None,
+    root: Annotated[Path, typer.Option(help="where `llmops run` keeps its runs")] = Path(".llmops"),
+):
+    """Run one model stage again, alone, on the artifacts a local run left (its section from that run, with
+    `section.field=value` overrides); the output goes to <root>/stages/<stage>-<time>."""
+    from pipelines.stage_rerun import rerun
+
+    if run_dir is None:
+        runs = sorted((root / "kfp").glob("finetune-*"))
+        if not runs:
+            raise typer.BadParameter(f"no local run under {root / 'kfp'}: `llmops run` first, or give --from")
+        run_dir = runs[-1]
+    try:
+        out, result = rerun(name, run_dir, root / "stages", overrides)
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err)) from err
+    figures = {key: value for key, value in result.items() if isinstance(value, (int, float, str))}
+    typer.echo(f"{name} from {run_dir}: wrote {out}\n{json.dumps(figures, indent=1, default=str)}")
 
 
 @app.command("compile")

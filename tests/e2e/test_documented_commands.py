@@ -9,6 +9,7 @@ README as written, so a command that changes there without changing here fails.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -67,6 +68,21 @@ def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(work
     assert metrics["exact_match"] == pytest.approx(quant["results"]["merged"]["exact_match"], abs=1e-9)
     assert metrics["agreement_where_valid"] == 1.0 and metrics["label_accuracy"] >= metrics["exact_match"]
     assert float(version.tags["eval.tuned.exact_match"]) == pytest.approx(quant["served"]["exact_match"], abs=1e-4)
+
+
+def test_one_stage_reruns_alone_on_what_make_run_left(workspace, demo_run):
+    """`llmops stage` (the README's line for debugging one stage): prepare-data again with one setting changed,
+    its section and its base model from make run's own folders, its output beside them."""
+    documented("llmops stage merge merge.parity_prompts=8")
+    run_dir = next(d for d in sorted(workspace.root.glob("kfp/finetune-*")) if (d / "prepare-data").is_dir())
+    done = workspace.llmops(
+        "stage", "prepare-data", "--from", str(run_dir), "--root", str(workspace.root), "data.val_examples=5"
+    )
+    assert f"prepare-data from {run_dir}" in done.stdout and '"validation": 5' in done.stdout
+    (out,) = workspace.root.glob("stages/prepare-data-*/dataset")
+    assert len((out / "val.jsonl").read_text().splitlines()) == 5
+    made = json.loads((run_dir / "prepare-data" / "dataset" / "stage_config.json").read_text())["config"]
+    assert json.loads((out / "stage_config.json").read_text())["config"] == made | {"val_examples": 5}
 
 
 def test_readme_promote_then_chat_answers_with_the_label(workspace, demo_run):
