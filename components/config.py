@@ -246,11 +246,12 @@ class MergeSection(Section):
     base_precision: Literal["bfloat16", "float16", "nf4"] = Field(
         "float16", description="dtype of the merged weights (16-bit; nf4 is refused)"
     )
-    compare_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+    compare_dtype: Literal["auto", "float32", "bfloat16", "layerwise"] = Field(
         "auto",
-        description="dtype of the parity check: float32 (the adapter unmerged on a float32 base: exact), bfloat16 "
-        "(the trained condition in its compute dtype: a quarter of the memory for QLoRA); auto: float32 when it "
-        "fits the memory at hand, else bfloat16",
+        description="how the parity check runs: float32 (the adapter unmerged on a float32 base: exact), bfloat16 "
+        "(the trained condition in its compute dtype: a quarter of the memory for QLoRA), layerwise (the float32 "
+        "reference and the merge one decoder layer at a time, teacher-forced on the eval answers: a 70B on a "
+        "128 GB host); auto: the first of these that fits the memory at hand",
     )
     parity_prompts: int = Field(32, gt=0, description="eval prompts decoded by both the adapter and the merge")
     parity_threshold: float = Field(0.9, ge=0, le=1, description="least share of identical greedy outputs")

@@ -251,33 +251,41 @@ def streaming_merge_bytes(shape: ModelShape, shard_bytes: float, adapter_bytes: 
     return 2 * shard_bytes + largest * 4 + adapter_bytes
 
 
+def layerwise_parity_bytes(shape: ModelShape, adapter_bytes: float) -> float:
+    """components/layer_parity.py at its peak: the largest block (a decoder layer's linears, or the embedding
+    or head) read in 16 bits and held in float32 with its NF4 rounding's working copy, and the adapter."""
+    return max(shape.linear_params / shape.layers, shape.vocab * shape.hidden) * 6 + adapter_bytes
+
+
 def merge_plan(shape: ModelShape, train: TrainSection, available: float) -> StagePlan:
-    """The merge's three phases run one after another, so its peak is the largest: writing the merge shard by
-    shard (a 5 GB shard, one float32 tensor, the adapter), the trained model for the parity check, the merge
-    loaded for it. The parity check runs in float32 when that fits (merge.compare_dtype auto), else bfloat16
-    on the trained condition (for QLoRA, the NF4 base)."""
+    """The merge's phases run one after another, so its peak is the largest: writing the merge shard by shard (a
+    5 GB shard, one float32 tensor, the adapter), then the parity check as merge.compare_dtype auto picks it: in
+    float32 where that fits, else in bfloat16 on the trained condition (for QLoRA, the NF4 base) and the merge,
+    each loaded whole, else one block at a time (components/layer_parity.py)."""
     adapter = lora_params(shape, train) * 4
+    streaming = "streaming the merge (a shard in and out, a float32 tensor, the adapter)"
+    phases = {streaming: streaming_merge_bytes(shape, min(5 * GB, shape.params * 2), adapter)}
     float32 = parity_in_float32(shape, available)
-    if float32:
-        reference = shape.params * 4
-    elif train.method == "qlora":
-        reference = nf4_model_bytes(shape, train.double_quant, 2)
+    if not float32 and shape.params * 2 * 1.3 > available:
+        phases["parity one block at a time (read in 16 bits, held in float32), the adapter"] = layerwise_parity_bytes(
+            shape, adapter
+        )
     else:
-        reference = shape.params * 2
-    # A model loaded in another dtype than its 16-bit checkpoint (float32, or NF4) is converted from the mapped
-    # file, whose pages count until it is done; loaded as stored, the mapped pages are the weights.
-    mapped = shape.params * 2
-    converted = float32 or train.method == "qlora"
-    label = "float32" if float32 else "bfloat16"
-    phases = {
-        "streaming the merge (a shard in and out, a float32 tensor, the adapter)": streaming_merge_bytes(
-            shape, min(5 * GB, shape.params * 2), adapter
-        ),
-        f"parity: trained model ({label}), converted from its mapped checkpoint": reference
-        + adapter
-        + mapped * converted,
-        f"parity: the merge ({label})": shape.params * 4 + mapped if float32 else shape.params * 2,
-    }
+        if float32:
+            reference = shape.params * 4
+        elif train.method == "qlora":
+            reference = nf4_model_bytes(shape, train.double_quant, 2)
+        else:
+            reference = shape.params * 2
+        # A model loaded in another dtype than its 16-bit checkpoint (float32, or NF4) is converted from the mapped
+        # file, whose pages count until it is done; loaded as stored, the mapped pages are the weights.
+        mapped = shape.params * 2
+        converted = float32 or train.method == "qlora"
+        label = "float32" if float32 else "bfloat16"
+        phases[f"parity: trained model ({label}), converted from its mapped checkpoint"] = (
+            reference + adapter + mapped * converted
+        )
+        phases[f"parity: the merge ({label})"] = shape.params * 4 + mapped if float32 else shape.params * 2
     peak = max(phases, key=phases.get)
     plan = StagePlan("merge", "host")
     plan.items = {peak: phases[peak], "runtime": RUNTIME_HOST}

@@ -17,6 +17,7 @@ from pathlib import Path
 from components.artifacts import CONTRACT_FILE, MergedModel, PreparedData, record_config
 from components.config import MergeSection
 from components.inference import bnb_config, generate, load_model, load_tokenizer
+from components.layer_parity import layerwise_parity
 from components.literal_text import model_input
 from components.memory_plan import model_shape
 from components.prompt_contract import read_contract, wrap_template
@@ -112,25 +113,26 @@ def write_tokenizer(base_dir: Path, out_dir: Path, contract: dict | None) -> Non
     tok.save_pretrained(out_dir, save_jinja_files=False)  # TGI reads the template from tokenizer_config.json
 
 
-def parity_dtype(cfg: MergeSection, base_dir: Path) -> str:
-    """float32 when the float32 reference fits the memory at hand (1.3x for the runtime), else bfloat16; refused
-    before any weight is read when not even the 16-bit merge fits."""
+def parity_dtype(cfg: MergeSection, base_dir: Path, adapter_dir: Path) -> str:
+    """float32 when the float32 reference fits the memory at hand (1.3x for the runtime), else bfloat16 when the
+    merged model does, else layerwise (one decoder layer at a time); refused before any weight is read when not
+    even one layer does."""
     if cfg.compare_dtype != "auto":
         return cfg.compare_dtype
     from components.compute import free_memory
-    from components.memory_plan import GB, MemoryPlanError, parity_in_float32
+    from components.memory_plan import GB, MemoryPlanError, adapter_params, layerwise_parity_bytes, parity_in_float32
 
     shape, available = model_shape(base_dir), free_memory(use_gpu=False)
-    params = shape.params
     if parity_in_float32(shape, available):
         return "float32"
-    if params * 2 > available:
+    if shape.params * 2 * 1.3 <= available:
+        return "bfloat16"
+    if (need := layerwise_parity_bytes(shape, adapter_params(adapter_dir) * 4)) > available:
         raise MemoryPlanError(
-            f"merge: its parity check loads the merged model in bfloat16 ({params * 2 / GB:.1f} GB), "
-            f"{available / GB:.1f} GB available on the host; give the merge task more memory "
-            "(placement.resources.merge.memory)"
+            f"merge: its parity check holds {need / GB:.1f} GB even one layer at a time, {available / GB:.1f} GB "
+            "available on the host; give the merge task more memory (placement.resources.merge.memory)"
         )
-    return "bfloat16"
+    return "layerwise"
 
 
 def parity_reference(base_dir: Path, adapter_dir: Path, base: str, dtype: str):
@@ -145,6 +147,21 @@ def parity(reference: list[str], candidate: list[str]) -> float:
     return sum(a == b for a, b in zip(reference, candidate)) / max(len(reference), 1)
 
 
+def generated_parity(base_dir, adapter_dir, merged_dir, base: str, compare: str, prompts, tok, cfg: MergeSection):
+    """Greedy outputs of the trained model and of the merge, each loaded whole in `compare`: (parity, the first
+    mismatches)."""
+    trained = parity_reference(base_dir, adapter_dir, base, compare)
+    reference = generate(trained, tok, prompts, cfg.max_new_tokens, 16, progress="trained model")
+    del trained
+    merged = load_model(merged_dir, compare, device=HOST)
+    candidate = generate(merged, tok, prompts, cfg.max_new_tokens, 16, progress="merged")
+    del merged
+    mismatches = [
+        {"prompt": p[-200:], "trained": r, "merged": c} for p, r, c in zip(prompts, reference, candidate) if r != c
+    ]
+    return parity(reference, candidate), {"mismatches": mismatches[:10]}
+
+
 def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out_dir: Path) -> dict:
 
     from components.tracking import stage_run
@@ -156,29 +173,26 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
     out = MergedModel(out_dir)
     prompts = [model_input(e) for e in PreparedData(data_dir).examples("eval")][: cfg.parity_prompts]
     tok = load_tokenizer(base_dir)
-    compare = parity_dtype(cfg, base_dir)  # the memory plan, before any weight is read
+    compare = parity_dtype(cfg, base_dir, adapter_dir)  # the memory plan, before any weight is read
     with stage_run("merge", cfg.model_dump()) as tracker:
         base = merge_base(cfg, adapter_dir)
+        nf4 = merge_nf4(adapter_dir, base)
         # Written shard by shard: the merge itself holds one shard and the adapter, whatever the model's size.
-        stream_merge(
-            base_dir,
-            adapter_dir,
-            out.model_dir,
-            cfg.base_precision,
-            merge_nf4(adapter_dir, base),
-        )
+        stream_merge(base_dir, adapter_dir, out.model_dir, cfg.base_precision, nf4)
         write_tokenizer(base_dir, out.model_dir, read_contract(data_dir))
         # Then the parity check, one model at a time: the trained model, then the merge, in the same dtype.
-        trained = parity_reference(base_dir, adapter_dir, base, compare)
-        reference = generate(trained, tok, prompts, cfg.max_new_tokens, 16, progress="trained model")
-        del trained
-        merged = load_model(out.model_dir, compare, device=HOST)
-        candidate = generate(merged, tok, prompts, cfg.max_new_tokens, 16, progress="merged")
-        del merged
-        agreement = parity(reference, candidate)
         reference_name = {"dequantized-nf4": "dequantized NF4 base + adapter", "16bit": "16-bit base + adapter"}[base]
-        if compare != "float32":
-            reference_name = f"the trained model in {compare}"
+        if compare == "layerwise":  # neither model is held whole: a block at a time, teacher-forced
+            examples = PreparedData(data_dir).examples("eval")[: cfg.parity_prompts]
+            figures = layerwise_parity(base_dir, adapter_dir, out.model_dir, examples, tok, nf4)
+            agreement, details = figures.pop("parity"), figures | {"mismatches": []}
+            reference_name += ", one layer at a time, teacher-forced on the eval answers"
+        else:
+            agreement, details = generated_parity(
+                base_dir, adapter_dir, out.model_dir, base, compare, prompts, tok, cfg
+            )
+            if compare != "float32":
+                reference_name = f"the trained model in {compare}"
         report = {
             "parity": agreement,
             "compare_dtype": compare,
@@ -187,11 +201,7 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
             "threshold": cfg.parity_threshold,
             "prompts": len(prompts),
             "size_bytes": dir_size(out.model_dir),
-            "mismatches": [
-                {"prompt": p[-200:], "trained": r, "merged": c}
-                for p, r, c in zip(prompts, reference, candidate)
-                if r != c
-            ][:10],
+            **details,
         }
         write_json(out.report_file, report)
         tracker.log_metrics({"merge.parity": agreement, "merge.size_bytes": report["size_bytes"]})
@@ -201,8 +211,7 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
         )
         if agreement < cfg.parity_threshold:
             raise ParityError(
-                f"the merged model agrees with the trained model ({reference_name}) on {agreement:.1%} of greedy "
-                "outputs, "
-                f"below merge.parity_threshold={cfg.parity_threshold:.1%}; see {out.report_file}"
+                f"the merged model agrees with the trained model ({reference_name}) on {agreement:.1%} of the "
+                f"parity prompts, below merge.parity_threshold={cfg.parity_threshold:.1%}; see {out.report_file}"
             )
     return report

@@ -22,7 +22,7 @@ INDEX = "model.safetensors.index.json"
 PEFT_PREFIX = "base_model.model."
 
 
-def _shards(base_dir: Path) -> list[Path]:
+def shard_files(base_dir: Path) -> list[Path]:
     index = base_dir / INDEX
     if index.exists():
         return [base_dir / name for name in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
@@ -99,7 +99,7 @@ def stream_merge(base_dir: Path, adapter_dir: Path | None, out_dir: Path, dtype:
     deltas, scaling = lora_deltas(Path(adapter_dir)) if adapter_dir else ({}, 1.0)
     rounded = model_shape(base_dir).linear_weights if nf4 else frozenset()
     out_dtype, used = getattr(torch, dtype), set()
-    for shard in _shards(base_dir):
+    for shard in shard_files(base_dir):
         merged = {}
         with safe_open(shard, framework="pt") as tensors:
             for name in tensors.keys():

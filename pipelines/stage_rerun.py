@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from components.artifacts import STAGE_CONFIG, MergedModel
 from components.config import Section, apply_overrides
 from pipelines.config import PipelineConfig
@@ -94,16 +96,24 @@ def locate(run_dir: Path, artifact: str) -> Path:
     own = run_dir / artifact
     if own.exists():
         return own
-    expected = section_of(run_dir, STAGES[task].section).model_dump()
+    expected = section_of(run_dir, STAGES[task].section)
     earlier = sorted((d for d in run_dir.parent.glob("*") if d.is_dir() and d.name < run_dir.name), reverse=True)
     for candidate in (d / artifact for d in earlier):
-        recorded = candidate / STAGE_CONFIG
-        if recorded.is_file() and json.loads(recorded.read_text())["config"] == expected:
+        if (candidate / STAGE_CONFIG).is_file() and _recorded(candidate, type(expected)) == expected:
             return candidate
     raise FileNotFoundError(
         f"{artifact}: not in {run_dir}, and no earlier run in {run_dir.parent} made it with this run's "
         f"{SECTION_OUTPUTS[STAGES[task].section]} section; run `{task}` first: llmops stage {task} --from {run_dir}"
     )
+
+
+def _recorded(output: Path, section: type[Section]) -> Section | None:
+    """The section an output was made with, read with today's defaults (a field added since then compares as
+    its default, as the run's own resolved section does); None where it no longer validates."""
+    try:
+        return section.model_validate(json.loads((output / STAGE_CONFIG).read_text())["config"])
+    except ValidationError:
+        return None
 
 
 def rerun(name: str, run_dir: Path, out_root: Path, overrides: list[str] | None = None) -> tuple[Path, dict]:

@@ -77,9 +77,11 @@ def test_evaluation_falls_back_to_the_nf4_base_the_adapter_trained_on_where_16_b
     assert report["base"]["loss"] != sixteen["base"]["loss"]  # another base was scored: the 4-bit rounding shows
 
 
-def test_merge_matches_adapter_on_base_and_is_servable(tiny_base, tiny_adapter, demo_prepared, tmp_path):
-    report = merge.run(MergeSection(parity_prompts=16), tiny_base, tiny_adapter, demo_prepared, tmp_path)
-    assert report["parity"] >= 0.9
+@pytest.mark.parametrize("compare", ["auto", "layerwise"])
+def test_merge_matches_adapter_on_base_and_is_servable(compare, tiny_base, tiny_adapter, demo_prepared, tmp_path):
+    cfg = MergeSection(parity_prompts=16, compare_dtype=compare)
+    report = merge.run(cfg, tiny_base, tiny_adapter, demo_prepared, tmp_path)
+    assert report["parity"] >= 0.9 and report["compare_dtype"] == ("float32" if compare == "auto" else compare)
     served = tmp_path / "model"
     assert (served / "model.safetensors").exists() and (served / "config.json").exists()
     assert json.loads((served / "tokenizer_config.json").read_text())["chat_template"]
@@ -87,7 +89,8 @@ def test_merge_matches_adapter_on_base_and_is_servable(tiny_base, tiny_adapter, 
     assert not (served / "adapter_config.json").exists()  # merged weights, not an adapter
 
 
-def test_merge_fails_below_the_parity_threshold(tiny_base, tiny_adapter, demo_prepared, tmp_path, monkeypatch):
+@pytest.mark.parametrize("compare", ["auto", "layerwise"])
+def test_merge_fails_below_the_parity_threshold(compare, tiny_base, tiny_adapter, demo_prepared, tmp_path, monkeypatch):
     # Simulate a lossy merge (the classic bug: merging into a 4-bit base) by corrupting the saved weights.
     real = merge.stream_merge
 
@@ -105,7 +108,11 @@ def test_merge_fails_below_the_parity_threshold(tiny_base, tiny_adapter, demo_pr
     monkeypatch.setattr(merge, "stream_merge", lossy)
     with pytest.raises(merge.ParityError, match="below merge.parity_threshold"):
         merge.run(
-            MergeSection(parity_prompts=8, parity_threshold=0.9), tiny_base, tiny_adapter, demo_prepared, tmp_path
+            MergeSection(parity_prompts=8, parity_threshold=0.9, compare_dtype=compare),
+            tiny_base,
+            tiny_adapter,
+            demo_prepared,
+            tmp_path,
         )
 
 
