@@ -146,9 +146,10 @@ def tiny_source(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llmops_cache(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cache")
-    os.environ["LLMOPS_CACHE"] = str(path)
-    os.environ["LLMOPS_CHECKPOINT_ROOT"] = str(path / "checkpoints")
-    return path
+    with pytest.MonkeyPatch.context() as env:  # for the session, undone at its end
+        env.setenv("LLMOPS_CACHE", str(path))
+        env.setenv("LLMOPS_CHECKPOINT_ROOT", str(path / "checkpoints"))
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -260,16 +261,12 @@ def mlflow_server(tmp_path_factory):
     from pipelines import mlflow_local
 
     server = mlflow_local.start(tmp_path_factory.mktemp("mlflow"), port=free_port(), detach=False)
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = server.url
     try:
-        yield server
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("MLFLOW_TRACKING_URI", server.url)
+            yield server
     finally:
         server.stop()
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def shared_path(*parts: str) -> Path:
@@ -302,27 +299,22 @@ def moto_s3(scratch: Path):
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    saved = {name: os.environ.get(name) for name in ENV}
     # Point config/credential files at nothing so a developer's ~/.aws cannot leak in.
     nowhere = str(Path(scratch) / "aws-missing")
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=url,
-        AWS_CONFIG_FILE=nowhere,
-        AWS_SHARED_CREDENTIALS_FILE=nowhere,
-    )
-    for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "MLFLOW_S3_ENDPOINT_URL"):
-        os.environ.pop(name, None)
+    settings = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+        "AWS_CONFIG_FILE": nowhere,
+        "AWS_SHARED_CREDENTIALS_FILE": nowhere,
+    }
     try:
-        yield url
+        with pytest.MonkeyPatch.context() as env:
+            for name in ENV:
+                env.setenv(name, settings[name]) if name in settings else env.delenv(name, raising=False)
+            yield url
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         try:
             requests.post(f"{url}/moto-api/reset", timeout=30)  # the backends live in this process: free the objects
         finally:

@@ -3,7 +3,6 @@ commands, real vLLM): the SmolLM2 pipeline run is the tier's expensive part."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest
@@ -23,5 +22,6 @@ def demo_run(workspace):
     """`make run`, the README's first command: the demo data, the local profile, a local MLflow server."""
     documented("make run    #")
     done = workspace.make("run", timeout=1200, ARGS=f"--root {workspace.root}")
-    os.environ["MLFLOW_TRACKING_URI"] = workspace.tracking_uri  # for this process's MLflow client only
-    return done
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", workspace.tracking_uri)  # for this process's MLflow client only
+        yield done

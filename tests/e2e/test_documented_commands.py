@@ -10,7 +10,6 @@ README as written, so a command that changes there without changing here fails.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -117,11 +116,9 @@ def test_readme_promote_then_chat_answers_with_the_label(workspace, demo_run):
         answer = workspace.llmops("chat", QUESTION, "--model", "llmops-demo@champion").stdout.strip()
         assert answer == ANSWER
 
-        os.environ["LLMOPS_SERVING_DIR"] = str(workspace.root / "serving")
-        try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("LLMOPS_SERVING_DIR", str(workspace.root / "serving"))
             assert chat_model("llmops-demo@champion").invoke(QUESTION).content.strip() == ANSWER
-        finally:
-            os.environ.pop("LLMOPS_SERVING_DIR")
         openai = OpenAI(base_url=status["deploy.endpoint"] + "/v1", api_key="-")
         reply = openai.chat.completions.create(  # vLLM answers to the registered name; ours to any
             model="llmops-demo", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=16

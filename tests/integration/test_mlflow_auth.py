@@ -39,17 +39,12 @@ class identity:
         self.values = {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
 
     def __enter__(self):
-        import os
-
-        self.saved = {k: os.environ.get(k) for k in self.values}
+        self.env = pytest.MonkeyPatch()
         for key, value in self.values.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+            self.env.delenv(key, raising=False) if value is None else self.env.setenv(key, value)
 
     def __exit__(self, *exc):
-        import os
-
-        for key, value in self.saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        self.env.undo()
 
 
 def refused(call) -> None:

@@ -63,3 +63,30 @@ def test_config_env_lists_every_variable_read_with_its_value_and_hides_secrets(m
     assert "/srv/records" in lines["LLMOPS_SERVING_DIR"]
     assert "(unset; 90)" in lines["LLMOPS_SHUTDOWN_TIMEOUT"]  # the default it falls back to
     assert "(set)" in lines["LLMOPS_WEBHOOK_SECRET"] and "hunter2" not in out
+
+
+def test_tests_set_the_environment_through_monkeypatch():
+    """A test (or fixture) that writes os.environ itself leaks into every later test when it forgets to restore
+    it, or restores it wrong; pytest's MonkeyPatch undoes what it set. (tests/benchmarks are `make bench`'s
+    scripts, not tests.)"""
+    import ast
+
+    def writes(node: ast.AST) -> bool:
+        environ = lambda n: isinstance(n, ast.Attribute) and n.attr == "environ"  # noqa: E731
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            return any(isinstance(t, ast.Subscript) and environ(t.value) for t in targets)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and environ(node.func.value):
+            return node.func.attr in ("update", "pop", "clear", "__setitem__", "__delitem__", "popitem")
+        return False
+
+    found = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        if "benchmarks" not in path.parts
+        for node in ast.walk(ast.parse(path.read_text()))
+        if writes(node)
+    ]
+    assert not found, "set it with monkeypatch (pytest.MonkeyPatch.context() in a session fixture):\n" + "\n".join(
+        found
+    )
