@@ -278,6 +278,13 @@ class QuantizeSection(Section):
         0.01, ge=0, description="largest accuracy loss (1 point) a recommended variant may have against the merge"
     )
     max_perplexity_increase: float = Field(0.10, ge=0, description="largest relative perplexity rise, 0.10 = +10%")
+    max_nf4_adapter_lost: float = Field(
+        0.5,
+        ge=0,
+        description="the nf4 variant is not scored where the merge measured that NF4 rounding loses more than this "
+        "share of the adapter's update (merge report's nf4_adapter_lost: 1.08 on the demo); it is reported as "
+        "unable to hold the adapter",
+    )
 
 
 class RegisterSection(Section):

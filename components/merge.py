@@ -21,7 +21,7 @@ from components.layer_parity import layerwise_parity
 from components.literal_text import model_input
 from components.memory_plan import model_shape
 from components.prompt_contract import read_contract, wrap_template
-from components.streaming_merge import nf4_rounding, stream_merge, trained_base
+from components.streaming_merge import Nf4Hold, nf4_rounding, stream_merge, trained_base
 from components.util import console, dir_size, heading, quiet_libraries, write_json
 
 # The merge and its parity check run on the host, as memory_plan.merge_plan plans them, even in a pod with a
@@ -178,7 +178,8 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
         base = merge_base(cfg, adapter_dir)
         nf4 = merge_nf4(adapter_dir, base)
         # Written shard by shard: the merge itself holds one shard and the adapter, whatever the model's size.
-        stream_merge(base_dir, adapter_dir, out.model_dir, cfg.base_precision, nf4)
+        hold = Nf4Hold()  # what an NF4 copy of this merge would keep of the adapter: quantize reads it
+        stream_merge(base_dir, adapter_dir, out.model_dir, cfg.base_precision, nf4, hold)
         write_tokenizer(base_dir, out.model_dir, read_contract(data_dir))
         # Then the parity check, one model at a time: the trained model, then the merge, in the same dtype.
         reference_name = {"dequantized-nf4": "dequantized NF4 base + adapter", "16bit": "16-bit base + adapter"}[base]
@@ -201,6 +202,7 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
             "threshold": cfg.parity_threshold,
             "prompts": len(prompts),
             "size_bytes": dir_size(out.model_dir),
+            "nf4_adapter_lost": hold.lost,
             **details,
         }
         write_json(out.report_file, report)

@@ -11,9 +11,10 @@ load with the recommended flag.
 from __future__ import annotations
 
 import gc
+import json
 from pathlib import Path
 
-from components.artifacts import PreparedData, QuantizeReport, record_config
+from components.artifacts import MergedModel, PreparedData, QuantizeReport, record_config
 from components.config import EvalSection, QuantizeSection
 from components.inference import TGI_FLAG, VARIANT_OF_FLAG, bnb_config, load_model, load_tokenizer
 from components.registry_tags import QUANTIZE_TAG
@@ -31,6 +32,20 @@ def deltas(reference: dict, candidate: dict) -> dict:
         "accuracy_metric": metric,
         "perplexity_increase": candidate["perplexity"] / reference["perplexity"] - 1.0,
     }
+
+
+def nf4_adapter_lost(merged_dir: Path) -> float:
+    """What the merge measured an NF4 copy of itself loses of the adapter (0 where it did not measure)."""
+    report = MergedModel(Path(merged_dir).parent).report_file
+    return json.loads(report.read_text()).get("nf4_adapter_lost", 0.0) if report.exists() else 0.0
+
+
+def cannot_hold(lost: float, cfg: QuantizeSection) -> str:
+    return (
+        f"NF4 rounding of this merge loses {lost:.2f} of the adapter's update (merge report, nf4_adapter_lost), over "
+        f"quantize.max_nf4_adapter_lost={cfg.max_nf4_adapter_lost}: the variant cannot hold the adapter; serve the "
+        "adapter on the NF4 base instead (registry.adapters)"
+    )
 
 
 def recommend(results: dict, cfg: QuantizeSection) -> str:
@@ -82,6 +97,9 @@ def run(cfg: QuantizeSection, merged_dir: Path, data_dir: Path, out_dir: Path) -
         results = {"merged": _measure(load_model(merged_dir), tok, examples, labels, "merged", scoring)}
         results["merged"]["disk_bytes"] = dir_size(merged_dir)
         for variant in cfg.variants:
+            if variant == "nf4" and (lost := nf4_adapter_lost(merged_dir)) > cfg.max_nf4_adapter_lost:
+                results[variant] = {"not_scored": cannot_hold(lost, cfg), "adapter_lost": lost}
+                continue
             model = load_model(merged_dir, quantization=bnb_config(variant))
             results[variant] = _measure(model, tok, examples, labels, variant, scoring)
             model.save_pretrained(out_dir / variant, safe_serialization=True)
@@ -104,10 +122,18 @@ def run(cfg: QuantizeSection, merged_dir: Path, data_dir: Path, out_dir: Path) -
         }
         write_json(QuantizeReport(out_dir).report_file, report)
         tracker.log_metrics(
-            {f"quantize.{name}.{k}": v for name, r in results.items() for k, v in r.items() if not isinstance(v, dict)}
+            {
+                f"quantize.{name}.{k}": v
+                for name, r in results.items()
+                for k, v in r.items()
+                if isinstance(v, (int, float))
+            }
         )
         tracker.set_tags({QUANTIZE_TAG: report[QUANTIZE_TAG]})
     for name, r in results.items():
+        if "not_scored" in r:
+            console.print(f"{name:>6}: not scored: {r['not_scored']}")
+            continue
         console.print(
             f"{name:>6}: {r['disk_bytes'] / 1e6:7.1f} MB on disk, {r['memory_bytes'] / 1e6:7.1f} MB in memory, "
             f"exact match {r['exact_match']:.3f}, perplexity {r['perplexity']:.3f}"

@@ -94,8 +94,8 @@ def test_merge_fails_below_the_parity_threshold(compare, tiny_base, tiny_adapter
     # Simulate a lossy merge (the classic bug: merging into a 4-bit base) by corrupting the saved weights.
     real = merge.stream_merge
 
-    def lossy(base_dir, adapter_dir, out_dir, dtype, nf4=None):
-        real(base_dir, adapter_dir, out_dir, dtype, nf4)
+    def lossy(base_dir, adapter_dir, out_dir, dtype, nf4=None, hold=None):
+        real(base_dir, adapter_dir, out_dir, dtype, nf4, hold)
         from safetensors.torch import load_file, save_file
 
         weights = load_file(out_dir / "model.safetensors")
@@ -157,3 +157,23 @@ def test_quantize_stage_measures_variants(tiny_base, demo_prepared, tmp_path):
     served_as = {"bitsandbytes-nf4": nf4, "bitsandbytes": int8}.get(expected, merged)  # what the gate judges
     assert report["served"]["quantize"] == expected and report["served"]["perplexity"] == served_as["perplexity"]
     assert nf4["delta"]["perplexity_increase"] == pytest.approx(nf4["perplexity"] / merged["perplexity"] - 1)
+
+
+def test_quantize_skips_the_nf4_variant_the_merge_measured_cannot_hold_the_adapter(
+    tiny_base, tiny_adapter, demo_prepared, tmp_path
+):
+    """The tiny adapter was trained hard on tiny weights (NF4 keeps most of it: 0.20 lost, where the SmolLM2 demo
+    adapter loses 1.08): scored at the default limit, skipped with the reason under a stricter one."""
+    merged = tmp_path / "merged"
+    merge.run(MergeSection(parity_prompts=4), tiny_base, tiny_adapter, demo_prepared, merged)
+    lost = json.loads((merged / "merge_report.json").read_text())["nf4_adapter_lost"]
+    assert 0 < lost <= QuantizeSection().max_nf4_adapter_lost
+
+    scored = quantize.run(QuantizeSection(eval_examples=8), merged / "model", demo_prepared, tmp_path / "q")
+    assert "delta" in scored["results"]["nf4"] and (tmp_path / "q" / "nf4").exists()
+    strict = QuantizeSection(eval_examples=8, max_nf4_adapter_lost=lost / 2)
+    report = quantize.run(strict, merged / "model", demo_prepared, tmp_path / "q2")
+    nf4 = report["results"]["nf4"]
+    assert "cannot hold the adapter" in nf4["not_scored"] and nf4["adapter_lost"] == lost
+    assert not (tmp_path / "q2" / "nf4").exists() and "delta" in report["results"]["int8"]
+    assert report["recommended_quantize"] != "bitsandbytes-nf4"

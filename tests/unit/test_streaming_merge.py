@@ -102,3 +102,19 @@ def test_every_stage_fits_its_batch_to_the_memory_at_hand_or_refuses_before_load
     with pytest.raises(memory_plan.MemoryPlanError, match="merge: .*placement.resources.merge.memory"):
         merge.run(MergeSection(), tiny_base, tiny_adapter, demo_prepared, tmp_path / "refused")
     assert not (tmp_path / "refused" / "model").exists() or not list((tmp_path / "refused" / "model").iterdir())
+
+
+def test_the_nf4_hold_keeps_an_update_larger_than_nf4s_steps_and_loses_a_lora_sized_one():
+    import torch
+
+    from components.streaming_merge import Nf4Hold
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256) * 0.02
+    lost = {}
+    for scale in (1e-4, 1.0):  # a LoRA-sized update, and one larger than the weight itself
+        hold = Nf4Hold()
+        hold.add(weight, torch.randn(64, 256) * 0.02 * scale, torch.float16)
+        lost[scale] = hold.lost
+    assert lost[1e-4] > 0.9 and lost[1.0] < 0.3, lost
+    assert Nf4Hold().lost == 0.0  # no adapted weight: nothing to lose
