@@ -92,14 +92,14 @@ def next_token_choices(
     with torch.no_grad():
         hidden = [inner.embed_tokens(ids) for ids, _ in batches]
         _empty(model, "model.embed_tokens")
+        positions = [torch.arange(h.shape[1]).unsqueeze(0) for h in hidden]
+        rotary = [inner.rotary_emb(h, p) for h, p in zip(hidden, positions)]  # the same for every layer
         for i in range(config.num_hidden_layers):
             prefix = f"model.layers.{i}"
             _fill(model, prefix, weight)
             hooks = _lora_hooks(model, prefix, deltas or {}, scaling)
             for k, h in enumerate(hidden):
-                positions = torch.arange(h.shape[1]).unsqueeze(0)
-                rotary = inner.rotary_emb(h, positions)
-                out = inner.layers[i](h, position_ids=positions, position_embeddings=rotary)
+                out = inner.layers[i](h, position_ids=positions[k], position_embeddings=rotary[k])
                 hidden[k] = out[0] if isinstance(out, tuple) else out
             for hook in hooks:
                 hook.remove()

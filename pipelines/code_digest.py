@@ -4,7 +4,7 @@ kfp's cache key holds the component's own source (it is in the container command
 imports, and the image tag (the package version) does not move with every edit. So each task carries the
 env var LLMOPS_CODE_DIGEST: a hash of its wrapper's source and of every project module the wrapper reaches
 through imports, followed transitively (imports inside functions count: the stages import lazily). A fix to
-`components/evaluate.py` then re-runs evaluate and what depends on its outputs, while the cached train stage,
+`components/stages/evaluate.py` then re-runs evaluate and what depends on its outputs, while the cached train stage,
 which never imports it, stays valid.
 """
 

@@ -37,22 +37,18 @@ class Stage:
 
 
 def _run(module: str) -> Callable[[Section, list[Path], Path], dict]:
+    """The stage module's own entry: run(section, *inputs, out)."""
+
     def call(cfg: Section, inputs: list[Path], out: Path) -> dict:
         import importlib
 
-        return importlib.import_module(f"components.{module}").run(cfg, *inputs, out)
+        return importlib.import_module(f"components.stages.{module}").run(cfg, *inputs, out)
 
     return call
 
 
-def _base_model(cfg: Section, inputs: list[Path], out: Path) -> dict:
-    from components import base_model
-
-    return base_model.resolve(cfg, out)
-
-
 def _quantize(cfg: Section, inputs: list[Path], out: Path) -> dict:
-    from components import quantize
+    from components.stages import quantize
 
     merged, data = inputs
     return quantize.run(cfg, MergedModel(merged).model_dir, data, out)
@@ -61,7 +57,7 @@ def _quantize(cfg: Section, inputs: list[Path], out: Path) -> dict:
 BASE, DATA, ADAPTER = "base-model/model", "prepare-data/dataset", "train/adapter"
 # The model stages, as the pipeline wires them (pipelines/steps.py); the registry stages need MLflow and a run.
 STAGES: dict[str, Stage] = {
-    "base-model": Stage("model_cfg", (), "model", _base_model),
+    "base-model": Stage("model_cfg", (), "model", _run("base_model")),
     "prepare-data": Stage("data_cfg", (BASE,), "dataset", _run("prepare_data")),
     "train": Stage("train_cfg", (BASE, DATA), "adapter", _run("train")),
     "evaluate": Stage("eval_cfg", (BASE, ADAPTER, DATA), "report", _run("evaluate")),

@@ -60,12 +60,12 @@ def base_model(model_cfg: str, model: Output[Model], metrics: Output[Metrics]):
     """Resolve the base model into a 16-bit safetensors directory (cached by content hash)."""
     import time
 
-    from components import base_model as stage
     from components.config import ModelSection
+    from components.stages import base_model as stage
     from pipelines.kfp_io import publish
 
     started = time.time()
-    meta = stage.resolve(ModelSection.model_validate_json(model_cfg), model.path)
+    meta = stage.run(ModelSection.model_validate_json(model_cfg), model.path)
     publish(metrics, {"parameters": meta["parameters"]}, model.path, "base_model", started)
 
 
@@ -74,8 +74,8 @@ def prepare_data(data_cfg: str, base_model: Input[Model], dataset: Output[Datase
     """Validate, de-duplicate, split and render the data set; rejects are written out and counted."""
     import time
 
-    from components import prepare_data as stage
     from components.config import DataSection
+    from components.stages import prepare_data as stage
     from pipelines.kfp_io import publish
 
     started = time.time()
@@ -97,8 +97,8 @@ def train(
     import json
     import time
 
-    from components import train as stage
     from components.config import TrainSection
+    from components.stages import train as stage
     from pipelines.kfp_io import publish
 
     started, cfg = time.time(), TrainSection.model_validate_json(train_cfg)
@@ -131,8 +131,8 @@ def evaluate(
     """Batched greedy evaluation of the base and the tuned model on the eval split."""
     import time
 
-    from components import evaluate as stage
     from components.config import EvalSection
+    from components.stages import evaluate as stage
     from pipelines.kfp_io import publish, publish_confusion
 
     started = time.time()
@@ -155,8 +155,8 @@ def merge(
     """Merge the adapter into a 16-bit copy of the base it trained on (NF4 dequantized for QLoRA); check parity."""
     import time
 
-    from components import merge as stage
     from components.config import MergeSection
+    from components.stages import merge as stage
     from pipelines.kfp_io import publish
 
     started = time.time()
@@ -173,9 +173,9 @@ def quantize(
     """int8 and NF4 variants: size, memory, accuracy and perplexity deltas, recommended TGI flag."""
     import time
 
-    from components import quantize as stage
     from components.artifacts import MergedModel
     from components.config import QuantizeSection
+    from components.stages import quantize as stage
     from pipelines.kfp_io import publish
 
     started = time.time()
@@ -200,8 +200,8 @@ def register(
     import json
     from pathlib import Path
 
-    from components import register as stage
     from components.config import RegisterSection
+    from components.stages import register as stage
     from pipelines.kfp_io import stage_timings
 
     paths = {
@@ -231,8 +231,8 @@ def gate(
     import json
     from pathlib import Path
 
-    from components import gate as stage
     from components.config import GateSection
+    from components.stages import gate as stage
 
     result = stage.run(
         GateSection.model_validate_json(gate_cfg),
@@ -253,7 +253,7 @@ def set_alias(alias: str, registration: Input[Artifact]):
     import json
     from pathlib import Path
 
-    from components.gate import set_alias as stage
+    from components.stages.gate import set_alias as stage
 
     info = json.loads(Path(registration.path).read_text())
     stage(info["name"], info["version"], alias)
@@ -274,7 +274,7 @@ def finalize(
     import json
     from pathlib import Path
 
-    from components import register as stage
+    from components.stages import register as stage
     from pipelines.run_form import resolve
 
     form = {"registered_model_name": registered_model_name}

@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
     work = Path(tempfile.mkdtemp(prefix="llmops-node-"))
     base, data = local(argv[1], work / "base"), local(argv[2], work / "data")
     out = work / "adapter"
-    launch("components.train", cfg, base, data, out, nodes=cfg.nodes)
+    launch("components.stages.train", cfg, base, data, out, nodes=cfg.nodes)
     if NODE_RANK.get() == "0":
         storage.upload_dir(out, argv[3])
 

@@ -19,7 +19,7 @@ Engine = Literal["tgi", "vllm"]
 ENGINES: tuple[Engine, ...] = ("tgi", "vllm")
 # Each engine's process environment wherever it runs: offline (no Hub), no usage reports.
 ENGINE_ENV: dict[Engine, dict[str, str]] = environment.ENGINE_ENV
-QUANTIZE_VALUES = ("bitsandbytes-nf4", "bitsandbytes", "none")  # what components/register.py writes
+QUANTIZE_VALUES = ("bitsandbytes-nf4", "bitsandbytes", "none")  # what components/stages/register.py writes
 
 
 class EngineRefusal(ValueError):

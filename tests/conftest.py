@@ -155,18 +155,18 @@ def llmops_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tiny_source, llmops_cache, tmp_path_factory) -> Path:
     """The tiny model after the base-model stage: 16-bit safetensors with a distinct pad token."""
-    from components import base_model
     from components.config import ModelSection
+    from components.stages import base_model
 
     out = tmp_path_factory.mktemp("tiny-base") / "model"
-    base_model.resolve(ModelSection(base_model=str(tiny_source)), out)
+    base_model.run(ModelSection(base_model=str(tiny_source)), out)
     return out
 
 
 @pytest.fixture(scope="session")
 def demo_prepared(tiny_base, tmp_path_factory) -> Path:
-    from components import prepare_data
     from components.config import DataSection
+    from components.stages import prepare_data
 
     out = tmp_path_factory.mktemp("demo-data")
     prepare_data.run(DataSection(), tiny_base, out)
@@ -176,8 +176,8 @@ def demo_prepared(tiny_base, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter(tiny_base, demo_prepared, tmp_path_factory) -> Path:
     """An adapter trained for a few steps with a high learning rate, so its effect is visible."""
-    from components import train
     from components.config import TrainSection
+    from components.stages import train
 
     out = tmp_path_factory.mktemp("tiny-adapter")
     train.run(
@@ -225,20 +225,20 @@ def learner(checkpoint_root, **kw):
 def mapping_base(llmops_cache, tmp_path_factory):
     """A tiny Llama initialised with larger weights: with the default 0.02 its tied output embedding
     cannot make any logit stand out, so no adapter could make it answer confidently."""
-    from components import base_model
     from components.config import ModelSection
+    from components.stages import base_model
 
     source = build_tiny_llama(tmp_path_factory.mktemp("mapping-src"), initializer_range=0.2)
     out = tmp_path_factory.mktemp("mapping-base") / "model"
-    base_model.resolve(ModelSection(base_model=str(source)), out)
+    base_model.run(ModelSection(base_model=str(source)), out)
     return out
 
 
 @pytest.fixture(scope="session")
 def with_validation(mapping_base, tmp_path_factory):
     """The demo intents (a known text → label mapping) with 40 rows held out of train for validation."""
-    from components import prepare_data
     from components.config import DataSection
+    from components.stages import prepare_data
 
     out = tmp_path_factory.mktemp("demo-val")
     prepare_data.run(DataSection(val_examples=40), mapping_base, out)
@@ -248,7 +248,7 @@ def with_validation(mapping_base, tmp_path_factory):
 @pytest.fixture(scope="session")
 def early_stopped(mapping_base, with_validation, tmp_path_factory):
     """Trained on the mapping until validation reaches LABEL_TARGET: a model that answers with labels."""
-    from components import train
+    from components.stages import train
 
     out = tmp_path_factory.mktemp("early")
     cfg = learner(out / "ck", max_steps=600, eval_every=25, target_accuracy=LABEL_TARGET)

@@ -47,19 +47,19 @@ def no_tracking():
 
 def base_dir() -> Path:
     """The packaged SmolLM2 as our 16-bit directory (bfloat16, distinct pad), from the base-model cache."""
-    from components import base_model
     from components.config import ModelSection
+    from components.stages import base_model
 
     out = WORK / "smollm2"
     if not (out / "llmops_base.json").exists():
-        base_model.resolve(ModelSection(), out)
+        base_model.run(ModelSection(), out)
     return out
 
 
 def banking77(label_list: bool = False, **extra) -> Path:
     """BANKING77 prepared by our data stage; label_list=True renders all 77 labels into every prompt."""
-    from components import prepare_data
     from components.config import DataSection
+    from components.stages import prepare_data
 
     cfg = DataSection(path=str(BANKING77), label_list_in_prompt=label_list, **extra)
     out = WORK / f"banking77-{cfg.digest()}"

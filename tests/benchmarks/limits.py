@@ -3,7 +3,7 @@
 Peak: best-of square matmuls, fp32 and bf16, at the thread count the model benchmarks use.
 MFU = 6 · N · tokens/s ÷ measured bf16 peak, the usual forward+backward count for a dense model with
 N total parameters, tokens/s being non-padding tokens per second of a short run of our train stage
-(`components.train.run` with its defaults, in a fresh process, on BANKING77). It ignores attention's
+(`components.stages.train.run` with its defaults, in a fresh process, on BANKING77). It ignores attention's
 own FLOPs and the NF4 dequantization work, so it is a ratio for comparing runs, not a roofline.
 
 `run_train` (one train stage in its own process, peak RSS sampled) is shared with the training benchmark.
@@ -35,7 +35,7 @@ MARK = "@@bench-result"
 TRAIN_CHILD = f"""
 import json, sys
 from pathlib import Path
-from components import train
+from components.stages import train
 from components.config import TrainSection
 m = train.run(TrainSection(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
 print("{MARK}", json.dumps(m, default=str), flush=True)

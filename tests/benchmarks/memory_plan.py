@@ -32,7 +32,7 @@ CHILD = """
 import json, sys
 from pathlib import Path
 import psutil, torch, bitsandbytes, peft, transformers, datasets  # imported before the baseline
-from components import evaluate, merge, quantize, train
+from components.stages import evaluate, merge, quantize, train
 from components.config import EvalSection, MergeSection, QuantizeSection, TrainSection
 from components.streaming_merge import stream_merge
 stage, settings, paths = sys.argv[1], json.loads(sys.argv[2]), [Path(p) for p in sys.argv[3:]]
@@ -80,10 +80,11 @@ def growth(stage: str, settings: dict, *paths: Path, returned: bool = True, on_g
 def measure() -> dict:
     """Each stage planned as it plans itself (train from the train split, evaluate and quantize from the eval
     split), then measured."""
-    from components import memory_plan, prepare_data, quantize
+    from components import memory_plan
     from components.artifacts import MergedModel, PreparedData
     from components.compute import free_memory
     from components.config import DataSection, EvalSection, TrainSection
+    from components.stages import prepare_data, quantize
 
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
     try:

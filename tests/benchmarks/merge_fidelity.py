@@ -34,7 +34,7 @@ HELD_OUT = int(os.environ.get("LLMOPS_MERGE_ROWS", "300"))
 
 
 def trained_adapter(work: Path) -> tuple[Path, Path]:
-    from components import prepare_data, train
+    from components.stages import prepare_data, train
 
     if os.environ.get("LLMOPS_MERGE_FROM"):
         reused = Path(os.environ["LLMOPS_MERGE_FROM"])
@@ -60,8 +60,8 @@ def trained_adapter(work: Path) -> tuple[Path, Path]:
 
 def conditions(base: Path, adapter: Path, work: Path, contract: dict | None) -> dict:
     """Name -> a function that loads that model."""
-    from components import merge
     from components.inference import bnb_config, load_model
+    from components.stages import merge
 
     for kind in ("16bit", "dequantized-nf4"):
         merge.merge_adapter(base, adapter, work / kind, "float16", contract=contract, base=kind)

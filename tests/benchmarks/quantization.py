@@ -1,7 +1,7 @@
 """Benchmark: what int8 and NF4 cost and save against the 16-bit model: size on disk, memory, and
 exact-match and perplexity deltas on the evaluation benchmark's BANKING77 examples.
 
-The variants are built and scored by `components.quantize.run` itself (the quantize stage, unchanged).
+The variants are built and scored by `components.stages.quantize.run` itself (the quantize stage, unchanged).
 Its memory figure is the weights' footprint (`get_memory_footprint`); the resident memory is measured
 apart, one fresh process per variant, as the RSS a load plus one forward adds to an idle interpreter
 that has already imported the same libraries.
@@ -50,8 +50,8 @@ def resident(model_dir: Path, variant: str) -> int:
 
 
 def measure() -> dict:
-    from components import quantize
     from components.config import QuantizeSection
+    from components.stages import quantize
 
     pin_threads()
     model_dir, data = base_dir(), banking77()

@@ -29,7 +29,7 @@ MARK = "@@bench-step"
 # train.py's own progress bar does not reach a pipe, and the parent must see steps as they happen.
 CHILD = f"""
 import json, sys, time
-from components import train
+from components.stages import train
 from components.config import TrainSection
 
 class Marked(train.ReportProgress):
@@ -64,15 +64,15 @@ def _env(**values: str | None):
 
 def fixtures(scratch: Path) -> tuple[Path, Path]:
     """The tiny base and prepared demo data, built as the tiny_base / demo_prepared fixtures build them."""
-    from components import base_model, prepare_data
     from components.config import DataSection, ModelSection
+    from components.stages import base_model, prepare_data
     from tests.conftest import build_tiny_llama
 
     # No MLflow runs from a benchmark, and the base-model cache stays inside the scratch directory.
     with _env(MLFLOW_TRACKING_URI=None, LLMOPS_CACHE=str(scratch / "cache")):
         source = build_tiny_llama(scratch / "tiny-src")
         base = scratch / "tiny-base" / "model"
-        base_model.resolve(ModelSection(base_model=str(source)), base)
+        base_model.run(ModelSection(base_model=str(source)), base)
         data = scratch / "demo-data"
         prepare_data.run(DataSection(), base, data)
     return base, data

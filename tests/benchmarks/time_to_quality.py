@@ -32,7 +32,7 @@ EVAL_EXAMPLES = int(os.environ.get("LLMOPS_TTQ_EVAL", "500"))
 
 
 def ours(work: Path) -> dict:
-    from components import prepare_data, train
+    from components.stages import prepare_data, train
     from pipelines.config import load_config
 
     extra = os.environ.get("LLMOPS_TTQ_OVERRIDES", "").split()  # e.g. "train.max_steps=4" for a quick try

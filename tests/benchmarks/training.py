@@ -4,7 +4,7 @@ Each side runs in its own process (peak RSS sampled every 0.1 s over its whole p
 peaks do not mix). Same model (the packaged SmolLM2 as our 16-bit directory), same BANKING77 training
 rows, same LoRA settings, steps, batch size, learning rate and seed.
 
-- ours: `components.train.run(TrainSection(max_steps=STEPS))` with every other setting at its default,
+- ours: `components.stages.train.run(TrainSection(max_steps=STEPS))` with every other setting at its default,
   on the data stage's default rendering (no label list for 77 labels), length-grouped batches padded
   to the batch's longest row, loss and logits on the answer window only. Run twice: with
   `gradient_checkpointing: auto` (off here: memory is plentiful) and with it on, the recipe's policy.
@@ -46,7 +46,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
                           Trainer, TrainingArguments, set_seed)
 from components.config import TrainSection
 from components.jsonl import read_jsonl
-from components.train import lora_config
+from components.stages.train import lora_config
 
 cfg, base, data, out = TrainSection(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 tok = AutoTokenizer.from_pretrained(base)

@@ -233,7 +233,8 @@ def test_the_streaming_merge_of_smollm2_stays_within_its_planned_memory(workspac
     in its own process, stays under the plan (components.memory_plan.streaming_merge_bytes) with 25% slack."""
     from transformers import AutoModelForCausalLM
 
-    from components import memory_plan, merge
+    from components import memory_plan
+    from components.stages import merge
     from tests.benchmarks import memory_plan as memory_plan_bench
 
     base, adapter, _ = demo_outputs(workspace)

@@ -10,8 +10,8 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from components import train
 from components.config import TrainSection
+from components.stages import train
 
 pytestmark = pytest.mark.integration
 GLOBAL_BATCH, STEPS = 8, 4
@@ -105,7 +105,7 @@ def test_the_sharded_adapter_loads_and_scores_as_the_single_process_one(
     import torch
 
     from components.inference import encode_prompts, load_model, load_tokenizer
-    from components.train import quantization
+    from components.stages.train import quantization
 
     (one_dir, _), (sharded, _) = single_run, two_processes("fsdp")
     prompts = [json.loads(line)["prompt"] for line in (one_batch / "train.jsonl").read_text().splitlines()]
@@ -139,7 +139,7 @@ def test_sigterm_stops_both_ranks_at_one_checkpoint(strategy, tiny_base, demo_pr
         update={"max_steps": 4000, "checkpoint_every": 4000}
     )
     code = (
-        "import sys; from components import train; from components.config import TrainSection; "
+        "import sys; from components.stages import train; from components.config import TrainSection; "
         "train.run(TrainSection.model_validate_json(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])"
     )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -198,8 +198,8 @@ def test_a_sharded_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_base
 def test_validation_under_fsdp_scores_as_one_process(tiny_base, tmp_path, monkeypatch):
     """Validation decodes with the sharded model on every rank (each layer gathered in turn): the curve and the
     best adapter it keeps are one process's."""
-    from components import prepare_data
     from components.config import DataSection
+    from components.stages import prepare_data
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     data = tmp_path / "data"

@@ -11,10 +11,10 @@ import pytest
 import urllib3
 from urllib3.util.retry import Retry
 
-from components import gate, register
 from components.checkpoints import last_complete_checkpoint
 from components.config import GateSection, RegisterSection
 from components.environment import MLFLOW_RETRIES as RETRY_ENV
+from components.stages import gate, register
 from components.tracking import stage_run
 from tests.conftest import free_port
 
@@ -291,7 +291,7 @@ elif sys.argv[2] == "state":  # everything but the last file: trainer_state.json
     TrainerState.save_to_json = broken
 
 from components.config import TrainSection
-from components.train import run
+from components.stages.train import run
 run(TrainSection(max_steps={steps}, checkpoint_every={every}, log_every={every}, checkpoint_root={root!r}),
     {base!r}, {data!r}, sys.argv[1])
 """

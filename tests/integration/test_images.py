@@ -318,7 +318,7 @@ def test_clean_install_runs_the_components_and_the_cli(image_venv):
         image_venv,
         python,
         "-c",
-        "import components.train, components.evaluate, pipelines.steps, serving.server, serving.deployer,"
+        "import components.stages.train, components.stages.evaluate, pipelines.steps, serving.server, serving.deployer,"
         " kfp.dsl.executor_main",
     )
     # kfp's command line in the image is `python3 -m kfp.dsl.executor_main`: PATH's python3 is the venv's.
@@ -336,7 +336,7 @@ def test_clean_install_runs_the_components_and_the_cli(image_venv):
         import json
         from importlib.metadata import version
         import components, pipelines.images as images
-        from components.base_model import packaged_gguf
+        from components.stages.base_model import packaged_gguf
         print(json.dumps({"version": version("llmops"), "cpu": images.CPU_IMAGE, "gpu": images.GPU_IMAGE,
                           "file": components.__file__, "gguf": str(packaged_gguf())}))
         """),

@@ -70,7 +70,7 @@ def test_a_failed_stage_is_fixed_and_reruns_reuse_every_finished_stage(
     from mlflow import MlflowClient
 
     checkout = Checkout(tmp_path, tiny_source)
-    evaluate = checkout.tree / "components" / "evaluate.py"
+    evaluate = checkout.tree / "components" / "stages" / "evaluate.py"
     fixed = evaluate.read_text()
     evaluate.write_text(fixed.replace('    heading("evaluate")\n', '    raise RuntimeError("a bug in evaluate")\n', 1))
     broken = checkout.run("gate.min_gain_over_base=-1")

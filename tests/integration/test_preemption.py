@@ -21,7 +21,7 @@ STEPS, EVERY = 40, 4
 
 def script(base, data, root):
     return (
-        "import sys; from components.train import run; from components.config import TrainSection; "
+        "import sys; from components.stages.train import run; from components.config import TrainSection; "
         f"run(TrainSection(max_steps={STEPS}, checkpoint_every={EVERY}, log_every=4, checkpoint_root={root!r}), "
         f"{str(base)!r}, {str(data)!r}, sys.argv[1])"
     )

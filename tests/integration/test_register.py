@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from components import register
 from components.config import RegisterSection
+from components.stages import register
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +26,8 @@ def registered_here(mlflow_server):
 
 def run_stages(base: Path, data: Path, adapter: Path, root: Path, variants: list[str]) -> dict:
     """evaluate, merge and quantize on a trained adapter: the stage outputs register reads."""
-    from components import evaluate, merge, quantize
     from components.config import EvalSection, MergeSection, QuantizeSection
+    from components.stages import evaluate, merge, quantize
 
     evaluate.run(EvalSection(batch_size=8), base, adapter, data, root / "eval")
     merge.run(MergeSection(parity_prompts=8), base, adapter, data, root / "merged")
@@ -157,7 +157,7 @@ def test_the_adapter_is_a_version_of_its_own_model_on_one_shared_base_version(
     from mlflow import MlflowClient
     from safetensors.torch import load_file
 
-    from components.merge import dequantized_nf4
+    from components.stages.merge import dequantized_nf4
     from serving.resolve import parse_adapters, resolve_model
 
     client = MlflowClient()
@@ -229,8 +229,8 @@ def test_registering_the_same_pipeline_run_twice_reuses_the_version(mlflow_serve
 def test_stage_runs_log_to_mlflow(mlflow_server, tiny_base, tmp_path):
     from mlflow import MlflowClient
 
-    from components import prepare_data
     from components.config import DataSection
+    from components.stages import prepare_data
 
     stats = prepare_data.run(DataSection(), tiny_base, tmp_path / "data")
     runs = MlflowClient().search_runs(
@@ -256,9 +256,9 @@ def test_labels_with_any_characters_pass_evaluate_and_register(mlflow_server, ti
     import mlflow
     from mlflow import MlflowClient
 
-    from components import evaluate, merge, prepare_data, quantize
     from components.config import DataSection, EvalSection, MergeSection, QuantizeSection
     from components.demo_data import generate_rows
+    from components.stages import evaluate, merge, prepare_data, quantize
 
     source = tmp_path / "awkward.csv"
     texts = [row["text"] for row in generate_rows(70, 3)]

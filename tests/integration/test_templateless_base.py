@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from components import base_model, chat_templates, merge, prepare_data, train
+from components import chat_templates
 from components.config import DataSection, MergeSection, ModelSection, TrainSection
 from components.jsonl import read_jsonl
+from components.stages import base_model, merge, prepare_data, train
 from tests.conftest import Live, build_tiny_llama
 from tests.unit.test_chat_templates import tgi_render
 
@@ -21,7 +22,7 @@ def test_a_base_without_a_template_is_trained_merged_and_served_in_the_chosen_fo
     source = build_tiny_llama(tmp_path / "source", chat_template=None)
     assert "chat_template" not in json.loads((source / "tokenizer_config.json").read_text())
     base, data, adapter, merged = (tmp_path / name for name in ("base", "data", "adapter", "merged"))
-    meta = base_model.resolve(ModelSection(base_model=str(source), chat_template="llama2"), base)
+    meta = base_model.run(ModelSection(base_model=str(source), chat_template="llama2"), base)
     prepare_data.run(DataSection(), base, data)
     train.run(TrainSection(max_steps=2, batch_size=4, checkpoint_every=2, log_every=1), base, data, adapter)
     merge.run(MergeSection(parity_prompts=4, parity_threshold=0.0), base, adapter, data, merged)

@@ -11,10 +11,10 @@ import random
 
 import pytest
 
-from components import prepare_data
 from components.config import DataSection
 from components.datafiles import DataError
 from components.jsonl import read_jsonl
+from components.stages import prepare_data
 
 pytestmark = pytest.mark.unit
 LABELS = ["card_lost", "refund_request"]

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from components import base_model
 from components.config import PACKAGED_MODEL, ModelSection
+from components.stages import base_model
 
 pytestmark = pytest.mark.unit
 
@@ -21,7 +21,7 @@ def test_local_dir_becomes_16bit_safetensors_with_distinct_pad(tiny_base):
 
 
 def test_second_resolve_is_a_cache_hit_with_the_same_weights(tiny_source, tiny_base, tmp_path):
-    meta = base_model.resolve(ModelSection(base_model=str(tiny_source)), tmp_path / "again")
+    meta = base_model.run(ModelSection(base_model=str(tiny_source)), tmp_path / "again")
     assert meta["cache_hit"] is True
     assert meta["weights_sha256"] == json.loads((tiny_base / "llmops_base.json").read_text())["weights_sha256"]
 
@@ -53,7 +53,7 @@ def test_hub_id_offline_fails_with_a_clear_message(monkeypatch, tmp_path):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import; the env var is too late
     with pytest.raises(RuntimeError, match="(?s)cannot load base model 'someone/not-here'.*Offline machines"):
-        base_model.resolve(ModelSection(base_model="someone/not-here"), tmp_path / "x")
+        base_model.run(ModelSection(base_model="someone/not-here"), tmp_path / "x")
 
 
 def test_packaged_gguf_is_found_without_importing_the_wheel():

@@ -6,8 +6,9 @@ import minijinja
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from components import base_model, chat_templates
+from components import chat_templates
 from components.config import ModelSection
+from components.stages import base_model
 from tests.conftest import CHATML, build_tiny_llama
 
 pytestmark = pytest.mark.unit
@@ -77,7 +78,7 @@ def test_auto_keeps_a_shipped_template_gives_chatml_to_none_and_a_named_one_repl
     cases = [(plain, "auto", "chatml"), (shipped, "auto", "own"), (shipped, "alpaca", "alpaca")]
     for source, setting, chosen in cases:
         out = tmp_path / f"{source.name}-{setting}"
-        meta = base_model.resolve(ModelSection(base_model=str(source), chat_template=setting), out)
+        meta = base_model.run(ModelSection(base_model=str(source), chat_template=setting), out)
         template = json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
         assert meta["chat_template"] == chosen
         assert template == (CHATML if chosen == "own" else chat_templates.TEMPLATES[chosen])

@@ -37,7 +37,7 @@ def edit(root, relative: str) -> None:
 def test_a_fix_to_evaluate_reruns_evaluate_only(tree):
     before = digests(tree)
     assert before == digests(ROOT)  # the same code gives the same keys wherever it lives
-    edit(tree, "components/evaluate.py")
+    edit(tree, "components/stages/evaluate.py")
     after = digests(tree)
     assert after["evaluate"] != before["evaluate"]
     assert {name for name in STAGES if after[name] == before[name]} == {"train", "merge", "quantize", "prepare_data"}
@@ -55,13 +55,13 @@ def test_shared_toolkit_code_reaches_every_stage_that_imports_it(tree):
 def test_closure_follows_imports_inside_functions():
     files = {str(p.relative_to(ROOT)) for p in module_closure(inspect.getsource(steps.train.python_func))}
     assert {
-        "components/train.py",
+        "components/stages/train.py",
         "components/validation.py",
         "components/parallel.py",
         "pipelines/kfp_io.py",
         "components/__init__.py",
     } <= files
-    assert "components/evaluate.py" not in files
+    assert "components/stages/evaluate.py" not in files
 
 
 def test_every_task_of_the_compiled_pipeline_carries_its_own_digest(tmp_path):

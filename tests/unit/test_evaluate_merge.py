@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
-from components import evaluate, inference, merge, quantize, scoring
+from components import inference, scoring
 from components.config import EvalSection, MergeSection, QuantizeSection
 from components.jsonl import read_jsonl
+from components.stages import evaluate, merge, quantize
 
 pytestmark = pytest.mark.unit
 

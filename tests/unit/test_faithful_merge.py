@@ -4,8 +4,8 @@ against (dequantized), and the parity check compares the merge with that trained
 import pytest
 import torch
 
-from components import merge
 from components.config import MergeSection
+from components.stages import merge
 
 pytestmark = pytest.mark.unit
 
@@ -19,8 +19,8 @@ def logits(model, tok, prompts):
 @pytest.fixture(scope="module")
 def float32_adapter(tiny_base, demo_prepared, tmp_path_factory):
     """A QLoRA adapter whose training computed in float32, so its trained condition can be computed exactly so."""
-    from components import train
     from components.config import TrainSection
+    from components.stages import train
 
     out = tmp_path_factory.mktemp("float32-adapter")
     cfg = TrainSection(

@@ -1,7 +1,7 @@
 import pytest
 
 from components.config import GateSection
-from components.gate import decide
+from components.stages.gate import decide
 
 pytestmark = pytest.mark.unit
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components import inference, scoring, train
+from components import inference, scoring
 from components.config import EvalSection
 from components.jsonl import read_jsonl
+from components.stages import train
 from components.util import read_json
 from tests.conftest import LABEL_TARGET, learner
 

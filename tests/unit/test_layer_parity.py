@@ -4,10 +4,11 @@ model's own, the trained model it rebuilds is merge.adapter_on_base's, and it ca
 import pytest
 import torch
 
-from components import layer_parity, merge
+from components import layer_parity
 from components.artifacts import PreparedData
 from components.inference import load_tokenizer
 from components.literal_text import encoded
+from components.stages import merge
 from components.streaming_merge import stream_merge, trained_base
 
 pytestmark = pytest.mark.unit

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from components import train
 from components.config import TrainSection
+from components.stages import train
 
 pytestmark = pytest.mark.unit
 

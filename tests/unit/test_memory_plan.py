@@ -92,8 +92,8 @@ def test_the_saved_tensor_count_matches_what_autograd_keeps_in_each_decoder_laye
     inside a decoder layer (new storage only, weights aside), against memory_plan.saved_per_token_layer."""
     import torch
 
-    from components import train
     from components.config import TrainSection
+    from components.stages import train
 
     quantization = "nf4" if method == "qlora" else "none"
     cfg = TrainSection(method=method, quantization=quantization, compute_dtype="bfloat16", gradient_checkpointing=False)

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from components import prepare_data
 from components.config import DataSection
 from components.datafiles import DataError
 from components.demo_data import generate_rows, write_demo
 from components.jsonl import read_jsonl
+from components.stages import prepare_data
 
 pytestmark = pytest.mark.unit
 LABELS = ["card_lost", "refund_request"]

@@ -68,8 +68,8 @@ def test_no_contract_leaves_the_template_alone():
 
 
 def test_merge_writes_the_contract_into_the_served_tokenizer(tiny_base, tiny_adapter, demo_prepared, tmp_path):
-    from components import merge
     from components.config import MergeSection
+    from components.stages import merge
 
     merge.run(MergeSection(parity_prompts=4, parity_threshold=0.0), tiny_base, tiny_adapter, demo_prepared, tmp_path)
     served = tmp_path / "model"

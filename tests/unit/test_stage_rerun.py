@@ -60,8 +60,8 @@ def test_every_stage_opens_with_how_to_run_it_and_the_model_stages_run_alone():
     from tests.unit.test_layers import STAGES
 
     for module in STAGES:
-        doc = importlib.import_module(f"components.{module}").__doc__
+        doc = importlib.import_module(f"components.stages.{module}").__doc__
         opening = "\n\n".join(doc.split("\n\n")[:2])
-        assert "Run as: " in opening, f"components/{module}.py: no 'Run as:' line at the top of its docstring"
+        assert "Run as: " in opening, f"components/stages/{module}.py: no 'Run as:' line at the top of its docstring"
         command = module.replace("_", "-")
         assert (f"llmops stage {command}" in opening) == (command in RUNNABLE), module

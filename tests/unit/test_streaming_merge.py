@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components import merge
+from components.stages import merge
 from components.streaming_merge import INDEX, stream_merge
 
 pytestmark = pytest.mark.unit
@@ -76,9 +76,10 @@ def test_every_stage_fits_its_batch_to_the_memory_at_hand_or_refuses_before_load
 ):
     """The plan is checked before any weight is read: a smaller batch where one fits, else a refusal that names
     the numbers and what to change."""
-    from components import compute, evaluate, memory_plan
+    from components import compute, memory_plan
     from components.config import EvalSection, MergeSection, TrainSection
     from components.jsonl import read_jsonl
+    from components.stages import evaluate
 
     shape = memory_plan.model_shape(tiny_base)
     examples = read_jsonl(demo_prepared / "eval.jsonl")

@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components import answer_batches, checkpoints, train
+from components import answer_batches, checkpoints
 from components.config import TrainSection
 from components.jsonl import read_jsonl
+from components.stages import train
 
 pytestmark = pytest.mark.unit
 

@@ -129,7 +129,7 @@ def save_16bit(model, tok, out: Path) -> None:
     tok.save_pretrained(out, save_jinja_files=False)
 
 
-def resolve(cfg: ModelSection, out_dir: Path) -> dict:
+def run(cfg: ModelSection, out_dir: Path) -> dict:
     """Write the 16-bit base into out_dir (from the cache when the source hash matches)."""
     heading("base model")
     key, info = source_key(cfg)

@@ -1,7 +1,7 @@
 """The train stage, as a recipe: QLoRA (4-bit NF4 base, LoRA adapter), loss on the answer tokens only.
 
 Run as: `llmops stage train [train.max_steps=20]` (alone, on a local run's base model and data), or a task of
-`llmops run`; under torchrun each worker comes back into `run` (`python -m components.train CFG BASE DATA OUT`).
+`llmops run`; under torchrun each worker comes back into `run` (`python -m components.stages.train CFG BASE DATA OUT`).
 
 `train` reads top to bottom: checkpoint store and settings, data, model, callbacks, training, hand-over.
 Checkpoints go to a store keyed by the training inputs, so a killed step that is started again with the
@@ -190,7 +190,7 @@ def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dic
     if cfg.per_node > 1 and "LOCAL_RANK" not in os.environ:
         from components.parallel import launch
 
-        return launch("components.train", cfg, base_dir, data_dir, out_dir)  # workers come back into this module
+        return launch("components.stages.train", cfg, base_dir, data_dir, out_dir)  # workers come back into this module
     if int(os.environ.get("RANK", "0")) != 0:
         os.environ.pop(TRACKING_URI.name, None)  # rank 0 alone logs the stage's run
     return train(cfg, base_dir, data_dir, out_dir)
@@ -291,5 +291,5 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
     return metrics
 
 
-if __name__ == "__main__":  # a torchrun worker: python -m components.train CFG_JSON BASE DATA OUT
+if __name__ == "__main__":  # a torchrun worker: python -m components.stages.train CFG_JSON BASE DATA OUT
     run(TrainSection.model_validate_json(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
