@@ -110,8 +110,10 @@ class MergedModel(Output):
     def model_dir(self) -> Path:
         return self.root / "model"
 
-    def report(self) -> dict:
-        return read_json(self.report_file)
+    def report(self):
+        from components.reports import Merge
+
+        return Merge.read(self.report_file)
 
 
 class QuantizeReport(Output):
@@ -119,8 +121,10 @@ class QuantizeReport(Output):
 
     report_file = File("quantize_report.json")
 
-    def report(self) -> dict:
-        return read_json(self.report_file)
+    def report(self):
+        from components.reports import Quantize
+
+        return Quantize.read(self.report_file)
 
 
 class CheckpointDir(Output):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from components import reports
 from components.artifacts import CONTRACT_FILE, MergedModel, PreparedData, record_config
 from components.config import MergeSection
 from components.inference import bnb_config, generate, load_model, load_tokenizer
@@ -194,19 +195,19 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
             )
             if compare != "float32":
                 reference_name = f"the trained model in {compare}"
-        report = {
-            "parity": agreement,
-            "compare_dtype": compare,
-            "reference": reference_name,
-            "merged_into": base,
-            "threshold": cfg.parity_threshold,
-            "prompts": len(prompts),
-            "size_bytes": dir_size(out.model_dir),
-            "nf4_adapter_lost": hold.lost,
+        report = reports.Merge(
+            parity=agreement,
+            compare_dtype=compare,
+            reference=reference_name,
+            merged_into=base,
+            threshold=cfg.parity_threshold,
+            prompts=len(prompts),
+            size_bytes=dir_size(out.model_dir),
+            nf4_adapter_lost=hold.lost,
             **details,
-        }
-        write_json(out.report_file, report)
-        tracker.log_metrics({"merge.parity": agreement, "merge.size_bytes": report["size_bytes"]})
+        )
+        report.write(out.report_file)
+        tracker.log_metrics({"merge.parity": agreement, "merge.size_bytes": report.size_bytes})
         console.print(
             f"greedy parity of the merge (into the {base} base) with the trained model ({reference_name}), "
             f"compared in {compare}: {agreement:.3f} on {len(prompts)} prompts"
@@ -216,4 +217,4 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
                 f"the merged model agrees with the trained model ({reference_name}) on {agreement:.1%} of the "
                 f"parity prompts, below merge.parity_threshold={cfg.parity_threshold:.1%}; see {out.report_file}"
             )
-    return report
+    return report.model_dump(exclude_none=True)

@@ -11,15 +11,15 @@ load with the recommended flag.
 from __future__ import annotations
 
 import gc
-import json
 from pathlib import Path
 
+from components import reports
 from components.artifacts import MergedModel, PreparedData, QuantizeReport, record_config
 from components.config import EvalSection, QuantizeSection
 from components.inference import TGI_FLAG, VARIANT_OF_FLAG, bnb_config, load_model, load_tokenizer
 from components.registry_tags import QUANTIZE_TAG
 from components.scoring import score_model
-from components.util import console, dir_size, heading, quiet_libraries, write_json
+from components.util import console, dir_size, heading, quiet_libraries
 
 SMALLEST_FIRST = ("nf4", "int8")
 
@@ -36,8 +36,8 @@ def deltas(reference: dict, candidate: dict) -> dict:
 
 def nf4_adapter_lost(merged_dir: Path) -> float:
     """What the merge measured an NF4 copy of itself loses of the adapter (0 where it did not measure)."""
-    report = MergedModel(Path(merged_dir).parent).report_file
-    return json.loads(report.read_text()).get("nf4_adapter_lost", 0.0) if report.exists() else 0.0
+    merged = MergedModel(Path(merged_dir).parent)
+    return merged.report().nf4_adapter_lost if merged.report_file.exists() else 0.0
 
 
 def cannot_hold(lost: float, cfg: QuantizeSection) -> str:
@@ -110,17 +110,20 @@ def run(cfg: QuantizeSection, merged_dir: Path, data_dir: Path, out_dir: Path) -
         flag = recommend(results, cfg)
         # What will serve: the merge under the recommended flag. The gate and the version's headline judge it.
         served = {**results[VARIANT_OF_FLAG.get(flag, "merged")], "quantize": flag, "examples": len(examples)}
-        report = {
-            "results": results,
-            QUANTIZE_TAG: flag,  # register copies it to the version tag of the same name
-            "served": served,
-            "examples": len(examples),
-            "thresholds": {
-                "max_accuracy_drop": cfg.max_accuracy_drop,
-                "max_perplexity_increase": cfg.max_perplexity_increase,
-            },
-        }
-        write_json(QuantizeReport(out_dir).report_file, report)
+        typed = reports.Quantize.model_validate(
+            {
+                "results": results,
+                QUANTIZE_TAG: flag,  # register copies it to the version tag of the same name
+                "served": served,
+                "examples": len(examples),
+                "thresholds": {
+                    "max_accuracy_drop": cfg.max_accuracy_drop,
+                    "max_perplexity_increase": cfg.max_perplexity_increase,
+                },
+            }
+        )
+        typed.write(QuantizeReport(out_dir).report_file)  # checked where it crosses to register
+        report = typed.model_dump(exclude_none=True)
         tracker.log_metrics(
             {
                 f"quantize.{name}.{k}": v

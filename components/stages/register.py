@@ -116,20 +116,20 @@ def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
         "config_sha256": text_sha256(repr(sorted((c["stage"], c["config"]) for c in configs))),
         "git_commit": git_commit(),
         PIPELINE_RUN_TAG: pipeline_run,
-        QUANTIZE_TAG: quant[QUANTIZE_TAG],  # the report names its field as the tag
+        QUANTIZE_TAG: quant.recommended_quantize,  # the report names its field as the tag
         "chat_template_sha256": chat_template_hash(MergedModel(paths["merged"]).model_dir),
         "chat_template": base.get("chat_template", "own"),  # the format trained and served (model.chat_template)
         "task_format": data["format"],
         **contract_tags(MergedModel(paths["merged"]).model_dir),
     }
-    served = quant["served"]
+    served = quant.served.model_dump(exclude_none=True)
     metrics = {
         **{eval_tag("base", k): evald["base"][k] for k in HEADLINE if k in evald["base"]},
         **{eval_tag("adapter", k): evald["tuned"][k] for k in HEADLINE if k in evald["tuned"]},
         **{eval_tag("tuned", k): served[k] for k in HEADLINE if k in served},  # what serves: merged, under the flag
         eval_tag("tuned", "examples"): served["examples"],
         eval_tag("base", "examples"): evald["base"]["n"],
-        "merge.parity": merge["parity"],
+        "merge.parity": merge.parity,
         "train.steps": train["steps"],
         "train.loss": train["train_loss"],
         "data.rejected": data["rejected"],
