@@ -68,8 +68,10 @@ class PreparedData(Output):
     def labels(self) -> list[str] | None:
         return read_json(self.labels_file) if self.labels_file.exists() else None
 
-    def stats(self) -> dict:
-        return read_json(self.stats_file)
+    def stats(self):
+        from components.reports import Data
+
+        return Data.read(self.stats_file)
 
 
 class TrainedAdapter(Output):
@@ -82,8 +84,10 @@ class TrainedAdapter(Output):
     validation_curve_file = File("validation_curve.json")
     accuracy_plot_file = File("accuracy_over_time.png")
 
-    def metrics(self) -> dict:
-        return read_json(self.metrics_file)
+    def metrics(self):
+        from components.reports import Train
+
+        return Train.read(self.metrics_file)
 
 
 class EvalReport(Output):

@@ -93,7 +93,7 @@ def last_complete_checkpoint(root: Path) -> Path | None:
 
 def run_key(cfg: TrainSection, base_dir: Path, data_dir: Path) -> str:
     base = BaseModelDir(base_dir).info()["weights_sha256"]
-    data = PreparedData(data_dir).stats()["prepared_sha256"]
+    data = PreparedData(data_dir).stats().prepared_sha256
     code = CODE_DIGEST.get() or ""  # edited training code must not resume old checkpoints
     return text_sha256(f"{cfg.to_json()}|{base}|{data}|{code}")[:20]
 

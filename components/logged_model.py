@@ -41,7 +41,7 @@ def log_datasets(data_dir: Path):
     found = []
     for split, context in (("train", "training"), ("eval", "eval")):
         rows = [{k: r[k] for k in DATASET_COLUMNS} for r in data.examples(split)]
-        dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=stats["source"], name=split, targets="answer")
+        dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=stats.source, name=split, targets="answer")
         # Logged with its context before any metric names it: a metric's dataset would log it without one.
         mlflow.log_input(dataset, context=context)
         found.append(dataset)

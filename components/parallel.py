@@ -64,4 +64,4 @@ def launch(worker: str, cfg: TrainSection, base_dir: Path, data_dir: Path, out_d
         raise RuntimeError(
             f"data-parallel training failed: torchrun exited with {code} (see the workers' output above)"
         )
-    return out.metrics()
+    return out.metrics().model_dump()

@@ -1,8 +1,9 @@
 """The reports one stage hands the next, typed: written and read through these models, so a field renamed or
 mistyped on one side fails where the report crosses, not in a registry tag downstream.
 
-`merge_report.json` (merge → quantize, register) and `quantize_report.json` (quantize → register, the gate through
-the version's tags); the file names live in components/artifacts.py.
+The data stats (prepare data → train's checkpoint key, register, the gate), the train metrics (train → merge,
+register), the merge report (merge → quantize, register) and the quantize report (quantize → register, the gate
+through the version's tags); the file names live in components/artifacts.py.
 """
 
 from __future__ import annotations
@@ -19,11 +20,66 @@ class Report(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     def write(self, path: Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=2, exclude_none=True))
+        Path(path).write_text(self.model_dump_json(indent=2))
 
     @classmethod
     def read(cls, path: Path):
         return cls.model_validate_json(Path(path).read_text())
+
+
+class Lengths(Report):
+    min: int
+    mean: float
+    p50: int
+    p95: int
+    max: int
+
+
+class Data(Report):
+    """What data prep kept, rejected and wrote (stats.json)."""
+
+    source: str
+    source_sha256: str
+    prepared_sha256: str  # of the written splits: what training and the gate check they read
+    format: str  # label, alpaca or chat (prepare_data.detect_format)
+    rows_read: int
+    examples: int
+    rejected: int
+    reject_reasons: dict[str, int]
+    train: int
+    eval: int
+    validation: int
+    label_list_in_prompt: bool
+    rows_kept: int
+    num_labels: int
+    prompt_tokens: Lengths
+    completion_tokens: Lengths
+    total_tokens: Lengths
+
+
+class Train(Report):
+    """What training did (train_metrics.json); the val_* figures where train.eval_every validated."""
+
+    steps: int
+    resumed_from_step: int
+    train_loss: float
+    first_loss: float | None
+    last_loss: float | None
+    seconds: float
+    non_padding_tokens: int
+    tokens_per_s: float
+    trainable_parameters: int
+    examples: int
+    compute_dtype: Literal["bfloat16", "float32"]  # as measured for "auto": the merge rebuilds the NF4 base in it
+    gradient_checkpointing: bool
+    parallelism: Literal["single", "ddp", "fsdp"] = "single"  # absent from adapters trained before it existed
+    parameter_share_per_process: float = 1.0
+    stage_seconds: float
+    val_best_accuracy: float | None = None
+    val_best_step: int | None = None
+    val_first_accuracy: float | None = None
+    val_seconds_to_target: float | None = None
+    val_seconds_spent: float | None = None
 
 
 class Merge(Report):

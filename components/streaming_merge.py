@@ -58,7 +58,7 @@ def trained_base(adapter_dir: Path) -> dict | None:
     train = record["config"] if record else {}
     if train.get("quantization") != "nf4":
         return None
-    resolved = adapter.metrics().get("compute_dtype") if adapter.metrics_file.exists() else None
+    resolved = adapter.metrics().compute_dtype if adapter.metrics_file.exists() else None
     return {"double_quant": train.get("double_quant", True), "dtype": resolved or "bfloat16"}
 
 

@@ -235,7 +235,7 @@ def run(
     launcher.submit(job)
     console.print(f"TrainJob {name} complete: {launcher.wait(name) or 'no reason given'}")
     storage.download_dir(output_uri(cfg, name), out_dir)
-    return TrainedAdapter(out_dir).metrics()
+    return TrainedAdapter(out_dir).metrics().model_dump()
 
 
 def storage_uri(where: str, what: str) -> str:

@@ -90,6 +90,16 @@ def wait_for(condition, timeout: float = 120.0, what: str = "the condition", pol
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def train_metrics(**figures) -> dict:
+    """A well-formed train_metrics.json (components.reports.Train) for tests that fake a stage's outputs."""
+    from components.reports import Train
+
+    settled = dict(steps=4, resumed_from_step=0, train_loss=0.5, first_loss=2.0, last_loss=0.5, seconds=1.0)
+    settled |= dict(non_padding_tokens=100, tokens_per_s=100.0, trainable_parameters=10, examples=8)
+    settled |= dict(compute_dtype="float32", gradient_checkpointing=False, stage_seconds=1.0)
+    return Train(**settled | figures).model_dump()
+
+
 def build_tiny_llama(out: Path, seed: int = 0, initializer_range: float = 0.02, chat_template=CHATML) -> Path:
     """A 2-layer Llama and a byte-level BPE tokenizer trained on the demo data, saved as an HF directory.
 

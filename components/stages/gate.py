@@ -73,7 +73,7 @@ def champion_score(
         production_of(name) is None and champion.version == candidate_version
     ):
         return None
-    ours = PreparedData(data_dir).stats()["prepared_sha256"]
+    ours = PreparedData(data_dir).stats().prepared_sha256
     tag = champion.tags.get(eval_tag("tuned", cfg.metric))
     same_rows = champion.tags.get(eval_tag("tuned", "examples")) == str(rows)
     if champion.tags.get("prepared_dataset_sha256") == ours and same_rows and tag is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components import literal_text
+from components import literal_text, reports
 from components.artifacts import PreparedData, record_config
 from components.config import DEMO_DATA, DataSection
 from components.datafiles import DataError, RowProblem, read_rows
@@ -311,7 +311,7 @@ def run(cfg: DataSection, base_dir: Path, out_dir: Path) -> dict:
         }
         splits = (out.train_file, out.eval_file, out.val_file)
         stats["prepared_sha256"] = text_sha256("".join(file_sha256(path) for path in splits if path.exists()))
-        write_json(out.stats_file, stats)
+        reports.Data.model_validate(stats).write(out.stats_file)  # checked where it crosses
         tracker.log_stats(stats, prefix="data")
         tracker.set_tags(
             {

@@ -111,15 +111,15 @@ def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
     tags = {
         "base_model": base["source"],
         "base_model_sha256": base["weights_sha256"],
-        "dataset_sha256": data["source_sha256"],
-        "prepared_dataset_sha256": data["prepared_sha256"],
+        "dataset_sha256": data.source_sha256,
+        "prepared_dataset_sha256": data.prepared_sha256,
         "config_sha256": text_sha256(repr(sorted((c["stage"], c["config"]) for c in configs))),
         "git_commit": git_commit(),
         PIPELINE_RUN_TAG: pipeline_run,
         QUANTIZE_TAG: quant.recommended_quantize,  # the report names its field as the tag
         "chat_template_sha256": chat_template_hash(MergedModel(paths["merged"]).model_dir),
         "chat_template": base.get("chat_template", "own"),  # the format trained and served (model.chat_template)
-        "task_format": data["format"],
+        "task_format": data.format,
         **contract_tags(MergedModel(paths["merged"]).model_dir),
     }
     served = quant.served.model_dump(exclude_none=True)
@@ -130,11 +130,11 @@ def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
         eval_tag("tuned", "examples"): served["examples"],
         eval_tag("base", "examples"): evald["base"]["n"],
         "merge.parity": merge.parity,
-        "train.steps": train["steps"],
-        "train.loss": train["train_loss"],
-        "data.rejected": data["rejected"],
-        "data.train": data["train"],
-        "data.eval": data["eval"],
+        "train.steps": train.steps,
+        "train.loss": train.train_loss,
+        "data.rejected": data.rejected,
+        "data.train": data.train,
+        "data.eval": data.eval,
     }
     tags.update({k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in metrics.items()})
     return tags, metrics
@@ -212,7 +212,7 @@ def log_run_contents(paths: dict[str, Path], metrics: dict, params: dict[str, st
     mlflow.log_metrics(safe_names(metrics)[0])
     mlflow.log_params(params)
     data, evald = PreparedData(paths["data"]), EvalReport(paths["eval"])
-    mlflow.log_metrics(safe_names({f"data.{k}": v for k, v in numeric(data.stats()).items()})[0])
+    mlflow.log_metrics(safe_names({f"data.{k}": v for k, v in numeric(data.stats().model_dump()).items()})[0])
     for report in (
         evald.report_file,
         QuantizeReport(paths["quantize"]).report_file,

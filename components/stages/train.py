@@ -18,6 +18,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from components import reports
 from components.answer_batches import AnswerBatches, answer_loss, tokenize
 from components.artifacts import PreparedData, TrainedAdapter, record_config
 from components.checkpoints import CheckpointStore, StopOnSigterm, UploadCheckpoints, last_complete_checkpoint
@@ -284,7 +285,7 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
             # validation pauses are not training: tokens/s counts the time spent on training steps only
             metrics["tokens_per_s"] = metrics["non_padding_tokens"] / max(elapsed - validation.seconds_spent, 1e-9)
         write_json(out.history_file, trainer.state.log_history)
-        write_json(out.metrics_file, metrics)
+        reports.Train.model_validate(metrics).write(out.metrics_file)  # checked where it crosses
         tracker.log_stats(metrics, prefix="train_summary")
     first, last = (f"{v:.3f}" if v is not None else "n/a" for v in (metrics["first_loss"], metrics["last_loss"]))
     console.print(f"trained {metrics['steps']} steps in {elapsed:.0f}s, loss {first} → {last}")

@@ -130,9 +130,9 @@ def measure() -> dict:
             del model
             gc.collect()
         trained = TrainedAdapter(adapter)
-        steps = trained.metrics()["steps"] if trained.metrics_file.exists() else STEPS
+        steps = trained.metrics().steps if trained.metrics_file.exists() else STEPS
         if os.environ.get("LLMOPS_MERGE_FROM") and trained.metrics_file.exists():
-            train_minutes = trained.metrics()["stage_seconds"] / 60  # the reused run's own training time
+            train_minutes = trained.metrics().stage_seconds / 60  # the reused run's own training time
         bare = bare_messages_as_trained(work / "dequantized-nf4", rows)
         return {
             "results": results,

@@ -16,7 +16,7 @@ from components.config import GateSection, RegisterSection
 from components.environment import MLFLOW_RETRIES as RETRY_ENV
 from components.stages import gate, register
 from components.tracking import stage_run
-from tests.conftest import free_port
+from tests.conftest import free_port, train_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +81,10 @@ def retries(server, monkeypatch):
     return seen, armed
 
 
+PARTS = ("prompt", "completion", "total")
+SCORES = {"exact_match": 0.8, "perplexity": 2.0, "loss": 0.7, "memory_bytes": 1, "disk_bytes": 1}
+
+
 def fake_stage_outputs(root):
     """Well-formed outputs of the stages before register (register reads reports, not weights)."""
     files = {
@@ -93,18 +97,27 @@ def fake_stage_outputs(root):
             "train": 8,
             "eval": 2,
             "source": "tickets.csv",
+            **{"rows_read": 10, "examples": 10, "reject_reasons": {}, "validation": 0, "rows_kept": 10},
+            **{"label_list_in_prompt": True, "num_labels": 2},
+            **{f"{part}_tokens": {"min": 1, "mean": 1.0, "p50": 1, "p95": 1, "max": 1} for part in PARTS},
         },
-        "train/train_metrics.json": {"steps": 4, "train_loss": 1.5},
+        "train/train_metrics.json": train_metrics(steps=4, train_loss=1.5),
         "train/adapter_config.json": {"r": 8},
         "eval/eval_report.json": {
             "base": {"exact_match": 0.1, "perplexity": 9.0, "n": 2},
             "tuned": {"exact_match": 0.8, "perplexity": 2.0, "n": 2},
         },
         "quantize/quantize_report.json": {
+            "results": {"merged": SCORES},
             "recommended_quantize": "none",
-            "served": {"exact_match": 0.8, "perplexity": 2.0, "examples": 2},
+            "served": {**SCORES, "quantize": "none", "examples": 2},
+            "examples": 2,
+            "thresholds": {},
         },
-        "merged/merge_report.json": {"parity": 1.0},
+        "merged/merge_report.json": {
+            **{"parity": 1.0, "compare_dtype": "float32", "reference": "the 16-bit base + adapter"},
+            **{"merged_into": "16bit", "threshold": 0.9, "prompts": 2, "size_bytes": 1, "nf4_adapter_lost": 1.0},
+        },
         "merged/model/config.json": {"model_type": "llama"},
         "merged/model/tokenizer_config.json": {"chat_template": "{{ messages }}"},
     }

@@ -13,7 +13,7 @@ from components import storage
 from components.config import TrainSection
 from components.environment import TASK_SECRETS
 from pipelines import trainjob
-from tests.conftest import wait_for
+from tests.conftest import train_metrics, wait_for
 from tests.integration.kube_fake import FakeKube
 
 pytestmark = pytest.mark.integration
@@ -61,7 +61,7 @@ class Trainer:
             adapter = self.tmp / name / "adapter"
             adapter.mkdir(parents=True)
             (adapter / "adapter_config.json").write_text(json.dumps({"r": 8}))
-            (adapter / "train_metrics.json").write_text(json.dumps({"train_loss": 0.5, "nodes": 2}))
+            (adapter / "train_metrics.json").write_text(json.dumps(train_metrics(train_loss=0.5, examples=16)))
             storage.upload_dir(adapter, command[6])
             condition = {"type": "Complete", "status": "True", "reason": "JobSetCompleted", "message": "done"}
         else:
@@ -108,7 +108,7 @@ def test_a_completed_trainjob_hands_the_task_its_adapter_and_rank_0s_log(inputs,
         created = [path for method, path in kube.requests if method == "POST"]
         requests = list(kube.requests)
         jobs = [key for key in kube.objects if key[0] == "trainjobs"]
-    assert metrics == {"train_loss": 0.5, "nodes": 2}
+    assert metrics == train_metrics(train_loss=0.5, examples=16)  # node 0's report, read back whole
     # exactly what infra/k8s/kubeflow/trainjob-rbac.yaml grants the task's ServiceAccount
     role = next(yaml.safe_load_all((ROOT / "infra" / "k8s" / "kubeflow" / "trainjob-rbac.yaml").read_text()))
     granted = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
