@@ -51,6 +51,13 @@ class ShardedTrainer(Trainer):
             self.is_fsdp_enabled = True
 
 
+def is_sharded(model) -> bool:
+    """FSDP has sharded this model (fully_shard on it or on any of its modules)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def parameter_share(model) -> float:
     """The share of the model's parameter elements this process holds: 1.0 unsharded, about 1/N under FSDP."""
     from torch.distributed.tensor import DTensor
@@ -66,7 +73,7 @@ def save_adapter(model, path: Path, main: bool) -> None:
     from torch.distributed.tensor import DTensor
 
     state = None
-    if any(isinstance(p, DTensor) for p in model.parameters()):
+    if is_sharded(model):
         state = {
             name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
             for name, p in model.named_parameters()

@@ -96,10 +96,10 @@ def no_autograd(model):
     """inference_mode, or no_grad for a model FSDP shards (validation during sharded training): FSDP2 copies the
     gathered weights into buffers it reuses in place, which inference_mode forbids."""
     import torch
-    from torch.distributed.fsdp import FSDPModule
 
-    sharded = any(isinstance(m, FSDPModule) for m in model.modules())
-    return torch.no_grad() if sharded else torch.inference_mode()
+    from components.fsdp import is_sharded
+
+    return torch.no_grad() if is_sharded(model) else torch.inference_mode()
 
 
 def _batches(items: list, size: int):

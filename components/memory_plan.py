@@ -135,9 +135,12 @@ def nf4_model_bytes(shape: ModelShape, double_quant: bool, other_width: int) -> 
     return shape.linear_params * (NF4_BYTES + NF4_SCALES[double_quant]) + shape.other_params * other_width
 
 
-def parity_in_float32(shape: ModelShape, available: float) -> bool:
-    """merge.compare_dtype auto: float32 when the float32 reference fits, with 1.3x for the runtime."""
-    return shape.params * 4 * 1.3 <= available
+def parity_check(shape: ModelShape, available: float) -> str:
+    """merge.compare_dtype auto: float32 where the float32 reference fits, else bfloat16 where the 16-bit merge
+    does (1.3x for the runtime, either way), else layerwise (components/layer_parity.py)."""
+    if shape.params * 4 * 1.3 <= available:
+        return "float32"
+    return "bfloat16" if shape.params * 2 * 1.3 <= available else "layerwise"
 
 
 def longest_row(examples: list[dict]) -> int:
@@ -265,8 +268,9 @@ def merge_plan(shape: ModelShape, train: TrainSection, available: float) -> Stag
     adapter = lora_params(shape, train) * 4
     streaming = "streaming the merge (a shard in and out, a float32 tensor, the adapter)"
     phases = {streaming: streaming_merge_bytes(shape, min(5 * GB, shape.params * 2), adapter)}
-    float32 = parity_in_float32(shape, available)
-    if not float32 and shape.params * 2 * 1.3 > available:
+    check = parity_check(shape, available)
+    float32 = check == "float32"
+    if check == "layerwise":
         phases["parity one block at a time (read in 16 bits, held in float32), the adapter"] = layerwise_parity_bytes(
             shape, adapter
         )

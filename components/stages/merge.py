@@ -121,13 +121,11 @@ def parity_dtype(cfg: MergeSection, base_dir: Path, adapter_dir: Path) -> str:
     if cfg.compare_dtype != "auto":
         return cfg.compare_dtype
     from components.compute import free_memory
-    from components.memory_plan import GB, MemoryPlanError, adapter_params, layerwise_parity_bytes, parity_in_float32
+    from components.memory_plan import GB, MemoryPlanError, adapter_params, layerwise_parity_bytes, parity_check
 
     shape, available = model_shape(base_dir), free_memory(use_gpu=False)
-    if parity_in_float32(shape, available):
-        return "float32"
-    if shape.params * 2 * 1.3 <= available:
-        return "bfloat16"
+    if (check := parity_check(shape, available)) != "layerwise":
+        return check
     if (need := layerwise_parity_bytes(shape, adapter_params(adapter_dir) * 4)) > available:
         raise MemoryPlanError(
             f"merge: its parity check holds {need / GB:.1f} GB even one layer at a time, {available / GB:.1f} GB "
@@ -172,7 +170,8 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
     out_dir = Path(out_dir)
     record_config(out_dir, "merge", cfg)
     out = MergedModel(out_dir)
-    prompts = [model_input(e) for e in PreparedData(data_dir).examples("eval")][: cfg.parity_prompts]
+    examples = PreparedData(data_dir).examples("eval")[: cfg.parity_prompts]
+    prompts = [model_input(e) for e in examples]
     tok = load_tokenizer(base_dir)
     compare = parity_dtype(cfg, base_dir, adapter_dir)  # the memory plan, before any weight is read
     with stage_run("merge", cfg.model_dump()) as tracker:
@@ -185,7 +184,6 @@ def run(cfg: MergeSection, base_dir: Path, adapter_dir: Path, data_dir: Path, ou
         # Then the parity check, one model at a time: the trained model, then the merge, in the same dtype.
         reference_name = {"dequantized-nf4": "dequantized NF4 base + adapter", "16bit": "16-bit base + adapter"}[base]
         if compare == "layerwise":  # neither model is held whole: a block at a time, teacher-forced
-            examples = PreparedData(data_dir).examples("eval")[: cfg.parity_prompts]
             figures = layerwise_parity(base_dir, adapter_dir, out.model_dir, examples, tok, nf4)
             agreement, details = figures.pop("parity"), figures | {"mismatches": []}
             reference_name += ", one layer at a time, teacher-forced on the eval answers"
