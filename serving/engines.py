@@ -34,7 +34,7 @@ def engine_for(tags: dict, default: str, per_model: dict[str, str] | None = None
     return engine
 
 
-def quantize_args(engine: Engine, tags: dict, *, on_gpu: bool = True) -> list[str]:
+def quantize_args(engine: Engine, tags: dict) -> list[str]:
     """The version's recommended quantization as this engine's flag, or a refusal naming why it cannot be."""
     value = tags.get(QUANTIZE_TAG, "none")
     if value not in QUANTIZE_VALUES:
@@ -43,20 +43,15 @@ def quantize_args(engine: Engine, tags: dict, *, on_gpu: bool = True) -> list[st
         return []
     if engine == "tgi":
         return ["--quantize", value]
-    # vLLM quantizes a 16-bit checkpoint with bitsandbytes at load time to 4 bits only (its BitsAndBytes
-    # in-flight path); LLM.int8() needs a checkpoint serialized in 8 bits, which registration never writes.
-    if value == "bitsandbytes":
-        raise EngineRefusal(
-            f"{QUANTIZE_TAG}=bitsandbytes (LLM.int8) cannot be served by vLLM: its in-flight bitsandbytes "
-            "quantization is 4-bit only. Serve this version with deploy.engine=tgi, or set the version's tag "
-            f"{QUANTIZE_TAG} to none or bitsandbytes-nf4 after checking the quantize report"
-        )
-    if not on_gpu:
-        raise EngineRefusal(
-            f"{QUANTIZE_TAG}={value} needs bitsandbytes' CUDA kernels in vLLM, and this vLLM serves on CPU; "
-            f"set the version's tag {QUANTIZE_TAG} to none to serve it in 16 bits"
-        )
-    return ["--quantization", "bitsandbytes"]
+    # vLLM 0.32 (deploy.vllm_image) has no bitsandbytes method at all: its ModelConfig refuses
+    # `--quantization bitsandbytes` ("Unknown quantization method"), checked against the real vLLM by
+    # tests/integration/test_vllm_args.py. Its in-flight methods (fp8 and others) are
+    # not what the quantize stage scored, so none is chosen for a version.
+    raise EngineRefusal(
+        f"{QUANTIZE_TAG}={value} cannot be served by vLLM: vLLM 0.32 has no bitsandbytes quantization. Serve this "
+        f"version with deploy.engine=tgi, or set the version's tag {QUANTIZE_TAG} to none (16-bit) after checking "
+        "the quantize report"
+    )
 
 
 @dataclass(frozen=True)
@@ -235,7 +230,6 @@ def vllm_args(
     extra: list[str],
     adapters: dict[str, str] | None = None,
     max_lora_rank: int = 16,
-    on_gpu: bool = True,
     shards: int = 1,
 ) -> list[str]:
     """vLLM's OpenAI server arguments (after `python -m vllm.entrypoints.openai.api_server`)."""
@@ -249,7 +243,7 @@ def vllm_args(
         # JSON answers without free whitespace between tokens, as our server's (at most one space): with vLLM's
         # default, the tuned SmolLM2 padded a two-key object with 72 lines of whitespace past 64 tokens.
         "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
-        *quantize_args("vllm", tags, on_gpu=on_gpu),
+        *quantize_args("vllm", tags),
     ]  # fmt: skip
     if adapters:
         args += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max(1, len(adapters)))]

@@ -133,7 +133,6 @@ def engine_command(cfg: DeploySection, engine: Engine, name: str, version: str, 
         tags=tags,
         max_total_tokens=cfg.max_total_tokens,
         extra=cfg.extra_args.get("vllm", []),
-        on_gpu=cfg.gpu_count > 0,
         shards=cfg.gpu_count,  # every GPU the pod requests holds a shard
         adapters=adapter_dirs(adapters),
         max_lora_rank=max_lora_rank([adapter.rank for adapter in adapters]),

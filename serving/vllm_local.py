@@ -76,8 +76,8 @@ def command(
     extra: list[str] | None = None,
 ) -> list[str]:
     """The command line serving `model_dir` as `name` (and `models:/name/version`). On CPU the version is served
-    in bfloat16 whatever its recommended quantization: bitsandbytes in vLLM needs CUDA, and the local TGI-protocol
-    server serves 16-bit too."""
+    in bfloat16 whatever its recommended quantization (vLLM 0.32 has no bitsandbytes; the local TGI-protocol server
+    serves 16-bit too)."""
     args = vllm_args(
         model_dir=model_dir,
         host=host,

@@ -596,7 +596,7 @@ def test_a_quantization_the_engine_cannot_honour_is_refused_on_the_version(model
             writes = len(kube.writes())
             assert deployer.reconcile_once() == [f"refused {model_name}/2"]
             tags = client.get_model_version(model_name, "2").tags
-            assert tags["deploy.status"] == "refused" and "4-bit only" in tags["deploy.reason"]
+            assert tags["deploy.status"] == "refused" and "no bitsandbytes" in tags["deploy.reason"]
             assert len(kube.writes()) == writes and deployed_version(kube, model_name)[0] == "3"
 
             client.set_model_version_tag(model_name, "2", "deploy.engine", "tgi")  # a person picks TGI for it
@@ -605,13 +605,16 @@ def test_a_quantization_the_engine_cannot_honour_is_refused_on_the_version(model
             container = obj["spec"]["template"]["spec"]["containers"][0]
             assert version == "2" and container["name"] == "tgi" and "bitsandbytes" in container["args"]
 
-            client.set_registered_model_alias(model_name, "champion", "1")  # NF4 on a GPU vLLM: never ready here
-            assert deployer.reconcile_once() == [f"failed {model_name}/1"]
+            client.set_registered_model_alias(model_name, "champion", "1")  # NF4: refused by vLLM 0.32 too
+            assert deployer.reconcile_once() == [f"refused {model_name}/1"]
+            client.set_model_version_tag(model_name, "1", "recommended_quantize", "none")  # served 16-bit instead
+            assert deployer.reconcile_once() == [f"failed {model_name}/1"]  # and it never gets ready here
             assert deployed_version(kube, model_name)[0] == "2"  # rolled back: TGI's version 2 serves on
     finally:
         for version in ("1", "2", "3"):
             clear_deploy_tags(client, model_name, version)
         client.delete_model_version_tag(model_name, "2", "deploy.engine")
+        client.set_model_version_tag(model_name, "1", "recommended_quantize", QUANTIZE["1"])
 
 
 def test_promote_waits_for_the_outcome_and_prints_the_endpoint_or_the_reason(model_name):

@@ -29,12 +29,10 @@ def test_quantization_maps_per_engine_or_is_refused_with_what_to_do():
     nf4, int8 = {"recommended_quantize": "bitsandbytes-nf4"}, {"recommended_quantize": "bitsandbytes"}
     assert quantize_args("tgi", nf4) == ["--quantize", "bitsandbytes-nf4"]
     assert quantize_args("tgi", int8) == ["--quantize", "bitsandbytes"]
-    assert quantize_args("vllm", nf4) == ["--quantization", "bitsandbytes"]
     assert quantize_args("vllm", {}) == quantize_args("tgi", {"recommended_quantize": "none"}) == []
-    with pytest.raises(EngineRefusal, match="deploy.engine=tgi"):
-        quantize_args("vllm", int8)
-    with pytest.raises(EngineRefusal, match="none"):
-        quantize_args("vllm", nf4, on_gpu=False)
+    for tags in (nf4, int8):  # vLLM 0.32 has no bitsandbytes method (test_vllm_args.py asks the real one)
+        with pytest.raises(EngineRefusal, match="no bitsandbytes quantization.*deploy.engine=tgi.*to none"):
+            quantize_args("vllm", tags)
 
 
 def test_adapters_become_lora_modules_and_the_local_command_runs_the_module_in_bfloat16(tmp_path):
