@@ -296,14 +296,15 @@ def merge_plan(shape: ModelShape, train: TrainSection, available: float) -> Stag
     return plan
 
 
-def quantize_plan(shape: ModelShape, cfg: EvalSection, tokens: int, gpu: bool = True) -> StagePlan:
-    """One model at a time (the 16-bit merge, then each variant), the largest the 16-bit one, and its scoring.
+def quantize_plan(shape: ModelShape, cfg: EvalSection, tokens: int, gpu: bool = True, gpus: int = 1) -> StagePlan:
+    """One model at a time (the 16-bit merge, then each variant), the largest the 16-bit one, and its scoring;
+    gpus > 1: its layers split over the pod's GPUs, as evaluate's are (inference.load_model).
     On the host an int8 variant loads from the mapped 16-bit merge, which then counts beside it."""
-    evaluation = eval_plan(shape, cfg, tokens, 0, gpu=gpu)
+    evaluation = eval_plan(shape, cfg, tokens, 0, gpu=gpu, gpus=gpus)
     plan = StagePlan("quantize", evaluation.device)
     plan.items = {
-        "16-bit merge (the largest variant)": shape.params * 2,
-        **{k: v for k, v in evaluation.items.items() if k != "model and adapter"},
+        "16-bit merge (the largest variant)" + (f" / {gpus}" if gpus > 1 else ""): shape.params * 2 / gpus,
+        **{k: v for k, v in evaluation.items.items() if not k.startswith("model and adapter")},
     }
     if not gpu:
         int8 = shape.linear_params + shape.other_params * 2

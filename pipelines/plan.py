@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from components import memory_plan as mp
+from components.registry_tags import QUANTIZE_TAG
 from pipelines.config import PipelineConfig
 
 
@@ -108,16 +109,36 @@ def _evaluate(shape, cfg: PipelineConfig, gpu: float, gpus: int, tokens: int, lo
             return verdict
 
 
+def _quantize(shape, cfg: PipelineConfig, gpu: float, gpus: int, tokens: int) -> Verdict:
+    """The 16-bit merge scored with its layers split over the pod's GPUs (as evaluate splits its model)."""
+    verdict = _sized(
+        lambda b: mp.quantize_plan(shape, cfg.eval.model_copy(update={"batch_size": b}), tokens, gpus=gpus),
+        gpu,
+        "eval",
+        cfg.eval.batch_size,
+    )
+    if gpus > 1:
+        verdict.advice += f", its layers split over the {gpus} GPUs" if verdict.fits else f" over {gpus} GPUs"
+    if not verdict.fits:
+        verdict.advice += (
+            ": the 16-bit merge cannot be scored on these GPUs. The adapter on its NF4 base fits (evaluate scores "
+            "it; register.adapters registers both), but the gate judges the merge"
+        )
+    return verdict
+
+
 SERVE_SEQUENCES = 8  # sequences of data.max_tokens whose KV cache a served model should hold at least
 TP_SIZES = (1, 2, 4, 8)  # tensor-parallel splits both engines take (a Llama's 8 KV heads divide evenly)
 
 
-def serve_plan(shape: mp.ModelShape, shards: int, tokens: int) -> mp.StagePlan:
-    """One GPU of a served model split `shards` ways (tensor parallel): its share of the 16-bit weights and of the
-    KV cache of SERVE_SEQUENCES sequences, and the runtime."""
+def serve_plan(shape: mp.ModelShape, shards: int, tokens: int, bits: int = 16, lora: int = 0) -> mp.StagePlan:
+    """One GPU of a served model split `shards` ways (tensor parallel): its share of the weights (16-bit, or
+    bitsandbytes NF4 quantized at load: TGI's --quantize bitsandbytes-nf4), of a LoRA adapter served beside them,
+    and of the KV cache of SERVE_SEQUENCES sequences, and the runtime."""
+    weights = shape.params * 2 if bits == 16 else mp.nf4_model_bytes(shape, True, 2)
     plan = mp.StagePlan("serve", "gpu")
     plan.items = {
-        f"16-bit weights / {shards}": shape.params * 2 / shards,
+        f"{'16-bit' if bits == 16 else 'NF4'} weights / {shards}": weights / shards,
         f"KV cache, {SERVE_SEQUENCES} x {tokens} tokens / {shards}": SERVE_SEQUENCES
         * tokens
         * shape.layers
@@ -127,16 +148,38 @@ def serve_plan(shape: mp.ModelShape, shards: int, tokens: int) -> mp.StagePlan:
         / shards,
         "runtime": mp.RUNTIME_OVERHEAD,
     }
+    if lora:
+        plan.items[f"LoRA adapter / {shards}"] = lora * 2 / shards
     return plan
 
 
-def _serve(shape: mp.ModelShape, gpus: int, gpu: float, tokens: int) -> Verdict:
+def _least(shape: mp.ModelShape, gpu: float, tokens: int, bits: int, lora: int = 0) -> int | None:
+    return next((n for n in TP_SIZES if serve_plan(shape, n, tokens, bits, lora).total <= gpu), None)
+
+
+def _serve(shape: mp.ModelShape, gpus: int, gpu: float, tokens: int, lora: int) -> Verdict:
+    """16 bits on either engine where the pod's GPUs hold them; else NF4 at load, which only TGI does (vLLM 0.32
+    has no bitsandbytes), on the adapter's base: NF4 of a merge can erase a small adapter (the merge report's
+    nf4_adapter_lost), while the NF4 base with the adapter beside it is the form QLoRA trained and evaluate scored."""
     planned = serve_plan(shape, gpus, tokens)
     if planned.total <= gpu:
         how = f"with deploy.gpu_count={gpus} (tensor parallel over {gpus})" if gpus > 1 else "on one GPU"
         return Verdict(planned, gpu, True, f"fits {how}")
-    least = next((n for n in TP_SIZES if serve_plan(shape, n, tokens).total <= gpu), None)
+    nf4 = serve_plan(shape, gpus, tokens, bits=4, lora=lora)
+    if nf4.total <= gpu:
+        split = f"deploy.gpu_count={gpus} (tensor parallel over {gpus}), " if gpus > 1 else ""
+        return Verdict(
+            nf4,
+            gpu,
+            True,
+            f"fits in 4 bits: deploy.engine=tgi {split}serving the base version (register.adapters) tagged "
+            f"{QUANTIZE_TAG}=bitsandbytes-nf4 with the adapter promoted onto it (vLLM 0.32 has no 4-bit "
+            f"quantization at load; 16 bits need deploy.gpu_count={_least(shape, gpu, tokens, 16) or 'more'})",
+        )
+    least, least4 = _least(shape, gpu, tokens, 16), _least(shape, gpu, tokens, 4, lora)
     need = f"deploy.gpu_count={least} of these GPUs" if least else "a larger GPU"
+    if least4:
+        need += f" (in 4 bits on TGI: {least4})"
     return Verdict(planned, gpu, False, f"refused on {gpus} GPU(s): needs {need}")
 
 
@@ -154,13 +197,8 @@ def plan(cfg: PipelineConfig, model: str, gpu: str, host_gb: float, answer_token
         _train(shape, cfg, gpu_bytes, gpus, tokens, answer_tokens),
         _evaluate(shape, cfg, gpu_bytes, gpus, tokens, lora),
         merge,
-        _sized(
-            lambda b: mp.quantize_plan(shape, cfg.eval.model_copy(update={"batch_size": b}), tokens),
-            gpu_bytes,
-            "eval",
-            cfg.eval.batch_size,
-        ),
-        _serve(shape, gpus, gpu_bytes, tokens),
+        _quantize(shape, cfg, gpu_bytes, gpus, tokens),
+        _serve(shape, gpus, gpu_bytes, tokens, lora),
     ]
 
 

@@ -69,8 +69,10 @@ def scoring_settings(merged_dir: Path, examples: list[dict]) -> EvalSection:
     from components.compute import fit_here
 
     cfg, shape, gpu = EvalSection(), memory_plan.model_shape(merged_dir), torch.cuda.is_available()
-    tokens = memory_plan.longest_row(examples)
-    plan_for = lambda b: memory_plan.quantize_plan(shape, cfg.model_copy(update={"batch_size": b}), tokens, gpu)  # noqa: E731
+    tokens, gpus = memory_plan.longest_row(examples), max(1, torch.cuda.device_count())
+    plan_for = lambda b: memory_plan.quantize_plan(  # noqa: E731
+        shape, cfg.model_copy(update={"batch_size": b}), tokens, gpu, gpus
+    )
     batch = fit_here(plan_for, cfg.batch_size, "eval.batch_size", gpu)
     return cfg.model_copy(update={"batch_size": batch})
 

@@ -161,12 +161,44 @@ def test_serving_splits_a_model_over_the_gpus_given_and_says_how_many_it_needs()
         verdict = next(v for v in plan(cfg, config(model), gpu, 128, 256) if v.plan.stage == "serve")
         return verdict.fits, verdict.advice, verdict.plan.total / mp.GB
 
-    fits, advice, per_gpu = serve("llama-3.1-70b", "2xRTX4090")
-    assert not fits and advice == "refused on 2 GPU(s): needs deploy.gpu_count=8 of these GPUs" and per_gpu > 70
     fits, advice, per_gpu = serve("llama-3.1-70b", "8xRTX4090")
     assert fits and advice == "fits with deploy.gpu_count=8 (tensor parallel over 8)" and per_gpu < 24
-    assert serve("llama-3.1-70b", "1xH100")[1] == "refused on 1 GPU(s): needs deploy.gpu_count=2 of these GPUs"
     assert serve("llama-3.1-8b", "A10G")[:2] == (True, "fits on one GPU")
+    # 16 bits need 8 of these; one alone holds neither form
+    fits, advice, _ = serve("llama-3.1-70b", "RTX4090")
+    assert not fits and advice == "refused on 1 GPU(s): needs deploy.gpu_count=8 of these GPUs (in 4 bits on TGI: 2)"
+
+
+def test_a_70b_serves_on_two_24_gb_gpus_in_4_bits_on_tgi_as_its_adapter_on_the_base():
+    """16 bits of a 70B need 8 x 24 GB. NF4 at load (TGI's --quantize bitsandbytes-nf4; vLLM 0.32 has no 4-bit
+    quantization at load) split over 2 fits, with the adapter beside the base: the form QLoRA trained."""
+    verdicts = {v.plan.stage: v for v in plan(load_config("cluster"), config("llama-3.1-70b"), "2xRTX4090", 128, 256)}
+    serve = verdicts["serve"]
+    assert serve.fits and serve.plan.total <= 24 * mp.GB
+    assert (
+        "deploy.engine=tgi deploy.gpu_count=2" in serve.advice
+        and "recommended_quantize=bitsandbytes-nf4" in serve.advice
+    )
+    assert "16 bits need deploy.gpu_count=8" in serve.advice
+    # the weights' share is evaluate's NF4 base without the float32 adapter, which is served in 16 bits beside it
+    nf4 = (
+        verdicts["evaluate"].plan.items["model and adapter / 2"]
+        - mp.lora_params(mp.model_shape(config("llama-3.1-70b")), load_config("cluster").train) * 4 / 2
+    )
+    assert serve.plan.items["NF4 weights / 2"] == pytest.approx(nf4)
+    assert 0 < serve.plan.items["LoRA adapter / 2"] / mp.GB < 1
+    # on one H100 the NF4 form fits too, without a split
+    one = {v.plan.stage: v for v in plan(load_config("cluster"), config("llama-3.1-70b"), "H100", 128, 256)}
+    assert one["serve"].fits and one["serve"].advice.startswith("fits in 4 bits: deploy.engine=tgi serving the base")
+
+
+def test_quantize_splits_the_merge_over_the_pods_gpus_and_says_why_where_it_cannot():
+    cfg, model = load_config("cluster"), config("llama-3.1-70b")
+    two_h100 = {v.plan.stage: v for v in plan(cfg, model, "2xH100", 128, 256)}["quantize"]
+    assert two_h100.fits and two_h100.advice.endswith("its layers split over the 2 GPUs")
+    assert two_h100.plan.items["16-bit merge (the largest variant) / 2"] / mp.GB == pytest.approx(141.1 / 2, 0.01)
+    small = {v.plan.stage: v for v in plan(cfg, model, "2xRTX4090", 128, 256)}["quantize"]
+    assert not small.fits and "over 2 GPUs: the 16-bit merge cannot be scored on these GPUs" in small.advice
 
 
 def test_a_70b_evaluates_on_one_h100_in_the_form_it_trained_in():
