@@ -98,8 +98,10 @@ class EvalReport(Output):
     confusion_plot_file = File("confusion_tuned.png")
     SAMPLES = "sample_predictions.json"  # an MLflow table, not a file in the directory
 
-    def report(self) -> dict:
-        return read_json(self.report_file)
+    def report(self):
+        from components.reports import Eval
+
+        return Eval.read(self.report_file)
 
     def predictions(self) -> list[dict]:
         return read_json(self.predictions_file)

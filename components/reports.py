@@ -2,8 +2,9 @@
 mistyped on one side fails where the report crosses, not in a registry tag downstream.
 
 The data stats (prepare data → train's checkpoint key, register, the gate), the train metrics (train → merge,
-register), the merge report (merge → quantize, register) and the quantize report (quantize → register, the gate
-through the version's tags); the file names live in components/artifacts.py.
+register), the eval report (evaluate → register, the gate, the kfp task's metrics), the merge report (merge →
+quantize, register) and the quantize report (quantize → register, the gate through the version's tags); the file
+names live in components/artifacts.py.
 """
 
 from __future__ import annotations
@@ -80,6 +81,43 @@ class Train(Report):
     val_first_accuracy: float | None = None
     val_seconds_to_target: float | None = None
     val_seconds_spent: float | None = None
+
+
+class ClassScores(Report):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class Confusion(Report):
+    categories: list[str]  # the labels, then "<invalid>" for a free answer that is none of them
+    matrix: list[list[int]]
+
+
+class EvalScores(Report):
+    """One model on the eval rows (components.scoring.score_model): label tasks add the label figures."""
+
+    exact_match: float
+    n: int
+    loss: float
+    perplexity: float
+    label_accuracy: float | None = None  # decoding constrained to the label set
+    agreement_where_valid: float | None = None  # free and constrained answers, where the free one is a label
+    macro_f1: float | None = None
+    invalid_rate: float | None = None  # free answers that are no label
+    per_class: dict[str, ClassScores] | None = None
+    confusion: Confusion | None = None
+
+
+class Eval(Report):
+    """The base and the tuned model on the same eval rows (eval_report.json)."""
+
+    base: EvalScores
+    tuned: EvalScores
+    labels: list[str] | None
+    delta: dict[str, float]  # tuned minus base, per headline metric
+    base_form: Literal["16bit", "nf4"]  # the base both were scored on: nf4 is the condition QLoRA trained in
 
 
 class Merge(Report):

@@ -26,7 +26,7 @@ def publish(metrics, values: dict, out_dir: str, stage: str, started: float) -> 
 
 
 def publish_confusion(artifact, report: dict) -> None:
-    confusion = report["tuned"].get("confusion")
+    confusion = report["tuned"].get("confusion")  # the evaluate stage's report, as components.reports.Eval dumps it
     if confusion:
         artifact.log_confusion_matrix(confusion["categories"], confusion["matrix"])
     Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)

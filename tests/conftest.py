@@ -100,6 +100,16 @@ def train_metrics(**figures) -> dict:
     return Train(**settled | figures).model_dump()
 
 
+def eval_report(base: dict, tuned: dict, base_form: str = "16bit") -> dict:
+    """A well-formed eval_report.json (components.reports.Eval) from a few figures of each model."""
+    from components.reports import Eval
+
+    filled = [{"n": 2, "loss": 1.0, "perplexity": 2.7, "exact_match": 0.0} | scores for scores in (base, tuned)]
+    delta = {k: filled[1][k] - filled[0][k] for k in ("exact_match", "loss", "perplexity")}
+    report = Eval(base=filled[0], tuned=filled[1], labels=None, delta=delta, base_form=base_form)
+    return report.model_dump(exclude_none=True)
+
+
 def build_tiny_llama(out: Path, seed: int = 0, initializer_range: float = 0.02, chat_template=CHATML) -> Path:
     """A 2-layer Llama and a byte-level BPE tokenizer trained on the demo data, saved as an HF directory.
 

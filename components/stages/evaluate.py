@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from components import reports
 from components.artifacts import EvalReport, PreparedData, record_config
 from components.config import EvalSection
 from components.inference import load_model, load_tokenizer
@@ -92,9 +93,15 @@ def run(cfg: EvalSection, base_dir: Path, adapter_dir: Path, data_dir: Path, out
         base_preds, tuned_preds = base_scored.predictions, tuned_scored.predictions
         constrained = {"base": base_scored.constrained, "tuned": tuned_scored.constrained}
         keys = ("exact_match", "loss", "perplexity") + (("label_accuracy",) if labels else ())
-        report = {"base": base, "tuned": tuned, "labels": labels, "delta": {k: tuned[k] - base[k] for k in keys}}
-        report["base_form"] = cfg.base_form  # which base both were scored on: 16bit, or nf4 (the trained condition)
-        write_json(out.report_file, report)
+        typed = reports.Eval(
+            base=base,
+            tuned=tuned,
+            labels=labels,
+            delta={k: tuned[k] - base[k] for k in keys},
+            base_form=cfg.base_form,  # which base both were scored on: 16bit, or nf4 (the trained condition)
+        )
+        typed.write(out.report_file)  # checked where it crosses to register and the gate
+        report = typed.model_dump(exclude_none=True)
         samples = [
             {"id": e["id"], "answer": e["answer"], "base": b, "tuned": t}
             for e, b, t in zip(examples, base_preds, tuned_preds)

@@ -110,9 +110,8 @@ def _evaluate_champion(champion, cfg: GateSection, data_dir: Path, rows: int) ->
 def base_on_served_rows(metric: str, registration: dict, report_dir: Path) -> float | None:
     """The base model's figure on the rows the served model was scored on (None when it cannot be had)."""
     rows, scored = int(registration[eval_tag("tuned", "examples")]), int(registration[eval_tag("base", "examples")])
-    report = EvalReport(report_dir).report()
     if rows == scored:
-        return report["base"][metric]
+        return getattr(EvalReport(report_dir).report().base, metric)
     if metric not in ("exact_match", "label_accuracy"):
         return None  # a loss is not kept per row
     from components.inference import normalize

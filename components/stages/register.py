@@ -105,6 +105,7 @@ def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
     data = PreparedData(paths["data"]).stats()
     train = TrainedAdapter(paths["train"]).metrics()
     evald = EvalReport(paths["eval"]).report()
+    base_scores, adapter_scores = (scores.model_dump(exclude_none=True) for scores in (evald.base, evald.tuned))
     quant = QuantizeReport(paths["quantize"]).report()
     merge = MergedModel(paths["merged"]).report()
     configs = [c for c in (Output(p).stage_config() for p in paths.values()) if c]
@@ -124,11 +125,11 @@ def lineage(paths: dict[str, Path], pipeline_run: str) -> tuple[dict, dict]:
     }
     served = quant.served.model_dump(exclude_none=True)
     metrics = {
-        **{eval_tag("base", k): evald["base"][k] for k in HEADLINE if k in evald["base"]},
-        **{eval_tag("adapter", k): evald["tuned"][k] for k in HEADLINE if k in evald["tuned"]},
+        **{eval_tag("base", k): base_scores[k] for k in HEADLINE if k in base_scores},
+        **{eval_tag("adapter", k): adapter_scores[k] for k in HEADLINE if k in adapter_scores},
         **{eval_tag("tuned", k): served[k] for k in HEADLINE if k in served},  # what serves: merged, under the flag
         eval_tag("tuned", "examples"): served["examples"],
-        eval_tag("base", "examples"): evald["base"]["n"],
+        eval_tag("base", "examples"): evald.base.n,
         "merge.parity": merge.parity,
         "train.steps": train.steps,
         "train.loss": train.train_loss,

@@ -16,7 +16,7 @@ from components.config import GateSection, RegisterSection
 from components.environment import MLFLOW_RETRIES as RETRY_ENV
 from components.stages import gate, register
 from components.tracking import stage_run
-from tests.conftest import free_port, train_metrics
+from tests.conftest import eval_report, free_port, train_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -103,10 +103,9 @@ def fake_stage_outputs(root):
         },
         "train/train_metrics.json": train_metrics(steps=4, train_loss=1.5),
         "train/adapter_config.json": {"r": 8},
-        "eval/eval_report.json": {
-            "base": {"exact_match": 0.1, "perplexity": 9.0, "n": 2},
-            "tuned": {"exact_match": 0.8, "perplexity": 2.0, "n": 2},
-        },
+        "eval/eval_report.json": eval_report(
+            {"exact_match": 0.1, "perplexity": 9.0, "n": 2}, {"exact_match": 0.8, "perplexity": 2.0, "n": 2}
+        ),
         "quantize/quantize_report.json": {
             "results": {"merged": SCORES},
             "recommended_quantize": "none",

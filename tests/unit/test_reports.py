@@ -57,3 +57,27 @@ def test_a_quantize_report_tells_a_scored_variant_from_one_that_could_not_hold_t
         reports.Quantize.model_validate(
             {**report.model_dump(), "served": {**SCORES, "perplexity": "high", "quantize": "none", "examples": 1}}
         )
+
+
+def test_an_eval_report_holds_what_scoring_computes_and_refuses_a_misread(tmp_path):
+    """The figures come from components.scoring.score itself (a label task: per-class scores, the confusion
+    matrix), so a key scoring adds or renames fails here, not at register."""
+    from components.scoring import score
+
+    labels = ["card_arrival", "lost_card"]
+    answers = ["card_arrival", "lost_card", "lost_card"]
+    free = score(["card_arrival", "card_arrival", "weather"], answers, labels)
+    scores = {**free, "label_accuracy": 2 / 3, "agreement_where_valid": 1.0, "loss": 0.4, "perplexity": 1.49}
+    report = reports.Eval(base=scores, tuned=scores, labels=labels, delta={"exact_match": 0.0}, base_form="nf4")
+    path = tmp_path / "eval_report.json"
+    report.write(path)
+    read = reports.Eval.read(path)
+    assert read == report and read.tuned.confusion.categories == [*labels, "<invalid>"]
+    assert read.tuned.per_class["lost_card"].support == 2 and read.tuned.invalid_rate == pytest.approx(1 / 3)
+    for wrong, field in [
+        ({**report.model_dump(), "base_form": "4bit"}, "base_form"),
+        ({**report.model_dump(), "tuned": {k: v for k, v in scores.items() if k != "n"}}, "n"),
+        ({**report.model_dump(), "tuned": {**scores, "accuracy": 1.0}}, "accuracy"),
+    ]:
+        with pytest.raises(ValidationError, match=field):
+            reports.Eval.model_validate(wrong)
