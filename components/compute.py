@@ -66,7 +66,7 @@ def free_memory(use_gpu: bool) -> float:
     return min(free, headroom) if headroom is not None else free
 
 
-def resolved_choices(cfg: TrainSection, base_dir: Path, data_dir: Path, root: Path) -> TrainSection:
+def run_choices(cfg: TrainSection, base_dir: Path, data_dir: Path, root: Path) -> TrainSection:
     """The "auto" choices of this run, measured once and kept beside its checkpoints.
 
     A restarted or data-parallel worker reads them back instead of measuring again: a noisy timing must
@@ -79,14 +79,14 @@ def resolved_choices(cfg: TrainSection, base_dir: Path, data_dir: Path, root: Pa
         return cfg.model_copy(update=json.loads(saved.read_text()))
     examples = PreparedData(data_dir).examples("train")
     longest = memory_plan.longest_row(examples)
-    run_cfg = resolve(cfg, base_dir, longest, window=max(e["completion_tokens"] for e in examples) + 1)
+    run_cfg = choose(cfg, base_dir, longest, window=max(e["completion_tokens"] for e in examples) + 1)
     saved.parent.mkdir(parents=True, exist_ok=True)
     keys = ("compute_dtype", "gradient_checkpointing", "batch_size", "grad_accum")
     saved.write_text(json.dumps({k: getattr(run_cfg, k) for k in keys}))
     return run_cfg
 
 
-def resolve(cfg: TrainSection, base_dir: Path, longest: int, window: int | None = None) -> TrainSection:
+def choose(cfg: TrainSection, base_dir: Path, longest: int, window: int | None = None) -> TrainSection:
     """The section with "auto" choices replaced by what this machine and this data need."""
     dtype = measured_dtype(cfg.use_gpu) if cfg.compute_dtype == "auto" else cfg.compute_dtype
     checkpointing, window = cfg.gradient_checkpointing, window or longest

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import re
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from components.environment import CHECKPOINT_ROOT
+from components.profiles import Renamable
 from components.registry_tags import CANDIDATES_SUFFIX, candidates_of, production_of
 
 PACKAGED_MODEL = "packaged:smollm2-135m-instruct"
 DEMO_DATA = "demo"
 
 
-class Section(BaseModel):
+class Section(Renamable):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     def to_json(self) -> str:
@@ -287,7 +286,7 @@ class QuantizeSection(Section):
     )
 
 
-class RegisterSection(Section):
+class RegistrySection(Section):
     """The MLflow registered model and experiment a run's version goes to."""
 
     model_name: str = Field(
@@ -334,55 +333,3 @@ class GateSection(Section):
     min_gain_over_champion: float = Field(0.0, description="least gain over the version holding champion_alias")
     champion_alias: str = Field("champion", description="the alias of the version to beat (the one serving)")
     alias_on_pass: str = Field("challenger", description="alias set on a version that passes")
-
-
-class Profiled(BaseModel):
-    """A settings object loaded from a profile (`load_settings`): pipelines.config and serving.settings."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    profile: str = Field("local", description="the profile this config was loaded from")
-
-
-def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, description) for every field of a settings object, sections expanded."""
-    rows = []
-    for name, field in model.model_fields.items():
-        kind = field.annotation
-        if isinstance(kind, type) and issubclass(kind, BaseModel):
-            rows += describe(kind, f"{prefix}{name}.")
-            continue
-        shown = getattr(kind, "__name__", None) if isinstance(kind, type) else None
-        rows.append(
-            (f"{prefix}{name}", shown or str(kind).replace("typing.", ""), repr(field.default), field.description or "")
-        )
-    return rows
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`section.key=value` items into a nested dict; values parse the way YAML would (numbers, booleans, lists)."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not key=value (e.g. train.max_steps=10)")
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(value) if value != "" else ""
-    return raw
-
-
-def load_settings(model: type[BaseModel], profile: str, directory: Path, overrides: list[str] | None = None):
-    """A profile by name (DIRECTORY/NAME.yaml) or by path, plus `key=value` overrides, validated as `model`."""
-    path = Path(profile)
-    if not path.suffix:
-        path = directory / f"{profile}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in directory.glob("*.yaml"))
-        raise FileNotFoundError(f"config profile {profile!r} not found (known profiles: {', '.join(known)})")
-    raw: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
-    raw.setdefault("profile", path.stem)
-    return model.model_validate(apply_overrides(raw, overrides or []))

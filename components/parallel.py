@@ -12,7 +12,7 @@ from pathlib import Path
 
 from components.artifacts import TrainedAdapter
 from components.checkpoints import CheckpointStore
-from components.compute import resolved_choices
+from components.compute import run_choices
 from components.config import TrainSection
 from components.environment import NODE_RANK, SHUTDOWN_TIMEOUT
 from components.util import console
@@ -41,7 +41,7 @@ def launch(worker: str, cfg: TrainSection, base_dir: Path, data_dir: Path, out_d
     ]
     store = CheckpointStore.for_run(cfg, base_dir, data_dir)
     store.restore()  # fetched once here, not raced by every worker
-    resolved_choices(cfg, base_dir, data_dir, store.local)  # measured once, so every rank trains alike
+    run_choices(cfg, base_dir, data_dir, store.local)  # measured once, so every rank trains alike
     where = f"{cfg.per_node} processes" + (f" on each of {nodes} nodes" if nodes > 1 else "")
     console.print(f"data-parallel training: {where} on {'nccl' if cfg.use_gpu else 'gloo'}")
     proc, signalled = subprocess.Popen(cmd), []

@@ -108,7 +108,7 @@ def show_config(
     if schema:
         from rich.table import Table
 
-        from components.config import describe
+        from components.profiles import describe
         from components.util import console
         from pipelines.config import PipelineConfig
 

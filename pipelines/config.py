@@ -17,13 +17,12 @@ from components.config import (
     GateSection,
     MergeSection,
     ModelSection,
-    Profiled,
     QuantizeSection,
-    RegisterSection,
+    RegistrySection,
     Section,
     TrainSection,
-    load_settings,
 )
+from components.profiles import Profiled, load_settings
 
 PROFILE_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -87,7 +86,7 @@ class PipelineConfig(Profiled):
     eval: EvalSection = Field(EvalSection(), description="evaluate stage: the base and the tuned model side by side")
     merge: MergeSection = Field(MergeSection(), description="merge stage: the adapter folded into 16-bit weights")
     quantize: QuantizeSection = Field(QuantizeSection(), description="quantize stage: TGI's --quantize variants scored")
-    registry: RegisterSection = Field(RegisterSection(), description="register stage: the MLflow model and its tags")
+    registry: RegistrySection = Field(RegistrySection(), description="register stage: the MLflow model and its tags")
     gate: GateSection = Field(GateSection(), description="gate stage: the verdict that decides the challenger alias")
     placement: PlacementSection = Field(PlacementSection(), description="cluster placement: nodes, GPUs, resources")
 

@@ -65,7 +65,7 @@ def build_pipeline(cfg: PipelineConfig):
         ).set_display_name("resolve config")
         resolved.set_caching_options(False)  # a second of work; the stages after it cache on their own sections
         sections = resolved.outputs
-        base, data, trained, evaluated, merged, quantized = _model_stages(sections, cfg)
+        base, data, trained, evaluated, merged, quantized = _model_stages(sections, cfg, accelerator_type)
         on_trainer = cfg.train.launcher == "trainjob"  # the train task submits a TrainJob: it holds no GPU
         for task in (evaluated, merged, quantized) if on_trainer else (trained, evaluated, merged, quantized):
             platform.on_gpu(
@@ -111,7 +111,7 @@ def parameter_docs() -> str:
     return "\n".join(lines)
 
 
-def _model_stages(sections, cfg: PipelineConfig):
+def _model_stages(sections, cfg: PipelineConfig, accelerator_type):
     base = steps.base_model(model_cfg=sections["model_cfg"]).set_display_name("base model")
     data = steps.prepare_data(data_cfg=sections["data_cfg"], base_model=base.outputs["model"]).set_display_name(
         "prepare data"
@@ -122,6 +122,7 @@ def _model_stages(sections, cfg: PipelineConfig):
         base_model=base.outputs["model"],
         dataset=data.outputs["dataset"],
         placement_json=json.dumps(placement),  # a TrainJob's nodes go where the GPU stages go
+        accelerator_type=accelerator_type,  # and request the run form's GPU resource
     ).set_display_name("train (QLoRA)")
     evaluated = steps.evaluate(
         eval_cfg=sections["eval_cfg"],
@@ -144,7 +145,7 @@ def _model_stages(sections, cfg: PipelineConfig):
 
 def _registry_stages(sections, base, data, trained, evaluated, merged, quantized):
     registered = steps.register(
-        register_cfg=sections["register_cfg"],
+        registry_cfg=sections["registry_cfg"],
         pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
         base_model=base.outputs["model"],
         dataset=data.outputs["dataset"],

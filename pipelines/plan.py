@@ -163,21 +163,21 @@ def _serve(shape: mp.ModelShape, gpus: int, gpu: float, tokens: int, lora: int) 
     nf4_adapter_lost), while the NF4 base with the adapter beside it is the form QLoRA trained and evaluate scored."""
     planned = serve_plan(shape, gpus, tokens)
     if planned.total <= gpu:
-        how = f"with deploy.gpu_count={gpus} (tensor parallel over {gpus})" if gpus > 1 else "on one GPU"
+        how = f"with deploy.accelerator_count={gpus} (tensor parallel over {gpus})" if gpus > 1 else "on one GPU"
         return Verdict(planned, gpu, True, f"fits {how}")
     nf4 = serve_plan(shape, gpus, tokens, bits=4, lora=lora)
     if nf4.total <= gpu:
-        split = f"deploy.gpu_count={gpus} (tensor parallel over {gpus}), " if gpus > 1 else ""
+        split = f"deploy.accelerator_count={gpus} (tensor parallel over {gpus}), " if gpus > 1 else ""
         return Verdict(
             nf4,
             gpu,
             True,
             f"fits in 4 bits: deploy.engine=tgi {split}serving the base version (register.adapters) tagged "
             f"{QUANTIZE_TAG}=bitsandbytes-nf4 with the adapter promoted onto it (vLLM 0.32 has no 4-bit "
-            f"quantization at load; 16 bits need deploy.gpu_count={_least(shape, gpu, tokens, 16) or 'more'})",
+            f"quantization at load; 16 bits need deploy.accelerator_count={_least(shape, gpu, tokens, 16) or 'more'})",
         )
     least, least4 = _least(shape, gpu, tokens, 16), _least(shape, gpu, tokens, 4, lora)
-    need = f"deploy.gpu_count={least} of these GPUs" if least else "a larger GPU"
+    need = f"deploy.accelerator_count={least} of these GPUs" if least else "a larger GPU"
     if least4:
         need += f" (in 4 bits on TGI: {least4})"
     return Verdict(planned, gpu, False, f"refused on {gpus} GPU(s): needs {need}")

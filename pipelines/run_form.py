@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
-from components.config import apply_overrides
+from components.profiles import apply_overrides, current_key, current_names, model_at
 from pipelines.config import PipelineConfig
 
 # Form parameter -> the config field it sets, in the order the form shows them.
@@ -50,7 +50,7 @@ SECTION_OUTPUTS = {
     "eval_cfg": "eval",
     "merge_cfg": "merge",
     "quantize_cfg": "quantize",
-    "register_cfg": "registry",
+    "registry_cfg": "registry",
     "gate_cfg": "gate",
 }
 
@@ -128,7 +128,7 @@ def _overlay(raw: dict, text: str) -> dict:
         return raw
     lines = [line.strip() for line in text.strip().splitlines() if line.strip() and not line.strip().startswith("#")]
     if all("=" in line and ":" not in line.split("=", 1)[0] for line in lines):
-        return apply_overrides(raw, lines)
+        return apply_overrides(raw, lines, PipelineConfig)
     try:
         parsed = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -136,7 +136,10 @@ def _overlay(raw: dict, text: str) -> dict:
     if not isinstance(parsed, dict):
         raise ValueError(f"config_overrides: expected a mapping or key=value lines, got {type(parsed).__name__}")
     for key, value in parsed.items():
-        *parents, leaf = str(key).split(".")
+        key = current_key(PipelineConfig, str(key))  # a renamed key reaches its current field
+        if isinstance(value, dict) and (section := model_at(PipelineConfig, key)):
+            value = current_names(section, value)
+        *parents, leaf = key.split(".")
         node = raw
         for part in parents:
             node = node.setdefault(part, {})

@@ -21,7 +21,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from components.artifacts import STAGE_CONFIG, MergedModel
-from components.config import Section, apply_overrides
+from components.config import Section
+from components.profiles import apply_overrides, current_key
 from pipelines.config import PipelineConfig
 from pipelines.run_form import SECTION_OUTPUTS
 
@@ -78,10 +79,11 @@ def resolved_sections(run_dir: Path) -> dict[str, str]:
 def section_of(run_dir: Path, output: str, overrides: list[str] | None = None) -> Section:
     """The stage's section as the run resolved it, with `section.field=value` overrides laid on top."""
     name = SECTION_OUTPUTS[output]
+    overrides = [current_key(PipelineConfig, o) for o in overrides or []]
     raw = {name: json.loads(resolved_sections(run_dir)[output])}
     if stray := [o for o in overrides or [] if not o.startswith(f"{name}.")]:
         raise ValueError(f"this stage reads the {name} section: {', '.join(stray)} would change nothing")
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(raw, overrides, PipelineConfig)
     return PipelineConfig.model_fields[name].annotation.model_validate(raw[name])
 
 

@@ -38,7 +38,7 @@ def resolve_config(
     eval_cfg=str,
     merge_cfg=str,
     quantize_cfg=str,
-    register_cfg=str,
+    registry_cfg=str,
     gate_cfg=str,
     challenger_alias=str,
 ):
@@ -91,6 +91,7 @@ def train(
     adapter: Output[Model],
     metrics: Output[Metrics],
     placement_json: str = "{}",
+    accelerator_type: str = "nvidia.com/gpu",
 ):
     """QLoRA training; resumes from the last complete checkpoint of the same inputs. With train.launcher=trainjob
     it submits the stage to Kubeflow Trainer instead (pipelines/trainjob.py) and waits for it."""
@@ -111,7 +112,7 @@ def train(
         result = trainjob.run(
             cfg, base_model.path, dataset.path, adapter.path, inputs=f"{base_model.uri}\n{dataset.uri}",
             image=GPU_IMAGE, secrets=TASK_SECRETS, node_selector=placement.get("node_selector"),
-            tolerations=placement.get("tolerations"),
+            tolerations=placement.get("tolerations"), accelerator_type=accelerator_type,
         )  # fmt: skip
     else:
         result = stage.run(cfg, base_model.path, dataset.path, adapter.path)
@@ -186,7 +187,7 @@ def quantize(
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def register(
-    register_cfg: str,
+    registry_cfg: str,
     pipeline_run: str,
     base_model: Input[Model],
     dataset: Input[Dataset],
@@ -200,7 +201,7 @@ def register(
     import json
     from pathlib import Path
 
-    from components.config import RegisterSection
+    from components.config import RegistrySection
     from components.stages import register as stage
     from pipelines.kfp_io import stage_timings
 
@@ -212,7 +213,7 @@ def register(
         "merged": merged.path,
         "quantize": quantized.path,
     }
-    result = stage.run(RegisterSection.model_validate_json(register_cfg), paths, pipeline_run)
+    result = stage.run(RegistrySection.model_validate_json(registry_cfg), paths, pipeline_run)
     result["stages"] = stage_timings(paths, Path(registration.path).resolve().parent.parent)
     registration.metadata.update({"name": result["name"], "version": result["version"]})
     Path(registration.path).write_text(json.dumps(result, indent=2))

@@ -67,7 +67,7 @@ def render(
     base_uri: str,
     data_uri: str,
     secrets: dict[str, dict[str, str]],
-    gpu_resource: str = "nvidia.com/gpu",
+    accelerator_type: str = "nvidia.com/gpu",
     node_selector: dict | None = None,
     tolerations: list | None = None,
 ) -> dict:
@@ -91,7 +91,7 @@ def render(
     }
     if cfg.use_gpu:
         count = str(cfg.per_node)
-        trainer["resourcesPerNode"] = {"limits": {gpu_resource: count}, "requests": {gpu_resource: count}}
+        trainer["resourcesPerNode"] = {"limits": {accelerator_type: count}, "requests": {accelerator_type: count}}
     pod = {
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
         "containers": [{"name": NODE, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
@@ -206,7 +206,7 @@ class Launcher:
 def run(
     cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path, *, inputs: str, image: str,
     launcher: Launcher | None = None, secrets: dict | None = None, node_selector: dict | None = None,
-    tolerations: list | None = None,
+    tolerations: list | None = None, accelerator_type: str = "nvidia.com/gpu",
 ) -> dict:  # fmt: skip
     """Train on Kubeflow Trainer and put the adapter in `out_dir`; returns the train stage's metrics. `inputs`
     names the task's inputs (their artifact URIs): with the config and the code it names the job."""
@@ -231,6 +231,7 @@ def run(
         secrets=secrets or {},
         node_selector=node_selector,
         tolerations=tolerations,
+        accelerator_type=accelerator_type,
     )
     launcher.submit(job)
     console.print(f"TrainJob {name} complete: {launcher.wait(name) or 'no reason given'}")

@@ -13,7 +13,9 @@ from serving.schemas import MAX_CLIENT_BATCH_SIZE
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve registered models.")
 
 Profile = Annotated[str, typer.Option("--profile", "-p", help="deployer profile name (serving/configs) or YAML path")]
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="deploy.key=value overrides, e.g. deploy.gpu_count=0")]
+Overrides = Annotated[
+    Optional[list[str]], typer.Argument(help="deploy.key=value overrides, e.g. deploy.accelerator_count=0")
+]
 
 
 def _deploy_settings(profile: str, overrides: list[str] | None):
@@ -61,14 +63,14 @@ def serve(
     Run as: llmops serve models:/llmops-demo@champion [--engine vllm]"""
     from components.weights_manifest import VerificationError
     from serving.client import write_local_record
-    from serving.resolve import parse_adapters, resolve_model
+    from serving.model_refs import local_model, parse_adapters
     from serving.server import serve as run_server
     from serving.settings import ServerSettings
 
     if engine not in ENGINES:
         raise typer.BadParameter(f"--engine {engine!r}: tgi or vllm")
     try:
-        resolved = resolve_model(model)
+        resolved = local_model(model)
         adapters = parse_adapters(adapter or []) or None
     except VerificationError as err:  # nothing serves files that differ from what was registered
         typer.secho(f"llmops serve: refused {model}: {err}", fg="red", err=True)

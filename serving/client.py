@@ -174,10 +174,6 @@ def find_endpoint(ref: str, namespace: str = SERVING_NAMESPACE) -> Endpoint:
     )
 
 
-def resolve_endpoint(ref: str) -> str:
-    return find_endpoint(ref).url
-
-
 def label_set(tags: dict) -> tuple[str, ...]:
     return tuple(json.loads(tags[PROMPT_LABEL_SET])) if tags.get(PROMPT_LABEL_SET) else ()
 

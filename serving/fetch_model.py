@@ -54,7 +54,7 @@ def fetch(model_uri: str, dest: Path, pinned: str | None = None) -> Path:
     Nothing reaches dest unless every file matches the manifest recorded at registration.
     """
     from components.weights_manifest import VerificationError
-    from serving.resolve import REF
+    from serving.model_refs import REF
     from serving.verified_model import download_verified, model_version
 
     match = REF.match(model_uri)
@@ -83,7 +83,7 @@ def fetch(model_uri: str, dest: Path, pinned: str | None = None) -> Path:
 def fetch_adapter(spec: str, root: Path) -> Path:
     """`NAME=models:/name/version@DIGEST` into root/NAME, every file checked against DIGEST."""
     from components.weights_manifest import VerificationError
-    from serving.resolve import REF
+    from serving.model_refs import REF
     from serving.verified_model import download_verified_adapter, model_version
 
     name, _, rest = spec.partition("=")

@@ -121,7 +121,7 @@ def engine_command(cfg: DeploySection, engine: Engine, name: str, version: str, 
                 limits=limits,
                 extra=extra,
                 adapters=dirs,
-                shards=cfg.gpu_count,
+                shards=cfg.accelerator_count,
             )
         }
     args = vllm_args(
@@ -133,7 +133,7 @@ def engine_command(cfg: DeploySection, engine: Engine, name: str, version: str, 
         tags=tags,
         max_total_tokens=cfg.max_total_tokens,
         extra=cfg.extra_args.get("vllm", []),
-        shards=cfg.gpu_count,  # every GPU the pod requests holds a shard
+        shards=cfg.accelerator_count,  # every GPU the pod requests holds a shard
         adapters=adapter_dirs(adapters),
         max_lora_rank=max_lora_rank([adapter.rank for adapter in adapters]),
     )
@@ -145,7 +145,7 @@ POD_HOME = {"HOME": "/tmp"}  # on the /tmp emptyDir: a non-root UID has no home 
 
 def engine_container(cfg: DeploySection, name: str, version: str, tags: dict, adapters: tuple = ()) -> dict:
     engine = cfg.engine_of(name, tags)
-    gpus = {cfg.gpu_resource: str(cfg.gpu_count)} if cfg.gpu_count > 0 else {}
+    gpus = {cfg.accelerator_type: str(cfg.accelerator_count)} if cfg.accelerator_count > 0 else {}
     container = {
         "name": engine,
         "image": getattr(cfg, f"{engine}_image"),

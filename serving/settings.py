@@ -2,18 +2,19 @@
 what `llmops serve` tells our server (ServerSettings).
 
 Loaded from a deployer profile in serving/configs (local, cluster) or any YAML path, then `deploy.key=value`
-overrides, as `llmops deployer --profile cluster deploy.gpu_count=0`.
+overrides, as `llmops deployer --profile cluster deploy.accelerator_count=0`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from components.config import Profiled, Section, load_settings
+from components.config import Section
 from components.environment import VLLM_KV_CACHE
+from components.profiles import Profiled, load_settings
 from components.registry_tags import ENGINE_TAG, production_of
 from serving.engines import Engine, engine_for, vetted_args
 from serving.schemas import MAX_CLIENT_BATCH_SIZE
@@ -24,6 +25,9 @@ PLACEHOLDER = "@sha256:" + "0" * 64  # the default images' digest: no registry s
 
 class DeploySection(Section):
     """How a promoted version is served: TGI or vLLM on Kubernetes, or locally (our server or real vLLM)."""
+
+    # the pipeline's placement names them so (the kfp run form's accelerator_*); the old names still work
+    RENAMED: ClassVar[dict[str, str]] = {"gpu_count": "accelerator_count", "gpu_resource": "accelerator_type"}
 
     alias: str = Field("champion", description="the registry alias that deploys")
     engine: Literal["auto", "tgi", "vllm"] = Field(
@@ -74,8 +78,10 @@ class DeploySection(Section):
     max_input_tokens: int = Field(1024, gt=0, description="TGI --max-input-tokens")
     max_total_tokens: int = Field(2048, gt=0, description="TGI --max-total-tokens (prompt plus answer)")
     max_batch_prefill_tokens: int = Field(4096, gt=0, description="TGI --max-batch-prefill-tokens")
-    gpu_resource: str = Field("nvidia.com/gpu", description="the GPU resource a TGI pod requests")
-    gpu_count: int = Field(1, ge=0, description="GPUs per TGI pod; 0 serves on CPU")
+    accelerator_type: str = Field("nvidia.com/gpu", description="the GPU resource a serving pod requests")
+    accelerator_count: int = Field(
+        1, ge=0, description="GPUs per serving pod, the model split over all of them (tensor parallel); 0 serves on CPU"
+    )
     node_selector: dict[str, str] = Field(
         {"nvidia.com/gpu.present": "true"}, description="node labels the TGI pods must match"
     )

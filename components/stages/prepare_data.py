@@ -28,7 +28,7 @@ from components.util import console, file_sha256, heading, text_sha256, tree_sha
 LABEL_FIELDS = ("label", "category", "intent")
 
 
-def resolve_source(cfg: DataSection, work_dir: Path) -> Path:
+def locate_source(cfg: DataSection, work_dir: Path) -> Path:
     if cfg.path == DEMO_DATA:
         from components.demo_data import write_demo
 
@@ -255,7 +255,7 @@ def run(cfg: DataSection, base_dir: Path, out_dir: Path) -> dict:
     out = PreparedData(out_dir)
     record_config(out_dir, "prepare_data", cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = resolve_source(cfg, out_dir)
+    source = locate_source(cfg, out_dir)
     tok = AutoTokenizer.from_pretrained(base_dir)
     with stage_run("prepare_data", cfg.model_dump()) as tracker:
         kept, rejects, info = collect(cfg, source, tok)

@@ -27,7 +27,7 @@ from components.artifacts import (
     QuantizeReport,
     TrainedAdapter,
 )
-from components.config import RegisterSection
+from components.config import RegistrySection
 from components.environment import GIT_COMMIT
 from components.environment import experiment as experiment_name
 from components.logged_model import (
@@ -257,7 +257,7 @@ def log_models(paths: dict[str, Path], metrics: dict, params: dict[str, str], ru
     }
 
 
-def run(cfg: RegisterSection, paths: dict[str, Path], pipeline_run: str) -> dict:
+def run(cfg: RegistrySection, paths: dict[str, Path], pipeline_run: str) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
@@ -326,7 +326,7 @@ def record_summary(summary: dict) -> None:
     MlflowClient().log_dict(summary["run_id"], summary, REGISTRATION_SUMMARY)
 
 
-def finalize(cfg: RegisterSection, pipeline_run: str, state: str) -> dict:
+def finalize(cfg: RegistrySection, pipeline_run: str, state: str) -> dict:
     """The pipeline's exit task: whatever happened, leave MLflow consistent for this pipeline run.
 
     Runs tagged with this pipeline run (the registration runs) still RUNNING are marked FAILED: a register

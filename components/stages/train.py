@@ -200,7 +200,7 @@ def run(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dic
 def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     from transformers import AutoTokenizer, PrinterCallback, set_seed
 
-    from components.compute import resolved_choices
+    from components.compute import run_choices
     from components.inference import load_tokenizer
     from components.tracking import stage_run
 
@@ -216,7 +216,7 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
     #    From here on `cfg` is the resolved section: the one config in flight.
     store = CheckpointStore.for_run(cfg, base_dir, data_dir)
     resume = last_complete_checkpoint(store.local) if "LOCAL_RANK" in os.environ else store.restore()
-    cfg = resolved_choices(cfg, base_dir, data_dir, store.local)
+    cfg = run_choices(cfg, base_dir, data_dir, store.local)
 
     # 2. Data: prompt tokens are masked out of the loss; batches are left-padded so answers end together.
     tok = AutoTokenizer.from_pretrained(base_dir)

@@ -30,7 +30,7 @@ def zero_adapter(tmp: Path) -> str:
 
     from components.logged_model import log_adapter_model
     from components.registry_tags import ADAPTER_MANIFEST_TAG, BASE_MANIFEST_TAG, MANIFEST_TAG
-    from serving.resolve import parse_adapters
+    from serving.model_refs import parse_adapters
 
     client = MlflowClient()
     trained = Path(parse_adapters([f"a=models:/{CANDIDATES[ADAPTER]}/1"])["a"])

@@ -99,7 +99,7 @@ def test_a_tampered_file_is_refused_before_vllm_starts(workspace, vllm_deployer,
     args = [LLMOPS, "serve", "models:/llmops-demo/1", "--engine", "vllm", "--port", port]
     # What serve does before it starts vLLM: download into the cache and verify (a real vLLM start is the
     # promoted version's test); then serve meets the cached copy, changed.
-    fetch = "from serving.resolve import resolve_model; resolve_model('models:/llmops-demo/1')"
+    fetch = "from serving.model_refs import local_model; local_model('models:/llmops-demo/1')"
     subprocess.run([sys.executable, "-c", fetch], cwd=workspace.path, env=env, check=True, timeout=300)
     weights = next(serving_dir.glob("models/llmops-demo/1/model/**/model.safetensors"))
     with weights.open("r+b") as handle:

@@ -104,10 +104,10 @@ def test_config_and_bad_overrides(tmp_path):
 
 
 def test_serve_adapter_specs_are_checked(tiny_base, tmp_path):
-    from serving.resolve import parse_adapters, resolve_model
+    from serving.model_refs import local_model, parse_adapters
 
     with pytest.raises(ValueError, match="ID=PATH"):
         parse_adapters(["no-equals-sign"])
     with pytest.raises(FileNotFoundError, match="neither a model directory"):
-        resolve_model(str(tmp_path))
-    assert resolve_model(str(tiny_base)).path == tiny_base.resolve()
+        local_model(str(tmp_path))
+    assert local_model(str(tiny_base)).path == tiny_base.resolve()

@@ -66,9 +66,9 @@ def test_endpoint_resolution_order(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("LLMOPS_SERVING_DIR", str(tmp_path))
     with pytest.raises(LookupError, match="llmops serve models:/m@champion"):
-        client.resolve_endpoint("m@champion")
+        client.find_endpoint("m@champion").url
     monkeypatch.setenv("LLMOPS_ENDPOINT_URL", "http://127.0.0.1:9/")
-    assert client.resolve_endpoint("m@champion") == "http://127.0.0.1:9"
+    assert client.find_endpoint("m@champion").url == "http://127.0.0.1:9"
     with pytest.raises(ValueError, match="name@alias"):
         client.parse_ref("no-alias")
 
@@ -123,16 +123,16 @@ def test_an_endpoint_is_followed_only_when_the_deployer_says_deployed_and_a_loop
             for key, value in {**foreign, "deploy.endpoint": "http://tgi-mine.llmops-serving.svc:80"}.items():
                 mlflow.set_model_version_tag(name, "2", key, value)
             with pytest.raises(LookupError, match="deploy.status=refused: gate.verdict is failed"):
-                client.resolve_endpoint(f"{name}@champion")
+                client.find_endpoint(f"{name}@champion").url
             mlflow.set_model_version_tag(name, "2", "deploy.status", "deployed")
             with pytest.raises(LookupError, match="neither"):
-                client.resolve_endpoint(f"{name}@champion")
+                client.find_endpoint(f"{name}@champion").url
             mlflow.set_model_version_tag(name, "2", "deploy.endpoint", live.url)  # serves version 1, not 2
             with pytest.raises(LookupError, match="does not serve version 2"):
-                client.resolve_endpoint(f"{name}@champion")
+                client.find_endpoint(f"{name}@champion").url
             mlflow.set_registered_model_alias(name, "champion", "1")
             for key, value in {"deploy.status": "deployed", "deploy.endpoint": live.url}.items():
                 mlflow.set_model_version_tag(name, "1", key, value)
-            assert client.resolve_endpoint(f"{name}@champion") == live.url
+            assert client.find_endpoint(f"{name}@champion").url == live.url
     finally:
         mlflow.delete_registered_model(name)

@@ -12,7 +12,7 @@ import urllib3
 from urllib3.util.retry import Retry
 
 from components.checkpoints import last_complete_checkpoint
-from components.config import GateSection, RegisterSection
+from components.config import GateSection, RegistrySection
 from components.environment import MLFLOW_RETRIES as RETRY_ENV
 from components.stages import gate, register
 from components.tracking import stage_run
@@ -165,12 +165,12 @@ def test_a_create_retried_after_a_lost_response_leaves_one_version(server, mlflo
 
     monkeypatch.setattr(HTTPConnectionPool, "_make_request", make_request)
     result = register.run(
-        RegisterSection(model_name="hard-dup", adapters=False), fake_stage_outputs(tmp_path), "run-dup"
+        RegistrySection(model_name="hard-dup", adapters=False), fake_stage_outputs(tmp_path), "run-dup"
     )
     assert len(calls) == 2  # the create really was sent twice
     assert versions_of(mlflow_env, "hard-dup-candidates", "run-dup") == [result["version"]] == ["1"]
     again = register.run(
-        RegisterSection(model_name="hard-dup", adapters=False), fake_stage_outputs(tmp_path), "run-dup"
+        RegistrySection(model_name="hard-dup", adapters=False), fake_stage_outputs(tmp_path), "run-dup"
     )
     assert again["reused"] and again["version"] == result["version"]
 
@@ -186,7 +186,7 @@ def test_register_rides_out_a_restart_before_the_version_is_created(server, mlfl
 
     monkeypatch.setattr(register, "ensure_registered_model", then_restart)
     result = register.run(
-        RegisterSection(model_name="hard-restart", adapters=False), fake_stage_outputs(tmp_path), "run-restart"
+        RegistrySection(model_name="hard-restart", adapters=False), fake_stage_outputs(tmp_path), "run-restart"
     )
     assert seen and not armed  # a request failed, the server came back, the retry went through
     assert versions_of(mlflow_env, "hard-restart-candidates", "run-restart") == [result["version"]]
@@ -197,7 +197,7 @@ def test_register_rides_out_a_restart_before_the_version_is_created(server, mlfl
 def test_gate_rides_out_a_server_restart(server, mlflow_env, retries, tmp_path):
     seen, armed = retries
     outputs = fake_stage_outputs(tmp_path)
-    registration = register.run(RegisterSection(model_name="hard-gate", adapters=False), outputs, "run-gate")
+    registration = register.run(RegistrySection(model_name="hard-gate", adapters=False), outputs, "run-gate")
     server.stop()
     armed.append(True)
     verdict = gate.run(GateSection(), registration, outputs["eval"], outputs["data"])
@@ -217,21 +217,21 @@ def test_a_register_failing_midway_marks_its_run_failed_and_registers_nothing(ml
     monkeypatch.setattr(MlflowClient, "log_model_artifacts", disk_error_on_adapter)
     outputs = fake_stage_outputs(tmp_path)
     with pytest.raises(OSError, match="I/O error"):
-        register.run(RegisterSection(model_name="hard-fail", adapters=False), outputs, "run-fail")
+        register.run(RegistrySection(model_name="hard-fail", adapters=False), outputs, "run-fail")
     runs = mlflow_env.search_runs(
         [mlflow_env.get_experiment_by_name("hardening").experiment_id], "tags.`llmops.pipeline_run` = 'run-fail'"
     )
     assert [r.info.status for r in runs] == ["FAILED"]
     assert versions_of(mlflow_env, "hard-fail-candidates", "run-fail") == []
     monkeypatch.setattr(MlflowClient, "log_model_artifacts", original)  # the retried step registers one whole version
-    result = register.run(RegisterSection(model_name="hard-fail", adapters=False), outputs, "run-fail")
+    result = register.run(RegistrySection(model_name="hard-fail", adapters=False), outputs, "run-fail")
     assert versions_of(mlflow_env, "hard-fail-candidates", "run-fail") == [result["version"]] and not result["reused"]
 
 
 def test_finalize_closes_a_killed_run_and_deletes_a_half_registered_version(mlflow_env, tmp_path):
     from mlflow.entities import RunStatus
 
-    cfg = RegisterSection(model_name="hard-final", adapters=False)
+    cfg = RegistrySection(model_name="hard-final", adapters=False)
     experiment = mlflow_env.get_experiment_by_name("hardening") or mlflow_env.get_experiment(
         mlflow_env.create_experiment("hardening")
     )
@@ -252,7 +252,7 @@ def test_finalize_closes_a_killed_run_and_deletes_a_half_registered_version(mlfl
 
 def test_a_version_that_holds_an_alias_survives_finalize_whatever_its_tags_say(mlflow_env, tmp_path):
     """A served version whose lineage tag was edited looks incomplete: finalize keeps it, because an alias names it."""
-    cfg = RegisterSection(model_name="hard-aliased", adapters=False)
+    cfg = RegistrySection(model_name="hard-aliased", adapters=False)
     result = register.run(cfg, fake_stage_outputs(tmp_path), "run-aliased")
     mlflow_env.set_registered_model_alias(cfg.candidates, "champion", result["version"])
     # a lineage tag deleted by hand: the version now looks half-registered
@@ -265,7 +265,7 @@ def test_a_version_that_holds_an_alias_survives_finalize_whatever_its_tags_say(m
 
 
 def test_finalize_publishes_the_summary_of_a_successful_run(mlflow_env, tmp_path):
-    cfg = RegisterSection(model_name="hard-final-ok", adapters=False)
+    cfg = RegistrySection(model_name="hard-final-ok", adapters=False)
     result = register.run(cfg, fake_stage_outputs(tmp_path), "run-ok")
     register.record_summary({**result, "stages": {"train": {"seconds": 1.0, "cached": False}}})
     summary = register.finalize(cfg, "run-ok", "SUCCEEDED")

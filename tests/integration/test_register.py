@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from components.config import RegisterSection
+from components.config import RegistrySection
 from components.stages import register
 
 pytestmark = pytest.mark.integration
@@ -56,7 +56,7 @@ def test_version_is_an_mlflow_model_with_lineage_metrics_params_and_data(mlflow_
     from components.prompt_contract import read_contract
 
     client = MlflowClient()
-    result = register.run(RegisterSection(model_name="tiny-reg"), stage_outputs, "pipeline-run-1")
+    result = register.run(RegistrySection(model_name="tiny-reg"), stage_outputs, "pipeline-run-1")
     version = client.get_model_version("tiny-reg-candidates", result["version"])
     for tag in (
         "base_model",
@@ -117,11 +117,11 @@ def test_a_registered_adapter_serves_only_as_registered(mlflow_server, stage_out
 
     from components.weights_manifest import VerificationError
     from llmops.cli import app
-    from serving.resolve import parse_adapters
+    from serving.model_refs import parse_adapters
     from tests.integration.test_verified_weights import flip_a_byte
 
     client = MlflowClient()
-    result = register.run(RegisterSection(model_name="tiny-adapter-reg"), stage_outputs, "pipeline-adapter")
+    result = register.run(RegistrySection(model_name="tiny-adapter-reg"), stage_outputs, "pipeline-adapter")
     version = client.get_model_version("tiny-adapter-reg-candidates", result["version"])
     pinned = version.tags["weights.adapter_manifest_sha256"]
     assert client.get_run(result["run_id"]).data.params["weights.adapter_manifest_sha256"] == pinned
@@ -158,11 +158,11 @@ def test_the_adapter_is_a_version_of_its_own_model_on_one_shared_base_version(
     from safetensors.torch import load_file
 
     from components.stages.merge import dequantized_nf4
-    from serving.resolve import parse_adapters, resolve_model
+    from serving.model_refs import local_model, parse_adapters
 
     client = MlflowClient()
-    first = register.run(RegisterSection(model_name="tiny-lora"), stage_outputs, "lora-a")
-    second = register.run(RegisterSection(model_name="tiny-lora"), stage_outputs, "lora-b")
+    first = register.run(RegistrySection(model_name="tiny-lora"), stage_outputs, "lora-a")
+    second = register.run(RegistrySection(model_name="tiny-lora"), stage_outputs, "lora-b")
     assert first["base"] == second["base"] == ["tiny-lora-base-candidates", "1"]
     assert (first["adapter"], second["adapter"]) == (
         ["tiny-lora-adapter-candidates", "1"],
@@ -180,7 +180,7 @@ def test_the_adapter_is_a_version_of_its_own_model_on_one_shared_base_version(
     assert base_param == base.tags["weights.manifest_sha256"]
 
     monkeypatch.setenv("LLMOPS_SERVING_DIR", str(tmp_path / "cache"))
-    served = load_file(next(resolve_model("models:/tiny-lora-base-candidates/1").path.glob("*.safetensors")))
+    served = load_file(next(local_model("models:/tiny-lora-base-candidates/1").path.glob("*.safetensors")))
     rounding = base.tags["llmops.base_rounding"]
     trained = dequantized_nf4(tiny_base, "-dq" in rounding, rounding.split("-")[1]).state_dict()
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -198,10 +198,10 @@ def test_pyfunc_from_the_alias_answers_like_the_server(mlflow_server, stage_outp
     from mlflow import MlflowClient
 
     from components.chat_pyfunc import load_verified
-    from serving.resolve import resolve_model
+    from serving.model_refs import local_model
     from tests.conftest import Live, server_app
 
-    result = register.run(RegisterSection(model_name="tiny-pyfunc"), stage_outputs, "pipeline-pyfunc")
+    result = register.run(RegistrySection(model_name="tiny-pyfunc"), stage_outputs, "pipeline-pyfunc")
     MlflowClient().set_registered_model_alias("tiny-pyfunc-candidates", "challenger", result["version"])
     chats = [[{"role": "user", "content": text}] for text in ("I lost my card", "Where is my parcel?", "refund")]
     rows = [{"messages": chat} for chat in chats]
@@ -209,7 +209,7 @@ def test_pyfunc_from_the_alias_answers_like_the_server(mlflow_server, stage_outp
     # The README's plain load still works (it checks nothing) and answers the same.
     plain = mlflow.pyfunc.load_model("models:/tiny-pyfunc-candidates@challenger")
     assert plain.predict(rows, params={"max_tokens": 6}) == answers
-    served = resolve_model("models:/tiny-pyfunc-candidates@challenger").path
+    served = local_model("models:/tiny-pyfunc-candidates@challenger").path
     with Live(server_app(str(served), max_total_tokens=512)) as live:
         for chat, answer in zip(chats, answers):
             body = live.post("/v1/chat/completions", {"messages": chat, "max_tokens": 6, "temperature": 0}).json()
@@ -219,9 +219,9 @@ def test_pyfunc_from_the_alias_answers_like_the_server(mlflow_server, stage_outp
 def test_registering_the_same_pipeline_run_twice_reuses_the_version(mlflow_server, stage_outputs):
     from mlflow import MlflowClient
 
-    first = register.run(RegisterSection(model_name="tiny-once"), stage_outputs, "run-a")
-    again = register.run(RegisterSection(model_name="tiny-once"), stage_outputs, "run-a")
-    other = register.run(RegisterSection(model_name="tiny-once"), stage_outputs, "run-b")
+    first = register.run(RegistrySection(model_name="tiny-once"), stage_outputs, "run-a")
+    again = register.run(RegistrySection(model_name="tiny-once"), stage_outputs, "run-a")
+    other = register.run(RegistrySection(model_name="tiny-once"), stage_outputs, "run-b")
     assert again["reused"] and again["version"] == first["version"] != other["version"]
     assert len(MlflowClient().search_model_versions("name='tiny-once-candidates'")) == 2
 
@@ -280,7 +280,7 @@ def test_labels_with_any_characters_pass_evaluate_and_register(mlflow_server, ti
         MergeSection(parity_prompts=4, parity_threshold=0.0), tiny_base, tiny_adapter, stages["data"], stages["merged"]
     )
     quantize.run(QuantizeSection(variants=["nf4"]), stages["merged"] / "model", stages["data"], stages["quantize"])
-    result = register.run(RegisterSection(model_name="awkward-labels"), stages, "pipeline-awkward")
+    result = register.run(RegistrySection(model_name="awkward-labels"), stages, "pipeline-awkward")
 
     assert set(report["tuned"]["per_class"]) == set(AWKWARD)  # the report keeps every label exactly
     client = MlflowClient()
@@ -312,14 +312,14 @@ def test_a_registered_label_version_answers_a_bare_message_with_a_label(
 
     from components.jsonl import read_jsonl
     from components.prompt_contract import read_contract
-    from serving.resolve import resolve_model
+    from serving.model_refs import local_model
     from tests.conftest import Live, server_app
 
     outputs = run_stages(mapping_base, with_validation, early_stopped[2] / "adapter", tmp_path, variants=[])
-    result = register.run(RegisterSection(model_name="tiny-labels"), outputs, "pipeline-labels")
+    result = register.run(RegistrySection(model_name="tiny-labels"), outputs, "pipeline-labels")
     MlflowClient().set_registered_model_alias("tiny-labels-candidates", "champion", result["version"])
 
-    served = resolve_model("models:/tiny-labels-candidates@champion").path
+    served = local_model("models:/tiny-labels-candidates@champion").path
     labels = read_contract(served)["labels"]
     rows = read_jsonl(with_validation / "eval.jsonl")
     with Live(server_app(str(served), max_total_tokens=512)) as live:

@@ -49,7 +49,7 @@ def rendered(cfg: DeploySection, quantize: str = "none", adapters: tuple = ()) -
 
 def test_vllm_accepts_every_flag_the_deployer_renders():
     one_gpu = DeploySection(engine="vllm")
-    sharded = DeploySection(engine="vllm", gpu_count=2, max_total_tokens=4096)
+    sharded = DeploySection(engine="vllm", accelerator_count=2, max_total_tokens=4096)
     extra = DeploySection(
         engine="vllm",
         extra_args={"vllm": ["--enable-prefix-caching", "--max-num-seqs", "32", "--kv-cache-dtype", "fp8"]},

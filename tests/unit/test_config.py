@@ -1,7 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from components.config import MergeSection, TrainSection, apply_overrides
+from components.config import MergeSection, TrainSection
+from components.profiles import apply_overrides
 from pipelines.config import PipelineConfig, load_config
 
 pytestmark = pytest.mark.unit
@@ -87,7 +88,7 @@ def test_validation_during_training_needs_a_validation_slice():
 def test_every_setting_describes_itself_and_the_schema_command_lists_it():
     from typer.testing import CliRunner
 
-    from components.config import describe
+    from components.profiles import describe
     from llmops.cli import app
     from serving.settings import DeployerConfig
 
@@ -120,3 +121,30 @@ def test_compiled_parameters_are_described_by_the_same_text(tmp_path):
     assert "one of auto, alpaca, chat, label" in params["data_format"]["description"]
     count = PipelineConfig.model_fields["placement"].annotation.model_fields["accelerator_count"].description
     assert params["accelerator_count"]["description"] == f"{count} [placement.accelerator_count]"
+
+
+def test_renamed_keys_still_load_from_profiles_overrides_and_constructors(tmp_path):
+    """The deployer's gpu_* settings became accelerator_* (the pipeline's placement and the kfp run form name
+    them so): a profile, an override or a constructor using the old name reaches the new field, and giving both
+    names is refused naming them."""
+    import yaml
+
+    from serving.settings import PROFILE_DIR as DEPLOY_PROFILES
+    from serving.settings import DeploySection, load_deployer_config
+
+    assert DeploySection(gpu_count=0, gpu_resource="amd.com/gpu").accelerator_type == "amd.com/gpu"
+    deployer = load_deployer_config("cluster", ["deploy.gpu_count=2"]).deploy
+    assert (deployer.accelerator_count, deployer.accelerator_type) == (2, "nvidia.com/gpu")
+    old_profile = yaml.safe_load((DEPLOY_PROFILES / "cluster.yaml").read_text())
+    old_profile["deploy"]["gpu_count"] = old_profile["deploy"].pop("accelerator_count")
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old_profile))
+    assert (
+        load_deployer_config(str(tmp_path / "old.yaml"), ["deploy.accelerator_count=3"]).deploy.accelerator_count == 3
+    )
+    assert load_deployer_config(str(tmp_path / "old.yaml")).deploy.accelerator_count == 1
+    with pytest.raises(ValidationError, match="'gpu_count' is the old name of 'accelerator_count'"):
+        DeploySection(gpu_count=0, accelerator_count=1)
+    old_profile["deploy"]["accelerator_count"] = 2
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(old_profile))
+    with pytest.raises(ValueError, match="'gpu_count' is the old name of 'accelerator_count'"):
+        load_deployer_config(str(tmp_path / "both.yaml"))

@@ -250,10 +250,10 @@ def test_the_serving_namespace_caps_gpus_and_memory_whatever_the_registry_holds(
     assert quota["metadata"]["namespace"] == SERVING_NAMESPACE
     hard = quota["spec"]["hard"]
     cfg = DeploySection()
-    assert {f"requests.{cfg.gpu_resource}", "requests.memory", "limits.memory", "pods"} <= hard.keys()
+    assert {f"requests.{cfg.accelerator_type}", "requests.memory", "limits.memory", "pods"} <= hard.keys()
     pod = render_deployment(cfg, name="m", version="1", run_id="r", tags={})["spec"]["template"]["spec"]
-    gpus = sum(int(c["resources"]["requests"].get(cfg.gpu_resource, 0)) for c in pod["containers"])
-    assert gpus * 2 < int(hard[f"requests.{cfg.gpu_resource}"]) <= gpus * 3  # two models, one surge pod
+    gpus = sum(int(c["resources"]["requests"].get(cfg.accelerator_type, 0)) for c in pod["containers"])
+    assert gpus * 2 < int(hard[f"requests.{cfg.accelerator_type}"]) <= gpus * 3  # two models, one surge pod
     for container in pod["containers"] + pod["initContainers"]:
         assert container["resources"]["requests"] == container["resources"]["limits"]  # quota counts both alike
 

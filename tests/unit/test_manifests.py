@@ -49,7 +49,7 @@ def arg(args: list[str], flag: str) -> str:
 
 @pytest.mark.parametrize(
     "cfg",
-    [DeploySection(), DeploySection(gpu_count=0, node_selector={}, tolerations=[]), DeploySection(replicas=3)],
+    [DeploySection(), DeploySection(accelerator_count=0, node_selector={}, tolerations=[]), DeploySection(replicas=3)],
 )
 @pytest.mark.parametrize("quantize", ["bitsandbytes-nf4", "bitsandbytes", "none"])
 def test_every_object_is_schema_valid(cfg, quantize):
@@ -118,8 +118,8 @@ def test_env_probes_grace_and_strategy():
 
 def test_gpu_node_selector_tolerations_and_volumes():
     cfg = DeploySection(
-        gpu_resource="nvidia.com/gpu",
-        gpu_count=2,
+        accelerator_type="nvidia.com/gpu",
+        accelerator_count=2,
         shm_size="2Gi",
         node_selector={"pool": "a100"},
         tolerations=[{"key": "gpu", "operator": "Exists"}],
@@ -136,7 +136,7 @@ def test_gpu_node_selector_tolerations_and_volumes():
     assert volumes["tmp"]["emptyDir"] == {"sizeLimit": cfg.tmp_size}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts == {"/dev/shm": "shm", "/data": "data", "/tmp": "tmp"}
-    cpu = deployment(DeploySection(gpu_count=0, node_selector={}, tolerations=[]))["spec"]["template"]["spec"]
+    cpu = deployment(DeploySection(accelerator_count=0, node_selector={}, tolerations=[]))["spec"]["template"]["spec"]
     assert "nodeSelector" not in cpu and "tolerations" not in cpu
     assert set(cpu["containers"][0]["resources"]["limits"]) == {"cpu", "memory"}  # CPU serving: no GPU asked
 
@@ -154,7 +154,7 @@ def qos_class(pod: dict) -> str:
     return "Guaranteed"
 
 
-@pytest.mark.parametrize("cfg", [DeploySection(), DeploySection(gpu_count=0, node_selector={}, tolerations=[])])
+@pytest.mark.parametrize("cfg", [DeploySection(), DeploySection(accelerator_count=0, node_selector={}, tolerations=[])])
 def test_the_tgi_pod_is_hardened_like_our_other_pods(cfg):
     pod = deployment(cfg)["spec"]["template"]["spec"]
     assert qos_class(pod) == "Guaranteed"
@@ -286,7 +286,7 @@ def vllm_cfg(**kw) -> DeploySection:
 
 
 @pytest.mark.parametrize(
-    "cfg", [vllm_cfg(), vllm_cfg(gpu_count=0, node_selector={}, tolerations=[]), vllm_cfg(replicas=2)]
+    "cfg", [vllm_cfg(), vllm_cfg(accelerator_count=0, node_selector={}, tolerations=[]), vllm_cfg(replicas=2)]
 )
 def test_vllm_objects_are_schema_valid(cfg):
     for obj in manifests.render(cfg, name="llmops-demo", version="3", run_id=RUN_ID, tags=tags("none")):
@@ -345,13 +345,13 @@ def test_quantization_vllm_cannot_honour_is_refused_with_the_reason():
 def test_a_pod_with_several_gpus_shards_the_model_over_all_of_them(engine, flag):
     """vLLM would use one GPU of four (its default is no tensor parallelism): the deployer splits the model over
     every GPU the pod requests, unless the profile's own vetted flag chooses the split."""
-    four = deployment(DeploySection(engine=engine, gpu_count=4), quantize="none")
+    four = deployment(DeploySection(engine=engine, accelerator_count=4), quantize="none")
     container = tgi(four)
     assert arg(container["args"], flag) == "4" and container["args"].count(flag) == 1
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     validate(four)
-    assert flag not in tgi(deployment(DeploySection(engine=engine, gpu_count=1), quantize="none"))["args"]
-    chosen = DeploySection(engine=engine, gpu_count=4, extra_args={engine: [f"{flag}=2"]})
+    assert flag not in tgi(deployment(DeploySection(engine=engine, accelerator_count=1), quantize="none"))["args"]
+    chosen = DeploySection(engine=engine, accelerator_count=4, extra_args={engine: [f"{flag}=2"]})
     args = tgi(deployment(chosen, quantize="none"))["args"]
     assert args.count(flag) == 1 and arg(args, flag) == "2"
 

@@ -152,7 +152,7 @@ def test_the_cluster_profile_compiles_with_settings_its_plan_fits(tmp_path):
 def test_serving_splits_a_model_over_the_gpus_given_and_says_how_many_it_needs():
     """`--gpu 2xRTX4090`: each training stage is planned per GPU (data parallel holds a whole copy on each), and
     serving per GPU of a tensor-parallel split over all of them; a split that does not fit names the one that
-    does (the deployer passes deploy.gpu_count on as --tensor-parallel-size / --num-shard)."""
+    does (the deployer passes deploy.accelerator_count on as --tensor-parallel-size / --num-shard)."""
     cfg = load_config("cluster")
     assert (mp.gpu_count("2xRTX4090"), mp.gpu_bytes("2xRTX4090")) == (2, 24 * mp.GB)
     assert (mp.gpu_count("H100"), mp.gpu_count("80"), mp.gpu_bytes("1xH100")) == (1, 1, 80 * mp.GB)
@@ -162,11 +162,14 @@ def test_serving_splits_a_model_over_the_gpus_given_and_says_how_many_it_needs()
         return verdict.fits, verdict.advice, verdict.plan.total / mp.GB
 
     fits, advice, per_gpu = serve("llama-3.1-70b", "8xRTX4090")
-    assert fits and advice == "fits with deploy.gpu_count=8 (tensor parallel over 8)" and per_gpu < 24
+    assert fits and advice == "fits with deploy.accelerator_count=8 (tensor parallel over 8)" and per_gpu < 24
     assert serve("llama-3.1-8b", "A10G")[:2] == (True, "fits on one GPU")
     # 16 bits need 8 of these; one alone holds neither form
     fits, advice, _ = serve("llama-3.1-70b", "RTX4090")
-    assert not fits and advice == "refused on 1 GPU(s): needs deploy.gpu_count=8 of these GPUs (in 4 bits on TGI: 2)"
+    assert (
+        not fits
+        and advice == "refused on 1 GPU(s): needs deploy.accelerator_count=8 of these GPUs (in 4 bits on TGI: 2)"
+    )
 
 
 def test_a_70b_serves_on_two_24_gb_gpus_in_4_bits_on_tgi_as_its_adapter_on_the_base():
@@ -176,10 +179,10 @@ def test_a_70b_serves_on_two_24_gb_gpus_in_4_bits_on_tgi_as_its_adapter_on_the_b
     serve = verdicts["serve"]
     assert serve.fits and serve.plan.total <= 24 * mp.GB
     assert (
-        "deploy.engine=tgi deploy.gpu_count=2" in serve.advice
+        "deploy.engine=tgi deploy.accelerator_count=2" in serve.advice
         and "recommended_quantize=bitsandbytes-nf4" in serve.advice
     )
-    assert "16 bits need deploy.gpu_count=8" in serve.advice
+    assert "16 bits need deploy.accelerator_count=8" in serve.advice
     # the weights' share is evaluate's NF4 base without the float32 adapter, which is served in 16 bits beside it
     nf4 = (
         verdicts["evaluate"].plan.items["model and adapter / 2"]

@@ -46,7 +46,7 @@ def test_auto_choices_follow_the_measurements(tiny_base, monkeypatch):
     rates = {"torch.float32": 100.0, "torch.bfloat16": 300.0}
     monkeypatch.setattr(compute, "matmul_rate", lambda dtype: rates[str(dtype)])
     monkeypatch.setattr(compute, "free_memory", lambda use_gpu: 20e9)
-    cfg = compute.resolve(TrainSection(), tiny_base, longest=64)
+    cfg = compute.choose(TrainSection(), tiny_base, longest=64)
     assert cfg.compute_dtype == "bfloat16" and cfg.gradient_checkpointing is False  # a tiny batch fits easily
     rates["torch.bfloat16"] = 110.0  # bf16 barely faster: not worth its coarser rounding
     # little memory left: just what the plan with recomputation needs for 2,048-token rows, of which the batch's
@@ -58,9 +58,9 @@ def test_auto_choices_follow_the_measurements(tiny_base, monkeypatch):
     off = memory_plan.train_plan(shape, on.model_copy(update={"gradient_checkpointing": False}), 2048, 2048)
     assert off.items["activations"] + off.items["logits over the answers"] > little / 2
     monkeypatch.setattr(compute, "free_memory", lambda use_gpu: little)
-    cfg = compute.resolve(TrainSection(), tiny_base, longest=2048)
+    cfg = compute.choose(TrainSection(), tiny_base, longest=2048)
     assert cfg.compute_dtype == "float32" and cfg.gradient_checkpointing is True
-    explicit = compute.resolve(TrainSection(compute_dtype="bfloat16", gradient_checkpointing=False), tiny_base, 64)
+    explicit = compute.choose(TrainSection(compute_dtype="bfloat16", gradient_checkpointing=False), tiny_base, 64)
     assert (explicit.compute_dtype, explicit.gradient_checkpointing) == ("bfloat16", False)
 
 

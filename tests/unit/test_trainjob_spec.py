@@ -20,7 +20,7 @@ VENDORED = json.loads(
 ROOT = "s3://checkpoints/llmops"
 
 
-def rendered(**changes) -> dict:
+def rendered(accelerator_type: str = "nvidia.com/gpu", **changes) -> dict:
     settings = {"launcher": "trainjob", "nodes": 2, "num_processes": 4, "use_gpu": True, "checkpoint_root": ROOT}
     cfg = TrainSection(**{**settings, **changes})
     return trainjob.render(
@@ -33,6 +33,7 @@ def rendered(**changes) -> dict:
         secrets=TASK_SECRETS,
         node_selector={"nvidia.com/gpu.present": "true"},
         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        accelerator_type=accelerator_type,
     )
 
 
@@ -61,6 +62,9 @@ def test_the_trainjob_runs_the_stage_on_every_node_with_its_gpus_secrets_and_pla
     assert trainer["image"] == "ghcr.io/llmops/llmops-gpu:0.1.0"
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, 4)
     assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "4"}
+    # placement.accelerator_type reaches the nodes, as it does the pipeline's own GPU tasks
+    amd = rendered(accelerator_type="amd.com/gpu")["spec"]["trainer"]["resourcesPerNode"]
+    assert amd == {"limits": {"amd.com/gpu": "4"}, "requests": {"amd.com/gpu": "4"}}
     command = trainer["command"]
     assert command[:3] == ["python", "-m", "pipelines.trainjob_node"]
     cfg = TrainSection.model_validate_json(command[3])  # the stage's own section, whole

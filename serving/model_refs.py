@@ -14,7 +14,7 @@ REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.
 
 
 @dataclass(frozen=True)
-class Resolved:
+class LocalModel:
     path: Path
     model_id: str
     model_sha: str | None  # the version's run id: one pipeline run registers exactly one version
@@ -35,7 +35,7 @@ def cache_dir() -> Path:
     return records_dir() / "models"
 
 
-def resolve_model(ref: str, artifact: str | None = None) -> Resolved:
+def local_model(ref: str, artifact: str | None = None) -> LocalModel:
     """A local directory as is; a registry reference downloaded once per version into the serving cache.
 
     artifact=None fetches the version's served directory, verified file by file against the manifest
@@ -49,14 +49,14 @@ def resolve_model(ref: str, artifact: str | None = None) -> Resolved:
             raise FileNotFoundError(
                 f"{ref}: neither a model directory nor a models:/name/version or models:/name@alias reference"
             )
-        return Resolved(path.resolve(), str(path), None)
+        return LocalModel(path.resolve(), str(path), None)
     from serving.verified_model import download_verified, model_version
 
     mv = model_version(match["name"], match["version"], match["alias"])
     if artifact == "adapter":
-        return Resolved(_adapter(mv), f"models:/{mv.name}/{mv.version}", mv.run_id, mv.name, mv.version)
+        return LocalModel(_adapter(mv), f"models:/{mv.name}/{mv.version}", mv.run_id, mv.name, mv.version)
     verified = download_verified(mv, cache_dir() / mv.name / mv.version / "model")
-    return Resolved(verified.path, f"models:/{mv.name}/{mv.version}", mv.run_id, mv.name, mv.version)
+    return LocalModel(verified.path, f"models:/{mv.name}/{mv.version}", mv.run_id, mv.name, mv.version)
 
 
 def _adapter(mv) -> Path:
@@ -74,5 +74,5 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
         adapter_id, sep, ref = spec.partition("=")
         if not sep or not adapter_id or not ref:
             raise ValueError(f"--adapter {spec!r} must be ID=PATH or ID=models:/name@alias")
-        adapters[adapter_id] = str(resolve_model(ref, artifact="adapter" if ref.startswith("models:/") else None).path)
+        adapters[adapter_id] = str(local_model(ref, artifact="adapter" if ref.startswith("models:/") else None).path)
     return adapters
