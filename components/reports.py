@@ -115,7 +115,7 @@ class Eval(Report):
 
     base: EvalScores
     tuned: EvalScores
-    labels: list[str] | None
+    labels: list[str] | None = None  # a label task's labels; none for free answers
     delta: dict[str, float]  # tuned minus base, per headline metric
     base_form: Literal["16bit", "nf4"]  # the base both were scored on: nf4 is the condition QLoRA trained in
 

@@ -84,48 +84,29 @@ def test_one_stage_reruns_alone_on_what_make_run_left(workspace, demo_run):
     assert json.loads((out / "stage_config.json").read_text())["config"] == made | {"val_examples": 5}
 
 
-def test_readme_promote_then_chat_answers_with_the_label(workspace, demo_run):
-    from mlflow import MlflowClient
+def test_readme_promote_then_chat_answers_with_the_label(workspace, champion):
     from openai import OpenAI
 
     from serving.client import chat_model
 
-    documented(".venv/bin/llmops deployer &")
-    documented('.venv/bin/llmops promote llmops-demo-candidates 1 --reason "first demo"')
     documented(f'.venv/bin/llmops chat "{QUESTION}" --model llmops-demo@champion')
-    workspace.env.update(LLMOPS_WEBHOOK_SECRET="e2e-secret", MLFLOW_TRACKING_URI=workspace.tracking_uri)
-    port = free_port()
-    deployer = workspace.start("deployer", "--port", str(port), "--interval", "5")
-    try:
-        wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), 120, "the deployer to listen")
-        workspace.llmops("promote", "llmops-demo-candidates", "1", "--reason", "first demo")
-        client = MlflowClient()
-        status = wait_for(
-            lambda: (
-                client.get_model_version("llmops-demo", "1").tags.get("deploy.status") in ("deployed", "failed")
-                and client.get_model_version("llmops-demo", "1").tags
-            ),
-            300,
-            "the deployer to serve version 1",
-        )
-        assert status["deploy.status"] == "deployed", status
-        # the local profile's engine is auto: real vLLM where `make vllm` installed it, else our server
-        from serving.vllm_local import missing, python_path
+    _, status = champion
+    assert status["deploy.status"] == "deployed", status
+    # the local profile's engine is auto: real vLLM where `make vllm` installed it, else our server
+    from serving.vllm_local import missing, python_path
 
-        assert status["deploy.served_engine"] == ("tgi" if missing(python_path()) else "vllm"), status
-        answer = workspace.llmops("chat", QUESTION, "--model", "llmops-demo@champion").stdout.strip()
-        assert answer == ANSWER
+    assert status["deploy.served_engine"] == ("tgi" if missing(python_path()) else "vllm"), status
+    answer = workspace.llmops("chat", QUESTION, "--model", "llmops-demo@champion").stdout.strip()
+    assert answer == ANSWER
 
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("LLMOPS_SERVING_DIR", str(workspace.root / "serving"))
-            assert chat_model("llmops-demo@champion").invoke(QUESTION).content.strip() == ANSWER
-        openai = OpenAI(base_url=status["deploy.endpoint"] + "/v1", api_key="-")
-        reply = openai.chat.completions.create(  # vLLM answers to the registered name; ours to any
-            model="llmops-demo", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=16
-        )
-        assert reply.choices[0].message.content.strip() == ANSWER
-    finally:
-        stop(deployer)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LLMOPS_SERVING_DIR", str(workspace.root / "serving"))
+        assert chat_model("llmops-demo@champion").invoke(QUESTION).content.strip() == ANSWER
+    openai = OpenAI(base_url=status["deploy.endpoint"] + "/v1", api_key="-")
+    reply = openai.chat.completions.create(  # vLLM answers to the registered name; ours to any
+        model="llmops-demo", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=16
+    )
+    assert reply.choices[0].message.content.strip() == ANSWER
 
 
 def test_serve_a_registered_alias(workspace, demo_run):

@@ -1,5 +1,5 @@
 """Real vLLM (installed by `make vllm`) serving what `make run` registered: promoted through the local deployer
-with deploy.engine=vllm, answered by `llmops chat`, chat_model(...) and a plain OpenAI client, its answers held to
+(the README's, engine auto), answered by `llmops chat`, chat_model(...) and a plain OpenAI client, its answers held to
 the version's label set, and a tampered file refused before vLLM starts."""
 
 from __future__ import annotations
@@ -20,36 +20,16 @@ pytestmark = pytest.mark.e2e
 if reason := missing(python_path()):
     pytest.skip(f"real vLLM is not installed here: {reason}", allow_module_level=True)
 
-ALIAS = "live"  # apart from the README flow's champion, which our own server serves
+ALIAS = "champion"  # the README's deployer serves it with real vLLM here (tests/e2e/conftest.py: champion)
 
 
 @pytest.fixture(scope="module")
-def vllm_deployer(workspace, demo_run):
-    """`llmops deployer` with deploy.engine=vllm, the demo's candidate 1 promoted to @live through it (copied into
-    llmops-demo as its version 1, or that copy reused)."""
-    workspace.env.update(LLMOPS_WEBHOOK_SECRET="e2e-secret", MLFLOW_TRACKING_URI=workspace.tracking_uri)
-    port = free_port()
-    # --enforce-eager through deploy.extra_args (a vetted flag): vLLM skips torch.compile, which its compile
-    # cache never spares it here (measured: 45 s to a healthy server instead of 117 s on 2 cores).
-    deployer = workspace.start(
-        "deployer",
-        "--port",
-        str(port),
-        "--interval",
-        "5",
-        "deploy.engine=vllm",
-        f"deploy.alias={ALIAS}",
-        "deploy.extra_args.vllm=[--enforce-eager]",
-    )
-    try:
-        wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), 120, "the deployer to listen")
-        # promote waits for the deployer's outcome and prints it: no polling of our own
-        promoted = workspace.llmops(
-            "promote", "llmops-demo-candidates", "1", "--reason", "e2e", "--alias", ALIAS, timeout=600
-        )
-        yield promoted
-    finally:
-        stop(deployer)
+def vllm_deployer(champion):
+    """The session's champion, which the local profile's engine auto serves with real vLLM where it is installed:
+    one vLLM start for the README's flow and these tests. Returns the promote's output."""
+    promoted, status = champion
+    assert status["deploy.status"] == "deployed" and status["deploy.served_engine"] == "vllm", status
+    return promoted
 
 
 def test_a_promoted_version_is_served_by_real_vllm(workspace, vllm_deployer):
