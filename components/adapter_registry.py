@@ -1,6 +1,6 @@
 """A run's LoRA adapter as a version you can promote, beside the base version it serves on.
 
-Called by the register stage (`register.adapters=true`, the default), inside its MLflow run:
+Called by the register stage (`registry.adapters=true`, the default), inside its MLflow run:
 Both go to candidates models, as the merged model does (`llmops promote` copies one into production):
 - `<model_name>-base-candidates` holds the base as training saw it (streaming_merge.write_serving_base: the NF4 rounding
   for QLoRA), logged as the same verified pyfunc as the merged model. One version per distinct set of files

@@ -122,7 +122,7 @@ def _quantize(shape, cfg: PipelineConfig, gpu: float, gpus: int, tokens: int) ->
     if not verdict.fits:
         verdict.advice += (
             ": the 16-bit merge cannot be scored on these GPUs. The adapter on its NF4 base fits (evaluate scores "
-            "it; register.adapters registers both), but the gate judges the merge"
+            "it; registry.adapters registers both), but the gate judges the merge"
         )
     return verdict
 
@@ -172,7 +172,7 @@ def _serve(shape: mp.ModelShape, gpus: int, gpu: float, tokens: int, lora: int) 
             nf4,
             gpu,
             True,
-            f"fits in 4 bits: deploy.engine=tgi {split}serving the base version (register.adapters) tagged "
+            f"fits in 4 bits: deploy.engine=tgi {split}serving the base version (registry.adapters) tagged "
             f"{QUANTIZE_TAG}=bitsandbytes-nf4 with the adapter promoted onto it (vLLM 0.32 has no 4-bit "
             f"quantization at load; 16 bits need deploy.accelerator_count={_least(shape, gpu, tokens, 16) or 'more'})",
         )
