@@ -68,10 +68,12 @@ def model_at(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
 def current_names(model: type[BaseModel] | None, raw: dict) -> dict:
     """A profile's nested dict with renamed keys under their current names (both given: refused)."""
     out: dict = {}
+    renamed = getattr(model, "RENAMED", {})
     for key, value in raw.items():
-        name = getattr(model, "RENAMED", {}).get(key, key)
-        if name in out:
-            raise ValueError(f"{key!r} is the old name of {name!r}: give one of them")
+        name = renamed.get(key, key)
+        if name in out:  # the other spelling came first
+            old = key if key != name else next(k for k, v in renamed.items() if v == name)
+            raise ValueError(f"{old!r} is the old name of {name!r}: give one of them")
         section = _section(model, name)
         out[name] = current_names(section, value) if section and isinstance(value, dict) else value
     return out

@@ -157,7 +157,7 @@ def _least(shape: mp.ModelShape, gpu: float, tokens: int, bits: int, lora: int =
     return next((n for n in TP_SIZES if serve_plan(shape, n, tokens, bits, lora).total <= gpu), None)
 
 
-def _serve(shape: mp.ModelShape, gpus: int, gpu: float, tokens: int, lora: int) -> Verdict:
+def _serve(shape: mp.ModelShape, gpus: int, gpu: float, tokens: int, lora: int, qlora: bool = True) -> Verdict:
     """16 bits on either engine where the pod's GPUs hold them; else NF4 at load, which only TGI does (vLLM 0.32
     has no bitsandbytes), on the adapter's base: NF4 of a merge can erase a small adapter (the merge report's
     nf4_adapter_lost), while the NF4 base with the adapter beside it is the form QLoRA trained and evaluate scored."""
@@ -168,13 +168,19 @@ def _serve(shape: mp.ModelShape, gpus: int, gpu: float, tokens: int, lora: int) 
     nf4 = serve_plan(shape, gpus, tokens, bits=4, lora=lora)
     if nf4.total <= gpu:
         split = f"deploy.accelerator_count={gpus} (tensor parallel over {gpus}), " if gpus > 1 else ""
+        what = (
+            "serving the base version (registry.adapters) tagged "
+            f"{QUANTIZE_TAG}=bitsandbytes-nf4 with the adapter promoted onto it"
+            if qlora  # the base it trained against is the NF4 rounding
+            else f"where the quantize report recommends {QUANTIZE_TAG}=bitsandbytes-nf4 for the merge"
+        )
+        sixteen = _least(shape, gpu, tokens, 16) or "more"
         return Verdict(
             nf4,
             gpu,
             True,
-            f"fits in 4 bits: deploy.engine=tgi {split}serving the base version (registry.adapters) tagged "
-            f"{QUANTIZE_TAG}=bitsandbytes-nf4 with the adapter promoted onto it (vLLM 0.32 has no 4-bit "
-            f"quantization at load; 16 bits need deploy.accelerator_count={_least(shape, gpu, tokens, 16) or 'more'})",
+            f"fits in 4 bits: deploy.engine=tgi {split}{what} (vLLM 0.32 has no 4-bit quantization at load; 16 bits "
+            f"need deploy.accelerator_count={sixteen})",
         )
     least, least4 = _least(shape, gpu, tokens, 16), _least(shape, gpu, tokens, 4, lora)
     need = f"deploy.accelerator_count={least} of these GPUs" if least else "a larger GPU"
@@ -198,7 +204,7 @@ def plan(cfg: PipelineConfig, model: str, gpu: str, host_gb: float, answer_token
         _evaluate(shape, cfg, gpu_bytes, gpus, tokens, lora),
         merge,
         _quantize(shape, cfg, gpu_bytes, gpus, tokens),
-        _serve(shape, gpus, gpu_bytes, tokens, lora),
+        _serve(shape, gpus, gpu_bytes, tokens, lora, qlora=cfg.train.method == "qlora"),
     ]
 
 

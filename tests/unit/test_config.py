@@ -144,7 +144,8 @@ def test_renamed_keys_still_load_from_profiles_overrides_and_constructors(tmp_pa
     assert load_deployer_config(str(tmp_path / "old.yaml")).deploy.accelerator_count == 1
     with pytest.raises(ValidationError, match="'gpu_count' is the old name of 'accelerator_count'"):
         DeploySection(gpu_count=0, accelerator_count=1)
-    old_profile["deploy"]["accelerator_count"] = 2
-    (tmp_path / "both.yaml").write_text(yaml.safe_dump(old_profile))
-    with pytest.raises(ValueError, match="'gpu_count' is the old name of 'accelerator_count'"):
-        load_deployer_config(str(tmp_path / "both.yaml"))
+    for first, second in (("gpu_count", "accelerator_count"), ("accelerator_count", "gpu_count")):
+        both = {**old_profile, "deploy": {first: 2, second: 2, "alias": "champion"}}  # either order
+        (tmp_path / "both.yaml").write_text(yaml.safe_dump(both, sort_keys=False))
+        with pytest.raises(ValueError, match="'gpu_count' is the old name of 'accelerator_count'"):
+            load_deployer_config(str(tmp_path / "both.yaml"))

@@ -190,6 +190,18 @@ def test_a_70b_serves_on_two_24_gb_gpus_in_4_bits_on_tgi_as_its_adapter_on_the_b
     )
     assert serve.plan.items["NF4 weights / 2"] == pytest.approx(nf4)
     assert 0 < serve.plan.items["LoRA adapter / 2"] / mp.GB < 1
+    # a 16-bit LoRA trained against no NF4 rounding: the merge in NF4, where its quantize report says it holds
+    lora = {
+        v.plan.stage: v
+        for v in plan(
+            load_config("cluster", ["train.method=lora", "train.quantization=none"]),
+            config("llama-3.1-70b"),
+            "2xRTX4090",
+            128,
+            256,
+        )
+    }
+    assert "the quantize report recommends recommended_quantize=bitsandbytes-nf4" in lora["serve"].advice
     # on one H100 the NF4 form fits too, without a split
     one = {v.plan.stage: v for v in plan(load_config("cluster"), config("llama-3.1-70b"), "H100", 128, 256)}
     assert one["serve"].fits and one["serve"].advice.startswith("fits in 4 bits: deploy.engine=tgi serving the base")
