@@ -16,21 +16,26 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+def renamed_keys(renamed: dict[str, str], data: dict) -> dict:
+    """`data` with each old key (`renamed`: old -> new) under its new name; both given: refused, naming them."""
+    if not renamed.keys() & data.keys():
+        return data
+    data = dict(data)
+    for old, new in renamed.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"{old!r} is the old name of {new!r}: give one of them")
+            data[new] = data.pop(old)
+    return data
+
+
 class Renamable(BaseModel):
     RENAMED: ClassVar[dict[str, str]] = {}  # an old field name -> its new name, still accepted
 
     @model_validator(mode="before")
     @classmethod
     def _old_names(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not cls.RENAMED.keys() & data.keys():
-            return data
-        data = dict(data)
-        for old, new in cls.RENAMED.items():
-            if old in data:
-                if new in data:
-                    raise ValueError(f"{old!r} is the old name of {new!r}: give one of them")
-                data[new] = data.pop(old)
-        return data
+        return renamed_keys(cls.RENAMED, data) if isinstance(data, dict) else data
 
 
 class Profiled(Renamable):
@@ -66,17 +71,12 @@ def model_at(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
 
 
 def current_names(model: type[BaseModel] | None, raw: dict) -> dict:
-    """A profile's nested dict with renamed keys under their current names (both given: refused)."""
-    out: dict = {}
-    renamed = getattr(model, "RENAMED", {})
-    for key, value in raw.items():
-        name = renamed.get(key, key)
-        if name in out:  # the other spelling came first
-            old = key if key != name else next(k for k, v in renamed.items() if v == name)
-            raise ValueError(f"{old!r} is the old name of {name!r}: give one of them")
-        section = _section(model, name)
-        out[name] = current_names(section, value) if section and isinstance(value, dict) else value
-    return out
+    """A profile's nested dict with renamed keys under their current names, at every level (both given: refused)."""
+    out = renamed_keys(getattr(model, "RENAMED", {}), raw)
+    return {
+        name: current_names(section, value) if (section := _section(model, name)) and isinstance(value, dict) else value
+        for name, value in out.items()
+    }
 
 
 def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
