@@ -240,11 +240,16 @@ def eval_plan(
     plan = StagePlan("evaluate", "gpu" if gpu else "cpu")
     plan.items = {
         "model and adapter" + (f" / {gpus}" if gpus > 1 else ""): model / gpus,
-        "KV cache": batch * (tokens + cfg.max_new_tokens) * shape.layers * 2 * shape.kv_width * width / gpus,
+        "KV cache": kv_cache_bytes(shape, batch, tokens + cfg.max_new_tokens, width) / gpus,
         "loss-pass logits and log-softmax (float32)": batch * tokens * shape.vocab * 8,
         "runtime": RUNTIME_OVERHEAD if gpu else RUNTIME_HOST,
     }
     return plan
+
+
+def kv_cache_bytes(shape: ModelShape, sequences: int, tokens: int, width: int = 2) -> float:
+    """Keys and values of every layer for `sequences` of `tokens` positions, `width` bytes per element."""
+    return sequences * tokens * shape.layers * 2 * shape.kv_width * width
 
 
 def streaming_merge_bytes(shape: ModelShape, shard_bytes: float, adapter_bytes: float) -> float:

@@ -139,12 +139,7 @@ def serve_plan(shape: mp.ModelShape, shards: int, tokens: int, bits: int = 16, l
     plan = mp.StagePlan("serve", "gpu")
     plan.items = {
         f"{'16-bit' if bits == 16 else 'NF4'} weights / {shards}": weights / shards,
-        f"KV cache, {SERVE_SEQUENCES} x {tokens} tokens / {shards}": SERVE_SEQUENCES
-        * tokens
-        * shape.layers
-        * 2
-        * shape.kv_width
-        * 2
+        f"KV cache, {SERVE_SEQUENCES} x {tokens} tokens / {shards}": mp.kv_cache_bytes(shape, SERVE_SEQUENCES, tokens)
         / shards,
         "runtime": mp.RUNTIME_OVERHEAD,
     }

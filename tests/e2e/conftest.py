@@ -1,6 +1,7 @@
-"""One workspace, one `make run` on the demo data and one promoted champion per session, shared by every e2e
-module (the README's commands, real vLLM): the SmolLM2 pipeline run and a vLLM start are the tier's expensive
-parts."""
+"""One workspace, one `make run` on the demo data and one promoted champion for the e2e package, shared by every
+e2e module (the README's commands, real vLLM): the SmolLM2 pipeline run and a vLLM start are the tier's expensive
+parts. Package scope: the deployer, its vLLM and the MLflow server stop when the tier ends, not after the
+integration and unit tiers have run beside them."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from tests.conftest import free_port, wait_for
 from tests.e2e.workspace import LLMOPS, Workspace, documented, healthy, stop
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def workspace(tmp_path_factory):
     ws = Workspace(tmp_path_factory.mktemp("user"))
     yield ws
     subprocess.run([LLMOPS, "mlflow-stop", "--root", str(ws.root)], cwd=ws.path, env=ws.env, timeout=120)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def demo_run(workspace):
     """`make run`, the README's first command: the demo data, the local profile, a local MLflow server."""
     documented("make run    #")
@@ -29,7 +30,7 @@ def demo_run(workspace):
         yield done
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def champion(workspace, demo_run):
     """The README's `llmops deployer &` (the local profile: engine auto, real vLLM where `make vllm` installed
     it) and its `llmops promote llmops-demo-candidates 1`: candidate 1 copied into llmops-demo as version 1,

@@ -29,6 +29,14 @@ def test_the_meta_model_counts_the_published_parameters(name, billions):
     assert mp.model_shape(config(name)).params / 1e9 == pytest.approx(billions, rel=0.005)
 
 
+@pytest.mark.parametrize("name, kib", [("llama-3.1-8b", 128), ("llama-3.1-70b", 320)])
+def test_the_kv_cache_holds_the_published_bytes_per_token(name, kib):
+    """8 KV heads of 128 in 32 (8B) or 80 (70B) layers, keys and values in 16 bits: 128 and 320 KiB a token."""
+    shape = mp.model_shape(config(name))
+    assert mp.kv_cache_bytes(shape, 1, 1) == kib * 1024
+    assert mp.kv_cache_bytes(shape, 8, 512, width=4) == 8 * 512 * 2 * kib * 1024
+
+
 def by_stage(verdicts) -> dict:
     return {v.plan.stage: v for v in verdicts}
 
