@@ -127,13 +127,14 @@ def test_adapters_promoted_onto_one_base_each_answer_as_trained(served):
     # each call reaches its own adapter: the trained one answers the label, the zeroed one as the base does
     trained = chat_model(f"{ADAPTER}@{alias}").invoke(QUESTION).content.strip()
     assert trained == ANSWER
-    zeroed = chat_model(f"{ZERO}@{alias}").invoke(QUESTION).content.strip()
+    # 32 tokens tell the zeroed adapter's free answer from the label; greedy, both calls stop at the same token
+    zeroed = chat_model(f"{ZERO}@{alias}", max_new_tokens=32).invoke(QUESTION).content.strip()
     system = adapter["prompt.system_prompt"]
     messages = [
         {"role": "system", "content": system},
         {"role": "user", "content": adapter["prompt.user_prefix"] + QUESTION},
     ]
-    body = {"model": BASE if engine == "vllm" else "tgi", "messages": messages, "temperature": 0, "max_tokens": 256}
+    body = {"model": BASE if engine == "vllm" else "tgi", "messages": messages, "temperature": 0, "max_tokens": 32}
     plain = requests.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
     assert zeroed == plain["choices"][0]["message"]["content"].strip() != ANSWER
     # held to the label set in one call, from the adapter's own tags
