@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from components.config import EvalSection
-from components.inference import LabelTrie, generate, normalize, predict_labels, response_nll
+from components.inference import LabelTrie, generate_with_ids, labels_after_free, normalize, response_nll
 from components.literal_text import model_input
 
 INVALID = "<invalid>"
@@ -41,17 +41,22 @@ def accuracy(predictions: list[str], answers: list[str]) -> float:
 
 
 def constrained_metrics(
-    model, tok, examples: list[dict], free: list[str], labels: list[str], batch_size: int, progress: str | None = None
+    model,
+    tok,
+    prompts: list,
+    answers: list[str],
+    free_ids: list[list[int]],
+    labels: list[str],
+    batch_size: int,
+    progress=None,
 ) -> dict:
-    """Accuracy when decoding may only produce a label, next to free generation's exact match."""
-    answers = [e["answer"] for e in examples]
-    prompts = [model_input(e) for e in examples]
-    constrained = predict_labels(model, tok, prompts, LabelTrie(tok, labels), batch_size, progress)
-    by_norm = {normalize(lab): lab for lab in labels}
-    valid = [(by_norm[normalize(f)], c) for f, c in zip(free, constrained) if normalize(f) in by_norm]
+    """Accuracy when decoding may only produce a label, next to free generation's exact match. Rows whose free
+    answer already walked a label's token path keep it (the constrained choice is the same); the rest are decoded."""
+    trie = LabelTrie(tok, labels)
+    constrained, decoded = labels_after_free(model, tok, prompts, free_ids, trie, batch_size, progress)
     return {
         "label_accuracy": accuracy(constrained, answers),
-        "agreement_where_valid": sum(f == c for f, c in valid) / len(valid) if valid else None,
+        "constrained_decoded": decoded,
         "constrained": constrained,
     }
 
@@ -72,11 +77,12 @@ def score_model(model, tok, examples: list[dict], cfg: EvalSection, labels: list
     if labels:  # a label is all we want back: stop paying for tokens past the longest one
         max_new = min(max_new, max(len(tok(lab, add_special_tokens=False)["input_ids"]) for lab in labels) + 2)
     # progress lines: `eval tuned answers 64/300 prompts · ETA 00:00:12`, then its labels and its loss
-    preds = generate(model, tok, [model_input(e) for e in examples], max_new, cfg.batch_size, f"eval {name} answers")
-    metrics = score(preds, [e["answer"] for e in examples], labels)
+    prompts, answers = [model_input(e) for e in examples], [e["answer"] for e in examples]
+    preds, ids = generate_with_ids(model, tok, prompts, max_new, cfg.batch_size, f"eval {name} answers")
+    metrics = score(preds, answers, labels)
     constrained = None
     if labels:
-        extra = constrained_metrics(model, tok, examples, preds, labels, cfg.batch_size, f"eval {name} labels")
+        extra = constrained_metrics(model, tok, prompts, answers, ids, labels, cfg.batch_size, f"eval {name} labels")
         constrained = extra.pop("constrained")
         metrics.update(extra)
     nll, count = response_nll(model, tok, examples, cfg.batch_size, f"eval {name} loss")

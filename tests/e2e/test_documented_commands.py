@@ -30,8 +30,9 @@ def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(work
 
     from components.chat_pyfunc import artifact_paths
     from components.config import EvalSection
-    from components.inference import load_model, load_tokenizer
+    from components.inference import LabelTrie, load_model, load_tokenizer, predict_labels
     from components.jsonl import read_jsonl
+    from components.literal_text import model_input
     from components.prompt_contract import read_contract
     from components.scoring import score_model
 
@@ -61,11 +62,14 @@ def test_make_run_registers_a_tuned_demo_model_that_the_registry_reproduces(work
     labels = read_contract(served)["labels"]
     # Scored as the quantize stage scored the merge (its default dtype, its eval settings, the same rows):
     # the registry's own files reproduce what the pipeline measured, to the example.
-    metrics = score_model(
-        load_model(served), load_tokenizer(served), examples, EvalSection(), labels, "registered"
-    ).metrics
+    model, tok = load_model(served), load_tokenizer(served)
+    scored = score_model(model, tok, examples, EvalSection(), labels, "registered")
+    metrics = scored.metrics
     assert metrics["exact_match"] == pytest.approx(quant["results"]["merged"]["exact_match"], abs=1e-9)
-    assert metrics["agreement_where_valid"] == 1.0 and metrics["label_accuracy"] >= metrics["exact_match"]
+    assert metrics["label_accuracy"] >= metrics["exact_match"]
+    # scoring decodes under the constraint only rows whose free answer is no label's path; all rows so decoded agree
+    prompts = [model_input(e) for e in examples]
+    assert scored.constrained == predict_labels(model, tok, prompts, LabelTrie(tok, labels), EvalSection().batch_size)
     assert float(version.tags["eval.tuned.exact_match"]) == pytest.approx(quant["served"]["exact_match"], abs=1e-4)
 
 
@@ -152,7 +156,7 @@ def test_banking77_profile_registers_a_version_on_all_77_labels(workspace, demo_
     # A few steps prove the wiring on the full label set; the profile's hour proves quality (make bench quality).
     # (quantize.variants=[]: the demo run above scores both variants; here the merge serves as it is)
     quick = (
-        "train.max_steps=2 train.eval_every=2 train.checkpoint_every=2 train.max_minutes=5 "
+        "train.max_steps=2 train.eval_every=2 train.checkpoint_every=2 train.max_minutes=10 "
         "data.max_eval_examples=12 data.val_examples=12 quantize.variants=[] merge.parity_prompts=4"
     )
     done = workspace.make(
@@ -163,6 +167,10 @@ def test_banking77_profile_registers_a_version_on_all_77_labels(workspace, demo_
     )
     found = re.search(r"registered llmops-banking77-candidates version (\d+)", done.stdout)
     assert found, done.stdout[-3000:]
+    # train.max_minutes is the run's budget: training's clock is the run's, and the summary sets it beside the stages
+    assert "run budget 10 min:" in done.stdout and "left to train" in done.stdout, done.stdout[-3000:]
+    budget = re.search(r"keeping ([\d.]+) min for the stages after it; they took ([\d.]+) min", done.stdout)
+    assert budget and float(budget.group(1)) > 1, done.stdout[-3000:]  # the fixed part alone is over a minute
     version = MlflowClient().get_model_version("llmops-banking77-candidates", found.group(1))
     assert version.tags["prompt.labels"] == "77"
     # Two steps may or may not beat the base: the verdict must follow from the gain the gate recorded

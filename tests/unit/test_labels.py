@@ -59,6 +59,37 @@ def test_constrained_scoring_of_a_trained_model(mapping_base, with_validation, e
     ]
     spelled = [(n, c) for n, c in started if n is not None]
     assert len(spelled) >= 0.8 * len(free) and all(n == c for n, c in spelled)
+    # Scoring decodes under the constraint only the rows whose free answer walked no label's path: a whole
+    # constrained pass over every row chooses the same labels.
+    from components.literal_text import model_input
+
+    prompts, trie = [model_input(e) for e in examples], inference.LabelTrie(tok, names)
+    assert constrained == inference.predict_labels(model, tok, prompts, trie, batch_size=8)
+
+
+def test_only_rows_whose_free_answer_left_every_label_path_are_decoded_again(tiny_base, demo_prepared, monkeypatch):
+    """A free answer that is a label's tokens and EOS is that label; one cut before its EOS, or off the trie, is
+    decoded under the constraint, and only those rows are."""
+    tok = inference.load_tokenizer(tiny_base)
+    names = read_json(demo_prepared / "labels.json")
+    trie = inference.LabelTrie(tok, names)
+    path = lambda label: tok(label + tok.eos_token, add_special_tokens=False)["input_ids"]  # noqa: E731
+    free_ids = [
+        path(names[0]) + [tok.pad_token_id] * 2,  # the label, EOS, then the batch's padding
+        path(names[1])[:-1],  # the label's tokens, cut before EOS
+        tok("the weather is nice", add_special_tokens=False)["input_ids"],  # no label at all
+        path(names[2]),
+    ]
+    asked = []
+
+    def decode(model, tok_, prompts, trie_, batch_size, progress=None):
+        asked.extend(prompts)
+        return [names[3]] * len(prompts)
+
+    monkeypatch.setattr(inference, "predict_labels", decode)
+    prompts = ["p0", "p1", "p2", "p3"]
+    labels, decoded = inference.labels_after_free(None, tok, prompts, free_ids, trie, batch_size=4)
+    assert labels == [names[0], names[3], names[3], names[2]] and decoded == 2 and asked == ["p1", "p2"]
 
 
 def test_validation_stops_at_the_target_and_keeps_the_best_adapter(early_stopped):

@@ -67,7 +67,7 @@ def test_an_eval_report_holds_what_scoring_computes_and_refuses_a_misread(tmp_pa
     labels = ["card_arrival", "lost_card"]
     answers = ["card_arrival", "lost_card", "lost_card"]
     free = score(["card_arrival", "card_arrival", "weather"], answers, labels)
-    scores = {**free, "label_accuracy": 2 / 3, "agreement_where_valid": 1.0, "loss": 0.4, "perplexity": 1.49}
+    scores = {**free, "label_accuracy": 2 / 3, "constrained_decoded": 1, "loss": 0.4, "perplexity": 1.49}
     report = reports.Eval(base=scores, tuned=scores, labels=labels, delta={"exact_match": 0.0}, base_form="nf4")
     path = tmp_path / "eval_report.json"
     report.write(path)
