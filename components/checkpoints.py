@@ -60,14 +60,19 @@ def read_validation(path: Path) -> dict:
 
 def any_rank(flag: bool, device) -> bool:
     """True if any data-parallel rank says so: ranks that stop at different steps deadlock the others."""
+    return largest_of_ranks(float(flag), device) > 0
+
+
+def largest_of_ranks(value: float, device) -> float:
+    """The largest value any data-parallel rank holds: one figure every rank then acts on alike."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([int(flag)], device=device)  # NCCL reduces GPU tensors only
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([value], dtype=torch.float32, device=device)  # NCCL reduces GPU tensors only
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
 
 
 def is_complete(checkpoint: Path) -> bool:

@@ -171,7 +171,11 @@ class TrainSection(Section):
     )
     target_accuracy: float | None = Field(None, gt=0, le=1, description="stop once validation reaches this accuracy")
     max_minutes: float | None = Field(
-        None, gt=0, description="stop after this much wall-clock, keeping the best adapter validated so far"
+        None,
+        gt=0,
+        description="the run's time budget: under `llmops run`, training stops when what is left of it is what the "
+        "stages after training are forecast to take (a stage run alone: after this much of its own wall-clock), "
+        "keeping the best adapter validated so far",
     )
 
     @property

@@ -8,6 +8,7 @@ a `Variable` here, so a newcomer finds in one place what the environment can cha
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,19 @@ class Variable:
     def set_default(self, value: str) -> None:
         os.environ.setdefault(self.name, value)
 
+    @contextmanager
+    def scoped(self, value: str):
+        """Set for the block, then as it was: a value that belongs to one run, not to the process."""
+        before = os.environ.get(self.name)
+        os.environ[self.name] = value
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(self.name, None)
+            else:
+                os.environ[self.name] = before
+
     def shown(self) -> str:
         value = os.environ.get(self.name)
         if value and self.secret:
@@ -55,6 +69,11 @@ CHECKPOINT_ROOT = Variable("LLMOPS_CHECKPOINT_ROOT", "training checkpoints' root
 CODE_DIGEST = Variable(
     "LLMOPS_CODE_DIGEST", "the training code's digest, set by the pipeline: a checkpoint of other code is not resumed"
 )
+RUN_STARTED = Variable(
+    "LLMOPS_RUN_STARTED",
+    "the run's start in Unix seconds, set by `llmops run` for its tasks: train.max_minutes is then the whole run's "
+    "budget (components/run_budget.py); unset: it counts from the train stage's start",
+)
 GIT_COMMIT = Variable("LLMOPS_GIT_COMMIT", "the commit a registered version records; unset: `git rev-parse HEAD`")
 SHUTDOWN_TIMEOUT = Variable("LLMOPS_SHUTDOWN_TIMEOUT", "seconds torchrun's workers get after a SIGTERM", "90")
 SERVING_DIR = Variable(
@@ -77,9 +96,9 @@ IN_CLUSTER = Variable(
 )
 
 READ = (
-    TRACKING_URI, EXPERIMENT_NAME, EXPERIMENT, MLFLOW_PORT, CACHE, CHECKPOINT_ROOT, CODE_DIGEST, GIT_COMMIT,
-    SHUTDOWN_TIMEOUT, SERVING_DIR, ENDPOINT_URL, IMAGE_REGISTRY, WEBHOOK_SECRET, WEBHOOK_SECRET_FILE, AWS_ENDPOINT,
-    MLFLOW_S3_ENDPOINT, POD_NAMESPACE, NODE_RANK, IN_CLUSTER,
+    TRACKING_URI, EXPERIMENT_NAME, EXPERIMENT, MLFLOW_PORT, CACHE, CHECKPOINT_ROOT, CODE_DIGEST, RUN_STARTED,
+    GIT_COMMIT, SHUTDOWN_TIMEOUT, SERVING_DIR, ENDPOINT_URL, IMAGE_REGISTRY, WEBHOOK_SECRET, WEBHOOK_SECRET_FILE,
+    AWS_ENDPOINT, MLFLOW_S3_ENDPOINT, POD_NAMESPACE, NODE_RANK, IN_CLUSTER,
 )  # fmt: skip
 
 # --- set by llmops for the libraries and processes it runs ---

@@ -81,6 +81,9 @@ class Train(Report):
     val_first_accuracy: float | None = None
     val_seconds_to_target: float | None = None
     val_seconds_spent: float | None = None
+    budget_clock_seconds: float | None = None  # train.max_minutes' clock at the end of training
+    budget_forecast_after_seconds: float | None = None  # what it kept for the stages after training
+    budget_from_run_start: bool | None = None  # the clock was the run's (`llmops run`), not the stage's
 
 
 class ClassScores(Report):
@@ -103,7 +106,8 @@ class EvalScores(Report):
     loss: float
     perplexity: float
     label_accuracy: float | None = None  # decoding constrained to the label set
-    agreement_where_valid: float | None = None  # free and constrained answers, where the free one is a label
+    constrained_decoded: int | None = None  # rows decoded under the constraint: their free answer was no label path
+    agreement_where_valid: float | None = None  # written by reports before constrained_decoded (2026-12-06)
     macro_f1: float | None = None
     invalid_rate: float | None = None  # free answers that are no label
     per_class: dict[str, ClassScores] | None = None

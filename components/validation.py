@@ -2,7 +2,8 @@
 
 What a user waits for is a model good enough to promote, so the train stage measures that directly on
 a held-out slice (data.val_examples) every train.eval_every steps, keeps the best adapter seen, and
-stops once train.target_accuracy is reached or train.max_minutes have passed.
+stops once train.target_accuracy is reached or the time train.max_minutes budgets for training has passed
+(components/run_budget.py: under `llmops run`, the whole run's budget less the stages after training).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from components.artifacts import TrainedAdapter
-from components.checkpoints import BEST, VALIDATION, CheckpointStore, any_rank, read_validation
+from components.checkpoints import BEST, VALIDATION, CheckpointStore, largest_of_ranks, read_validation
 from components.config import TrainSection
 from components.fsdp import save_adapter
 from components.inference import LabelTrie, load_tokenizer, predict_labels
 from components.literal_text import model_input
+from components.run_budget import RunClock
 from components.scoring import accuracy
 from components.util import console, write_json
 
@@ -59,6 +61,7 @@ class ValidateAndStop(TrainerCallback):
         store: CheckpointStore,
         tracker,
         started: float,
+        eval_rows: int = 0,
     ):
         self.cfg, self.store, self.tracker, self.started = cfg, store, tracker, started
         self.tok = load_tokenizer(base_dir)  # left padding: batched generation
@@ -70,6 +73,8 @@ class ValidateAndStop(TrainerCallback):
         self.best: dict | None = saved.get("best")
         self.offset = self.curve[-1]["seconds"] if self.curve else 0.0  # wall-clock of earlier attempts
         self.seconds_spent = 0.0  # validating, in this process: kept out of training's tokens/s
+        stage_started = time.time() - (time.perf_counter() - started)  # the stage's start, in Unix seconds
+        self.clock = RunClock.start(cfg.max_minutes, eval_rows, stage_started, self.offset) if cfg.max_minutes else None
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         # resumed from a checkpoint older than the last validation: those steps are trained again
@@ -79,8 +84,9 @@ class ValidateAndStop(TrainerCallback):
             self._save_state(state)
 
     def on_step_end(self, args, state, control, model=None, **kw):
-        minutes = (self.offset + time.perf_counter() - self.started) / 60
-        out_of_time = any_rank(self.cfg.max_minutes is not None and minutes >= self.cfg.max_minutes, args.device)
+        if self.clock:  # one collective a step: the schedule's next step and the stop read the agreed progress
+            self.clock.settled = largest_of_ranks(self.clock.progress(), args.device)
+        out_of_time = self.clock is not None and self.clock.settled >= 1.0  # at or past the training deadline
         due = state.global_step % self.cfg.eval_every == 0 or state.global_step >= state.max_steps
         if not (due or out_of_time):
             return
@@ -98,6 +104,8 @@ class ValidateAndStop(TrainerCallback):
         model.eval()
         predictions = predict_labels(model, self.tok, self.prompts, self.trie, self.cfg.batch_size * 2)
         model.train(was_training)
+        if self.clock:  # the row time the forecast of the stages after training scales with
+            self.clock.observe(len(self.prompts), time.perf_counter() - begun)
         acc = accuracy(predictions, self.answers)
         point = {
             "step": state.global_step,
@@ -109,7 +117,10 @@ class ValidateAndStop(TrainerCallback):
         self.tracker.log_metrics(
             {"val.label_accuracy": acc, "val.minutes": point["seconds"] / 60}, step=state.global_step
         )
-        console.print(f"step {state.global_step}: validation accuracy {acc:.3f} at {point['seconds'] / 60:.1f} min")
+        console.print(
+            f"step {state.global_step}: validation accuracy {acc:.3f} at {point['seconds'] / 60:.1f} min"
+            + (f" ({self.clock.describe()})" if self.clock else "")
+        )
         self.seconds_spent += time.perf_counter() - begun
         return acc
 
@@ -140,7 +151,7 @@ class ValidateAndStop(TrainerCallback):
             console.print(f"target accuracy {self.cfg.target_accuracy:.2f} reached at step {step}: stopping")
             return True
         if out_of_time:
-            console.print(f"train.max_minutes={self.cfg.max_minutes} reached at step {step}: stopping")
+            console.print(f"train.max_minutes={self.cfg.max_minutes}: {self.clock.describe()}; stopping at step {step}")
             return True
         return False
 
@@ -157,4 +168,8 @@ class ValidateAndStop(TrainerCallback):
             "val_first_accuracy": self.curve[0]["accuracy"] if self.curve else None,
             "val_seconds_to_target": reached["seconds"] if reached else None,
             "val_seconds_spent": self.seconds_spent,
+            # the budget's clock when training ended, and what it kept for the stages after training
+            "budget_clock_seconds": time.time() - self.clock.started if self.clock else None,
+            "budget_forecast_after_seconds": self.clock.forecast() if self.clock else None,
+            "budget_from_run_start": self.clock.from_run if self.clock else None,
         }

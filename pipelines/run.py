@@ -10,7 +10,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from components.environment import CACHE, CHECKPOINT_ROOT, EXPERIMENT, MLFLOW_PORT, TRACKING_URI
+from components.environment import CACHE, CHECKPOINT_ROOT, EXPERIMENT, MLFLOW_PORT, RUN_STARTED, TRACKING_URI
 from components.registry_tags import eval_tag, production_of
 from components.util import console
 from pipelines.config import PipelineConfig
@@ -110,6 +110,7 @@ def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT, verbose: bool = Fa
 
     from pipelines.finetune import build_pipeline
     from pipelines.run_output import quiet_kfp
+    from pipelines.stage_rerun import ADAPTER
 
     root = Path(root).resolve()
     uri = ensure_tracking(root)
@@ -126,14 +127,16 @@ def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT, verbose: bool = Fa
         cache_root=str(root / "kfp-cache"),
     )
     started = time.time()
-    with watch_tasks() as outcomes, quiet_kfp(verbose):
+    # every task inherits the run's start: train.max_minutes is then the whole run's budget (components/run_budget.py)
+    with RUN_STARTED.scoped(f"{started:.3f}"), watch_tasks() as outcomes, quiet_kfp(verbose):
         try:
             task = build_pipeline(cfg)()
         except RuntimeError as err:
             if not outcomes.names("failed"):
                 raise
             raise PipelineFailed(failure_message(outcomes), dict(outcomes.tasks)) from err
-    summary = json.loads(Path(task.outputs["Output"].path).read_text())
+    summary_file = Path(task.outputs["Output"].path)  # <root>/kfp/<run>/finalize/summary
+    summary = json.loads(summary_file.read_text())
     summary.update(
         {
             "tracking_uri": uri,
@@ -142,7 +145,28 @@ def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT, verbose: bool = Fa
             "tasks": dict(outcomes.tasks),
         }
     )
+    budget = run_budget(summary_file.parent.parent / ADAPTER, summary["wall_seconds"])  # this run's own train
+    if budget:
+        summary["budget"] = budget
     return summary
+
+
+def run_budget(adapter_dir: Path, wall_seconds: float) -> dict | None:
+    """Where train.max_minutes was the run's budget, and training ran in this run (not from the cache): when it
+    stopped on the run's clock, what it kept for the stages after it, and what they took."""
+    from components.artifacts import TrainedAdapter
+
+    trained = TrainedAdapter(adapter_dir)
+    if not trained.metrics_file.exists():
+        return None
+    metrics = trained.metrics()
+    if not metrics.budget_from_run_start:
+        return None
+    return {
+        "train_stopped_at_seconds": metrics.budget_clock_seconds,
+        "forecast_after_seconds": metrics.budget_forecast_after_seconds,
+        "after_seconds": wall_seconds - metrics.budget_clock_seconds,
+    }
 
 
 def print_summary(summary: dict) -> None:
@@ -175,6 +199,13 @@ def print_summary(summary: dict) -> None:
     for outcome, label in (("ran", "ran"), ("cached", "from the kfp cache (same inputs and code)")):
         names = [name for name, value in summary.get("tasks", {}).items() if value == outcome]
         console.print(f"{label}: {', '.join(names) or 'none'}", soft_wrap=True)
+    if budget := summary.get("budget"):
+        console.print(
+            f"run budget (train.max_minutes): training stopped {budget['train_stopped_at_seconds'] / 60:.1f} min "
+            f"into the run, keeping {budget['forecast_after_seconds'] / 60:.1f} min for the stages after it; they "
+            f"took {budget['after_seconds'] / 60:.1f} min",
+            soft_wrap=True,
+        )
     console.print(
         f"pipeline wall time {summary['wall_seconds']:.0f}s · model: models:/{summary['name']}/{summary['version']}"
         f" · artifacts in {summary['artifacts']}",

@@ -24,9 +24,10 @@ from components.artifacts import PreparedData, TrainedAdapter, record_config
 from components.checkpoints import CheckpointStore, StopOnSigterm, UploadCheckpoints, last_complete_checkpoint
 from components.config import TrainSection
 from components.environment import TRACKING_URI
-from components.fsdp import ShardedTrainer, fsdp_args, parameter_share, save_adapter
+from components.fsdp import fsdp_args, parameter_share, save_adapter
 from components.inference import bnb_config
 from components.progress import StageProgress
+from components.run_budget import BudgetedTrainer
 from components.storage import MANIFEST
 from components.util import console, heading, quiet_libraries, write_json
 
@@ -167,7 +168,8 @@ def validation_callback(
             f"train.eval_every={cfg.eval_every} needs {data.val_file} and {data.labels_file}: a "
             "label task prepared with data.val_examples > 0"
         )
-    return ValidateAndStop(cfg, base_dir, data.examples("val"), data.labels(), store, tracker, started)
+    eval_rows = len(data.examples("eval")) if data.eval_file.exists() else 0  # what the later stages score
+    return ValidateAndStop(cfg, base_dir, data.examples("val"), data.labels(), store, tracker, started, eval_rows)
 
 
 def summarize(trainer, result, resume, elapsed: float, trainable: int, examples: int) -> dict:
@@ -241,13 +243,14 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
         sigterm = StopOnSigterm()
         validation = validation_callback(cfg, base_dir, data_dir, store, tracker, started)
         callbacks = [ReportProgress(tracker, cfg.max_steps), UploadCheckpoints(store), sigterm, validation]
-        trainer = ShardedTrainer(
+        trainer = BudgetedTrainer(
             model=model,
             args=training_args(cfg, store.local),
             train_dataset=dataset,
             data_collator=collator,
             compute_loss_func=answer_loss,
             callbacks=[c for c in callbacks if c is not None],
+            clock=validation.clock if validation else None,  # the schedule follows train.max_minutes' clock too
         )
         trainer.remove_callback(PrinterCallback)  # ReportProgress reports; the printer would repeat it raw
 
