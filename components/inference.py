@@ -230,28 +230,30 @@ def predict_labels(
 
 
 def response_nll(model, tok, examples: list[dict], batch_size: int, progress: str | None = None) -> tuple[float, int]:
-    """Summed negative log-likelihood of the responses given the prompts, and the token count."""
+    """Summed negative log-likelihood of the responses given the prompts, and the token count. Batched as training
+    batches (components/answer_batches.py): left-padded with positions as if unpadded, and logits over the answer
+    window only; a prompt's full-vocabulary logits were most of this pass's memory."""
     import torch
 
+    from components.answer_batches import IGNORE_INDEX, AnswerBatches, answer_loss
+
+    prompts, answers = encoded(tok, examples)
+    collate = AnswerBatches(tok)
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]) + len(answers[i]))  # little padding
     total, count = 0.0, 0
     shown = StageProgress(progress or "", len(examples), "examples", quiet=progress is None)
     with shown, torch.inference_mode():
-        for batch in _batches(examples, batch_size):
-            p, c = encoded(tok, batch)
-            width = max(len(a) + len(b) for a, b in zip(p, c))
-            ids = torch.full((len(batch), width), tok.pad_token_id)
-            labels = torch.full((len(batch), width), -100)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (a, b) in enumerate(zip(p, c)):  # right padding: positions start at 0 for every row
-                ids[row, : len(a) + len(b)] = torch.tensor(a + b)
-                labels[row, len(a) : len(a) + len(b)] = torch.tensor(b)
-                mask[row, : len(a) + len(b)] = 1
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, :-1].float()
-            target = labels[:, 1:].to(model.device)
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+        for idx in _batches(order, batch_size):
+            rows = [(prompts[i], answers[i]) for i in idx]
+            batch = collate(
+                [
+                    {"input_ids": p + a, "attention_mask": [1] * len(p + a), "labels": [IGNORE_INDEX] * len(p) + a}
+                    for p, a in rows
+                ]
             )
-            total += float(nll)
-            count += int((target != -100).sum())
-            shown.advance(len(batch))
+            labels, keep = batch.pop("labels"), batch.pop("logits_to_keep")
+            outputs = model(**{k: v.to(model.device) for k, v in batch.items()}, logits_to_keep=keep)
+            total += float(answer_loss(outputs, labels, num_items_in_batch=1))  # the sum over the answer tokens
+            count += int((labels != IGNORE_INDEX).sum())
+            shown.advance(len(idx))
     return total, count

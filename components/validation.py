@@ -74,7 +74,9 @@ class ValidateAndStop(TrainerCallback):
         self.offset = self.curve[-1]["seconds"] if self.curve else 0.0  # wall-clock of earlier attempts
         self.seconds_spent = 0.0  # validating, in this process: kept out of training's tokens/s
         stage_started = time.time() - (time.perf_counter() - started)  # the stage's start, in Unix seconds
-        self.clock = RunClock.start(cfg.max_minutes, eval_rows, stage_started, self.offset) if cfg.max_minutes else None
+        self.clock = None
+        if cfg.max_minutes:
+            self.clock = RunClock.start(cfg.max_minutes, eval_rows, stage_started, self.offset, len(self.prompts))
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         # resumed from a checkpoint older than the last validation: those steps are trained again

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +24,15 @@ def publish(metrics, values: dict, out_dir: str, stage: str, started: float) -> 
     Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / TIMING).write_text(json.dumps({"stage": stage, "seconds": seconds, "finished": time.time()}))
+    record = {"stage": stage, "seconds": seconds, "finished": time.time(), "peak_rss_bytes": peak_rss_bytes()}
+    (Path(out_dir) / TIMING).write_text(json.dumps(record))
+
+
+def peak_rss_bytes() -> int:
+    """The most resident memory this task's process, or the largest process it waited for (torchrun's workers),
+    held at any point: the kernel's high-water mark, so a peak between two samples is not missed."""
+    own, children = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return max(own, children) * (1 if sys.platform == "darwin" else 1024)  # Linux counts kilobytes, macOS bytes
 
 
 def publish_confusion(artifact, report: dict) -> None:
@@ -34,7 +44,8 @@ def publish_confusion(artifact, report: dict) -> None:
 
 
 def stage_timings(paths: dict[str, str], run_root: Path) -> dict:
-    """Seconds per stage, and whether its output came from the kfp cache (it lives in another run)."""
+    """Seconds and peak resident memory per stage, and whether its output came from the kfp cache (it lives in
+    another run, whose figures these are)."""
     out = {}
     for name, path in paths.items():
         timing = Path(path) / TIMING
@@ -43,5 +54,6 @@ def stage_timings(paths: dict[str, str], run_root: Path) -> dict:
             out[record["stage"]] = {
                 "seconds": round(record["seconds"], 1),
                 "cached": run_root not in Path(path).resolve().parents,
+                "peak_rss_bytes": record.get("peak_rss_bytes"),  # None: written before 2026-12-06
             }
     return out

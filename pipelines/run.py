@@ -112,6 +112,7 @@ def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT, verbose: bool = Fa
     from pipelines.run_output import quiet_kfp
     from pipelines.stage_rerun import ADAPTER
 
+    started = time.time()  # the run's clock counts the MLflow server's start too: the user waits for it
     root = Path(root).resolve()
     uri = ensure_tracking(root)
     EXPERIMENT.set(cfg.registry.experiment)
@@ -126,7 +127,6 @@ def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT, verbose: bool = Fa
         enable_caching=True,
         cache_root=str(root / "kfp-cache"),
     )
-    started = time.time()
     # every task inherits the run's start: train.max_minutes is then the whole run's budget (components/run_budget.py)
     with RUN_STARTED.scoped(f"{started:.3f}"), watch_tasks() as outcomes, quiet_kfp(verbose):
         try:
@@ -169,6 +169,12 @@ def run_budget(adapter_dir: Path, wall_seconds: float) -> dict | None:
     }
 
 
+def peak_stage(stages: dict) -> tuple[str, int] | None:
+    """The stage whose process held the most resident memory, and how much (bytes); None where none recorded it."""
+    peaks = {name: info["peak_rss_bytes"] for name, info in stages.items() if info.get("peak_rss_bytes")}
+    return max(peaks.items(), key=lambda item: item[1]) if peaks else None
+
+
 def print_summary(summary: dict) -> None:
     from rich.table import Table
 
@@ -192,10 +198,15 @@ def print_summary(summary: dict) -> None:
         f"served figures on {summary.get(eval_tag('tuned', 'examples'), '?')} eval rows; base and adapter on "
         f"{summary.get(eval_tag('base', 'examples'), '?')}. Gate: {summary.get('gate', 'see the version tags')}"
     )
-    stages = Table("stage", "seconds", "cached")
+    stages = Table("stage", "seconds", "peak memory (GB)", "cached")
     for name, info in summary.get("stages", {}).items():
-        stages.add_row(name, f"{info['seconds']:.1f}", "yes" if info["cached"] else "")
+        peak = info.get("peak_rss_bytes")
+        stages.add_row(
+            name, f"{info['seconds']:.1f}", f"{peak / 1e9:.2f}" if peak else "", "yes" if info["cached"] else ""
+        )
     console.print(stages)
+    if top := peak_stage(summary.get("stages", {})):
+        console.print(f"peak memory {top[1] / 1e9:.2f} GB, set by the {top[0]} stage (its process's high-water mark)")
     for outcome, label in (("ran", "ran"), ("cached", "from the kfp cache (same inputs and code)")):
         names = [name for name, value in summary.get("tasks", {}).items() if value == outcome]
         console.print(f"{label}: {', '.join(names) or 'none'}", soft_wrap=True)

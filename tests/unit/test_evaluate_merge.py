@@ -6,6 +6,7 @@ import torch
 from components import inference, scoring
 from components.config import EvalSection, MergeSection, QuantizeSection
 from components.jsonl import read_jsonl
+from components.literal_text import encoded
 from components.stages import evaluate, merge, quantize
 
 pytestmark = pytest.mark.unit
@@ -39,10 +40,18 @@ def test_response_nll_matches_per_example_loss(tiny_base, demo_prepared):
     total, count = inference.response_nll(model, tok, examples, batch_size=5)
     manual_total, manual_count = 0.0, 0
     for ex in examples:
+        # one unpadded row through the whole sequence's logits: the loss, written out
+        prompt, answer = encoded(tok, [ex])
+        ids = torch.tensor([prompt[0] + answer[0]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        at = range(len(prompt[0]) - 1, ids.shape[1] - 1)  # the logit before each answer token
+        manual_total -= sum(float(logp[i, ids[0, i + 1]]) for i in at)
+        manual_count += len(at)
         single, n = inference.response_nll(model, tok, [ex], batch_size=1)
-        manual_total, manual_count = manual_total + single, manual_count + n
+        assert single == pytest.approx(-sum(float(logp[i, ids[0, i + 1]]) for i in at), rel=1e-4) and n == len(at)
     assert count == manual_count == sum(e["completion_tokens"] for e in examples)
-    assert total == pytest.approx(manual_total, rel=1e-4)
+    assert total == pytest.approx(manual_total, rel=1e-4)  # batched: padding and the logits window change nothing
 
 
 def test_evaluate_stage_reports_base_and_tuned(tiny_base, tiny_adapter, demo_prepared, tmp_path):

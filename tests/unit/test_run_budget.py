@@ -44,6 +44,17 @@ def test_the_runs_clock_keeps_the_forecast_of_the_later_stages_from_training(mon
     assert clock.progress(now=halfway) == pytest.approx(0.5)
 
 
+def test_training_stops_a_validation_pass_before_the_later_stages_time(monkeypatch):
+    """A stop sets off one more validation pass (the best adapter is chosen after it): the deadline keeps its time."""
+    monkeypatch.setenv(RUN_STARTED.name, "0")
+    clock = RunClock.start(45, eval_rows=500, stage_started=60.0, stop_rows=200)
+    silent = RunClock.start(45, eval_rows=500, stage_started=60.0)
+    for c in (clock, silent):
+        c.observe(200, 20.0)
+    assert clock.forecast() == silent.forecast()  # what the stages after training get is unchanged
+    assert silent.deadline() - clock.deadline() == pytest.approx(200 * 0.1)
+
+
 def test_the_schedule_is_transformers_cosine_until_the_clock_is_further_along():
     from transformers import get_cosine_schedule_with_warmup
 
