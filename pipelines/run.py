@@ -16,6 +16,7 @@ from components.util import console
 from pipelines.config import PipelineConfig
 
 DEFAULT_ROOT = Path(".llmops")
+SUMMARY = "summary.json"  # in <root>/kfp/<run>/: the summary `llmops run` printed, wall time and budget included
 
 
 def ensure_tracking(root: Path) -> str:
@@ -145,9 +146,11 @@ def run_local(cfg: PipelineConfig, root: Path = DEFAULT_ROOT, verbose: bool = Fa
             "tasks": dict(outcomes.tasks),
         }
     )
-    budget = run_budget(summary_file.parent.parent / ADAPTER, summary["wall_seconds"])  # this run's own train
+    run_dir = summary_file.parent.parent
+    budget = run_budget(run_dir / ADAPTER, summary["wall_seconds"])  # this run's own train
     if budget:
         summary["budget"] = budget
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))  # what `llmops run` printed, for make bench
     return summary
 
 
@@ -206,7 +209,10 @@ def print_summary(summary: dict) -> None:
         )
     console.print(stages)
     if top := peak_stage(summary.get("stages", {})):
-        console.print(f"peak memory {top[1] / 1e9:.2f} GB, set by the {top[0]} stage (its process's high-water mark)")
+        console.print(
+            f"peak memory {top[1] / 1e9:.2f} GB, set by the {top[0]} stage (its process's high-water mark)",
+            soft_wrap=True,
+        )
     for outcome, label in (("ran", "ran"), ("cached", "from the kfp cache (same inputs and code)")):
         names = [name for name, value in summary.get("tasks", {}).items() if value == outcome]
         console.print(f"{label}: {', '.join(names) or 'none'}", soft_wrap=True)

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tests.benchmarks import (
+    banking77_run,
     deploy,
     engines,
     evaluation,
@@ -164,6 +165,13 @@ SECTIONS = [
         "against the target",
         time_to_quality,
         time_to_quality.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
+    ),
+    Section(
+        "banking77",
+        "the README's BANKING77 command end to end: whole-run time, accuracy, the later stages, peak memory",
+        "against the target",
+        banking77_run,
+        banking77_run.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
     ),
 ]
 BY_NAME = {s.name: s for s in SECTIONS}

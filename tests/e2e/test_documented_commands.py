@@ -171,6 +171,19 @@ def test_banking77_profile_registers_a_version_on_all_77_labels(workspace, demo_
     assert "run budget 10 min:" in done.stdout and "left to train" in done.stdout, done.stdout[-3000:]
     budget = re.search(r"keeping ([\d.]+) min for the stages after it; they took ([\d.]+) min", done.stdout)
     assert budget and float(budget.group(1)) > 1, done.stdout[-3000:]  # the fixed part alone is over a minute
+    # The printed summary is kept beside the run; each stage's process recorded its peak memory, and the summary
+    # names the stage with the largest. `make bench` renders the same file.
+    from pipelines.run import SUMMARY, peak_stage
+    from tests.benchmarks import banking77_run
+
+    summary = json.loads(sorted(workspace.root.glob(f"kfp/finetune-*/{SUMMARY}"))[-1].read_text())
+    assert str(summary["version"]) == found.group(1) and summary["budget"]["after_seconds"] > 0
+    assert all(info["peak_rss_bytes"] > 200e6 for info in summary["stages"].values())  # torch alone is more
+    stage, peak = peak_stage(summary["stages"])
+    assert f"peak memory {peak / 1e9:.2f} GB, set by the {stage} stage" in done.stdout, done.stdout[-3000:]
+    rendered = dict((row[0], row[1]) for row in banking77_run.rows(summary))
+    assert rendered["whole run, wall time (min)"] == f"{summary['wall_seconds'] / 60:.1f}"
+    assert rendered[f"peak memory (GB), set by {stage}"] == f"{peak / 1e9:.2f}"
     version = MlflowClient().get_model_version("llmops-banking77-candidates", found.group(1))
     assert version.tags["prompt.labels"] == "77"
     # Two steps may or may not beat the base: the verdict must follow from the gain the gate recorded
