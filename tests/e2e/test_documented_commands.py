@@ -178,7 +178,7 @@ def test_banking77_profile_registers_a_version_on_all_77_labels(workspace, demo_
 
     summary = json.loads(sorted(workspace.root.glob(f"kfp/finetune-*/{SUMMARY}"))[-1].read_text())
     assert str(summary["version"]) == found.group(1) and summary["budget"]["after_seconds"] > 0
-    assert all(info["peak_rss_bytes"] > 200e6 for info in summary["stages"].values())  # torch alone is more
+    assert all(info["peak_rss_bytes"] > 50e6 for info in summary["stages"].values())  # an idle interpreter: ~10 MB
     stage, peak = peak_stage(summary["stages"])
     assert f"peak memory {peak / 1e9:.2f} GB, set by the {stage} stage" in done.stdout, done.stdout[-3000:]
     rendered = dict((row[0], row[1]) for row in banking77_run.rows(summary))
