@@ -11,17 +11,20 @@ from components.literal_text import encoded
 IGNORE_INDEX = -100
 
 
+def answer_rows(examples: list[dict], tok) -> list[dict]:
+    """Each example as model input: prompt tokens get IGNORE_INDEX labels; the answer and its EOS are learned."""
+    prompts, answers = encoded(tok, examples)  # a text holding a special-token string: data prep's literal ids
+    return [
+        {"input_ids": p + a, "attention_mask": [1] * (len(p) + len(a)), "labels": [IGNORE_INDEX] * len(p) + a}
+        for p, a in zip(prompts, answers)
+    ]
+
+
 def tokenize(examples: list[dict], tok):
-    """Prompt tokens get IGNORE_INDEX labels; the answer and its EOS are learned."""
+    """answer_rows as a datasets.Dataset, which the Trainer takes."""
     from datasets import Dataset
 
-    prompts, answers = encoded(tok, examples)  # a text holding a special-token string: data prep's literal ids
-    rows = {"input_ids": [], "attention_mask": [], "labels": []}
-    for p, a in zip(prompts, answers):
-        rows["input_ids"].append(p + a)
-        rows["attention_mask"].append([1] * (len(p) + len(a)))
-        rows["labels"].append([IGNORE_INDEX] * len(p) + a)
-    return Dataset.from_dict(rows)
+    return Dataset.from_list(answer_rows(examples, tok))
 
 
 class AnswerBatches:

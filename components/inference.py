@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from components.literal_text import encoded
 from components.progress import StageProgress
 
 
@@ -235,22 +234,16 @@ def response_nll(model, tok, examples: list[dict], batch_size: int, progress: st
     window only; a prompt's full-vocabulary logits were most of this pass's memory."""
     import torch
 
-    from components.answer_batches import IGNORE_INDEX, AnswerBatches, answer_loss
+    from components.answer_batches import IGNORE_INDEX, AnswerBatches, answer_loss, answer_rows
 
-    prompts, answers = encoded(tok, examples)
+    rows = answer_rows(examples, tok)
     collate = AnswerBatches(tok)
-    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]) + len(answers[i]))  # little padding
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # little padding
     total, count = 0.0, 0
     shown = StageProgress(progress or "", len(examples), "examples", quiet=progress is None)
     with shown, torch.inference_mode():
         for idx in _batches(order, batch_size):
-            rows = [(prompts[i], answers[i]) for i in idx]
-            batch = collate(
-                [
-                    {"input_ids": p + a, "attention_mask": [1] * len(p + a), "labels": [IGNORE_INDEX] * len(p) + a}
-                    for p, a in rows
-                ]
-            )
+            batch = collate([rows[i] for i in idx])
             labels, keep = batch.pop("labels"), batch.pop("logits_to_keep")
             outputs = model(**{k: v.to(model.device) for k, v in batch.items()}, logits_to_keep=keep)
             total += float(answer_loss(outputs, labels, num_items_in_batch=1))  # the sum over the answer tokens
