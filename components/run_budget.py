@@ -67,9 +67,8 @@ class RunClock:
     ) -> RunClock:
         """The run's clock where `llmops run` set its start; else the stage's (Unix seconds), less earlier attempts."""
         run_started = RUN_STARTED.get()
-        if run_started:
-            return cls(max_minutes * 60, float(run_started), eval_rows, from_run=True, stop_rows=stop_rows)
-        return cls(max_minutes * 60, stage_started - earlier_seconds, eval_rows, from_run=False, stop_rows=stop_rows)
+        started = float(run_started) if run_started else stage_started - earlier_seconds
+        return cls(max_minutes * 60, started, eval_rows, from_run=bool(run_started), stop_rows=stop_rows)
 
     def observe(self, rows: int, seconds: float) -> None:
         if rows:

@@ -168,7 +168,7 @@ def validation_callback(
             f"train.eval_every={cfg.eval_every} needs {data.val_file} and {data.labels_file}: a "
             "label task prepared with data.val_examples > 0"
         )
-    eval_rows = len(data.examples("eval")) if data.eval_file.exists() else 0  # what the later stages score
+    eval_rows = data.stats().eval  # what the later stages score, as data prep counted it
     return ValidateAndStop(cfg, base_dir, data.examples("val"), data.labels(), store, tracker, started, eval_rows)
 
 
