@@ -6,6 +6,8 @@ import hashlib
 import json
 import logging
 import os
+import resource
+import sys
 import warnings
 from pathlib import Path
 
@@ -65,3 +67,21 @@ def read_json(path: Path):
 
 def dir_size(root: Path) -> int:
     return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+
+
+def peak_rss_bytes() -> int:
+    """The most resident memory this process, or the largest process it waited for (torchrun's workers),
+    held at any point: the kernel's high-water mark, so a peak between two samples is not missed. The process's own
+    is its memory map's (VmHWM): getrusage's ru_maxrss keeps a parent's high-water mark across fork and exec, so a
+    process started by a large one would read that process's peak as its own."""
+    status = Path("/proc/self/status")
+    if status.exists():  # Linux: "VmHWM:   123456 kB"
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        own = int(line.split()[1]) * 1024
+    else:  # macOS: no /proc
+        own = _rusage_bytes(resource.RUSAGE_SELF)
+    return max(own, _rusage_bytes(resource.RUSAGE_CHILDREN))  # a child's inherited part is at most this one's peak
+
+
+def _rusage_bytes(who: int) -> int:
+    return resource.getrusage(who).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux counts kilobytes

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import resource
-import sys
 import time
 from pathlib import Path
 
 from components.artifacts import TIMING
 from components.tracking import numeric, safe_names
+from components.util import peak_rss_bytes
 
 
 def publish(metrics, values: dict, out_dir: str, stage: str, started: float) -> None:
@@ -26,24 +25,6 @@ def publish(metrics, values: dict, out_dir: str, stage: str, started: float) -> 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     record = {"stage": stage, "seconds": seconds, "finished": time.time(), "peak_rss_bytes": peak_rss_bytes()}
     (Path(out_dir) / TIMING).write_text(json.dumps(record))
-
-
-def peak_rss_bytes() -> int:
-    """The most resident memory this task's process, or the largest process it waited for (torchrun's workers),
-    held at any point: the kernel's high-water mark, so a peak between two samples is not missed. The process's own
-    is its memory map's (VmHWM): getrusage's ru_maxrss keeps a parent's high-water mark across fork and exec, so a
-    task started by a large process would read that process's peak as its own."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return max(_own_peak(), children)  # a child's inherited part is at most this process's peak when it started
-
-
-def _own_peak() -> int:
-    status = Path("/proc/self/status")
-    if status.exists():  # Linux: "VmHWM:   123456 kB"
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS counts bytes and has no /proc
 
 
 def publish_confusion(artifact, report: dict) -> None:

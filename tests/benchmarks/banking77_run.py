@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 from components.registry_tags import eval_tag
 from pipelines.run import SUMMARY, peak_stage
+from tests.benchmarks import pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_MINUTES = 45.0
@@ -35,13 +33,7 @@ def measure() -> dict:
     data = Path(os.environ.get("LLMOPS_BENCH_BANKING77", ROOT.parent / "shared/data/banking77/train.csv"))
     if not data.is_file():
         raise FileNotFoundError(f"{data}: no BANKING77 train.csv (set LLMOPS_BENCH_BANKING77)")
-    root = Path(tempfile.mkdtemp(prefix="llmops-bench-b77-"))
-    cmd = [sys.executable, "-m", "llmops", "run", "--root", str(root), "--data", str(data), "--profile", "banking77"]
-    env = {**os.environ, "LLMOPS_MLFLOW_PORT": "5098"}
-    try:
-        subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-    finally:
-        subprocess.run([sys.executable, "-m", "llmops", "mlflow-stop", "--root", str(root)], capture_output=True)
+    root, _, _ = pipeline.run_fresh(["--data", str(data), "--profile", "banking77"])
     return json.loads(sorted(root.glob(f"kfp/finetune-*/{SUMMARY}"))[-1].read_text())
 
 

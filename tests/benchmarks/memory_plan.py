@@ -50,8 +50,10 @@ run = {
 run[stage]()
 if gpu:  # the device's allocations; the host's RSS is not what runs out
     before, peak = 0, torch.cuda.max_memory_allocated()
-else:  # VmHWM, not ru_maxrss: Linux carries the forking parent's RSS into a child's ru_maxrss at exec
-    peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+else:  # the figure a pipeline stage records (VmHWM, not the parent's ru_maxrss carried across exec)
+    from components.util import peak_rss_bytes
+
+    peak = peak_rss_bytes()
 print("PEAK", json.dumps({"before": before, "peak": peak}))
 """
 TRAIN = {"max_steps": 3, "compute_dtype": "bfloat16", "eval_every": 0, "checkpoint_every": 10_000, "log_every": 1}

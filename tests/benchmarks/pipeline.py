@@ -32,16 +32,19 @@ def _tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def measure(extra: list[str] | None = None, warm_base_cache: Path | None = None) -> dict:
+def run_fresh(extra: list[str] | None = None, env: dict | None = None) -> tuple[Path, int, float]:
+    """`llmops run` in a new root (its own MLflow server, stopped after): the root, peak tree RSS and wall time."""
     root = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
-    env = {"LLMOPS_MLFLOW_PORT": "5099"}
-    if warm_base_cache:
-        env["LLMOPS_CACHE"] = str(warm_base_cache)
     cmd = [sys.executable, "-m", "llmops", "run", "--root", str(root), *(extra or [])]
     try:
-        _, peak, wall = sampled(cmd, {**os.environ, **env}, rss=_tree_rss)
+        _, peak, wall = sampled(cmd, {**os.environ, "LLMOPS_MLFLOW_PORT": "5099", **(env or {})}, rss=_tree_rss)
     finally:
         subprocess.run([sys.executable, "-m", "llmops", "mlflow-stop", "--root", str(root)], capture_output=True)
+    return root, peak, wall
+
+
+def measure(extra: list[str] | None = None, warm_base_cache: Path | None = None) -> dict:
+    root, peak, wall = run_fresh(extra, {"LLMOPS_CACHE": str(warm_base_cache)} if warm_base_cache else None)
     registration = sorted(root.glob("kfp/finetune-*/register/registration"))[-1]
     summary = json.loads(registration.read_text())
     return {

@@ -25,7 +25,7 @@ def test_a_stage_peak_is_its_own_or_its_largest_child_not_the_process_that_start
     Here a process holding 1.5 GiB starts the stage, which starts a worker that holds 1 GiB."""
     stage = (
         "import subprocess, sys\n"
-        "from pipelines.kfp_io import peak_rss_bytes\n"
+        "from components.util import peak_rss_bytes\n"
         "before = peak_rss_bytes()\n"
         f"subprocess.run([sys.executable, '-c', {touching(GB)!r}], check=True)\n"
         "print(before, peak_rss_bytes())"
