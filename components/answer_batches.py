@@ -42,10 +42,48 @@ class AnswerBatches:
         batch = self.pad(features)
         # positions as if unpadded, so a row is computed the same whatever its batch
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        learned = (batch["labels"] != IGNORE_INDEX).any(0).nonzero()
-        first = int(learned[0]) if len(learned) else batch["labels"].shape[1] - 1
-        batch["logits_to_keep"] = batch["labels"].shape[1] - first + 1  # the logit before each answer token
+        batch["logits_to_keep"] = logits_window(batch["labels"])
         return batch
+
+
+def logits_window(labels) -> int:
+    """The positions that need logits: from the one before the batch's first answer token to the end."""
+    learned = (labels != IGNORE_INDEX).any(0).nonzero()
+    first = int(learned[0]) if len(learned) else labels.shape[1] - 1
+    return labels.shape[1] - first + 1
+
+
+def rows_per_forward(rows: int, width: int, max_tokens: int | None) -> int:
+    """The rows of one forward when a batch of `rows` padded to `width` may put at most max_tokens
+    (train.micro_batch_tokens) through one: as few equal parts as keep under it, one row at the least."""
+    if not max_tokens or rows * width <= max_tokens:
+        return rows
+    parts = -(-rows // max(1, max_tokens // width))
+    return -(-rows // parts)
+
+
+def split_batch(batch: dict, max_tokens: int | None) -> list[dict]:
+    """A collated batch as the micro-batches max_tokens allows, or the batch itself when it fits. Each part takes
+    rows of like length, drops the padding columns none of its rows needs, and gets its own logits window; the
+    rows keep their position ids, so each is computed as in the whole batch."""
+    rows, width = batch["input_ids"].shape
+    per = rows_per_forward(rows, width, max_tokens)
+    if per >= rows:
+        return [batch]
+    order = batch["attention_mask"].sum(-1).argsort(descending=True, stable=True)
+    parts = []
+    for chosen in order.split(per):
+        part = {k: v[chosen] for k, v in batch.items() if k != "logits_to_keep"}
+        used = int(part["attention_mask"].any(0).nonzero()[0])  # left padding: the columns before are all pad
+        part = {k: v[:, used:] for k, v in part.items()}
+        part["logits_to_keep"] = logits_window(part["labels"])
+        parts.append(part)
+    return parts
+
+
+def answer_tokens(labels) -> int:
+    """The tokens the loss learns: what answer_loss divides by when the Trainer gives no count."""
+    return int((labels != IGNORE_INDEX).sum())
 
 
 def answer_loss(outputs, labels, num_items_in_batch=None):

@@ -120,6 +120,12 @@ class TrainSection(Section):
     max_steps: int = Field(60, gt=0, description="optimizer steps (the schedule's length)")
     batch_size: int = Field(8, gt=0, description="examples per device per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    micro_batch_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="padded tokens one forward may take: a batch past it runs in parts whose gradients add up to "
+        "the batch's (the same update at a lower peak; None: never split)",
+    )
     learning_rate: float = Field(3e-4, gt=0, description="peak learning rate")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant, ...)")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of max_steps spent warming up")

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.answer_batches import rows_per_forward
 from components.config import EvalSection, TrainSection
 
 GB = 1e9
@@ -192,7 +193,8 @@ def base_as_trained(shape: ModelShape, cfg: TrainSection) -> float:
 
 def train_plan(shape: ModelShape, cfg: TrainSection, tokens: int, window: int, batch: int | None = None) -> StagePlan:
     """tokens: the longest row; window: the answer positions that get logits."""
-    batch = batch or cfg.batch_size
+    # one forward's rows: a batch past train.micro_batch_tokens runs in parts, one part's activations held at a time
+    batch = rows_per_forward(batch or cfg.batch_size, tokens, cfg.micro_batch_tokens)
     compute, stream = widths(cfg)
     per_layer = batch * tokens * saved_per_token_layer(shape, cfg)
     if cfg.gradient_checkpointing is True:  # each layer's input, and one layer recomputed in the backward pass

@@ -251,6 +251,7 @@ def train(cfg: TrainSection, base_dir: Path, data_dir: Path, out_dir: Path) -> d
             compute_loss_func=answer_loss,
             callbacks=[c for c in callbacks if c is not None],
             clock=validation.clock if validation else None,  # the schedule follows train.max_minutes' clock too
+            micro_batch_tokens=cfg.micro_batch_tokens,
         )
         trainer.remove_callback(PrinterCallback)  # ReportProgress reports; the printer would repeat it raw
 

@@ -79,6 +79,12 @@ def test_gradient_checkpointing_and_batch_size_move_the_plan_as_they_should():
     assert on.items["activations"] < off.items["activations"] / 5
     assert half.items["activations"] == pytest.approx(off.items["activations"] / 2)
     assert on.items["base weights"] == off.items["base weights"]  # weights do not depend on the batch
+    # a token budget of four rows of 2048: the batch of 8 runs in two parts, one part's activations at a time
+    parts = mp.train_plan(
+        shape, train.model_copy(update={"gradient_checkpointing": False, "micro_batch_tokens": 8192}), 2048, 256, 8
+    )
+    assert parts.items["activations"] == pytest.approx(half.items["activations"])
+    assert parts.items["logits over the answers"] == pytest.approx(half.items["logits over the answers"])
 
 
 def test_llmops_plan_prints_the_table_and_fails_when_a_stage_cannot_fit():

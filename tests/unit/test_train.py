@@ -144,6 +144,61 @@ def test_answer_window_gives_the_full_sequence_loss_and_gradients(tiny_base, dem
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
+def test_a_batch_past_the_token_budget_trains_in_parts_to_the_same_loss_and_gradients(
+    tiny_base, demo_prepared, tmp_path
+):
+    """train.micro_batch_tokens: the Trainer's step over a batch split into parts of like-length rows, each
+    trimmed of the padding it does not need, must give the whole batch's loss and gradients."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from components.run_budget import BudgetedTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    examples = sorted(read_jsonl(demo_prepared / "train.jsonl"), key=lambda e: len(e["prompt"]))
+    rows = answer_batches.answer_rows(examples[:3] + examples[-3:], tok)  # the shortest and the longest rows
+    batch = answer_batches.AnswerBatches(AutoTokenizer.from_pretrained(tiny_base))([dict(r) for r in rows])
+    width = batch["input_ids"].shape[1]
+    budget = 3 * width  # three rows at the batch's width: two parts
+    parts = answer_batches.split_batch(batch, budget)
+    assert len(parts) == 2 and all(p["input_ids"].numel() <= budget for p in parts)
+    assert sorted(len(p["input_ids"]) for p in parts) == [3, 3]
+    assert min(p["input_ids"].shape[1] for p in parts) < width  # the short rows' part drops their padding
+    assert answer_batches.split_batch(batch, 6 * width) == [batch]  # one that fits is left whole
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+        train.lora_config(TrainSection(lora_r=4, lora_alpha=8, lora_dropout=0.0)),
+    )
+    for name, p in model.named_parameters():  # B starts at zero; non-zero B makes A's gradients non-trivial too
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+
+    def step(micro_batch_tokens):
+        trainer = BudgetedTrainer(
+            model=model, args=args, compute_loss_func=answer_batches.answer_loss, micro_batch_tokens=micro_batch_tokens
+        )
+        model.zero_grad()
+        loss = trainer.training_step(model, {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole, whole_grads = step(None)
+    split, split_grads = step(budget)
+    assert split == pytest.approx(whole, rel=1e-5)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_rows_of_a_forward_keep_under_the_budget_in_as_few_parts_as_can():
+    assert answer_batches.rows_per_forward(16, 128, None) == 16
+    assert answer_batches.rows_per_forward(16, 64, 1024) == 16  # fits: whole
+    assert answer_batches.rows_per_forward(16, 128, 1024) == 8
+    assert answer_batches.rows_per_forward(7, 280, 1000) == 3  # 3 rows x 280 = 840; 4 would be 1120
+    assert answer_batches.rows_per_forward(4, 2000, 1000) == 1  # a row past the budget still trains, alone
+
+
 @pytest.mark.unit
 def test_a_sigterm_during_the_ranks_vote_stops_training_at_the_next_step(monkeypatch):
     """The handler runs at the first bytecode after the all-reduce returns, before its result is stored: a
