@@ -120,6 +120,8 @@ ENGINE_ENV = {
     "vllm": {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"},
 }
 VLLM_KV_CACHE, VLLM_THREADS_BIND = "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"
+# oneDNN's primitive cache: read once, at a process's first oneDNN kernel (components/inference.bounded_int8_kernels).
+ONEDNN_CACHE = Variable("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "oneDNN kernels a process keeps cached", "1024")
 # Kubernetes Secret keys a pipeline task receives as environment (pipelines/platform.py).
 HF_TOKEN = "HF_TOKEN"
 AWS_KEY_ID, AWS_SECRET_KEY = "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"

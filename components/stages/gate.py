@@ -86,24 +86,25 @@ def _evaluate_champion(champion, cfg: GateSection, data_dir: Path, rows: int) ->
     import tempfile
 
     from components.chat_pyfunc import download_version, verify_version
-    from components.inference import load_as_served, load_tokenizer
+    from components.inference import bounded_int8_kernels, load_as_served, load_tokenizer
     from components.scoring import score_model
 
     # Checked against the champion's manifest like anything that serves: the gate runs the files it scores.
     local = download_version(champion, Path(tempfile.mkdtemp()))
     model_dir, _ = verify_version(local, champion)
     data = PreparedData(data_dir)
-    model = load_as_served(model_dir, champion.tags.get(QUANTIZE_TAG, "none"))
     # The champion may have another tokenizer (another base): it reads the strings, never this run's token ids.
     rows_as_text = [{k: v for k, v in e.items() if not k.endswith("_ids")} for e in data.examples("eval")[:rows]]
-    scored = score_model(
-        model,
-        load_tokenizer(model_dir),
-        rows_as_text,
-        EvalSection(),
-        data.labels(),
-        f"champion v{champion.version}",
-    )
+    with bounded_int8_kernels():  # it may serve in int8
+        model = load_as_served(model_dir, champion.tags.get(QUANTIZE_TAG, "none"))
+        scored = score_model(
+            model,
+            load_tokenizer(model_dir),
+            rows_as_text,
+            EvalSection(),
+            data.labels(),
+            f"champion v{champion.version}",
+        )
     return scored.metrics[cfg.metric]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from components import reports
 from components.artifacts import MergedModel, PreparedData, QuantizeReport, record_config
 from components.config import EvalSection, QuantizeSection
-from components.inference import TGI_FLAG, VARIANT_OF_FLAG, bnb_config, load_model, load_tokenizer
+from components.inference import TGI_FLAG, VARIANT_OF_FLAG, bnb_config, bounded_int8_kernels, load_model, load_tokenizer
 from components.registry_tags import QUANTIZE_TAG
 from components.scoring import score_model
 from components.util import console, dir_size, heading, quiet_libraries
@@ -85,6 +85,12 @@ def _measure(model, tok, examples, labels, name: str, scoring: EvalSection) -> d
 
 
 def run(cfg: QuantizeSection, merged_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    """The stage's entry point. The int8 pass needs oneDNN's kernel cache bounded from the process's first kernel."""
+    with bounded_int8_kernels():
+        return quantize(cfg, merged_dir, data_dir, out_dir)
+
+
+def quantize(cfg: QuantizeSection, merged_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     from components.tracking import stage_run
 
     quiet_libraries()

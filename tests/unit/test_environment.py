@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 
 
 OWNER = ROOT / "components" / "environment.py"
-VARIABLE = re.compile(r"\b(?:LLMOPS|MLFLOW|HF|AWS|VLLM|KUBERNETES|TOKENIZERS)_[A-Z0-9_]*[A-Z0-9]\b")
+VARIABLE = re.compile(r"\b(?:LLMOPS|MLFLOW|HF|AWS|VLLM|KUBERNETES|TOKENIZERS|ONEDNN)_[A-Z0-9_]*[A-Z0-9]\b")
 
 
 def env_literals(path: Path, root: Path = ROOT) -> list[str]:
@@ -36,6 +36,23 @@ def test_the_guard_sees_a_variable_in_code_and_in_prose(tmp_path):
     )
     hits = [hit.split(": ", 1)[1] for hit in env_literals(source, tmp_path)]
     assert hits == ["'LLMOPS_CACHE'", "'set LLMOPS_ENDPOINT_URL to '"]
+
+
+def test_int8_scoring_bounds_onednns_kernel_cache_for_its_block_and_keeps_a_users_value(monkeypatch):
+    """The bound is set for the block that runs the process's first kernels (a quantize or gate process), and undone
+    after it, so an in-process caller does not hand it to the training processes it starts later."""
+    import os
+
+    from components.inference import bounded_int8_kernels
+
+    monkeypatch.delenv(environment.ONEDNN_CACHE.name, raising=False)
+    with bounded_int8_kernels():
+        assert os.environ[environment.ONEDNN_CACHE.name] == "8"
+    assert environment.ONEDNN_CACHE.name not in os.environ
+    monkeypatch.setenv(environment.ONEDNN_CACHE.name, "64")
+    with bounded_int8_kernels():
+        assert os.environ[environment.ONEDNN_CACHE.name] == "64"
+    assert os.environ[environment.ONEDNN_CACHE.name] == "64"
 
 
 def test_mlflow_experiment_name_wins_over_the_pipelines_own_and_the_config(monkeypatch):
