@@ -82,7 +82,8 @@ def split_batch(batch: dict, max_tokens: int | None) -> list[dict]:
 
 
 def answer_tokens(labels) -> int:
-    """The tokens the loss learns: what answer_loss divides by when the Trainer gives no count."""
+    """The tokens the loss learns (the logits window holds them all): what answer_loss divides by when the Trainer
+    gives no count, and what a batch split in parts divides each part's loss by."""
     return int((labels != IGNORE_INDEX).sum())
 
 
@@ -96,5 +97,4 @@ def answer_loss(outputs, labels, num_items_in_batch=None):
     total = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
-    return total / count
+    return total / (num_items_in_batch if num_items_in_batch is not None else answer_tokens(labels))
