@@ -121,7 +121,7 @@ ENGINE_ENV = {
 }
 VLLM_KV_CACHE, VLLM_THREADS_BIND = "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"
 # oneDNN's primitive cache: read once, at a process's first oneDNN kernel (components/inference.bounded_int8_kernels).
-ONEDNN_CACHE = Variable("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "oneDNN kernels a process keeps cached", "1024")
+ONEDNN_CACHE = Variable("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "oneDNN kernels a process keeps cached")
 # Kubernetes Secret keys a pipeline task receives as environment (pipelines/platform.py).
 HF_TOKEN = "HF_TOKEN"
 AWS_KEY_ID, AWS_SECRET_KEY = "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"

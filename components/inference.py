@@ -92,13 +92,11 @@ def bounded_int8_kernels():
     """Bounds what int8 inference holds on a CPU with AVX-512, for a block that runs this process's first oneDNN
     kernel. There bitsandbytes' int8 matmul is torch._int_mm, whose oneDNN kernels are cached per input shape, each
     with its layer's weights repacked: every new batch shape added ~150 MB to the BANKING77 merge's int8 scoring, whose
-    process grew from 1.8 to 6.25 GB over 500 rows. Eight cached kernels held it at 2.44 GB, in 117 s against 128 s,
-    with the same predictions (`llmops stage quantize`, 2026-12-06). Not for training: there eight made a step 1.5x
+    process grew from 1.8 to 6.25 GB over 500 rows. Eight cached kernels held it at 2.53 GB, in 127 s against 128 s,
+    with the same scores (`llmops stage quantize`, 2026-12-06). Not for training: there eight made a step 1.5x
     slower. A value the user set stays; the cache keeps the size it had at the process's first kernel."""
-    if ONEDNN_CACHE.is_set():
-        yield
-        return
-    with ONEDNN_CACHE.scoped("8"):  # scoped: in-process callers (tests, `llmops stage`) do not hand it on
+    # scoped: in-process callers (tests, `llmops stage`) do not hand it on to the processes they start later
+    with ONEDNN_CACHE.scoped(ONEDNN_CACHE.get() or "8"):
         yield
 
 
